@@ -1,0 +1,28 @@
+# Two commands for a new user: `make reproduce` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: test reproduce quick bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+reproduce: $(STAMP)
+	$(VENV)/bin/iclsim run all
+
+quick: $(STAMP)
+	$(VENV)/bin/iclsim run all --quick --out results/quick
+
+bench: $(STAMP)
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) results .pytest_cache

@@ -1,0 +1,293 @@
+"""Data designs of THEORY.md section 1: samplers of in-context regression prompts.
+
+A prompt holds n context pairs (x_i, y_i) and a query (x, y). Every design is a frozen
+dataclass registered as a pytree (array fields are leaves, ``dim`` is static), so designs that
+differ only in their numbers can be stacked and vmapped over in one compiled sweep.
+``sample(key, batch, n, dtype)`` is pure and jit-compatible.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iclsim import _validate as v
+
+
+class Prompts(NamedTuple):
+    """A batch of prompts: X [B, n, d], y [B, n], x [B, d], y_query [B]."""
+
+    X: jax.Array
+    y: jax.Array
+    x: jax.Array
+    y_query: jax.Array
+
+
+def tokens(prompts: Prompts) -> jax.Array:
+    """Token matrix Z [B, n+1, d+1]: rows z_i = [x_i; y_i], last row the query [x; 0]."""
+    ctx = jnp.concatenate([prompts.X, prompts.y[..., None]], axis=-1)
+    query = jnp.concatenate([prompts.x, jnp.zeros_like(prompts.y_query)[..., None]], axis=-1)
+    return jnp.concatenate([ctx, query[:, None, :]], axis=1)
+
+
+def truncate_context(prompts: Prompts, n) -> Prompts:
+    """Keep the last ``n`` context pairs and zero the others (n may be traced).
+
+    Zero tokens are inert in every iclsim model (no biases), so a prompt drawn at n_max and
+    truncated is a prompt of length n, right-aligned so lags to the query are unchanged. This
+    is the mask that lets one compiled program train a whole risk-vs-n curve.
+    """
+    n_max = prompts.X.shape[1]
+    keep = (jnp.arange(n_max) >= n_max - n).astype(prompts.y.dtype)
+    return prompts._replace(X=prompts.X * keep[None, :, None], y=prompts.y * keep[None, :])
+
+
+def _pytree_design(static=("dim",)):
+    """Register a frozen dataclass as a pytree whose unflatten skips validation (for tracers)."""
+
+    def wrap(cls):
+        cls = dataclasses.dataclass(frozen=True, eq=False)(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        data = [k for k in names if k not in static]
+
+        def flatten(obj):
+            return [getattr(obj, k) for k in data], tuple(getattr(obj, k) for k in static)
+
+        def unflatten(aux, children):
+            obj = object.__new__(cls)
+            for k, val in zip(static, aux):
+                object.__setattr__(obj, k, val)
+            for k, val in zip(data, children):
+                object.__setattr__(obj, k, val)
+            return obj
+
+        jax.tree_util.register_pytree_node(cls, flatten, unflatten)
+        return cls
+
+    return wrap
+
+
+def stack(designs) -> object:
+    """Stack designs of one type and structure along a new leading axis, for ``jax.vmap``."""
+    return jax.tree_util.tree_map(lambda *a: np.stack(a), *designs)
+
+
+def _set(obj, **fields):
+    for k, val in fields.items():
+        object.__setattr__(obj, k, val)
+
+
+def _noise(key, var, shape, dtype):
+    return jnp.sqrt(jnp.asarray(var, dtype)) * jax.random.normal(key, shape, dtype)
+
+
+def _check_n(design, n):
+    v.positive_int("n", n)
+    fixed = design.fixed_n
+    if fixed is not None and n != fixed:
+        raise ValueError(f"n must equal {fixed} for this design (its per-position arrays), got {n}")
+
+
+class _Design:
+    @property
+    def fixed_n(self) -> int | None:
+        """Context length the design's per-position arrays fix, or None."""
+        return None
+
+
+@_pytree_design()
+class IID(_Design):
+    """THEORY 1.1: x_i, x ~ N(0, cov_x), beta ~ N(0, cov_beta), y_i = x_i.beta + N(0, s_i^2).
+
+    ``noise_var`` is a scalar or one variance per context position; ``query_noise_var``
+    defaults to the scalar ``noise_var`` (it must be given when the noise is per position).
+    """
+
+    dim: int
+    cov_x: np.ndarray | None = None
+    cov_beta: np.ndarray | None = None
+    noise_var: float | np.ndarray = 0.0
+    query_noise_var: float | None = None
+
+    def __post_init__(self):
+        d = v.positive_int("dim", self.dim)
+        noise = v.nonneg_variance("noise_var", self.noise_var)
+        if self.query_noise_var is None:
+            if noise.ndim:
+                raise ValueError("query_noise_var is required when noise_var is per position")
+            qn = noise
+        else:
+            qn = v.nonneg_variance("query_noise_var", self.query_noise_var)
+            if qn.ndim:
+                raise ValueError("query_noise_var must be a scalar")
+        _set(self, cov_x=v.spd_matrix("cov_x", self.cov_x, d),
+             cov_beta=v.spd_matrix("cov_beta", self.cov_beta, d), noise_var=noise, query_noise_var=qn)
+
+    @property
+    def fixed_n(self):
+        return None if np.ndim(self.noise_var) == 0 else np.shape(self.noise_var)[0]
+
+    def sample(self, key, batch: int, n: int, dtype=jnp.float32) -> Prompts:
+        _check_n(self, n)
+        kb, kX, kx, kn, kq = jax.random.split(key, 5)
+        lx = jnp.linalg.cholesky(jnp.asarray(self.cov_x, dtype))
+        lb = jnp.linalg.cholesky(jnp.asarray(self.cov_beta, dtype))
+        beta = jax.random.normal(kb, (batch, self.dim), dtype) @ lb.T
+        X = jax.random.normal(kX, (batch, n, self.dim), dtype) @ lx.T
+        x = jax.random.normal(kx, (batch, self.dim), dtype) @ lx.T
+        noise_var = jnp.broadcast_to(jnp.asarray(self.noise_var, dtype), (n,))[None, :]
+        y = jnp.einsum("bnd,bd->bn", X, beta) + _noise(kn, noise_var, (batch, n), dtype)
+        yq = jnp.einsum("bd,bd->b", x, beta) + _noise(kq, self.query_noise_var, (batch,), dtype)
+        return Prompts(X, y, x, yq)
+
+
+@_pytree_design()
+class RAG(_Design):
+    """THEORY 1.2, retrieval-augmented: x ~ N(0, I), x_i | x ~ N(alpha x, gamma^2 I), beta ~ N(0, I).
+
+    Default gamma = 1 gives paper A's effective sample-size multiplier kappa = alpha^2 d + 1;
+    ``RAG.marginal_isotropic`` takes gamma^2 = 1 - alpha^2 so x_i ~ N(0, I) marginally.
+    """
+
+    dim: int
+    alpha: float
+    gamma: float = 1.0
+    noise_var: float = 0.0
+
+    def __post_init__(self):
+        v.positive_int("dim", self.dim)
+        alpha = v.in_range("alpha", self.alpha, -1.0, 1.0)
+        gamma = float(self.gamma)
+        if not np.isfinite(gamma) or gamma <= 0:
+            raise ValueError(f"gamma must be > 0, got {self.gamma!r}")
+        noise = v.nonneg_variance("noise_var", self.noise_var)
+        if noise.ndim:
+            raise ValueError("noise_var must be a scalar for RAG")
+        _set(self, alpha=np.float64(alpha), gamma=np.float64(gamma), noise_var=noise)
+
+    @classmethod
+    def marginal_isotropic(cls, dim: int, alpha: float, noise_var: float = 0.0) -> "RAG":
+        if not abs(alpha) < 1:
+            raise ValueError(f"alpha must be in (-1, 1) for the marginally isotropic RAG, got {alpha}")
+        return cls(dim, alpha, float(np.sqrt(1 - alpha**2)), noise_var)
+
+    def sample(self, key, batch: int, n: int, dtype=jnp.float32) -> Prompts:
+        _check_n(self, n)
+        kb, kX, kx, kn, kq = jax.random.split(key, 5)
+        alpha, gamma = jnp.asarray(self.alpha, dtype), jnp.asarray(self.gamma, dtype)
+        beta = jax.random.normal(kb, (batch, self.dim), dtype)
+        x = jax.random.normal(kx, (batch, self.dim), dtype)
+        X = alpha * x[:, None, :] + gamma * jax.random.normal(kX, (batch, n, self.dim), dtype)
+        y = jnp.einsum("bnd,bd->bn", X, beta) + _noise(kn, self.noise_var, (batch, n), dtype)
+        yq = jnp.einsum("bd,bd->b", x, beta) + _noise(kq, self.noise_var, (batch,), dtype)
+        return Prompts(X, y, x, yq)
+
+
+@_pytree_design()
+class TaskFeatureAlignment(_Design):
+    """THEORY 1.3: beta ~ N(0, I), x_i | beta ~ N(alpha beta, I), query x ~ N(0, I) independent."""
+
+    dim: int
+    alpha: float
+    noise_var: float = 0.0
+
+    def __post_init__(self):
+        v.positive_int("dim", self.dim)
+        alpha = v.in_range("alpha", self.alpha, -1.0, 1.0)
+        noise = v.nonneg_variance("noise_var", self.noise_var)
+        if noise.ndim:
+            raise ValueError("noise_var must be a scalar for TaskFeatureAlignment")
+        _set(self, alpha=np.float64(alpha), noise_var=noise)
+
+    def sample(self, key, batch: int, n: int, dtype=jnp.float32) -> Prompts:
+        _check_n(self, n)
+        kb, kX, kx, kn, kq = jax.random.split(key, 5)
+        alpha = jnp.asarray(self.alpha, dtype)
+        beta = jax.random.normal(kb, (batch, self.dim), dtype)
+        X = alpha * beta[:, None, :] + jax.random.normal(kX, (batch, n, self.dim), dtype)
+        x = jax.random.normal(kx, (batch, self.dim), dtype)
+        y = jnp.einsum("bnd,bd->bn", X, beta) + _noise(kn, self.noise_var, (batch, n), dtype)
+        yq = jnp.einsum("bd,bd->b", x, beta) + _noise(kq, self.noise_var, (batch,), dtype)
+        return Prompts(X, y, x, yq)
+
+
+@_pytree_design()
+class Drift(_Design):
+    """THEORY 1.4, temporally heterogeneous prompts: x_i, x ~ N(0, I), y_i = x_i.beta_i + noise.
+
+    The per-position tasks beta_i and the query task beta are jointly Gaussian with
+    E[beta beta_i^T] = rho_i I and E[beta_i beta_j^T] = corr_ij I. ``rho`` has one entry per
+    context position (its length fixes n); ``corr`` defaults to rho rho^T with a unit diagonal
+    (generator (a): beta_i = rho_i beta + sqrt(1 - rho_i^2) g_i). ``Drift.ar1`` builds AR(1)
+    drift toward the query, corr_ij = g^|i-j|, rho_i = g^(n+1-i).
+    """
+
+    dim: int
+    rho: np.ndarray
+    corr: np.ndarray | None = None
+    noise_var: float | np.ndarray = 0.0
+    query_noise_var: float | None = None
+
+    def __post_init__(self):
+        v.positive_int("dim", self.dim)
+        rho = np.asarray(self.rho, dtype=np.float64)
+        if rho.ndim != 1 or rho.shape[0] < 1:
+            raise ValueError(f"rho must be a 1-D array with one entry per context position, got shape {rho.shape}")
+        if not np.all(np.isfinite(rho)) or np.any(np.abs(rho) > 1):
+            raise ValueError("rho must have entries in [-1, 1]")
+        n = rho.shape[0]
+        if self.corr is None:
+            corr = np.outer(rho, rho)
+            np.fill_diagonal(corr, 1.0)
+        else:
+            corr = np.asarray(self.corr, dtype=np.float64)
+            if corr.shape != (n, n):
+                raise ValueError(f"corr must have shape ({n}, {n}), got {corr.shape}")
+            if not np.allclose(corr, corr.T) or not np.allclose(np.diag(corr), 1.0):
+                raise ValueError("corr must be symmetric with a unit diagonal")
+        joint = np.block([[np.ones((1, 1)), rho[None, :]], [rho[:, None], corr]])
+        if np.linalg.eigvalsh(joint).min() < -1e-9:
+            raise ValueError("corr and rho must form a valid correlation matrix of (beta, beta_1..beta_n)")
+        noise = v.nonneg_variance("noise_var", self.noise_var, length=n)
+        if self.query_noise_var is None:
+            if noise.ndim:
+                raise ValueError("query_noise_var is required when noise_var is per position")
+            qn = noise
+        else:
+            qn = v.nonneg_variance("query_noise_var", self.query_noise_var)
+        _set(self, rho=rho, corr=corr, noise_var=noise, query_noise_var=qn)
+
+    @classmethod
+    def ar1(cls, dim: int, n: int, g: float, noise_var=0.0, query_noise_var=None) -> "Drift":
+        """AR(1) drift toward the query: corr_ij = g^|i-j|, rho_i = g^(n+1-i), g in [0, 1]."""
+        v.positive_int("n", n)
+        g = v.in_range("g", g, 0.0, 1.0)
+        i = np.arange(1, n + 1)
+        return cls(dim, g ** (n + 1 - i), g ** np.abs(i[:, None] - i[None, :]), noise_var, query_noise_var)
+
+    @property
+    def fixed_n(self):
+        return np.shape(self.rho)[0]
+
+    def sample(self, key, batch: int, n: int, dtype=jnp.float32) -> Prompts:
+        _check_n(self, n)
+        kb, kX, kx, kn, kq = jax.random.split(key, 5)
+        rho = jnp.asarray(self.rho, dtype)
+        joint = jnp.block([[jnp.ones((1, 1), dtype), rho[None, :]], [rho[:, None], jnp.asarray(self.corr, dtype)]])
+        lam, U = jnp.linalg.eigh(joint)
+        root = U * jnp.sqrt(jnp.clip(lam, 0.0, None))[None, :]
+        tasks = jnp.einsum("ij,bjd->bid", root, jax.random.normal(kb, (batch, n + 1, self.dim), dtype))
+        beta, betas = tasks[:, 0], tasks[:, 1:]
+        X = jax.random.normal(kX, (batch, n, self.dim), dtype)
+        x = jax.random.normal(kx, (batch, self.dim), dtype)
+        noise_var = jnp.broadcast_to(jnp.asarray(self.noise_var, dtype), (n,))[None, :]
+        y = jnp.einsum("bnd,bnd->bn", X, betas) + _noise(kn, noise_var, (batch, n), dtype)
+        yq = jnp.einsum("bd,bd->b", x, beta) + _noise(kq, self.query_noise_var, (batch,), dtype)
+        return Prompts(X, y, x, yq)
+
+
+Design = IID | RAG | TaskFeatureAlignment | Drift

@@ -1,0 +1,30 @@
+"""Strict numerics for the whole suite (as in equinox's tests/conftest.py): no silent dtype
+promotion, no silent rank broadcasting, and four fake CPU devices for the sharding tests."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+import iclsim  # noqa: E402,F401  (turns on x64)
+
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+from tests import tolerance  # noqa: E402
+
+
+def pytest_terminal_summary(terminalreporter):
+    if tolerance.Z_SCORES:
+        name, z = max(tolerance.Z_SCORES, key=lambda t: t[1])
+        terminalreporter.write_line(
+            f"Monte Carlo checks: {len(tolerance.Z_SCORES)}, largest |closed - MC| / SE = {z:.2f} ({name})")
+    for line in tolerance.REPORT:
+        terminalreporter.write_line(line)
+
+
+@pytest.fixture
+def key():
+    return jax.random.PRNGKey(20241122)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iclsim import _validate as v
-from iclsim.designs import IID, RAG, Drift, Prompts, TaskFeatureAlignment, _check_n
+from iclsim.designs import IID, RAG, Drift, Prompts, TaskFeatureAlignment, _check_n, truncate_context
 
 F64 = jnp.float64
 
@@ -289,27 +289,36 @@ def ground_truth(design, n: int, key, num_prompts: int = 200_000, weights=None, 
     return wvec.reshape(d, d), (yy - b @ wvec) / (chunks * batch)
 
 
+def risk_moments(predict: Callable[[Prompts], jax.Array], design, n_sample: int, n, key, chunks: int,
+                 batch: int, dtype) -> tuple[jax.Array, jax.Array]:
+    """Sum and sum of squares of (y - predict)^2 over chunks x batch fresh prompts drawn at
+    n_sample and truncated to the last n context pairs (pure and vmappable; n may be traced)."""
+
+    def body(carry, k):
+        p = truncate_context(design.sample(k, batch, n_sample, dtype), n)
+        err = ((p.y_query - predict(p)) ** 2).astype(F64)
+        return (carry[0] + jnp.sum(err), carry[1] + jnp.sum(err**2)), None
+
+    zero = jnp.zeros((), F64)
+    return jax.lax.scan(body, (zero, zero), jax.random.split(key, chunks))[0]
+
+
+def mean_and_se(total, total_sq, count: int):
+    """Mean and standard error from a sum and a sum of squares over count samples."""
+    mean = total / count
+    var = (total_sq / count - mean**2) * count / max(count - 1, 1)
+    return mean, jnp.sqrt(jnp.clip(var, 0.0, None) / count)
+
+
 def monte_carlo_risk(predict: Callable[[Prompts], jax.Array], design, n: int, key, num_prompts: int = 100_000,
                      batch_size: int = 10_000, dtype=F64):
     """Monte Carlo risk of a predictor: (mean, standard error) of (y - predict(prompts))^2 over
     num_prompts fresh prompts (rounded up to whole batches), sampled in ``dtype``."""
     _check_n(design, n)
     chunks, batch = _chunks(num_prompts, batch_size)
-
-    @jax.jit
-    def moments(keys):
-        def body(carry, k):
-            p = design.sample(k, batch, n, dtype)
-            err = ((p.y_query - predict(p)) ** 2).astype(F64)
-            return (carry[0] + jnp.sum(err), carry[1] + jnp.sum(err**2)), None
-
-        return jax.lax.scan(body, (jnp.zeros((), F64), jnp.zeros((), F64)), keys)[0]
-
-    total, total_sq = moments(jax.random.split(key, chunks))
-    count = chunks * batch
-    mean = total / count
-    var = (total_sq / count - mean**2) * count / (count - 1) if count > 1 else jnp.zeros((), F64)
-    return float(mean), float(jnp.sqrt(var / count))
+    total, total_sq = jax.jit(lambda k: risk_moments(predict, design, n, n, k, chunks, batch, dtype))(key)
+    mean, se = mean_and_se(total, total_sq, chunks * batch)
+    return float(mean), float(se)
 
 
 def pgd_predict(W, weights=None) -> Callable[[Prompts], jax.Array]:

@@ -1,0 +1,285 @@
+"""Trainable in-context regressors (THEORY.md section 2) as pure functions over parameter pytrees.
+
+Every model is a frozen dataclass (its configuration, hashable, static under jit) with
+``init(key) -> params`` and ``apply(params, prompts) -> yhat [B]``. Sums over the context are
+taken as means over its n slots (the 1/n scaling of paper A, which keeps the optimum O(1) and
+training well conditioned). The models that reduce to (weighted) PGD also have
+``effective_pgd(params, n)`` giving the W of theory's unscaled convention yhat = x^T W X^T y
+(and for H3 and WPGD the per-position weights omega, normalised to mean |omega| = 1) that the
+weights implement on prompts with n context slots (in a padded sweep, the padded length).
+No model has biases, so zero (padded) context tokens are inert: see ``truncate_context``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from iclsim import _validate as v
+from iclsim.designs import Prompts, tokens
+
+Params = dict[str, Any]
+
+
+def _normal(key, shape, scale, dtype):
+    return scale * jax.random.normal(key, shape, dtype)
+
+
+def _check_rank(rank, dim):
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= dim):
+        raise ValueError(f"rank must be an integer in [1, {dim}] (at most dim) or None, got {rank!r}")
+
+
+def _normalise_omega(W, omega):
+    """Move the scale of omega into W so that mean |omega| = 1."""
+    scale = jnp.mean(jnp.abs(omega))
+    scale = jnp.where(scale > 0, scale, 1.0)
+    return W * scale, omega / scale
+
+
+def context_gram(prompts: Prompts) -> jax.Array:
+    """S = (1/n) sum_i z_i z_i^T over the context tokens z_i = [x_i; y_i]: [B, d+1, d+1]."""
+    Z = tokens(prompts)[:, :-1]
+    return jnp.einsum("bni,bnj->bij", Z, Z) / Z.shape[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearAttention:
+    """One-layer single-head linear attention, the query attending to the n context tokens.
+
+    yhat = [z_q^T Wq Wk^T S Wv]_{d+1} = (1/n) sum_i (z_q^T Wq Wk^T z_i)(z_i^T Wv e_{d+1}), S = Z^T Z / n,
+    with Wq, Wk in R^{(d+1) x r} (r = d + 1 unless ``rank`` is given) and Wv in R^{(d+1) x (d+1)};
+    only the last column [p_x; p_y] of Wv reaches the prediction. The x^T . x_i y_i part is
+    x^T W X^T y with W = p_y Q11 + q12 p_x^T (``effective_pgd``); paper A, Theorem 1: at the
+    optimum q12 = 0, p_x = 0 and the whole predictor is this PGD.
+    """
+
+    dim: int
+    rank: int | None = None
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        v.positive_int("dim", self.dim)
+        _check_rank(self.rank, self.dim + 1)
+
+    def init(self, key) -> Params:
+        D = self.dim + 1
+        r = self.rank or D
+        kq, kk, kv = jax.random.split(key, 3)
+        return {"Wq": _normal(kq, (D, r), D**-0.5, self.dtype), "Wk": _normal(kk, (D, r), D**-0.5, self.dtype),
+                "Wv": _normal(kv, (D, D), D**-0.5, self.dtype)}
+
+    def apply_gram(self, params: Params, S: jax.Array, x: jax.Array) -> jax.Array:
+        """The prediction from the context Gram matrix S = Z^T Z / n [B, d+1, d+1] and query x [B, d]."""
+        zq = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=-1)
+        a = (zq @ params["Wq"]) @ params["Wk"].T
+        return jnp.einsum("bi,bij,j->b", a, S, params["Wv"][:, -1])
+
+    def apply(self, params: Params, prompts: Prompts) -> jax.Array:
+        return self.apply_gram(params, context_gram(prompts), prompts.x)
+
+    def effective_pgd(self, params: Params, n: int) -> jax.Array:
+        d = self.dim
+        Q = params["Wq"] @ params["Wk"].T
+        p = params["Wv"][:, d]
+        return (p[d] * Q[:d, :d] + jnp.outer(Q[:d, d], p[:d])) / n
+
+
+@dataclasses.dataclass(frozen=True)
+class H3:
+    """One-layer H3 (Fu et al. 2023) read at the query, THEORY section 2.
+
+    q_i = Wq^T z_i, k_i = Wk^T z_i, v_i = Wv^T z_i (``channels`` p, default d); shift SSM on the
+    keys kbar_i = sum_{j < shift_size} s_{c,j} k_{i-j}; diagonal SSM as a causal long convolution
+    h = (1/n) sum_i f_{n-i} kbar_i * v_i at the query position n (0-based; only the query output is
+    read, so only it is computed); gate o = q_n * h; yhat = w_o^T o. Filter "free": one weight
+    per lag 0..n; filter "ssm": f_j = sum_s c_s a_s^j with learnable decays a_s in (0, 1).
+    With s = e_0 the x^T . x_i y_i part is WPGD with omega_i = f_{n-i} and
+    W = sum_c w_o[c] s_{c,0} Wq[:d,c] (Wk[:d,c] Wv[d,c] + Wv[:d,c] Wk[d,c])^T (``effective_pgd``;
+    keys and values can both carry the label). ``context`` is the
+    (largest) context length n; shorter prompts are right-aligned and zero-padded.
+    """
+
+    dim: int
+    context: int
+    channels: int | None = None
+    filter: str = "free"
+    shift_size: int = 2
+    state_size: int = 4
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        v.positive_int("dim", self.dim)
+        v.positive_int("context", self.context)
+        if self.channels is not None:
+            v.positive_int("channels", self.channels)
+        v.positive_int("shift_size", self.shift_size)
+        v.positive_int("state_size", self.state_size)
+        if self.filter not in ("free", "ssm"):
+            raise ValueError(f"filter must be 'free' or 'ssm', got {self.filter!r}")
+
+    @property
+    def p(self) -> int:
+        return self.channels or self.dim
+
+    def init(self, key) -> Params:
+        D, p, n = self.dim + 1, self.p, self.context
+        kq, kk, kv, ko, ks = jax.random.split(key, 5)
+        shift = jnp.zeros((p, self.shift_size), self.dtype).at[:, 0].set(1.0)
+        params = {"Wq": _normal(kq, (D, p), D**-0.5, self.dtype), "Wk": _normal(kk, (D, p), D**-0.5, self.dtype),
+                  "Wv": _normal(kv, (D, p), D**-0.5, self.dtype), "w_o": _normal(ko, (p,), p**-0.5, self.dtype),
+                  "shift": shift + _normal(ks, shift.shape, 0.01, self.dtype)}
+        if self.filter == "free":
+            params["f"] = jnp.ones((n + 1,), self.dtype)
+        else:
+            decay = jnp.linspace(0.5, 0.99, self.state_size, dtype=self.dtype)
+            params["decay_logit"] = jnp.log(decay / (1 - decay))
+            params["c"] = jnp.full((self.state_size,), 1.0 / self.state_size, self.dtype)
+        return params
+
+    def kernel(self, params: Params) -> jax.Array:
+        """The long-convolution filter f_j, j = 0..n (lag from the query)."""
+        if self.filter == "free":
+            return params["f"]
+        a = jax.nn.sigmoid(params["decay_logit"])
+        lags = jnp.arange(self.context + 1, dtype=self.dtype)
+        return jnp.einsum("s,js->j", params["c"], a[None, :] ** lags[:, None])
+
+    def apply(self, params: Params, prompts: Prompts) -> jax.Array:
+        n = self.context
+        if prompts.X.shape[1] != n:
+            raise ValueError(f"prompts must have context length {n} (the model's context), got {prompts.X.shape[1]}")
+        Z = tokens(prompts)
+        q = Z[:, -1] @ params["Wq"]
+        k = Z @ params["Wk"]
+        vals = Z @ params["Wv"]
+        # shift SSM: kbar_i = sum_j s_{c,j} k_{i-j}, causal (zero before the first token)
+        padded = jnp.pad(k, ((0, 0), (self.shift_size - 1, 0), (0, 0)))
+        kbar = sum(params["shift"][None, None, :, j] * padded[:, self.shift_size - 1 - j: self.shift_size - 1 - j + n + 1]
+                   for j in range(self.shift_size))
+        f = self.kernel(params)[::-1]  # weight of position i is f_{n - i}
+        h = jnp.einsum("i,bic->bc", f / n, kbar * vals)
+        return (q * h) @ params["w_o"]
+
+    def effective_pgd(self, params: Params, n: int):
+        d = self.dim
+        Wq, Wk, Wv = params["Wq"], params["Wk"], params["Wv"]
+        label_part = Wk[:d] * Wv[d][None, :] + Wv[:d] * Wk[d][None, :]
+        W = (Wq[:d] * (params["w_o"] * params["shift"][:, 0])[None, :]) @ label_part.T / n
+        omega = self.kernel(params)[1:][::-1]  # context position i (1-based) has lag n + 1 - i
+        return _normalise_omega(W, omega)
+
+
+@dataclasses.dataclass(frozen=True)
+class PGD:
+    """The reduced predictor yhat = (1/n) x^T W X^T y, W full or W = U V^T of rank r."""
+
+    dim: int
+    rank: int | None = None
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        v.positive_int("dim", self.dim)
+        _check_rank(self.rank, self.dim)
+
+    def init(self, key) -> Params:
+        d = self.dim
+        if self.rank is None:
+            return {"W": _normal(key, (d, d), 0.01 / d, self.dtype)}
+        ku, kv = jax.random.split(key)
+        return {"U": _normal(ku, (d, self.rank), d**-0.5, self.dtype),
+                "V": _normal(kv, (d, self.rank), d**-0.5, self.dtype)}
+
+    def weight(self, params: Params) -> jax.Array:
+        return params["W"] if self.rank is None else params["U"] @ params["V"].T
+
+    def effective_pgd(self, params: Params, n: int) -> jax.Array:
+        return self.weight(params) / n
+
+    def apply(self, params: Params, prompts: Prompts) -> jax.Array:
+        g = jnp.einsum("bnj,bn->bj", prompts.X, prompts.y) / prompts.X.shape[1]
+        return jnp.einsum("bi,ij,bj->b", prompts.x, self.weight(params), g)
+
+
+@dataclasses.dataclass(frozen=True)
+class WPGD:
+    """Weighted PGD yhat = (1/n) x^T W X^T (omega * y) with a learnable weight per context position."""
+
+    dim: int
+    context: int
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        v.positive_int("dim", self.dim)
+        v.positive_int("context", self.context)
+
+    def init(self, key) -> Params:
+        d = self.dim
+        return {"W": _normal(key, (d, d), 0.01 / d, self.dtype), "omega": jnp.ones((self.context,), self.dtype)}
+
+    def apply(self, params: Params, prompts: Prompts) -> jax.Array:
+        g = jnp.einsum("bnj,bn->bj", prompts.X, prompts.y * params["omega"][None, :]) / self.context
+        return jnp.einsum("bi,ij,bj->b", prompts.x, params["W"], g)
+
+    def effective_pgd(self, params: Params, n: int):
+        return _normalise_omega(params["W"] / n, params["omega"])
+
+
+@dataclasses.dataclass(frozen=True)
+class Ridge:
+    """Baseline: x^T (X^T X + penalty I)^+ X^T y. penalty = noise variance / task variance is
+    the Bayes-optimal (posterior mean) predictor for IID isotropic designs; 0 gives least squares
+    (pseudo-inverse, so n < d is allowed)."""
+
+    dim: int
+    penalty: float = 0.0
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        v.positive_int("dim", self.dim)
+        if not self.penalty >= 0:
+            raise ValueError(f"penalty must be >= 0, got {self.penalty!r}")
+
+    def init(self, key) -> Params:
+        return {}
+
+    def apply(self, params: Params, prompts: Prompts) -> jax.Array:
+        A = jnp.einsum("bni,bnj->bij", prompts.X, prompts.X) + self.penalty * jnp.eye(self.dim, dtype=self.dtype)[None]
+        b = jnp.einsum("bni,bn->bi", prompts.X, prompts.y)
+        return jnp.einsum("bi,bi->b", prompts.x, jnp.einsum("bij,bj->bi", jnp.linalg.pinv(A, hermitian=True), b))
+
+
+def OLS(dim: int, dtype=jnp.float32) -> Ridge:
+    """Baseline: ordinary least squares (minimum-norm when n < d)."""
+    return Ridge(dim, 0.0, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class GD:
+    """Baseline: ``steps`` steps of gradient descent on (1/2) sum_i (y_i - x_i.w)^2 from w = 0
+    with a learnable step size (training finds the best one); yhat = x.w_k. One step is PGD
+    with W = eta I."""
+
+    dim: int
+    steps: int = 1
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        v.positive_int("dim", self.dim)
+        v.positive_int("steps", self.steps)
+
+    def init(self, key) -> Params:
+        return {"eta": jnp.asarray(0.01, self.dtype)}
+
+    def apply(self, params: Params, prompts: Prompts) -> jax.Array:
+        S = jnp.einsum("bni,bnj->bij", prompts.X, prompts.X)
+        g = jnp.einsum("bni,bn->bi", prompts.X, prompts.y)
+
+        def step(w, _):
+            return w + params["eta"] * (g - jnp.einsum("bij,bj->bi", S, w)), None
+
+        w, _ = jax.lax.scan(step, jnp.zeros_like(prompts.x), None, length=self.steps)
+        return jnp.einsum("bi,bi->b", prompts.x, w)

@@ -1,0 +1,124 @@
+"""Models reduce to (weighted) PGD exactly with hand-built parameters; masks are right for every n."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from iclsim import IID, Drift, models, theory, truncate_context
+from tests.tolerance import assert_close
+
+F64 = jnp.float64
+D, N = 3, 6
+
+
+@pytest.fixture
+def prompts(key):
+    return IID(D, np.diag([1.0, 2.0, 0.5]), noise_var=0.3).sample(key, 64, N, F64)
+
+
+def test_linear_attention_is_pgd_with_hand_built_weights(prompts):
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(D, D))
+    model = models.LinearAttention(D, dtype=F64)
+    Wq = np.zeros((D + 1, D + 1)); Wq[:D, :D] = A
+    Wv = np.zeros((D + 1, D + 1)); Wv[D, D] = 2.5
+    params = {"Wq": jnp.asarray(Wq), "Wk": jnp.eye(D + 1, dtype=F64), "Wv": jnp.asarray(Wv)}
+    W = model.effective_pgd(params, N)
+    assert_close(W, 2.5 * A / N, rtol=1e-14)
+    assert_close(model.apply(params, prompts), theory.pgd_predict(W)(prompts), rtol=1e-11, atol=1e-12)
+
+
+def test_linear_attention_rank_and_label_key_path(prompts, key):
+    """Keys carrying the label (q12 != 0, p_x != 0) add q12 p_x^T to W; no x-x or y-y terms here."""
+    model = models.LinearAttention(D, dtype=F64)
+    rng = np.random.default_rng(1)
+    q12, p_x = rng.normal(size=D), rng.normal(size=D)
+    Q = np.zeros((D + 1, D + 1)); Q[:D, D] = q12
+    Wv = np.zeros((D + 1, D + 1)); Wv[:D, D] = p_x
+    params = {"Wq": jnp.asarray(Q), "Wk": jnp.eye(D + 1, dtype=F64), "Wv": jnp.asarray(Wv)}
+    assert_close(model.apply(params, prompts), theory.pgd_predict(model.effective_pgd(params, N))(prompts),
+                 rtol=1e-11, atol=1e-12)
+    low = models.LinearAttention(D, rank=2, dtype=F64)
+    W = low.effective_pgd(low.init(key), N)
+    assert np.linalg.matrix_rank(np.asarray(W), tol=1e-10) <= 2
+
+
+@pytest.mark.parametrize("filter_kind", ["free", "ssm"])
+def test_h3_is_wpgd_with_hand_built_weights(filter_kind, key):
+    prompts = Drift.ar1(D, N, 0.8, 0.2).sample(key, 64, N, F64)
+    model = models.H3(D, N, channels=4, filter=filter_kind, dtype=F64)
+    rng = np.random.default_rng(2)
+    params = model.init(key)
+    Wq = np.zeros((D + 1, 4)); Wq[:D] = rng.normal(size=(D, 4))
+    Wk = np.zeros((D + 1, 4)); Wk[:D] = rng.normal(size=(D, 4))
+    Wv = np.zeros((D + 1, 4)); Wv[D] = 1.0  # v_i = y_i in every channel
+    shift = np.zeros((4, model.shift_size)); shift[:, 0] = 1.0
+    params.update(Wq=jnp.asarray(Wq), Wk=jnp.asarray(Wk), Wv=jnp.asarray(Wv), shift=jnp.asarray(shift),
+                  w_o=jnp.asarray(rng.normal(size=4)))
+    if filter_kind == "free":
+        params["f"] = jnp.asarray(rng.uniform(0.1, 2.0, size=N + 1))
+    W, omega = model.effective_pgd(params, N)
+    assert_close(model.apply(params, prompts), theory.pgd_predict(W, omega)(prompts), rtol=1e-10, atol=1e-12)
+    expected_W = Wq[:D] @ np.diag(params["w_o"]) @ Wk[:D].T / N
+    f = np.asarray(model.kernel(params))
+    raw = f[1:][::-1]
+    assert_close(W, expected_W * np.mean(np.abs(raw)), rtol=1e-12)
+    if filter_kind == "ssm":
+        a = 1 / (1 + np.exp(-np.asarray(params["decay_logit"])))
+        assert_close(f, [np.sum(np.asarray(params["c"]) * a**j) for j in range(N + 1)], rtol=1e-12)
+
+
+def test_h3_shift_ssm_couples_previous_key(key):
+    """A pure lag-1 shift makes the value at i meet the key of i-1."""
+    prompts = IID(D).sample(key, 16, N, F64)
+    model = models.H3(D, N, channels=1, dtype=F64)
+    params = {"Wq": jnp.zeros((D + 1, 1), F64).at[0, 0].set(1.0), "Wk": jnp.zeros((D + 1, 1), F64).at[1, 0].set(1.0),
+              "Wv": jnp.zeros((D + 1, 1), F64).at[D, 0].set(1.0), "w_o": jnp.ones(1, F64),
+              "shift": jnp.asarray([[0.0, 1.0]], F64), "f": jnp.ones(N + 1, F64)}
+    expected = prompts.x[:, 0] * jnp.sum(prompts.X[:, :-1, 1] * prompts.y[:, 1:], axis=1) / N
+    assert_close(model.apply(params, prompts), expected, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("make", [lambda: models.LinearAttention(D, dtype=F64), lambda: models.PGD(D, dtype=F64),
+                                  lambda: models.PGD(D, rank=2, dtype=F64)])
+@pytest.mark.parametrize("n", [1, 3, N])
+def test_padding_is_inert(make, n, key):
+    """A prompt truncated to its last n pairs and padded to N gives the n-pair answer times n / N."""
+    model = make()
+    params = model.init(key)
+    p = IID(D, noise_var=0.2).sample(key, 32, N, F64)
+    short = p._replace(X=p.X[:, N - n:], y=p.y[:, N - n:])
+    assert_close(model.apply(params, truncate_context(p, n)) * N / n, model.apply(params, short), rtol=1e-10,
+                 atol=1e-12)
+
+
+def test_baselines(key):
+    p = IID(D, noise_var=0.5).sample(key, 32, N, F64)
+    ols = models.OLS(D, F64)
+    beta_hat = np.stack([np.linalg.lstsq(np.asarray(X), np.asarray(y), rcond=None)[0] for X, y in zip(p.X, p.y)])
+    assert_close(ols.apply({}, p), np.sum(np.asarray(p.x) * beta_hat, -1), rtol=1e-8)
+    ridge = models.Ridge(D, 0.5, F64)
+    beta_r = np.stack([np.linalg.solve(X.T @ X + 0.5 * np.eye(D), X.T @ y) for X, y in zip(np.asarray(p.X), np.asarray(p.y))])
+    assert_close(ridge.apply({}, p), np.sum(np.asarray(p.x) * beta_r, -1), rtol=1e-8)
+    gd = models.GD(D, steps=1, dtype=F64)
+    eta = 0.05
+    assert_close(gd.apply({"eta": jnp.asarray(eta, F64)}, p), theory.pgd_predict(eta * np.eye(D))(p), rtol=1e-12)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: models.LinearAttention(3, rank=5), r"rank must be an integer in \[1, 4\]"),
+    (lambda: models.PGD(3, rank=4), r"rank must be an integer in \[1, 3\]"),
+    (lambda: models.H3(3, 5, filter="fft"), "filter must be 'free' or 'ssm'"),
+    (lambda: models.H3(3, 0), "context must be an integer >= 1"),
+    (lambda: models.Ridge(3, -1.0), "penalty must be >= 0"),
+])
+def test_model_bad_input(make, message):
+    with pytest.raises(ValueError, match=message):
+        make()
+
+
+def test_h3_context_mismatch(key):
+    model = models.H3(D, 5)
+    with pytest.raises(ValueError, match="context length 5"):
+        model.apply(model.init(key), IID(D).sample(key, 4, 6))

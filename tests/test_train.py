@@ -1,0 +1,94 @@
+"""The training engine: shapes, determinism, one compilation per sweep, divergence, float32."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from iclsim import IID, models, theory, train
+from tests.tolerance import assert_close, assert_within_se
+
+CFG = train.TrainConfig(steps=150, batch_size=64, learning_rate=0.02, warmup_steps=10)
+
+
+class CompileCounter:
+    def __init__(self):
+        self.count = 0
+        jax.monitoring.register_event_duration_secs_listener(self._on)
+
+    def _on(self, event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            self.count += 1
+
+
+COUNTER = CompileCounter()
+
+
+def test_sweep_shapes_dtype_and_determinism():
+    model = models.LinearAttention(3)
+    designs = [IID(3, noise_var=v) for v in (0.0, 0.5)]
+    a = train.fit_sweep(model, designs, [2, 5, 8], [0, 1], CFG)
+    assert a.params["Wq"].shape == (2, 3, 2, 4, 4) and a.params["Wq"].dtype == jnp.float32
+    assert a.losses.shape == (2, 3, 2, 150) and a.losses.dtype == np.float32
+    b = train.fit_sweep(model, designs, [2, 5, 8], [0, 1], CFG)
+    np.testing.assert_array_equal(a.losses, b.losses)
+    assert not np.array_equal(a.losses[:, :, 0], a.losses[:, :, 1])  # seeds differ
+
+
+def test_sweep_reuses_one_compiled_program():
+    model = models.PGD(3)
+    train.fit_sweep(model, [IID(3, noise_var=0.1)], [3, 6], [0, 1], CFG)
+    before = COUNTER.count
+    # other noise level, other context lengths and seeds of the same shapes: no new compilation
+    train.fit_sweep(model, [IID(3, noise_var=0.9)], [4, 6], [5, 9], CFG)
+    assert COUNTER.count == before
+
+
+def test_sweep_entry_equals_single_fit():
+    """At n = max(ns) a sweep member sees exactly the stream a single fit sees."""
+    model = models.PGD(3)
+    design = IID(3, noise_var=0.2)
+    sweep = train.fit_sweep(model, design, [2, 6], [3], CFG)
+    single = train.fit(model, design, 6, steps=150, batch_size=64, learning_rate=0.02, seed=3, warmup_steps=10)
+    assert_close(sweep.params["W"][0, 1, 0], single.params["W"], rtol=1e-4, atol=1e-6)
+
+
+def test_diverging_training_stops_with_message():
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step \d+ for model PGD.*n = 4, seed = 0"):
+        train.fit(models.PGD(3), IID(3), 4, steps=50, batch_size=32, learning_rate=1e30)
+
+
+def test_trained_pgd_reaches_theory_and_evaluate_is_unbiased(key):
+    d, n = 3, 8
+    design = IID(d, noise_var=0.5)
+    model = models.PGD(d)
+    result = train.fit(model, design, n, steps=1500, batch_size=256, learning_rate=0.01)
+    W_star, L_star = theory.optimal_pgd(design, n)
+    W = jnp.asarray(model.effective_pgd(result.params, n), jnp.float64)
+    assert float(jnp.linalg.norm(W - W_star) / jnp.linalg.norm(W_star)) < 0.05
+    assert abs(float(theory.pgd_risk(design, n, W)) / float(L_star) - 1) < 0.01
+    exact = models.PGD(d, dtype=jnp.float64)
+    mean, se = train.evaluate(exact, {"W": W_star * n}, design, n, key, 100_000)
+    assert_within_se(L_star, mean, se, name="evaluate vs optimal_pgd")
+
+
+def test_float64_training_on_request():
+    model = models.PGD(2, dtype=jnp.float64)
+    cfg = train.TrainConfig(steps=20, batch_size=16, dtype=jnp.float64)
+    result = train.fit_sweep(model, IID(2), [3], [0], cfg)
+    assert result.params["W"].dtype == jnp.float64
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"steps": 0}, "steps must be an integer >= 1"),
+    ({"batch_size": -1}, "batch_size must be an integer >= 1"),
+    ({"learning_rate": 0.0}, "learning_rate must be > 0"),
+])
+def test_config_bad_input(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        train.TrainConfig(**kwargs)
+
+
+def test_sweep_bad_n():
+    with pytest.raises(ValueError, match="n must be an integer >= 1"):
+        train.fit_sweep(models.PGD(2), IID(2), [0, 3], [0], CFG)

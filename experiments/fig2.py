@@ -34,8 +34,9 @@ def run(s, seed, progress):
     for panel, designs in panels_of(s).items():
         progress(f" panel {panel}")
         key = jax.random.PRNGKey(10_000 + seed)
-        for r in studies.risk_curves(zoo, designs, ns, seeds, lambda des, n: theory.optimal_pgd(des, n)[1], key,
-                                     s["num_test"], progress, optimum=theory.optimal_pgd):
+        for r in studies.risk_curves(zoo, designs, ns, seeds, lambda des, n, m: theory.optimal_pgd(des, n)[1],
+                                     key, s["num_test"], progress,
+                                     optimum=lambda des, n, m: theory.optimal_pgd(des, n)):
             rows.append({"panel": panel, **r})
     return rows
 

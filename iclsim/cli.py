@@ -10,14 +10,15 @@ from iclsim import runner
 
 
 def _order(experiments: dict, names: list[str]) -> list[str]:
-    """Names with every experiment's ``after`` dependencies first."""
+    """The requested names, each after those of its ``after`` experiments that are also requested."""
     ordered: list[str] = []
 
     def visit(name):
         if name in ordered:
             return
         for dep in experiments[name].after:
-            visit(dep)
+            if dep in names:
+                visit(dep)
         ordered.append(name)
 
     for name in names:

@@ -34,15 +34,16 @@ def effective(model, params, n: int, n_max: int):
 
 def risk_curves(models: Mapping[str, tuple], designs: Mapping[str, object], ns: Sequence[int], seeds: Sequence[int],
                 theory_risk: Callable, key, num_test: int, progress=print,
-                optimum: Callable | None = None) -> list[dict]:
+                optimum: Callable | None = None, extra: Callable | None = None) -> list[dict]:
     """Train every model on every design at every n and seed (one compiled program per model),
     score on ``num_test`` fresh prompts, and compare with theory.
 
     models: name -> (model, TrainConfig); designs: label -> design (same structure, stacked);
-    theory_risk(design, n) -> L; optimum(design, n) -> (W*, omega* or None) for the effective-W
-    comparison (only for models with ``effective_pgd``). Each row: design, model, n, seed,
-    risk, se, theory, gap (relative), and where available exact_risk (closed-form risk of the
-    model's effective W, IID/Drift) and w_rel (relative Frobenius distance to W*).
+    theory_risk(design, n, model) -> L; optimum(design, n, model) -> (W*, ...) for the effective-W
+    comparison (only for models with ``effective_pgd``); extra(model, W, omega, design, n) -> dict
+    of more columns. Each row: design, model, n, seed, risk, se, theory, gap (relative), and where
+    available exact_risk (closed-form risk of the model's effective W, IID/Drift) and w_rel
+    (relative Frobenius distance to W*).
     """
     labels, design_list = list(designs), list(designs.values())
     n_max = max(ns)
@@ -54,7 +55,7 @@ def risk_curves(models: Mapping[str, tuple], designs: Mapping[str, object], ns: 
         risk, se = train.evaluate_sweep(model, fitted.params, design_list, ns, key, num_test)
         for i, (label, design) in enumerate(zip(labels, design_list)):
             for j, n in enumerate(ns):
-                L = float(theory_risk(design, n))
+                L = float(theory_risk(design, n, model))
                 for k, seed in enumerate(seeds):
                     row = {"design": label, "model": name, "n": n, "seed": seed, "risk": float(risk[i, j, k]),
                            "se": float(se[i, j, k]), "theory": L, "gap": (float(risk[i, j, k]) - L) / L,
@@ -63,12 +64,14 @@ def risk_curves(models: Mapping[str, tuple], designs: Mapping[str, object], ns: 
                         p = jax.tree_util.tree_map(lambda a: a[i, j, k], fitted.params)
                         W, omega = effective(model, p, n, n_max)
                         if optimum is not None:
-                            W_star, _ = optimum(design, n)
+                            W_star = optimum(design, n, model)[0]
                             row["w_rel"] = float(jnp.linalg.norm(W - W_star) / jnp.linalg.norm(W_star))
                         try:
                             row["exact_risk"] = float(theory.pgd_risk(design, n, W, omega))
                         except TypeError:  # no closed form for general W on this design
                             pass
+                        if extra is not None:
+                            row.update(extra(model, W, omega, design, n))
                     rows.append(row)
     return rows
 
@@ -77,3 +80,63 @@ def worst(rows: list[dict], column: str) -> tuple[float, dict]:
     """The row with the largest |column| and that value."""
     best = max((r for r in rows if column in r), key=lambda r: abs(r[column]))
     return abs(best[column]), best
+
+
+def correlated_experiment(name: str, title: str, make_design: Callable, approximation: Callable | None = None,
+                          approximation_label: str = ""):
+    """Paper A's correlated designs (THEORY 4) as an experiment: trained linear attention vs the exact
+    optimum (dotted) and an optional approximation (dashed), risk vs n per alpha, and the effective
+    sample-size gain n_eff / n, n_eff inverting the isotropic IID formula."""
+    from iclsim import models, plotting
+    from iclsim.runner import Experiment
+    from iclsim.train import TrainConfig
+
+    def run(s, seed, progress):
+        d, seeds = s["dim"], [seed + k for k in range(s["seeds"])]
+        designs = {f"alpha={a:g}": make_design(d, a, s["noise_var"]) for a in s["alphas"]}
+        zoo = {"linear attention": (models.LinearAttention(d), TrainConfig(s["steps"], s["batch"], s["lr"]))}
+        rows = risk_curves(zoo, designs, s["ns"], seeds, lambda des, n, m: theory.optimal_pgd(des, n)[1],
+                           jax.random.PRNGKey(20_000 + seed), s["num_test"], progress,
+                           optimum=lambda des, n, m: theory.optimal_pgd(des, n))
+        for r in rows:
+            design = designs[r["design"]]
+            r["n_eff_ratio"] = float(theory.iid_effective_n(d, s["noise_var"], r["risk"])) / r["n"]
+            r["n_eff_ratio_theory"] = float(theory.iid_effective_n(d, s["noise_var"], r["theory"])) / r["n"]
+            if approximation is not None:
+                r["approximation"] = float(approximation(design, r["n"]))
+        return rows
+
+    def plot(rows, s):
+        fig, (ax1, ax2) = plotting.panels(2)
+        plotting.curves(ax1, rows, group=("design",))
+        if approximation is not None:
+            for g, (xs, mean, _) in plotting.seed_stats(rows, "n", "approximation", ("design",)).items():
+                ax1.plot(xs, mean, color="gray", ls=plotting.LINESTYLES["approximation"], lw=1)
+            ax1.plot([], [], color="gray", ls="--", label=approximation_label)
+        ax1.set_ylabel("test risk L")
+        ax1.legend(fontsize=7)
+        ax1.set_title("risk vs n (solid: trained linear attention, dotted: exact)")
+        plotting.curves(ax2, rows, y="n_eff_ratio", theory="n_eff_ratio_theory", group=("design",))
+        if approximation is not None:
+            for g, (xs, mean, _) in plotting.seed_stats(rows, "n", "approximation", ("design",)).items():
+                ax2.plot(xs, theory.iid_effective_n(s["dim"], s["noise_var"], mean) / xs, color="gray",
+                         ls=plotting.LINESTYLES["approximation"], lw=1)
+        ax2.set_ylabel("effective sample size / n")
+        ax2.set_title("effective sample-size gain")
+        ax2.legend(fontsize=7)
+        fig.suptitle(f"{title} (d = {s['dim']}, noise variance {s['noise_var']})")
+        return fig
+
+    def summary(rows):
+        gap, at = worst(rows, "gap")
+        w, _ = worst(rows, "w_rel")
+        return {"worst_risk_gap": round(gap, 4), "worst_gap_at": f"{at['design']} n={at['n']}",
+                "worst_w_rel": round(w, 4)}
+
+    return Experiment(
+        name=name, title=title,
+        settings={"dim": 10, "alphas": [0.0, 0.1, 0.2, 0.4], "ns": [1, 2, 5, 10, 20, 40], "noise_var": 0.0,
+                  "seeds": 2, "steps": 2000, "batch": 512, "lr": 0.01, "num_test": 100_000},
+        quick={"dim": 4, "alphas": [0.0, 0.4], "ns": [2, 8], "seeds": 1, "steps": 600, "lr": 0.03,
+               "num_test": 20_000},
+        run=run, plot=plot, summary=summary)

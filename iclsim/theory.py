@@ -150,6 +150,13 @@ def effective_sample_multiplier(design: RAG) -> float:
     return float(design.alpha) ** 2 * design.dim + 1.0
 
 
+def iid_effective_n(dim: int, noise_var: float, risk):
+    """Effective sample size: the n at which the isotropic IID optimum d + s^2 - n d / (n + d + 1 + s^2)
+    equals ``risk`` (inverse of that formula, real-valued): n = r (d + 1 + s^2) / (d - r), r = d + s^2 - L."""
+    r = dim + noise_var - np.asarray(risk, np.float64)
+    return r * (dim + 1 + noise_var) / (dim - r)
+
+
 def optimal_wpgd(design: IID | Drift, n: int):
     """Optimal weighted PGD (W*, omega*, L*), omega normalised to mean |omega| = 1.
 

@@ -122,3 +122,19 @@ def test_h3_context_mismatch(key):
     model = models.H3(D, 5)
     with pytest.raises(ValueError, match="context length 5"):
         model.apply(model.init(key), IID(D).sample(key, 4, 6))
+
+
+def test_lora_starts_at_base_and_moves_by_low_rank(key):
+    base = models.LinearAttention(D, dtype=F64)
+    params = base.init(key)
+    lora = models.LoRA(base, models.Frozen(params), 1, ("Wq", "Wk"), dtype=F64)
+    adapters = lora.init(key)
+    p = IID(D).sample(key, 16, N, F64)
+    np.testing.assert_array_equal(lora.apply(adapters, p), base.apply(params, p))
+    moved = jax.tree_util.tree_map(lambda a: a + 0.3, adapters)
+    delta = lora.effective_pgd(moved, N) - base.effective_pgd(params, N)
+    assert np.linalg.matrix_rank(np.asarray(delta), tol=1e-10) <= 2
+    with pytest.raises(ValueError, match="targets must name matrices"):
+        models.LoRA(base, models.Frozen(params), 1, ("W",))
+    with pytest.raises(ValueError, match="rank must be <= 4 for Wq"):
+        models.LoRA(base, models.Frozen(params), 5, ("Wq",))

@@ -12,7 +12,7 @@ from iclsim import IID, RAG, Drift, TaskFeatureAlignment, theory
 from tests import strategies
 from tests.tolerance import assert_close, assert_within_se
 
-MC = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+MC = settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 FAST = settings(max_examples=40, deadline=None)
 KEY = jax.random.PRNGKey(7)
 NUM = 60_000
@@ -239,3 +239,10 @@ def test_theory_bad_input():
         theory.pgd_risk(RAG(3, 0.2), 5, np.eye(3))
     with pytest.raises(ValueError, match="num_prompts must be an integer >= 1"):
         theory.monte_carlo_risk(theory.pgd_predict(np.eye(3)), design, 5, KEY, 0)
+
+
+@FAST
+@given(st.integers(1, 30), st.integers(1, 60), st.floats(0.0, 3.0))
+def test_iid_effective_n_inverts_isotropic_formula(d, n, s2):
+    L = theory.optimal_pgd(IID(d, noise_var=s2), n)[1]
+    assert theory.iid_effective_n(d, s2, L) == pytest.approx(n, rel=1e-9)

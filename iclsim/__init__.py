@@ -9,9 +9,10 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 from iclsim import designs, theory  # noqa: E402
-from iclsim.designs import IID, RAG, Drift, Prompts, TaskFeatureAlignment, tokens, truncate_context  # noqa: E402
+from iclsim.designs import (IID, RAG, Drift, Prompts, TaskFeatureAlignment, TaskPool, tokens,  # noqa: E402
+                            truncate_context)
 
 __version__ = "0.1.0"
 
-__all__ = ["designs", "theory", "IID", "RAG", "Drift", "Prompts", "TaskFeatureAlignment", "tokens",
+__all__ = ["designs", "theory", "IID", "RAG", "Drift", "Prompts", "TaskFeatureAlignment", "TaskPool", "tokens",
            "truncate_context", "__version__"]

@@ -298,4 +298,35 @@ class Drift(_Design):
         return Prompts(X, y, x, yq)
 
 
-Design = IID | RAG | TaskFeatureAlignment | Drift
+@_pytree_design()
+class TaskPool(_Design):
+    """A finite pool of pretraining tasks (THEORY 6): beta drawn uniformly from ``num_tasks`` fixed
+    tasks beta_k ~ N(0, I) (drawn once from ``pool_seed``); x_i, x ~ N(0, I); noise as IID."""
+
+    dim: int
+    num_tasks: int
+    noise_var: float = 0.0
+    pool_seed: int = 0
+    pool: np.ndarray | None = None
+
+    def __post_init__(self):
+        v.positive_int("dim", self.dim)
+        v.positive_int("num_tasks", self.num_tasks)
+        noise = v.nonneg_variance("noise_var", self.noise_var)
+        if noise.ndim:
+            raise ValueError("noise_var must be a scalar for TaskPool")
+        pool = np.random.default_rng(self.pool_seed).normal(size=(self.num_tasks, self.dim))
+        _set(self, noise_var=noise, pool=pool, pool_seed=np.int64(self.pool_seed), num_tasks=np.int64(self.num_tasks))
+
+    def sample(self, key, batch: int, n: int, dtype=jnp.float32) -> Prompts:
+        _check_n(self, n)
+        d = self.dim
+        kp, kn = jax.random.split(key)
+        beta = jnp.asarray(self.pool, dtype)[jax.random.randint(kp, (batch,), 0, self.pool.shape[0])]
+        gX, x, gn, gq = normals(kn, dtype, (batch, n, d), (batch, d), (batch, n), (batch, 1))
+        y = _labels(gX, beta, gn, self.noise_var, dtype)
+        yq = _labels(x[:, None], beta, gq, self.noise_var, dtype)[:, 0]
+        return Prompts(gX, y, x, yq)
+
+
+Design = IID | RAG | TaskFeatureAlignment | Drift | TaskPool

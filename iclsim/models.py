@@ -350,3 +350,62 @@ class LoRA:
 
     def effective_pgd(self, params: Params, n: int):
         return self.base.effective_pgd(self.merged(params), n)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearTransformer:
+    """L residual linear self-attention layers over all tokens (THEORY 2; von Oswald et al.):
+    H <- H + (1/n) (H Wq)(H_c Wk)^T (H_c Wv) Wo^T, keys and values from the n context tokens H_c,
+    then with ``mlp`` H <- H + relu(H W_in) W_out. The prediction is the query token's label slot
+    after the last layer; ``predictions`` reads it after every layer (the implicit GD trajectory).
+    Params: {"layers": [{"attn": {Wq, Wk, Wv, Wo}, "mlp": {W_in, W_out}}, ...]}. No biases.
+    """
+
+    dim: int
+    layers: int
+    mlp: bool = False
+    hidden: int | None = None
+    init_scale: float = 0.3
+    dtype: Any = jnp.float32
+
+    def __post_init__(self):
+        v.positive_int("dim", self.dim)
+        v.positive_int("layers", self.layers)
+        if self.hidden is not None:
+            v.positive_int("hidden", self.hidden)
+
+    def init(self, key) -> Params:
+        D = self.dim + 1
+        hid = self.hidden or 2 * D
+        s = self.init_scale * D**-0.5
+        layers = []
+        for k in jax.random.split(key, self.layers):
+            ks = jax.random.split(k, 6)
+            layer = {"attn": {name: _normal(kk, (D, D), s, self.dtype) for name, kk in zip(("Wq", "Wk", "Wv", "Wo"), ks)}}
+            if self.mlp:
+                layer["mlp"] = {"W_in": _normal(ks[4], (D, hid), D**-0.5, self.dtype),
+                                "W_out": _normal(ks[5], (hid, D), 0.1 * hid**-0.5, self.dtype)}
+            layers.append(layer)
+        return {"layers": layers}
+
+    def hidden_states(self, params: Params, prompts: Prompts) -> list[jax.Array]:
+        """Token states after each layer: a list of L arrays [B, n+1, d+1]."""
+        H = tokens(prompts)
+        n = prompts.X.shape[1]
+        states = []
+        for layer in params["layers"]:
+            a = layer["attn"]
+            Hc = H[:, :n]
+            scores = jnp.einsum("bqi,bki->bqk", H @ a["Wq"], Hc @ a["Wk"]) / n
+            H = H + jnp.einsum("bqk,bkj->bqj", scores, Hc @ a["Wv"]) @ a["Wo"].T
+            if self.mlp:
+                H = H + jax.nn.relu(H @ layer["mlp"]["W_in"]) @ layer["mlp"]["W_out"]
+            states.append(H)
+        return states
+
+    def predictions(self, params: Params, prompts: Prompts) -> jax.Array:
+        """The query prediction after every layer: [L, B]."""
+        return jnp.stack([H[:, -1, -1] for H in self.hidden_states(params, prompts)])
+
+    def apply(self, params: Params, prompts: Prompts) -> jax.Array:
+        return self.hidden_states(params, prompts)[-1][:, -1, -1]

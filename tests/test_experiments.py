@@ -104,6 +104,15 @@ def test_fig1_reads_without_retraining(quick_results):
     assert {r["source"] for r in rows} == {"h3_weighting", "rag", "lowrank"}
 
 
+def test_pruning_one_layer_quick(tmp_path):
+    """The trained one-layer model's pruning curve: Monte Carlo within 4 SE of the exact L(W) of each
+    pruned effective W (plus 1% for the small non-PGD part of the trained weights)."""
+    _, rows = run_quick("pruning_one_layer", tmp_path)
+    for r in rows:
+        assert abs(r["risk"] - r["theory"]) <= 4 * r["se"] + 0.01 * r["theory"], r
+    report(f"pruning_one_layer quick: max |MC - exact| / SE = {max(abs(r['risk'] - r['theory']) / r['se'] for r in rows):.2f}")
+
+
 def test_cli_list_and_unknown(capsys):
     assert cli.main(["list"]) == 0
     assert "fig2" in capsys.readouterr().out

@@ -93,10 +93,15 @@ def normals(key, dtype, *shapes):
     return out
 
 
-def _labels(X, beta, noise, noise_var, y_dtype):
-    """y_i = <x_i, beta_(i)> + sqrt(s_i^2) noise_i; beta [B, d] or per position [B, n, d]."""
-    signal = jnp.einsum("bnd,bd->bn", X, beta) if beta.ndim == 2 else jnp.einsum("bnd,bnd->bn", X, beta)
-    return signal + jnp.sqrt(jnp.asarray(noise_var, y_dtype)) * noise
+def _prompts(X, x, betas, beta, noise, query_noise, noise_var, query_noise_var) -> Prompts:
+    """Labels y_i = <x_i, beta_i> + s_i noise_i (betas [B, d], or per position [B, n, d]) and
+    y = <x, beta> + s_q query_noise; noise_var is a scalar or per position."""
+    dtype, n = X.dtype, X.shape[1]
+    signal = jnp.einsum("bnd,bd->bn", X, betas) if betas.ndim == 2 else jnp.einsum("bnd,bnd->bn", X, betas)
+    s = jnp.sqrt(jnp.broadcast_to(jnp.asarray(noise_var, dtype), (n,)))[None, :]
+    y = signal + s * noise
+    yq = jnp.einsum("bd,bd->b", x, beta) + jnp.sqrt(jnp.asarray(query_noise_var, dtype)) * query_noise[:, 0]
+    return Prompts(X, y, x, yq)
 
 
 def _check_n(design, n):
@@ -151,11 +156,7 @@ class IID(_Design):
         gb, gX, gx, gn, gq = normals(key, dtype, (batch, d), (batch, n, d), (batch, d), (batch, n), (batch, 1))
         lx = jnp.linalg.cholesky(jnp.asarray(self.cov_x, dtype))
         beta = gb @ jnp.linalg.cholesky(jnp.asarray(self.cov_beta, dtype)).T
-        X, x = gX @ lx.T, gx @ lx.T
-        noise_var = jnp.broadcast_to(jnp.asarray(self.noise_var, dtype), (n,))[None, :]
-        y = _labels(X, beta, gn, noise_var, dtype)
-        yq = _labels(x[:, None], beta, gq, self.query_noise_var, dtype)[:, 0]
-        return Prompts(X, y, x, yq)
+        return _prompts(gX @ lx.T, gx @ lx.T, beta, beta, gn, gq, self.noise_var, self.query_noise_var)
 
 
 @_pytree_design()
@@ -193,9 +194,7 @@ class RAG(_Design):
         d = self.dim
         beta, gX, x, gn, gq = normals(key, dtype, (batch, d), (batch, n, d), (batch, d), (batch, n), (batch, 1))
         X = jnp.asarray(self.alpha, dtype) * x[:, None, :] + jnp.asarray(self.gamma, dtype) * gX
-        y = _labels(X, beta, gn, self.noise_var, dtype)
-        yq = _labels(x[:, None], beta, gq, self.noise_var, dtype)[:, 0]
-        return Prompts(X, y, x, yq)
+        return _prompts(X, x, beta, beta, gn, gq, self.noise_var, self.noise_var)
 
 
 @_pytree_design()
@@ -219,9 +218,7 @@ class TaskFeatureAlignment(_Design):
         d = self.dim
         beta, gX, x, gn, gq = normals(key, dtype, (batch, d), (batch, n, d), (batch, d), (batch, n), (batch, 1))
         X = jnp.asarray(self.alpha, dtype) * beta[:, None, :] + gX
-        y = _labels(X, beta, gn, self.noise_var, dtype)
-        yq = _labels(x[:, None], beta, gq, self.noise_var, dtype)[:, 0]
-        return Prompts(X, y, x, yq)
+        return _prompts(X, x, beta, beta, gn, gq, self.noise_var, self.noise_var)
 
 
 @_pytree_design()
@@ -291,11 +288,7 @@ class Drift(_Design):
         lam, U = jnp.linalg.eigh(joint)
         root = U * jnp.sqrt(jnp.clip(lam, 0.0, None))[None, :]
         tasks = jnp.einsum("ij,bjd->bid", root, gt)
-        beta, betas = tasks[:, 0], tasks[:, 1:]
-        noise_var = jnp.broadcast_to(jnp.asarray(self.noise_var, dtype), (n,))[None, :]
-        y = _labels(X, betas, gn, noise_var, dtype)
-        yq = _labels(x[:, None], beta, gq, self.query_noise_var, dtype)[:, 0]
-        return Prompts(X, y, x, yq)
+        return _prompts(X, x, tasks[:, 1:], tasks[:, 0], gn, gq, self.noise_var, self.query_noise_var)
 
 
 @_pytree_design()
@@ -324,9 +317,7 @@ class TaskPool(_Design):
         kp, kn = jax.random.split(key)
         beta = jnp.asarray(self.pool, dtype)[jax.random.randint(kp, (batch,), 0, self.pool.shape[0])]
         gX, x, gn, gq = normals(kn, dtype, (batch, n, d), (batch, d), (batch, n), (batch, 1))
-        y = _labels(gX, beta, gn, self.noise_var, dtype)
-        yq = _labels(x[:, None], beta, gq, self.noise_var, dtype)[:, 0]
-        return Prompts(gX, y, x, yq)
+        return _prompts(gX, x, beta, beta, gn, gq, self.noise_var, self.noise_var)
 
 
 Design = IID | RAG | TaskFeatureAlignment | Drift | TaskPool

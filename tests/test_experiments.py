@@ -16,7 +16,7 @@ def run_quick(name, tmp_path):
     rows = runner.read_rows(tmp_path / f"{name}.csv")
     assert (tmp_path / f"{name}.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / f"{name}.json").read_text())
-    assert saved["seed"] == 0 and saved["quick"] and "jax" in saved["versions"] and saved["wall_time_s"] > 0
+    assert saved["seed"] == 0 and saved["quick"] and "jax" in saved["versions"] and saved["wall_time_s"] >= 0
     return meta, rows
 
 

@@ -12,9 +12,10 @@ from iclsim.train import TrainConfig
 
 
 def spiked(d: int, spikes: int, ratio: float) -> np.ndarray:
-    """Task covariance with ``spikes`` eigenvalues ``ratio`` times the rest, trace d."""
+    """Task covariance with ``spikes`` distinct large eigenvalues ratio, ratio/2, ... times the rest
+    (distinct, so every top-r eigenspace r <= spikes is well defined), trace d."""
     lam = np.ones(d)
-    lam[:spikes] = ratio
+    lam[:spikes] = ratio / np.arange(1, spikes + 1)
     return np.diag(lam * d / lam.sum())
 
 
@@ -66,7 +67,7 @@ def plot(rows, s):
 
 def summary(rows):
     gap, at = studies.worst(rows, "gap")
-    flat = sorted((r["rank"], r["theory"]) for r in rows if r["design"] == "flat")
+    flat = sorted({(r["rank"], r["theory"]) for r in rows if r["design"] == "flat"})
     slopes = np.diff([t for _, t in flat]) / np.diff([k for k, _ in flat])
     return {"worst_risk_gap": round(gap, 4), "worst_gap_at": f"{at['design']} {at['model']}",
             "worst_exact_gap": round(max(abs(r["exact_risk"] - r["theory"]) / r["theory"] for r in rows), 4),

@@ -59,7 +59,7 @@ def summary(rows):
     w, w_at = studies.worst(rows, "w_rel")
     return {"worst_risk_gap": round(gap, 4), "worst_gap_at": f"{at['model']} {at['design']} n={at['n']}",
             "worst_w_rel": round(w, 4), "worst_w_rel_at": f"{w_at['model']} {w_at['design']} n={w_at['n']}",
-            "worst_exact_gap": round(max(abs(r["exact_risk"] - r["theory"]) / r["theory"] for r in rows), 4)}
+            "worst_exact_gap": round(studies.worst_exact_gap(rows), 4)}
 
 
 EXPERIMENT = Experiment(

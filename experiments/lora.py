@@ -66,7 +66,7 @@ def plot(rows, s):
 def summary(rows):
     gap, at = studies.worst(rows, "gap")
     return {"worst_risk_gap": round(gap, 4), "worst_gap_at": at["model"],
-            "worst_exact_gap": round(max(abs(r["exact_risk"] - r["theory"]) / r["theory"] for r in rows), 4)}
+            "worst_exact_gap": round(studies.worst_exact_gap(rows), 4)}
 
 
 EXPERIMENT = Experiment(

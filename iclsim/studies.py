@@ -82,6 +82,11 @@ def worst(rows: list[dict], column: str) -> tuple[float, dict]:
     return abs(best[column]), best
 
 
+def worst_exact_gap(rows: list[dict]) -> float:
+    """Largest |L(W_eff) - theory| / theory: the closed-form risk of the trained models' effective W."""
+    return max(abs(r["exact_risk"] - r["theory"]) / r["theory"] for r in rows if "exact_risk" in r)
+
+
 def correlated_experiment(name: str, title: str, make_design: Callable, approximation: Callable | None = None,
                           approximation_label: str = ""):
     """Paper A's correlated designs (THEORY 4) as an experiment: trained linear attention vs the exact

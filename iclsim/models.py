@@ -33,7 +33,7 @@ def _check_rank(rank, dim):
         raise ValueError(f"rank must be an integer in [1, {dim}] (at most dim) or None, got {rank!r}")
 
 
-def _normalise_omega(W, omega):
+def normalise_omega(W, omega):
     """Move the scale of omega into W so that mean |omega| = 1."""
     scale = jnp.mean(jnp.abs(omega))
     scale = jnp.where(scale > 0, scale, 1.0)
@@ -183,7 +183,7 @@ class H3:
         label_part = Wk[:d] * Wv[d][None, :] + Wv[:d] * Wk[d][None, :]
         W = (Wq[:d] * (params["w_o"] * params["shift"][:, 0])[None, :]) @ label_part.T / n
         omega = self.kernel(params)[1:][::-1]  # context position i (1-based) has lag n + 1 - i
-        return _normalise_omega(W, omega)
+        return normalise_omega(W, omega)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,7 +238,7 @@ class WPGD:
         return jnp.einsum("bi,ij,bj->b", prompts.x, params["W"], g)
 
     def effective_pgd(self, params: Params, n: int):
-        return _normalise_omega(params["W"] / n, params["omega"])
+        return normalise_omega(params["W"] / n, params["omega"])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,15 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iclsim import theory, train
-
-
-def active_weights(omega, n: int, n_max: int):
-    """Weights of a padded WPGD/H3 model restricted to its last n (active) positions, mean |.| = 1,
-    and the factor that moves their scale into W."""
-    w = jnp.asarray(omega, jnp.float64)[n_max - n:]
-    scale = jnp.mean(jnp.abs(w))
-    scale = jnp.where(scale > 0, scale, 1.0)
-    return w / scale, scale
+from iclsim.models import normalise_omega
 
 
 def effective(model, params, n: int, n_max: int):
@@ -27,9 +19,8 @@ def effective(model, params, n: int, n_max: int):
     eff = model.effective_pgd(params, n_max)
     if not isinstance(eff, tuple):
         return jnp.asarray(eff, jnp.float64), None
-    W, omega = eff
-    omega, scale = active_weights(omega, n, n_max)
-    return jnp.asarray(W, jnp.float64) * scale, omega
+    W, omega = eff  # re-normalise omega over the n active positions (padded ones are untrained)
+    return normalise_omega(jnp.asarray(W, jnp.float64), jnp.asarray(omega, jnp.float64)[n_max - n:])
 
 
 def risk_curves(models: Mapping[str, tuple], designs: Mapping[str, object], ns: Sequence[int], seeds: Sequence[int],

@@ -27,6 +27,27 @@ class Prompts(NamedTuple):
     y_query: jax.Array
 
 
+class GramPrompts(NamedTuple):
+    """A batch of prompts seen through their context Gram matrix, all that linear attention, PGD,
+    low-rank attention and LoRA read of the context: S = (1/n_slots) sum_i z_i z_i^T [B, d+1, d+1]
+    over the active pairs z_i = [x_i; y_i], query x [B, d], y_query [B]."""
+
+    S: jax.Array
+    x: jax.Array
+    y_query: jax.Array
+
+
+class ContextLaw(NamedTuple):
+    """Given the latent (x, beta) of each prompt, its context tokens z_i = [x_i; y_i] are i.i.d.
+    N(mean, factor factor^T): mean [B, d+1], factor [B, d+1, d+1]; with the query x [B, d] and
+    its label y_query [B] drawn from the same latent."""
+
+    mean: jax.Array
+    factor: jax.Array
+    x: jax.Array
+    y_query: jax.Array
+
+
 def tokens(prompts: Prompts) -> jax.Array:
     """Token matrix Z [B, n+1, d+1]: rows z_i = [x_i; y_i], last row the query [x; 0]."""
     ctx = jnp.concatenate([prompts.X, prompts.y[..., None]], axis=-1)
@@ -104,6 +125,19 @@ def _prompts(X, x, betas, beta, noise, query_noise, noise_var, query_noise_var) 
     return Prompts(X, y, x, yq)
 
 
+def _law(mean_x, A, beta, noise_var, x, y_query) -> ContextLaw:
+    """The law of z_i = [x_i; x_i.beta + s h] for x_i = mean_x + A g: mean [mean_x; mean_x.beta] and
+    factor [[A, 0], [beta^T A, s]] (A [d, d] shared or [B, d, d])."""
+    B, d = beta.shape
+    dtype = beta.dtype
+    A = jnp.broadcast_to(A, (B, d, d))
+    s = jnp.broadcast_to(jnp.sqrt(jnp.asarray(noise_var, dtype)), (B, 1, 1))
+    top = jnp.concatenate([A, jnp.zeros((B, d, 1), dtype)], axis=2)
+    bottom = jnp.concatenate([jnp.einsum("bi,bij->bj", beta, A)[:, None, :], s], axis=2)
+    mean = jnp.concatenate([mean_x, jnp.einsum("bi,bi->b", mean_x, beta)[:, None]], axis=1)
+    return ContextLaw(mean, jnp.concatenate([top, bottom], axis=1), x, y_query)
+
+
 def _check_n(design, n):
     v.positive_int("n", n)
     fixed = design.fixed_n
@@ -158,6 +192,22 @@ class IID(_Design):
         beta = gb @ jnp.linalg.cholesky(jnp.asarray(self.cov_beta, dtype)).T
         return _prompts(gX @ lx.T, gx @ lx.T, beta, beta, gn, gq, self.noise_var, self.query_noise_var)
 
+    @property
+    def has_context_law(self) -> bool:
+        return np.ndim(self.noise_var) == 0
+
+    def context_law(self, key, batch: int, dtype=jnp.float32) -> ContextLaw:
+        """Given beta: z_i ~ N(0, [[C, C beta], [beta^T C, beta^T C beta + s^2]]), C = cov_x."""
+        if not self.has_context_law:
+            raise ValueError("context_law needs a scalar noise_var (per-position noise makes the pairs non-identical)")
+        d = self.dim
+        gb, gx, gq = normals(key, dtype, (batch, d), (batch, d), (batch, 1))
+        lx = jnp.linalg.cholesky(jnp.asarray(self.cov_x, dtype))
+        beta = gb @ jnp.linalg.cholesky(jnp.asarray(self.cov_beta, dtype)).T
+        x = gx @ lx.T
+        yq = jnp.einsum("bd,bd->b", x, beta) + jnp.sqrt(jnp.asarray(self.query_noise_var, dtype)) * gq[:, 0]
+        return _law(jnp.zeros_like(x), lx, beta, self.noise_var, x, yq)
+
 
 @_pytree_design()
 class RAG(_Design):
@@ -196,6 +246,16 @@ class RAG(_Design):
         X = jnp.asarray(self.alpha, dtype) * x[:, None, :] + jnp.asarray(self.gamma, dtype) * gX
         return _prompts(X, x, beta, beta, gn, gq, self.noise_var, self.noise_var)
 
+    has_context_law = True
+
+    def context_law(self, key, batch: int, dtype=jnp.float32) -> ContextLaw:
+        """Given (x, beta): x_i = alpha x + gamma g_i, y_i = x_i.beta + s h_i."""
+        d = self.dim
+        beta, x, gq = normals(key, dtype, (batch, d), (batch, d), (batch, 1))
+        yq = jnp.einsum("bd,bd->b", x, beta) + jnp.sqrt(jnp.asarray(self.noise_var, dtype)) * gq[:, 0]
+        A = jnp.asarray(self.gamma, dtype) * jnp.eye(d, dtype=dtype)
+        return _law(jnp.asarray(self.alpha, dtype) * x, A, beta, self.noise_var, x, yq)
+
 
 @_pytree_design()
 class TaskFeatureAlignment(_Design):
@@ -219,6 +279,15 @@ class TaskFeatureAlignment(_Design):
         beta, gX, x, gn, gq = normals(key, dtype, (batch, d), (batch, n, d), (batch, d), (batch, n), (batch, 1))
         X = jnp.asarray(self.alpha, dtype) * beta[:, None, :] + gX
         return _prompts(X, x, beta, beta, gn, gq, self.noise_var, self.noise_var)
+
+    has_context_law = True
+
+    def context_law(self, key, batch: int, dtype=jnp.float32) -> ContextLaw:
+        """Given beta: x_i = alpha beta + g_i, y_i = x_i.beta + s h_i; the query x is independent."""
+        d = self.dim
+        beta, x, gq = normals(key, dtype, (batch, d), (batch, d), (batch, 1))
+        yq = jnp.einsum("bd,bd->b", x, beta) + jnp.sqrt(jnp.asarray(self.noise_var, dtype)) * gq[:, 0]
+        return _law(jnp.asarray(self.alpha, dtype) * beta, jnp.eye(d, dtype=dtype), beta, self.noise_var, x, yq)
 
 
 @_pytree_design()
@@ -319,5 +388,101 @@ class TaskPool(_Design):
         gX, x, gn, gq = normals(kn, dtype, (batch, n, d), (batch, d), (batch, n), (batch, 1))
         return _prompts(gX, x, beta, beta, gn, gq, self.noise_var, self.noise_var)
 
+    has_context_law = True
+
+    def context_law(self, key, batch: int, dtype=jnp.float32) -> ContextLaw:
+        """Given the pool task beta: x_i ~ N(0, I), y_i = x_i.beta + s h_i."""
+        d = self.dim
+        kp, kn = jax.random.split(key)
+        beta = jnp.asarray(self.pool, dtype)[jax.random.randint(kp, (batch,), 0, self.pool.shape[0])]
+        x, gq = normals(kn, dtype, (batch, d), (batch, 1))
+        yq = jnp.einsum("bd,bd->b", x, beta) + jnp.sqrt(jnp.asarray(self.noise_var, dtype)) * gq[:, 0]
+        return _law(jnp.zeros_like(x), jnp.eye(d, dtype=dtype), beta, self.noise_var, x, yq)
+
 
 Design = IID | RAG | TaskFeatureAlignment | Drift | TaskPool
+
+
+# ---- Drawing the context Gram matrix directly (THEORY 1: tokens i.i.d. given the latent) ----
+
+def standard_gamma(key, alpha, retry_size: int | None = None) -> jax.Array:
+    """Exact Gamma(alpha, 1) draws for alpha >= 1 (Marsaglia & Tsang 2000, ACM TOMS 26(3)).
+
+    One proposal per entry from a single flat draw; the rejected entries (1-5%) are redrawn
+    ``retry_size`` at a time (default N / 16) until all are accepted. jax.random.gamma splits a key
+    per entry and per retry, which on CPU costs about 20x more per draw.
+    """
+    shape = jnp.shape(alpha)
+    a = jnp.reshape(alpha, (-1,))
+    size = a.shape[0]
+    retry = retry_size or max(16, size // 16)
+    shifted = a - 1.0 / 3.0
+    c = 1.0 / jnp.sqrt(9.0 * shifted)
+
+    def propose(k, dd, cc):
+        kz, ku = jax.random.split(k)
+        z = jax.random.normal(kz, dd.shape, dd.dtype)
+        u = jax.random.uniform(ku, dd.shape, dd.dtype, minval=jnp.finfo(dd.dtype).tiny)
+        v = (1.0 + cc * z) ** 3
+        v_safe = jnp.where(v > 0, v, 1.0)
+        ok = (v > 0) & (jnp.log(u) < 0.5 * z**2 + dd - dd * v_safe + dd * jnp.log(v_safe))
+        return dd * v_safe, ok
+
+    first, rest = jax.random.split(key)
+    value, ok = propose(first, shifted, c)
+
+    def redraw(state):
+        i, value, ok = state
+        idx = jnp.nonzero(~ok, size=retry, fill_value=size)[0]  # fill index is out of range: dropped
+        safe = jnp.minimum(idx, size - 1)
+        new, accepted = propose(jax.random.fold_in(rest, i), shifted[safe], c[safe])
+        return i + 1, value.at[idx].set(new, mode="drop"), ok.at[idx].set(accepted, mode="drop")
+
+    _, value, _ = jax.lax.while_loop(lambda s: ~jnp.all(s[2]), redraw, (0, value, ok))
+    return value.reshape(shape)
+
+
+def bartlett_factor(key, batch: int, dim: int, dof, dtype=jnp.float32) -> jax.Array:
+    """Lower-triangular T [batch, dim, dim] with T T^T ~ Wishart_dim(I, dof), for an integer dof >= 0
+    that may be traced (Bartlett decomposition, extended to dof < dim where the Wishart is singular):
+    column j is alive only for j < dof, T_jj^2 ~ chi^2(dof - j), T_ij ~ N(0, 1) for i > j."""
+    kn, kg = jax.random.split(key)
+    rows, cols = np.tril_indices(dim, -1)
+    below, odd = normals(kn, dtype, (batch, rows.size), (batch,))
+    j = jnp.arange(dim)
+    chi_dof = jnp.asarray(dof, dtype) - j.astype(dtype)  # degrees of freedom of T_jj^2
+    chi2 = 2.0 * standard_gamma(kg, jnp.broadcast_to(jnp.maximum(chi_dof, 2.0) / 2.0, (batch, dim)))
+    chi2 = jnp.where(chi_dof[None, :] >= 2, chi2, jnp.where(chi_dof[None, :] == 1, odd[:, None] ** 2, 0.0))
+    alive = (cols < jnp.asarray(dof)).astype(dtype)
+    T = jnp.zeros((batch, dim, dim), dtype).at[:, rows, cols].set(below * alive[None, :])
+    return T.at[:, j, j].set(jnp.sqrt(chi2))
+
+
+def sample_gram(design, key, batch: int, n, n_slots: int, dtype=jnp.float32) -> GramPrompts:
+    """Prompts of n context pairs drawn as their Gram matrix S = (1/n_slots) sum_i z_i z_i^T, exact
+    in distribution, with O(d^2) normals per prompt whatever n is (n may be traced).
+
+    Given the latent, z_i = mu + L g_i with g_i i.i.d. N(0, I), so sum_i z_i z_i^T = n m m^T + L A L^T
+    with the sample mean m = mu + L gbar, gbar ~ N(0, I / n), independent of the scatter
+    A = sum_i (g_i - gbar)(g_i - gbar)^T ~ Wishart(I, n - 1), drawn by ``bartlett_factor``.
+    """
+    if not getattr(design, "has_context_law", False):
+        raise ValueError(f"design {type(design).__name__} has no context law: its context pairs are not "
+                         "i.i.d. given the latent (per-position noise or drift); draw tokens instead")
+    kl, km, kw = jax.random.split(key, 3)
+    law = design.context_law(kl, batch, dtype)
+    D = design.dim + 1
+    n_arr = jnp.asarray(n, dtype)
+    (gbar,) = normals(km, dtype, (batch, D))
+    m = law.mean + jnp.einsum("bij,bj->bi", law.factor, gbar) / jnp.sqrt(n_arr)
+    LT = law.factor @ bartlett_factor(kw, batch, D, n - 1, dtype)
+    S = n_arr * jnp.einsum("bi,bj->bij", m, m) + LT @ jnp.swapaxes(LT, 1, 2)
+    return GramPrompts(S / n_slots, law.x, law.y_query)
+
+
+def draw(design, key, batch: int, n, n_slots: int, dtype=jnp.float32, gram: bool = False):
+    """A batch of prompts with n active context pairs in n_slots slots: GramPrompts when ``gram``,
+    else tokens drawn at n_slots and truncated to the last n (``truncate_context``)."""
+    if gram:
+        return sample_gram(design, key, batch, n, n_slots, dtype)
+    return truncate_context(design.sample(key, batch, n_slots, dtype), n)

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from iclsim import _validate as v
-from iclsim.designs import Prompts, tokens
+from iclsim.designs import GramPrompts, Prompts, tokens
 
 Params = dict[str, Any]
 
@@ -51,8 +51,11 @@ def _pgd_subspace_init(params: Params, d: int, output_column: bool) -> Params:
     return {**params, "Wk": params["Wk"].at[d].set(0.0), "Wv": Wv}
 
 
-def context_gram(prompts: Prompts) -> jax.Array:
-    """S = (1/n) sum_i z_i z_i^T over the context tokens z_i = [x_i; y_i]: [B, d+1, d+1]."""
+def context_gram(prompts: Prompts | GramPrompts) -> jax.Array:
+    """S = (1/n) sum_i z_i z_i^T over the n context slots z_i = [x_i; y_i]: [B, d+1, d+1]
+    (drawn directly when the prompts are ``GramPrompts``)."""
+    if isinstance(prompts, GramPrompts):
+        return prompts.S
     Z = tokens(prompts)[:, :-1]
     return jnp.einsum("bni,bnj->bij", Z, Z) / Z.shape[1]
 
@@ -71,6 +74,7 @@ class LinearAttention:
     dim: int
     rank: int | None = None
     dtype: Any = jnp.float32
+    reads_gram = True  # sees the context only through S: trains on GramPrompts
 
     def __post_init__(self):
         v.positive_int("dim", self.dim)
@@ -90,7 +94,7 @@ class LinearAttention:
         a = (zq @ params["Wq"]) @ params["Wk"].T
         return jnp.einsum("bi,bij,j->b", a, S, params["Wv"][:, -1])
 
-    def apply(self, params: Params, prompts: Prompts) -> jax.Array:
+    def apply(self, params: Params, prompts: Prompts | GramPrompts) -> jax.Array:
         return self.apply_gram(params, context_gram(prompts), prompts.x)
 
     def effective_pgd(self, params: Params, n: int) -> jax.Array:
@@ -193,6 +197,7 @@ class PGD:
     dim: int
     rank: int | None = None
     dtype: Any = jnp.float32
+    reads_gram = True
 
     def __post_init__(self):
         v.positive_int("dim", self.dim)
@@ -212,8 +217,8 @@ class PGD:
     def effective_pgd(self, params: Params, n: int) -> jax.Array:
         return self.weight(params) / n
 
-    def apply(self, params: Params, prompts: Prompts) -> jax.Array:
-        g = jnp.einsum("bnj,bn->bj", prompts.X, prompts.y) / prompts.X.shape[1]
+    def apply(self, params: Params, prompts: Prompts | GramPrompts) -> jax.Array:
+        g = context_gram(prompts)[:, :self.dim, self.dim]  # (1/n) X^T y
         return jnp.einsum("bi,ij,bj->b", prompts.x, self.weight(params), g)
 
 
@@ -332,6 +337,10 @@ class LoRA:
             if self.rank > min(self.base_params.tree[t].shape):
                 raise ValueError(f"rank must be <= {min(self.base_params.tree[t].shape)} for {t}, got {self.rank}")
 
+    @property
+    def reads_gram(self) -> bool:
+        return getattr(self.base, "reads_gram", False)
+
     def init(self, key) -> Params:
         params = {}
         for t, k in zip(self.targets, jax.random.split(key, len(self.targets))):
@@ -345,7 +354,7 @@ class LoRA:
             merged[t] = merged[t] + params[t]["A"] @ params[t]["B"].T
         return merged
 
-    def apply(self, params: Params, prompts: Prompts) -> jax.Array:
+    def apply(self, params: Params, prompts: Prompts | GramPrompts) -> jax.Array:
         return self.base.apply(self.merged(params), prompts)
 
     def effective_pgd(self, params: Params, n: int):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iclsim import _validate as v
-from iclsim.designs import IID, RAG, Drift, Prompts, TaskFeatureAlignment, _check_n, truncate_context
+from iclsim.designs import IID, RAG, Drift, Prompts, TaskFeatureAlignment, _check_n, draw
 
 F64 = jnp.float64
 
@@ -297,12 +297,12 @@ def ground_truth(design, n: int, key, num_prompts: int = 200_000, weights=None, 
 
 
 def risk_moments(predict: Callable[[Prompts], jax.Array], design, n_sample: int, n, key, chunks: int,
-                 batch: int, dtype) -> tuple[jax.Array, jax.Array]:
-    """Sum and sum of squares of (y - predict)^2 over chunks x batch fresh prompts drawn at
-    n_sample and truncated to the last n context pairs (pure and vmappable; n may be traced)."""
+                 batch: int, dtype, gram: bool = False) -> tuple[jax.Array, jax.Array]:
+    """Sum and sum of squares of (y - predict)^2 over chunks x batch fresh prompts with n active
+    context pairs in n_sample slots (``designs.draw``; pure and vmappable; n may be traced)."""
 
     def body(carry, k):
-        p = truncate_context(design.sample(k, batch, n_sample, dtype), n)
+        p = draw(design, k, batch, n, n_sample, dtype, gram)
         err = ((p.y_query - predict(p)) ** 2).astype(F64)
         return (carry[0] + jnp.sum(err), carry[1] + jnp.sum(err**2)), None
 

@@ -1,8 +1,11 @@
 """The compiled training engine: optax, a fresh batch of prompts every step, the step loop in
-``jax.lax.scan``, and whole sweeps (designs x context lengths x seeds) vmapped into one program.
+``jax.lax.scan``, and whole sweeps (designs x context lengths x seeds) vmapped into one program
+whose sweep axis is split over ``jax.devices()`` (``jax.shard_map`` over a one-axis Mesh).
 
-Context lengths that differ are drawn at the largest n and truncated (``truncate_context``),
-so one compiled program trains a whole risk-vs-n curve.
+Context lengths that differ share the largest n's slots: models that read the context only through
+its Gram matrix train on ``GramPrompts`` drawn directly (``designs.sample_gram``, cost free of n);
+the others on tokens drawn at the largest n and truncated (``truncate_context``). Either way one
+compiled program trains a whole risk-vs-n curve.
 """
 
 from __future__ import annotations
@@ -17,9 +20,12 @@ import numpy as np
 import optax
 
 from iclsim import _validate as v
+from iclsim import cache as _cache
 from iclsim import designs as _designs
-from iclsim.designs import Prompts, truncate_context
+from iclsim.designs import GramPrompts, Prompts
 from iclsim.theory import _chunks, mean_and_se, risk_moments
+
+SAMPLERS = ("auto", "gram", "tokens")
 
 
 class TrainState(NamedTuple):
@@ -45,8 +51,11 @@ class TrainConfig:
     warmup_steps: int = 200
     final_lr_fraction: float = 1e-3
     dtype: Any = jnp.float32
+    sampler: str = "auto"
 
     def __post_init__(self):
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {SAMPLERS}, got {self.sampler!r}")
         v.positive_int("steps", self.steps)
         v.positive_int("batch_size", self.batch_size)
         v.positive_int("warmup_steps", self.warmup_steps, minimum=0)
@@ -61,15 +70,29 @@ class TrainConfig:
         return optax.adam(schedule)
 
 
-def squared_loss(model, params, prompts: Prompts) -> jax.Array:
+def squared_loss(model, params, prompts: Prompts | GramPrompts) -> jax.Array:
     return jnp.mean((prompts.y_query - model.apply(params, prompts)) ** 2)
+
+
+def uses_gram(model, designs, sampler: str = "auto") -> bool:
+    """Whether training draws Gram matrices: the model reads the context only through S and every
+    design has a context law (tokens i.i.d. given the latent). sampler "tokens" forces tokens;
+    "gram" demands Gram draws and raises where they would not be exact."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    able = getattr(model, "reads_gram", False) and all(getattr(d, "has_context_law", False) for d in _as_list(designs))
+    if sampler == "gram" and not able:
+        raise ValueError(f"sampler='gram' needs a model that reads only the context Gram matrix (LinearAttention, "
+                         f"PGD, LoRA of them) and designs with i.i.d. pairs given the latent (IID with scalar "
+                         f"noise, RAG, TaskFeatureAlignment, TaskPool); got {_short(model)}")
+    return able and sampler != "tokens"
 
 
 def _as_list(x):
     return list(x) if isinstance(x, (list, tuple, np.ndarray)) else [x]
 
 
-def _train_one(model, config: TrainConfig, n_max: int, loss_fn: Callable):
+def _train_one(model, config: TrainConfig, n_max: int, loss_fn: Callable, gram: bool):
     """A pure function (design, n, key) -> (params, losses) that trains one model."""
     opt = config.optimizer()
 
@@ -79,7 +102,7 @@ def _train_one(model, config: TrainConfig, n_max: int, loss_fn: Callable):
         state = TrainState(params, opt.init(params))
 
         def step(state, k):
-            prompts = truncate_context(design.sample(k, config.batch_size, n_max, config.dtype), n)
+            prompts = _designs.draw(design, k, config.batch_size, n, n_max, config.dtype, gram)
             loss, grads = jax.value_and_grad(lambda p: loss_fn(model, p, prompts))(state.params)
             with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 counts with floats
                 updates, opt_state = opt.update(grads, state.opt_state, state.params)
@@ -94,15 +117,18 @@ def _train_one(model, config: TrainConfig, n_max: int, loss_fn: Callable):
 
 
 def fit_sweep(model, designs, ns: Sequence[int], seeds: Sequence[int], config: TrainConfig = TrainConfig(),
-              loss_fn: Callable = squared_loss) -> FitResult:
+              loss_fn: Callable = squared_loss, devices: Sequence | None = None,
+              cache: _cache.SweepCache | None = None) -> FitResult:
     """Train one model per (design, n, seed) in one compiled, vmapped program.
 
     ``designs``: one design or a list of same-structure designs (stacked and vmapped);
-    ``ns``: context lengths (drawn at max(ns), truncated per model); ``seeds``: integer seeds,
-    each giving the initialisation and the data stream (shared across designs and ns, so curves
-    use common random numbers). Returns params with leading axes [designs, ns, seeds] and
-    losses [designs, ns, seeds, steps]. A non-finite loss raises FloatingPointError naming the
-    model, design, n, seed and step.
+    ``ns``: context lengths (sharing max(ns) slots); ``seeds``: integer seeds, each giving the
+    initialisation and the data stream (shared across designs and ns, so curves use common random
+    numbers). The flattened sweep axis is split over ``devices`` (default ``jax.devices()``).
+    With a ``cache`` (default ``cache.current()``) finished points are loaded, not retrained, and
+    the rest are trained ``cache.chunk`` points per call and stored. Returns params with leading
+    axes [designs, ns, seeds] and losses [designs, ns, seeds, steps]. A non-finite loss raises
+    FloatingPointError naming the model, design, n, seed and step.
     """
     design_list, ns, seeds = _as_list(designs), [int(n) for n in _as_list(ns)], [int(s) for s in _as_list(seeds)]
     for n in ns:
@@ -110,28 +136,81 @@ def fit_sweep(model, designs, ns: Sequence[int], seeds: Sequence[int], config: T
     n_max = max(ns)
     for d in design_list:
         _designs._check_n(d, n_max)
-    keys = jnp.stack([jax.random.PRNGKey(s) for s in seeds])
-    params, losses = _compiled_sweep(model, config, n_max, loss_fn)(_designs.stack(design_list), jnp.asarray(ns), keys)
-    losses = np.asarray(losses)
-    _check_finite(losses, model, design_list, ns, seeds)
-    return FitResult(params, losses)
+    gram = uses_gram(model, design_list, config.sampler)
+    devices = tuple(jax.devices() if devices is None else devices)
+    cache = _cache.current() if cache is None else cache
+    points = [(i, j, k) for i in range(len(design_list)) for j in range(len(ns)) for k in range(len(seeds))]
+    stacked = _designs.stack(design_list)
+
+    def run(batch):
+        idx = np.array([p[0] for p in batch])
+        params, losses = _run_points(model, config, n_max, loss_fn, gram, devices,
+                                     jax.tree_util.tree_map(lambda a: a[idx], stacked),
+                                     np.array([ns[p[1]] for p in batch]), np.array([seeds[p[2]] for p in batch]))
+        _check_finite(losses, model, [(design_list[i], ns[j], seeds[k]) for i, j, k in batch])
+        return params, losses
+
+    if cache is None:
+        params, losses = run(points)
+    else:
+        params, losses = _cached(cache, run, points, model.init(jax.random.PRNGKey(0)),
+                                 lambda p: (model, design_list[p[0]], ns[p[1]], seeds[p[2]], n_max, config, loss_fn,
+                                            gram))
+    shape = (len(design_list), len(ns), len(seeds))
+    params = jax.tree_util.tree_map(lambda a: jnp.reshape(a, shape + a.shape[1:]), params)
+    return FitResult(params, np.reshape(losses, shape + losses.shape[1:]))
+
+
+def _run_points(model, config, n_max, loss_fn, gram, devices, designs, ns, seeds):
+    """Train a flat batch of sweep points, padded to a multiple of the device count."""
+    count = len(ns)
+    pad = (-count) % len(devices)
+    take = np.concatenate([np.arange(count), np.full(pad, count - 1)]).astype(int)
+    keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds[take]])
+    args = (jax.tree_util.tree_map(lambda a: a[take], designs), jnp.asarray(ns[take]), keys)
+    params, losses = _compiled_sweep(model, config, n_max, loss_fn, gram, devices)(*args)
+    return jax.tree_util.tree_map(lambda a: np.asarray(a)[:count], params), np.asarray(losses)[:count]
+
+
+def _cached(cache, run, points, template, settings):
+    """Load the stored points, train the missing ones in balanced chunks, store them."""
+    keys = [_cache.fingerprint(*settings(p)) for p in points]
+    found = [cache.load(k, template) for k in keys]
+    missing = [i for i, f in enumerate(found) if f is None]
+    if missing:
+        size = -(-len(missing) // -(-len(missing) // cache.chunk))  # balanced chunks of at most cache.chunk
+        for start in range(0, len(missing), size):
+            part = missing[start:start + size]
+            params, losses = run([points[i] for i in part])
+            for row, i in enumerate(part):
+                found[i] = (jax.tree_util.tree_map(lambda a: a[row], params), losses[row])
+                cache.save(keys[i], *found[i])
+    params = jax.tree_util.tree_map(lambda *a: np.stack(a), *[f[0] for f in found])
+    return params, np.stack([f[1] for f in found])
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_sweep(model, config: TrainConfig, n_max: int, loss_fn: Callable):
-    """One jitted program per (model, config, n_max, loss): designs, ns and seeds are arguments,
-    so sweeps over noise levels, context lengths or seeds of the same shapes never recompile."""
-    train = _train_one(model, config, n_max, loss_fn)
-    return jax.jit(jax.vmap(jax.vmap(jax.vmap(train, (None, None, 0)), (None, 0, None)), (0, None, None)))
+def _compiled_sweep(model, config: TrainConfig, n_max: int, loss_fn: Callable, gram: bool, devices: tuple):
+    """One jitted program per (model, config, n_max, loss, sampler, devices): designs, ns and seeds
+    are arguments, so sweeps of the same size over other noise levels, context lengths or seeds
+    never recompile. With several devices each trains its block of the sweep axis (shard_map:
+    no communication between them)."""
+    batched = jax.vmap(_train_one(model, config, n_max, loss_fn, gram))
+    if len(devices) == 1:
+        return jax.jit(batched)
+    mesh = jax.sharding.Mesh(np.array(devices), ("sweep",))
+    spec = jax.sharding.PartitionSpec("sweep")
+    return jax.jit(jax.shard_map(batched, mesh=mesh, in_specs=spec, out_specs=spec))
 
 
-def _check_finite(losses, model, design_list, ns, seeds):
+def _check_finite(losses, model, points):
     bad = ~np.isfinite(losses)
     if bad.any():
-        i, j, k, step = np.argwhere(bad)[0]
+        row, step = np.argwhere(bad)[0]
+        design, n, seed = points[row]
         raise FloatingPointError(
             f"training diverged: non-finite loss at step {step} for model {_short(model)} on design "
-            f"{_short(design_list[i])} with n = {ns[j]}, seed = {seeds[k]}; lower learning_rate")
+            f"{_short(design)} with n = {n}, seed = {seed}; lower learning_rate")
 
 
 def _short(obj) -> str:
@@ -147,28 +226,29 @@ def fit(model, design, n: int, steps: int = 4000, batch_size: int = 512, learnin
 
 
 def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: int = 100_000,
-                   batch_size: int = 10_000):
+                   batch_size: int = 10_000, sampler: str = "auto"):
     """Test risk on fresh prompts of every model of a sweep: (risk, se), each [designs, ns, seeds].
-    All models see the same prompts (common random numbers)."""
+    All models see the same prompts (common random numbers); Gram draws where ``uses_gram``."""
     design_list, ns = _as_list(designs), [int(n) for n in _as_list(ns)]
     n_max = max(ns)
     chunks, batch = _chunks(num_prompts, batch_size)
-    total, total_sq = _compiled_evaluation(model, n_max, chunks, batch)(
+    total, total_sq = _compiled_evaluation(model, n_max, chunks, batch, uses_gram(model, design_list, sampler))(
         params, _designs.stack(design_list), jnp.asarray(ns), key)
     mean, se = mean_and_se(total, total_sq, chunks * batch)
     return np.asarray(mean), np.asarray(se)
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_evaluation(model, n_max: int, chunks: int, batch: int):
+def _compiled_evaluation(model, n_max: int, chunks: int, batch: int, gram: bool):
     def one(p, design, n, key):
-        return risk_moments(lambda pr: model.apply(p, pr), design, n_max, n, key, chunks, batch, model.dtype)
+        return risk_moments(lambda pr: model.apply(p, pr), design, n_max, n, key, chunks, batch, model.dtype, gram)
 
     return jax.jit(jax.vmap(jax.vmap(jax.vmap(one, (0, None, None, None)), (0, None, 0, None)), (0, 0, None, None)))
 
 
-def evaluate(model, params, design, n: int, key, num_prompts: int = 100_000, batch_size: int = 10_000):
+def evaluate(model, params, design, n: int, key, num_prompts: int = 100_000, batch_size: int = 10_000,
+             sampler: str = "auto"):
     """Test risk (mean, standard error) of one trained model on num_prompts fresh prompts."""
     expanded = jax.tree_util.tree_map(lambda a: a[None, None, None], params)
-    mean, se = evaluate_sweep(model, expanded, design, [n], key, num_prompts, batch_size)
+    mean, se = evaluate_sweep(model, expanded, design, [n], key, num_prompts, batch_size, sampler)
     return float(mean[0, 0, 0]), float(se[0, 0, 0])

@@ -27,3 +27,31 @@ def relative_gap(value, reference):
 def report(line: str):
     """A measured number worth seeing in the test summary (gaps, not timings)."""
     REPORT.append(line)
+
+
+KS_ALPHA = 1e-3  # Kolmogorov-Smirnov checks reject at this level (asymptotic critical value)
+
+
+def _ks_critical(alpha=KS_ALPHA):
+    return np.sqrt(-0.5 * np.log(alpha / 2))
+
+
+def assert_same_distribution(a, b, name=""):
+    """Two-sample Kolmogorov-Smirnov: sup |F_a - F_b| <= c(alpha) sqrt((n + m) / (n m))."""
+    a, b = np.sort(np.asarray(a, np.float64)), np.sort(np.asarray(b, np.float64))
+    grid = np.concatenate([a, b])
+    D = np.max(np.abs(np.searchsorted(a, grid, "right") / a.size - np.searchsorted(b, grid, "right") / b.size))
+    bound = _ks_critical() * np.sqrt((a.size + b.size) / (a.size * b.size))
+    REPORT.append(f"KS {name}: D = {D:.4f} (bound {bound:.4f})")
+    assert D <= bound, f"{name}: KS distance {D:.4f} > {bound:.4f} (alpha = {KS_ALPHA})"
+
+
+def assert_distribution(samples, cdf, name=""):
+    """One-sample Kolmogorov-Smirnov against a CDF: sup |F_n - F| <= c(alpha) / sqrt(n)."""
+    x = np.sort(np.asarray(samples, np.float64))
+    F = np.asarray(cdf(x), np.float64)
+    i = np.arange(1, x.size + 1)
+    D = max(np.max(i / x.size - F), np.max(F - (i - 1) / x.size))
+    bound = _ks_critical() / np.sqrt(x.size)
+    REPORT.append(f"KS {name}: D = {D:.4f} (bound {bound:.4f})")
+    assert D <= bound, f"{name}: KS distance {D:.4f} > {bound:.4f} (alpha = {KS_ALPHA})"

@@ -1,0 +1,123 @@
+"""Resumable sweeps: every trained sweep point (model, design, n, seed, training settings) is
+stored on disk under a hash of its settings, so a sweep re-run after an interruption trains only
+the points that are missing. Files are written atomically (temporary file, then rename).
+
+    with cache.active(cache.SweepCache(".cache/iclsim")):
+        train.fit_sweep(...)          # loads finished points, trains and stores the others
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+FORMAT = 1  # bump when the meaning of a stored point changes
+_ACTIVE: contextvars.ContextVar["SweepCache | None"] = contextvars.ContextVar("iclsim_sweep_cache", default=None)
+
+
+def fingerprint(*objs) -> str:
+    """A stable hash of settings: dataclasses field by field, arrays by dtype, shape and bytes,
+    functions by module and name, containers element-wise (never by object identity)."""
+    h = hashlib.sha256(f"iclsim-cache-{FORMAT}".encode())
+    for obj in objs:
+        _feed(h, obj)
+    return h.hexdigest()
+
+
+def _feed(h, obj):
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        h.update(f"<{type(obj).__qualname__}".encode())
+        for f in dataclasses.fields(obj):
+            h.update(f.name.encode())
+            _feed(h, getattr(obj, f.name))
+    elif hasattr(obj, "tree") and type(obj).__name__ == "Frozen":
+        _feed(h, obj.tree)
+    elif isinstance(obj, dict):
+        for k in sorted(obj):
+            h.update(repr(k).encode())
+            _feed(h, obj[k])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f"[{len(obj)}".encode())
+        for item in obj:
+            _feed(h, item)
+    elif isinstance(obj, (np.ndarray, jax.Array, np.generic)):
+        arr = np.asarray(obj)
+        h.update(f"{arr.dtype}{arr.shape}".encode())
+        h.update(np.ascontiguousarray(arr).tobytes())
+    elif callable(obj) and hasattr(obj, "__qualname__"):
+        h.update(f"{getattr(obj, '__module__', '')}.{obj.__qualname__}".encode())
+    else:
+        h.update(repr(obj).encode())
+    h.update(b">")
+
+
+def atomic_save_npz(path: Path, **arrays) -> None:
+    """np.savez to a temporary file in the same folder, then rename: never a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+@dataclasses.dataclass
+class SweepCache:
+    """A folder of trained sweep points. ``force`` retrains (and overwrites) every point;
+    ``chunk`` is the most points trained per compiled call, so an interrupted sweep keeps all
+    finished chunks. ``hits`` and ``trained`` count points loaded and trained."""
+
+    directory: str | Path
+    force: bool = False
+    chunk: int = 32
+    hits: int = 0
+    trained: int = 0
+
+    def __post_init__(self):
+        self.directory = Path(self.directory)
+        if self.chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {self.chunk}")
+
+    def path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.npz"
+
+    def load(self, key: str, template):
+        """(params, losses) stored under key, params in the structure of ``template``; or None."""
+        path = self.path(key)
+        if self.force or not path.exists():
+            return None
+        with np.load(path) as data:
+            leaves = [data[f"p{i}"] for i in range(len(jax.tree_util.tree_leaves(template)))]
+            losses = data["losses"]
+        self.hits += 1
+        return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves), losses
+
+    def save(self, key: str, params, losses) -> None:
+        leaves = {f"p{i}": np.asarray(a) for i, a in enumerate(jax.tree_util.tree_leaves(params))}
+        atomic_save_npz(self.path(key), losses=np.asarray(losses), **leaves)
+        self.trained += 1
+
+
+def current() -> SweepCache | None:
+    """The cache that ``train.fit_sweep`` uses when none is passed (set by ``active``)."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def active(cache: SweepCache | None):
+    token = _ACTIVE.set(cache)
+    try:
+        yield cache
+    finally:
+        _ACTIVE.reset(token)

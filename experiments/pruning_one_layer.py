@@ -9,16 +9,19 @@ import numpy as np
 
 from iclsim import IID, models, plotting, pruning, theory, train
 from iclsim.runner import Experiment
+from iclsim.train import TrainConfig
 
 
 def run(s, seed, progress):
     d, n = s["dim"], s["n"]
     model = models.LinearAttention(d)
     train_design = IID(d, noise_var=s["noise_var"])
+    seeds = [seed + k for k in range(s["seeds"])]
+    progress(f"  training one-layer attention, seeds {seeds}")
+    fitted = train.fit_sweep(model, train_design, [n], seeds, TrainConfig(s["steps"], s["batch"], s["lr"]))
     rows = []
     for k in range(s["seeds"]):
-        progress(f"  training one-layer attention, seed {seed + k}")
-        params = train.fit(model, train_design, n, s["steps"], s["batch"], s["lr"], seed + k).params
+        params = jax.tree_util.tree_map(lambda a: a[0, 0, k], fitted.params)
         for label, design in [("matched", train_design), ("noisier test labels", IID(d, noise_var=s["test_noise_var"]))]:
             candidates = [(0, "attn", r) for r in s["rates"]]
             risk, se = pruning.evaluate_candidates(model, params, design, n, candidates,

@@ -16,10 +16,12 @@ def run(s, seed, progress):
     design = IID(d, noise_var=s["noise_var"])
     key = jax.random.PRNGKey(90_000 + seed)
     model = models.LinearTransformer(d, L)
+    seeds = [seed + k for k in range(s["seeds"])]
+    progress(f"  training the {L}-layer transformer, seeds {seeds}")
+    fitted = train.fit_sweep(model, design, [n], seeds, TrainConfig(s["steps"], s["batch"], s["lr"]))
     rows = []
     for k in range(s["seeds"]):
-        progress(f"  training the {L}-layer transformer, seed {seed + k}")
-        params = train.fit(model, design, n, s["steps"], s["batch"], s["lr"], seed + k).params
+        params = jax.tree_util.tree_map(lambda a: a[0, 0, k], fitted.params)
         for layer in range(L):
             risk, se = theory.monte_carlo_risk(lambda p: model.predictions(params, p)[layer], design, n, key,
                                                s["num_test"], dtype=jnp.float32)

@@ -419,10 +419,9 @@ def standard_gamma(key, alpha, retry_size: int | None = None) -> jax.Array:
     shifted = a - 1.0 / 3.0
     c = 1.0 / jnp.sqrt(9.0 * shifted)
 
-    def propose(k, dd, cc):
-        kz, ku = jax.random.split(k)
-        z = jax.random.normal(kz, dd.shape, dd.dtype)
-        u = jax.random.uniform(ku, dd.shape, dd.dtype, minval=jnp.finfo(dd.dtype).tiny)
+    def propose(k, dd, cc):  # one uniform draw gives the normal (by inversion) and the uniform
+        u = jax.random.uniform(k, (2,) + dd.shape, dd.dtype, minval=jnp.finfo(dd.dtype).tiny)
+        z, u = jnp.sqrt(2.0) * jax.scipy.special.erfinv(2.0 * u[0] - 1.0), u[1]
         v = (1.0 + cc * z) ** 3
         v_safe = jnp.where(v > 0, v, 1.0)
         ok = (v > 0) & (jnp.log(u) < 0.5 * z**2 + dd - dd * v_safe + dd * jnp.log(v_safe))

@@ -22,6 +22,9 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from iclsim.cache import SweepCache
+from iclsim.cache import active as active_cache
+
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 
 
@@ -100,8 +103,9 @@ def versions() -> dict:
 
 
 def run_experiment(exp: Experiment, out: Path, quick: bool = False, seed: int = 0,
-                   progress: Callable[[str], None] | None = None) -> dict:
-    """Run one experiment and write out/NAME.csv, out/NAME.json and out/NAME.png atomically."""
+                   progress: Callable[[str], None] | None = None, cache: SweepCache | None = None) -> dict:
+    """Run one experiment and write out/NAME.csv, out/NAME.json and out/NAME.png atomically.
+    With a ``cache`` every trained sweep point is stored and reused (resumable runs)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -110,7 +114,8 @@ def run_experiment(exp: Experiment, out: Path, quick: bool = False, seed: int = 
     settings = {**exp.settings, **(exp.quick if quick else {}), "out": str(out)}
     progress(f"[{exp.name}] {exp.title} ({'quick' if quick else 'default'}, seed {seed})")
     start = time.perf_counter()
-    rows = exp.run(settings, seed, progress)
+    with active_cache(cache):
+        rows = exp.run(settings, seed, progress)
     wall = time.perf_counter() - start
     summary = exp.summary(rows)
     out = Path(out)
@@ -123,6 +128,8 @@ def run_experiment(exp: Experiment, out: Path, quick: bool = False, seed: int = 
     meta = {"experiment": exp.name, "title": exp.title, "quick": quick, "seed": seed, "settings": settings,
             "wall_time_s": round(wall, 2), "summary": summary, "versions": versions(),
             "command": " ".join(sys.argv)}
+    if cache is not None:
+        meta["cache"] = {"directory": str(cache.directory), "points_loaded": cache.hits, "points_trained": cache.trained}
     atomic_write(out / f"{exp.name}.json", (json.dumps(meta, indent=2, default=str) + "\n").encode())
     progress(f"[{exp.name}] done in {wall:.1f} s: " + ", ".join(f"{k} = {v}" for k, v in summary.items()))
     return meta

@@ -74,18 +74,23 @@ def squared_loss(model, params, prompts: Prompts | GramPrompts) -> jax.Array:
     return jnp.mean((prompts.y_query - model.apply(params, prompts)) ** 2)
 
 
-def uses_gram(model, designs, sampler: str = "auto") -> bool:
-    """Whether training draws Gram matrices: the model reads the context only through S and every
-    design has a context law (tokens i.i.d. given the latent). sampler "tokens" forces tokens;
-    "gram" demands Gram draws and raises where they would not be exact."""
+def uses_gram(model, designs, n_slots: int, sampler: str = "auto") -> bool:
+    """Whether to draw Gram matrices rather than tokens. Exact where the model reads the context
+    only through S and every design has a context law (tokens i.i.d. given the latent); "auto"
+    then takes the cheaper draw: tokens cost n_slots (d + 1) normals per prompt, the Gram matrix
+    about d (d + 1) / 2 + 3 (d + 1), so Gram from n_slots > d / 2 + 3. "tokens" forces tokens;
+    "gram" forces Gram draws and raises where they would not be exact."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
-    able = getattr(model, "reads_gram", False) and all(getattr(d, "has_context_law", False) for d in _as_list(designs))
+    design_list = _as_list(designs)
+    able = getattr(model, "reads_gram", False) and all(getattr(d, "has_context_law", False) for d in design_list)
     if sampler == "gram" and not able:
         raise ValueError(f"sampler='gram' needs a model that reads only the context Gram matrix (LinearAttention, "
                          f"PGD, LoRA of them) and designs with i.i.d. pairs given the latent (IID with scalar "
                          f"noise, RAG, TaskFeatureAlignment, TaskPool); got {_short(model)}")
-    return able and sampler != "tokens"
+    if sampler == "auto":
+        return able and n_slots > design_list[0].dim / 2 + 3
+    return sampler == "gram"
 
 
 def _as_list(x):
@@ -136,7 +141,7 @@ def fit_sweep(model, designs, ns: Sequence[int], seeds: Sequence[int], config: T
     n_max = max(ns)
     for d in design_list:
         _designs._check_n(d, n_max)
-    gram = uses_gram(model, design_list, config.sampler)
+    gram = uses_gram(model, design_list, n_max, config.sampler)
     devices = tuple(jax.devices() if devices is None else devices)
     cache = _cache.current() if cache is None else cache
     points = [(i, j, k) for i in range(len(design_list)) for j in range(len(ns)) for k in range(len(seeds))]
@@ -162,8 +167,10 @@ def fit_sweep(model, designs, ns: Sequence[int], seeds: Sequence[int], config: T
 
 
 def _run_points(model, config, n_max, loss_fn, gram, devices, designs, ns, seeds):
-    """Train a flat batch of sweep points, padded to a multiple of the device count."""
+    """Train a flat batch of sweep points over at most one device per point, padded to a multiple of
+    the devices used."""
     count = len(ns)
+    devices = devices[:count]
     pad = (-count) % len(devices)
     take = np.concatenate([np.arange(count), np.full(pad, count - 1)]).astype(int)
     keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds[take]])
@@ -200,7 +207,9 @@ def _compiled_sweep(model, config: TrainConfig, n_max: int, loss_fn: Callable, g
         return jax.jit(batched)
     mesh = jax.sharding.Mesh(np.array(devices), ("sweep",))
     spec = jax.sharding.PartitionSpec("sweep")
-    return jax.jit(jax.shard_map(batched, mesh=mesh, in_specs=spec, out_specs=spec))
+    # check_vma off: the blocks are independent (no collectives), and parameters that start as
+    # constants (LoRA's B = 0) would otherwise need pcast to become per-device
+    return jax.jit(jax.shard_map(batched, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
 
 
 def _check_finite(losses, model, points):
@@ -232,7 +241,7 @@ def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: 
     design_list, ns = _as_list(designs), [int(n) for n in _as_list(ns)]
     n_max = max(ns)
     chunks, batch = _chunks(num_prompts, batch_size)
-    total, total_sq = _compiled_evaluation(model, n_max, chunks, batch, uses_gram(model, design_list, sampler))(
+    total, total_sq = _compiled_evaluation(model, n_max, chunks, batch, uses_gram(model, design_list, n_max, sampler))(
         params, _designs.stack(design_list), jnp.asarray(ns), key)
     mean, se = mean_and_se(total, total_sq, chunks * batch)
     return np.asarray(mean), np.asarray(se)

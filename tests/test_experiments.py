@@ -131,3 +131,46 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
         runner.atomic_write(target, b"new\n")
     assert target.read_bytes() == b"old\n"
     assert [p.name for p in tmp_path.iterdir()] == ["r.csv"]
+
+
+TINY = """
+import jax
+from iclsim import IID, models, plotting, studies, theory
+from iclsim.runner import Experiment
+from iclsim.train import TrainConfig
+
+def run(s, seed, progress):
+    zoo = {"PGD": (models.PGD(2), TrainConfig(s["steps"], 64, 0.02, warmup_steps=10))}
+    return studies.risk_curves(zoo, {"iid": IID(2, noise_var=0.1)}, [2, 4], [seed, seed + 1],
+                               lambda d, n, m: theory.optimal_pgd(d, n)[1], jax.random.PRNGKey(1), 2000, progress)
+
+def plot(rows, s):
+    fig, axes = plotting.panels(1)
+    axes[0].plot([r["n"] for r in rows], [r["risk"] for r in rows])
+    return fig
+
+EXPERIMENT = Experiment(name="tiny", title="tiny", settings={"steps": 100}, run=run, plot=plot,
+                        summary=lambda rows: {"rows": len(rows)})
+"""
+
+
+def test_cli_resumes_from_the_cache_and_force_retrains(tmp_path):
+    """A second `iclsim run` with the same cache trains nothing and writes the same results;
+    --force retrains every point; other settings are other points."""
+    (tmp_path / "exps").mkdir()
+    (tmp_path / "exps" / "tiny.py").write_text(TINY)
+    out = tmp_path / "out"
+    args = ["--experiments", str(tmp_path / "exps"), "run", "tiny", "--out", str(out), "--cache", str(tmp_path / "c")]
+    cache_of = lambda: json.loads((out / "tiny.json").read_text())["cache"]  # noqa: E731
+    assert cli.main(args) == 0
+    assert (cache_of()["points_loaded"], cache_of()["points_trained"]) == (0, 4)
+    csv = (out / "tiny.csv").read_text()
+    assert cli.main(args) == 0
+    assert (cache_of()["points_loaded"], cache_of()["points_trained"]) == (4, 0)
+    assert (out / "tiny.csv").read_text() == csv
+    assert cli.main(args + ["--force"]) == 0
+    assert (cache_of()["points_loaded"], cache_of()["points_trained"]) == (0, 4)
+    assert cli.main(args + ["--seed", "1"]) == 0  # seeds 1, 2: seed 1 is stored, seed 2 is new
+    assert (cache_of()["points_loaded"], cache_of()["points_trained"]) == (2, 2)
+    assert cli.main(args + ["--no-cache"]) == 0
+    assert "cache" not in json.loads((out / "tiny.json").read_text())

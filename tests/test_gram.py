@@ -104,11 +104,14 @@ def test_gram_sampler_refuses_designs_without_a_context_law(key):
 
 
 def test_default_sampler_choice():
-    assert train.uses_gram(models.LinearAttention(3), IID(3, noise_var=0.1))
-    assert train.uses_gram(models.PGD(3, rank=2), [RAG(3, 0.5), RAG(3, 0.1)])
-    assert not train.uses_gram(models.H3(3, 4), IID(3))
-    assert not train.uses_gram(models.LinearAttention(3), Drift.ar1(3, 4, 0.9))
-    assert not train.uses_gram(models.LinearAttention(3), IID(3), "tokens")
+    """Gram draws where exact and cheaper than tokens (n_slots > d / 2 + 3)."""
+    assert train.uses_gram(models.LinearAttention(3), IID(3, noise_var=0.1), 5)
+    assert not train.uses_gram(models.LinearAttention(10), IID(10), 8)  # 88 token normals < ~105 for S
+    assert train.uses_gram(models.LinearAttention(10), IID(10), 8, "gram")
+    assert train.uses_gram(models.PGD(3, rank=2), [RAG(3, 0.5), RAG(3, 0.1)], 40)
+    assert not train.uses_gram(models.H3(3, 40), IID(3), 40)
+    assert not train.uses_gram(models.LinearAttention(3), Drift.ar1(3, 40, 0.9), 40)
+    assert not train.uses_gram(models.LinearAttention(3), IID(3), 40, "tokens")
 
 
 def test_training_on_gram_prompts_reaches_the_same_risk(key):

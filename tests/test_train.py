@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iclsim import IID, models, theory, train
+from iclsim import IID, cache, models, theory, train
 from tests.tolerance import assert_close, assert_within_se
 
 CFG = train.TrainConfig(steps=150, batch_size=64, learning_rate=0.02, warmup_steps=10)
@@ -92,3 +92,66 @@ def test_config_bad_input(kwargs, message):
 def test_sweep_bad_n():
     with pytest.raises(ValueError, match="n must be an integer >= 1"):
         train.fit_sweep(models.PGD(2), IID(2), [0, 3], [0], CFG)
+
+
+def test_sharded_sweep_equals_one_device_sweep():
+    """The sweep axis split over 4 (fake CPU) devices gives the one-device numbers."""
+    assert len(jax.devices()) == 4, "conftest sets --xla_force_host_platform_device_count=4"
+    model, designs = models.LinearAttention(3), [IID(3, noise_var=v) for v in (0.0, 0.5)]
+    one = train.fit_sweep(model, designs, [2, 5, 7], [0], CFG, devices=jax.devices()[:1])
+    four = train.fit_sweep(model, designs, [2, 5, 7], [0], CFG)  # 6 points, padded to 8 over 4 devices
+    assert_close(four.losses, one.losses, rtol=1e-5, atol=1e-6)
+    for name in one.params:
+        assert_close(four.params[name], one.params[name], rtol=1e-4, atol=1e-6, name=name)
+
+
+def test_cache_trains_only_missing_points_and_force_retrains(tmp_path):
+    model, design = models.PGD(3), IID(3, noise_var=0.3)
+    store = cache.SweepCache(tmp_path, chunk=2)
+    first = train.fit_sweep(model, design, [2, 4], [0, 1], CFG, cache=store)
+    assert (store.hits, store.trained) == (0, 4)
+    # more seeds: the 4 finished points are loaded, only the 2 new ones trained (a larger max n
+    # would be new points: the context slots, and so the trained weights, change with it)
+    second = train.fit_sweep(model, design, [2, 4], [0, 1, 2], CFG, cache=store)
+    assert (store.hits, store.trained) == (4, 6)
+    assert_close(second.params["W"][0, :, :2], first.params["W"][0], rtol=0, atol=0)
+    plain = train.fit_sweep(model, design, [2, 4], [0, 1, 2], CFG)
+    assert_close(second.losses, plain.losses, rtol=1e-6, atol=1e-7)
+    forced = cache.SweepCache(tmp_path, force=True)
+    train.fit_sweep(model, design, [2, 4], [0], CFG, cache=forced)
+    assert (forced.hits, forced.trained) == (0, 2)
+    # other settings (noise, steps) are other points
+    other = cache.SweepCache(tmp_path)
+    train.fit_sweep(model, IID(3, noise_var=0.31), [2], [0], CFG, cache=other)
+    assert (other.hits, other.trained) == (0, 1)
+    assert not list(tmp_path.rglob("*.tmp*"))
+
+
+def test_interrupted_sweep_resumes_from_finished_chunks(tmp_path, monkeypatch):
+    model, design = models.PGD(3), IID(3, noise_var=0.3)
+    real, calls = train._run_points, []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(train, "_run_points", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit_sweep(model, design, [2, 4, 6, 8], [0], CFG, cache=cache.SweepCache(tmp_path, chunk=2))
+    monkeypatch.setattr(train, "_run_points", real)
+    resumed = cache.SweepCache(tmp_path, chunk=2)
+    with cache.active(resumed):  # the way the runner passes it
+        result = train.fit_sweep(model, design, [2, 4, 6, 8], [0], CFG)
+    assert (resumed.hits, resumed.trained) == (2, 2)
+    assert_close(result.losses, train.fit_sweep(model, design, [2, 4, 6, 8], [0], CFG).losses, rtol=1e-6, atol=1e-7)
+    assert not list(tmp_path.rglob("*.tmp*"))
+
+
+def test_fingerprint_is_stable_and_content_based():
+    base = models.LinearAttention(3).init(jax.random.PRNGKey(0))
+    lora = lambda: models.LoRA(models.LinearAttention(3), models.Frozen(dict(base)), 1, ("Wq",))  # noqa: E731
+    assert cache.fingerprint(lora(), IID(3, noise_var=0.1), 4) == cache.fingerprint(lora(), IID(3, noise_var=0.1), 4)
+    assert cache.fingerprint(IID(3, noise_var=0.1)) != cache.fingerprint(IID(3, noise_var=0.2))
+    assert cache.fingerprint(CFG) != cache.fingerprint(train.TrainConfig(steps=151, batch_size=64))

@@ -22,6 +22,7 @@ quick: $(STAMP)
 	$(VENV)/bin/iclsim run all --quick --out results/quick
 
 bench: $(STAMP)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "torch==2.13.0"
 	$(PY) benchmarks/run.py
 
 clean:

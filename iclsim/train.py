@@ -176,6 +176,9 @@ def _run_points(model, config, n_max, loss_fn, gram, devices, designs, ns, seeds
     keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds[take]])
     args = (jax.tree_util.tree_map(lambda a: a[take], designs), jnp.asarray(ns[take]), keys)
     params, losses = _compiled_sweep(model, config, n_max, loss_fn, gram, devices)(*args)
+    if jax.process_count() > 1:  # multi-host (jax.distributed): every process gets the whole sweep
+        from jax.experimental import multihost_utils
+        params, losses = multihost_utils.process_allgather((params, losses), tiled=True)
     return jax.tree_util.tree_map(lambda a: np.asarray(a)[:count], params), np.asarray(losses)[:count]
 
 

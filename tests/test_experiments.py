@@ -1,6 +1,7 @@
 """Experiments through the one runner, in their quick versions, checked against theory."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -174,3 +175,13 @@ def test_cli_resumes_from_the_cache_and_force_retrains(tmp_path):
     assert (cache_of()["points_loaded"], cache_of()["points_trained"]) == (2, 2)
     assert cli.main(args + ["--no-cache"]) == 0
     assert "cache" not in json.loads((out / "tiny.json").read_text())
+
+
+def test_cli_exposes_one_cpu_device_per_core_unless_told(monkeypatch):
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_enable_fast_math=false")
+    cli.use_all_cpu_cores()
+    assert os.environ["XLA_FLAGS"] == ("--xla_cpu_enable_fast_math=false "
+                                       f"--xla_force_host_platform_device_count={os.cpu_count()}")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
+    cli.use_all_cpu_cores()
+    assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=3"

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 import iclsim
 from iclsim import IID, models, train
+from iclsim.cli import use_all_cpu_cores
 
 ROOT = Path(__file__).resolve().parent.parent
 DIM, BATCH, LR = 10, 512, 1e-2
@@ -101,6 +102,7 @@ def reproduce_wall():
 
 
 def main():
+    use_all_cpu_cores()  # as the CLI does: one CPU device per core, the sweep split over them
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")

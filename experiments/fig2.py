@@ -26,8 +26,9 @@ def panels_of(s):
 
 
 def run(s, seed, progress):
-    """Two sweeps per panel: n <= small_n with batch_small_n prompts per step (at small n the risk is flat in
-    W, so pinning W* within 5% takes about 4x the samples; these prompts are short and cheap), then the rest."""
+    """Two sweeps per panel: n <= small_n with batch_small_n prompts per step and steps_small_n steps (at small
+    n the risk is flat in W, so pinning W* within 5% takes about 6x the samples; these prompts are short and
+    cheap), then the rest."""
     d, seeds = s["dim"], [seed + k for k in range(s["seeds"])]
     groups = [([n for n in s["ns"] if n <= s["small_n"]], s["batch_small_n"]),
               ([n for n in s["ns"] if n > s["small_n"]], s["batch"])]
@@ -35,8 +36,9 @@ def run(s, seed, progress):
     for panel, designs in panels_of(s).items():
         progress(f" panel {panel}")
         for ns, batch in (g for g in groups if g[0]):
-            zoo = {"linear attention": (models.LinearAttention(d), TrainConfig(s["steps"], batch, s["lr_attention"])),
-                   "H3": (models.H3(d, max(ns)), TrainConfig(s["steps"], batch, s["lr_h3"]))}
+            steps = s["steps_small_n"] if max(ns) <= s["small_n"] else s["steps"]
+            zoo = {"linear attention": (models.LinearAttention(d), TrainConfig(steps, batch, s["lr_attention"])),
+                   "H3": (models.H3(d, max(ns)), TrainConfig(steps, batch, s["lr_h3"]))}
             for r in studies.risk_curves(zoo, designs, ns, seeds, lambda des, n, m: theory.optimal_pgd(des, n)[1],
                                          jax.random.PRNGKey(10_000 + seed), s["num_test"], progress,
                                          optimum=lambda des, n, m: theory.optimal_pgd(des, n)):
@@ -69,7 +71,7 @@ EXPERIMENT = Experiment(
     name="fig2",
     title="Paper A Fig. 2: linear attention and H3 implement optimal one-step PGD",
     settings={"dim": 10, "ns": [1, 2, 5, 10, 15, 20, 30, 40], "noise_levels": [0.25, 1.0, 4.0], "seeds": 2,
-              "steps": 2000, "batch": 512, "small_n": 5, "batch_small_n": 2048, "lr_attention": 0.01, "lr_h3": 0.03,
+              "steps": 2000, "batch": 512, "small_n": 5, "batch_small_n": 2048, "steps_small_n": 3000, "lr_attention": 0.01, "lr_h3": 0.03,
               "num_test": 100_000},
     quick={"dim": 4, "ns": [2, 4, 8], "noise_levels": [1.0], "seeds": 1, "steps": 600, "small_n": 0,
            "lr_attention": 0.03, "num_test": 20_000},

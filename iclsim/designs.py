@@ -410,7 +410,7 @@ def standard_gamma(key, alpha, retry_size: int | None = None) -> jax.Array:
 
     One proposal per entry from a single flat draw; the rejected entries (1-5%) are redrawn
     ``retry_size`` at a time (default N / 16) until all are accepted. jax.random.gamma splits a key
-    per entry and per retry, which on CPU costs about 20x more per draw.
+    per entry and per retry: for 5632 draws on CPU it took 2.0 ms against 0.7 ms here.
     """
     shape = jnp.shape(alpha)
     a = jnp.reshape(alpha, (-1,))

@@ -12,12 +12,14 @@ import contextlib
 import contextvars
 import dataclasses
 import hashlib
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import jax
 import numpy as np
+
+from iclsim._files import atomic_write
+from iclsim.models import Frozen
 
 FORMAT = 1  # bump when the meaning of a stored point changes
 _ACTIVE: contextvars.ContextVar["SweepCache | None"] = contextvars.ContextVar("iclsim_sweep_cache", default=None)
@@ -38,7 +40,7 @@ def _feed(h, obj):
         for f in dataclasses.fields(obj):
             h.update(f.name.encode())
             _feed(h, getattr(obj, f.name))
-    elif hasattr(obj, "tree") and type(obj).__name__ == "Frozen":
+    elif isinstance(obj, Frozen):
         _feed(h, obj.tree)
     elif isinstance(obj, dict):
         for k in sorted(obj):
@@ -57,19 +59,6 @@ def _feed(h, obj):
     else:
         h.update(repr(obj).encode())
     h.update(b">")
-
-
-def atomic_save_npz(path: Path, **arrays) -> None:
-    """np.savez to a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp.npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 @dataclasses.dataclass
@@ -105,7 +94,9 @@ class SweepCache:
 
     def save(self, key: str, params, losses) -> None:
         leaves = {f"p{i}": np.asarray(a) for i, a in enumerate(jax.tree_util.tree_leaves(params))}
-        atomic_save_npz(self.path(key), losses=np.asarray(losses), **leaves)
+        buf = io.BytesIO()
+        np.savez(buf, losses=np.asarray(losses), **leaves)
+        atomic_write(self.path(key), buf.getvalue())
         self.trained += 1
 
 

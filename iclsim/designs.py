@@ -120,14 +120,17 @@ def _prompts(X, x, betas, beta, noise, query_noise, noise_var, query_noise_var) 
     dtype, n = X.dtype, X.shape[1]
     signal = jnp.einsum("bnd,bd->bn", X, betas) if betas.ndim == 2 else jnp.einsum("bnd,bnd->bn", X, betas)
     s = jnp.sqrt(jnp.broadcast_to(jnp.asarray(noise_var, dtype), (n,)))[None, :]
-    y = signal + s * noise
-    yq = jnp.einsum("bd,bd->b", x, beta) + jnp.sqrt(jnp.asarray(query_noise_var, dtype)) * query_noise[:, 0]
-    return Prompts(X, y, x, yq)
+    return Prompts(X, signal + s * noise, x, _query_label(x, beta, query_noise, query_noise_var))
 
 
-def _law(mean_x, A, beta, noise_var, x, y_query) -> ContextLaw:
+def _query_label(x, beta, query_noise, query_noise_var):
+    """y = <x, beta> + s_q query_noise (query_noise [B, 1])."""
+    return jnp.einsum("bd,bd->b", x, beta) + jnp.sqrt(jnp.asarray(query_noise_var, x.dtype)) * query_noise[:, 0]
+
+
+def _law(mean_x, A, beta, noise_var, x, query_noise, query_noise_var) -> ContextLaw:
     """The law of z_i = [x_i; x_i.beta + s h] for x_i = mean_x + A g: mean [mean_x; mean_x.beta] and
-    factor [[A, 0], [beta^T A, s]] (A [d, d] shared or [B, d, d])."""
+    factor [[A, 0], [beta^T A, s]] (A [d, d] shared or [B, d, d]); with the query x and its label."""
     B, d = beta.shape
     dtype = beta.dtype
     A = jnp.broadcast_to(A, (B, d, d))
@@ -135,7 +138,7 @@ def _law(mean_x, A, beta, noise_var, x, y_query) -> ContextLaw:
     top = jnp.concatenate([A, jnp.zeros((B, d, 1), dtype)], axis=2)
     bottom = jnp.concatenate([jnp.einsum("bi,bij->bj", beta, A)[:, None, :], s], axis=2)
     mean = jnp.concatenate([mean_x, jnp.einsum("bi,bi->b", mean_x, beta)[:, None]], axis=1)
-    return ContextLaw(mean, jnp.concatenate([top, bottom], axis=1), x, y_query)
+    return ContextLaw(mean, jnp.concatenate([top, bottom], axis=1), x, _query_label(x, beta, query_noise, query_noise_var))
 
 
 def _check_n(design, n):
@@ -205,8 +208,7 @@ class IID(_Design):
         lx = jnp.linalg.cholesky(jnp.asarray(self.cov_x, dtype))
         beta = gb @ jnp.linalg.cholesky(jnp.asarray(self.cov_beta, dtype)).T
         x = gx @ lx.T
-        yq = jnp.einsum("bd,bd->b", x, beta) + jnp.sqrt(jnp.asarray(self.query_noise_var, dtype)) * gq[:, 0]
-        return _law(jnp.zeros_like(x), lx, beta, self.noise_var, x, yq)
+        return _law(jnp.zeros_like(x), lx, beta, self.noise_var, x, gq, self.query_noise_var)
 
 
 @_pytree_design()
@@ -252,9 +254,8 @@ class RAG(_Design):
         """Given (x, beta): x_i = alpha x + gamma g_i, y_i = x_i.beta + s h_i."""
         d = self.dim
         beta, x, gq = normals(key, dtype, (batch, d), (batch, d), (batch, 1))
-        yq = jnp.einsum("bd,bd->b", x, beta) + jnp.sqrt(jnp.asarray(self.noise_var, dtype)) * gq[:, 0]
         A = jnp.asarray(self.gamma, dtype) * jnp.eye(d, dtype=dtype)
-        return _law(jnp.asarray(self.alpha, dtype) * x, A, beta, self.noise_var, x, yq)
+        return _law(jnp.asarray(self.alpha, dtype) * x, A, beta, self.noise_var, x, gq, self.noise_var)
 
 
 @_pytree_design()
@@ -286,8 +287,8 @@ class TaskFeatureAlignment(_Design):
         """Given beta: x_i = alpha beta + g_i, y_i = x_i.beta + s h_i; the query x is independent."""
         d = self.dim
         beta, x, gq = normals(key, dtype, (batch, d), (batch, d), (batch, 1))
-        yq = jnp.einsum("bd,bd->b", x, beta) + jnp.sqrt(jnp.asarray(self.noise_var, dtype)) * gq[:, 0]
-        return _law(jnp.asarray(self.alpha, dtype) * beta, jnp.eye(d, dtype=dtype), beta, self.noise_var, x, yq)
+        return _law(jnp.asarray(self.alpha, dtype) * beta, jnp.eye(d, dtype=dtype), beta, self.noise_var, x, gq,
+                    self.noise_var)
 
 
 @_pytree_design()
@@ -396,8 +397,7 @@ class TaskPool(_Design):
         kp, kn = jax.random.split(key)
         beta = jnp.asarray(self.pool, dtype)[jax.random.randint(kp, (batch,), 0, self.pool.shape[0])]
         x, gq = normals(kn, dtype, (batch, d), (batch, 1))
-        yq = jnp.einsum("bd,bd->b", x, beta) + jnp.sqrt(jnp.asarray(self.noise_var, dtype)) * gq[:, 0]
-        return _law(jnp.zeros_like(x), jnp.eye(d, dtype=dtype), beta, self.noise_var, x, yq)
+        return _law(jnp.zeros_like(x), jnp.eye(d, dtype=dtype), beta, self.noise_var, x, gq, self.noise_var)
 
 
 Design = IID | RAG | TaskFeatureAlignment | Drift | TaskPool

@@ -17,11 +17,11 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+from iclsim._files import atomic_write  # noqa: F401  (runner.atomic_write stays public)
 from iclsim.cache import SweepCache
 from iclsim.cache import active as active_cache
 
@@ -52,20 +52,6 @@ def discover(directory: Path = EXPERIMENTS_DIR) -> dict[str, Experiment]:
         if isinstance(getattr(module, "EXPERIMENT", None), Experiment):
             found[module.EXPERIMENT.name] = module.EXPERIMENT
     return found
-
-
-def atomic_write(path: Path, data: bytes):
-    """Write to a temporary file in the same folder, then rename: never a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def rows_to_csv(rows: list[dict]) -> bytes:

@@ -158,7 +158,7 @@ def fit_sweep(model, designs, ns: Sequence[int], seeds: Sequence[int], config: T
     if cache is None:
         params, losses = run(points)
     else:
-        params, losses = _cached(cache, run, points, model.init(jax.random.PRNGKey(0)),
+        params, losses = _cached(cache, run, points, jax.eval_shape(model.init, jax.random.PRNGKey(0)),
                                  lambda p: (model, design_list[p[0]], ns[p[1]], seeds[p[2]], n_max, config, loss_fn,
                                             gram))
     shape = (len(design_list), len(ns), len(seeds))

@@ -88,14 +88,21 @@ class LinearAttention:
                                    "Wk": _normal(kk, (D, r), D**-0.5, self.dtype),
                                    "Wv": _normal(kv, (D, D), D**-0.5, self.dtype)}, self.dim, True)
 
+    def _query_keys(self, params: Params, x: jax.Array) -> jax.Array:
+        """a = Wk Wq^T z_q [B, d+1], z_q = [x; 0]: the attention score of token z_i is a^T z_i."""
+        zq = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=-1)
+        return (zq @ params["Wq"]) @ params["Wk"].T
+
     def apply_gram(self, params: Params, S: jax.Array, x: jax.Array) -> jax.Array:
         """The prediction from the context Gram matrix S = Z^T Z / n [B, d+1, d+1] and query x [B, d]."""
-        zq = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=-1)
-        a = (zq @ params["Wq"]) @ params["Wk"].T
-        return jnp.einsum("bi,bij,j->b", a, S, params["Wv"][:, -1])
+        return jnp.einsum("bi,bij,j->b", self._query_keys(params, x), S, params["Wv"][:, -1])
 
     def apply(self, params: Params, prompts: Prompts | GramPrompts) -> jax.Array:
-        return self.apply_gram(params, context_gram(prompts), prompts.x)
+        if isinstance(prompts, GramPrompts):
+            return self.apply_gram(params, prompts.S, prompts.x)
+        Z = tokens(prompts)[:, :-1]  # from tokens: O(n d) per prompt, not the O(n d^2) of forming S
+        scores = jnp.einsum("bnj,bj->bn", Z, self._query_keys(params, prompts.x))
+        return jnp.mean(scores * (Z @ params["Wv"][:, -1]), axis=1)
 
     def effective_pgd(self, params: Params, n: int) -> jax.Array:
         d = self.dim
@@ -218,7 +225,10 @@ class PGD:
         return self.weight(params) / n
 
     def apply(self, params: Params, prompts: Prompts | GramPrompts) -> jax.Array:
-        g = context_gram(prompts)[:, :self.dim, self.dim]  # (1/n) X^T y
+        if isinstance(prompts, GramPrompts):
+            g = prompts.S[:, :self.dim, self.dim]
+        else:
+            g = jnp.einsum("bnd,bn->bd", prompts.X, prompts.y) / prompts.X.shape[1]  # (1/n) X^T y
         return jnp.einsum("bi,ij,bj->b", prompts.x, self.weight(params), g)
 
 

@@ -2,6 +2,11 @@
 ``jax.lax.scan``, and whole sweeps (designs x context lengths x seeds) vmapped into one program
 whose sweep axis is split over ``jax.devices()`` (``jax.shard_map`` over a one-axis Mesh).
 
+Points of one seed share their random stream (common random numbers), so the sweep is laid out
+as seed blocks (``seed_blocks``): each block draws a step's prompts once for all its members, and
+design settings equal across the sweep are passed once, so a single-design curve over n draws and
+transforms its prompts once per step, not once per point.
+
 Context lengths that differ share the largest n's slots: models that read the context only through
 its Gram matrix train on ``GramPrompts`` drawn directly (``designs.sample_gram``, cost free of n);
 the others on tokens drawn at the largest n and truncated (``truncate_context``). Either way one
@@ -150,7 +155,7 @@ def fit_sweep(model, designs, ns: Sequence[int], seeds: Sequence[int], config: T
     def run(batch):
         idx = np.array([p[0] for p in batch])
         params, losses = _run_points(model, config, n_max, loss_fn, gram, devices,
-                                     jax.tree_util.tree_map(lambda a: a[idx], stacked),
+                                     jax.tree_util.tree_map(lambda a: np.asarray(a)[idx], stacked),
                                      np.array([ns[p[1]] for p in batch]), np.array([seeds[p[2]] for p in batch]))
         _check_finite(losses, model, [(design_list[i], ns[j], seeds[k]) for i, j, k in batch])
         return params, losses
@@ -167,19 +172,83 @@ def fit_sweep(model, designs, ns: Sequence[int], seeds: Sequence[int], config: T
 
 
 def _run_points(model, config, n_max, loss_fn, gram, devices, designs, ns, seeds):
-    """Train a flat batch of sweep points over at most one device per point, padded to a multiple of
-    the devices used."""
+    """Train a flat batch of sweep points: grouped into seed blocks (``seed_blocks``) whose members
+    share one draw of prompts per step, the blocks split over the devices. Design settings equal at
+    every point (say the covariance in a noise-level sweep) are passed once, unbatched, so what is
+    computed from them alone (X = G L^T) is computed once per block too."""
     count = len(ns)
-    devices = devices[:count]
-    pad = (-count) % len(devices)
-    take = np.concatenate([np.arange(count), np.full(pad, count - 1)]).astype(int)
-    keys = jnp.stack([jax.random.PRNGKey(int(s)) for s in seeds[take]])
-    args = (jax.tree_util.tree_map(lambda a: a[take], designs), jnp.asarray(ns[take]), keys)
-    params, losses = _compiled_sweep(model, config, n_max, loss_fn, gram, devices)(*args)
+    layout = seed_blocks(seeds, len(devices))
+    devices = devices[:len(layout)]
+    treedef, shared, varying, common = _split_design(designs)
+    keys = jnp.stack([jax.random.PRNGKey(int(seeds[row[0]])) for row in layout])
+    program = _compiled_sweep(model, config, n_max, loss_fn, gram, devices, treedef, shared)
+    params, losses = program([a[layout] for a in varying], common, jnp.asarray(ns[layout]), keys)
     if jax.process_count() > 1:  # multi-host (jax.distributed): every process gets the whole sweep
         from jax.experimental import multihost_utils
         params, losses = multihost_utils.process_allgather((params, losses), tiled=True)
-    return jax.tree_util.tree_map(lambda a: np.asarray(a)[:count], params), np.asarray(losses)[:count]
+    flat = layout.ravel()
+    first = np.full(count, -1)
+    first[flat[::-1]] = np.arange(flat.size)[::-1]  # first slot of each point (padding repeats points)
+    return (jax.tree_util.tree_map(lambda a: np.asarray(a).reshape((-1,) + a.shape[2:])[first], params),
+            np.asarray(losses).reshape((-1,) + losses.shape[2:])[first])
+
+
+def _split_design(stacked):
+    """(treedef, shared, varying, common): the leaves of stacked designs (one row per sweep point) that
+    are equal in every row are ``shared`` and passed once, unbatched (``common``); the rest vary."""
+    leaves, treedef = jax.tree_util.tree_flatten(stacked)
+    leaves = [np.asarray(a) for a in leaves]
+    shared = tuple(bool(np.all(a == a[:1])) for a in leaves)
+    return (treedef, shared, [a for a, same in zip(leaves, shared) if not same],
+            [a[0] for a, same in zip(leaves, shared) if same])
+
+
+def _merge_design(treedef, shared, varying, common):
+    varying, common = iter(varying), iter(common)
+    return jax.tree_util.tree_unflatten(treedef, [next(common) if same else next(varying) for same in shared])
+
+
+def _on_devices(batched: Callable, devices: tuple, split: tuple):
+    """jit ``batched``; with several devices, shard the leading axis of the arguments flagged in
+    ``split`` (the others are replicated) and of the outputs over a one-axis Mesh (shard_map: the
+    shards never communicate)."""
+    if len(devices) == 1:
+        return jax.jit(batched)
+    mesh = jax.sharding.Mesh(np.array(devices), ("sweep",))
+    spec, whole = jax.sharding.PartitionSpec("sweep"), jax.sharding.PartitionSpec()
+    # check_vma off: the shards are independent (no collectives), and parameters that start as
+    # constants (LoRA's B = 0) would otherwise need pcast to become per-device
+    return jax.jit(jax.shard_map(batched, mesh=mesh, in_specs=tuple(spec if s else whole for s in split),
+                                 out_specs=spec, check_vma=False))
+
+
+def seed_blocks(seeds, devices: int) -> np.ndarray:
+    """Indices [blocks, members] of sweep points grouped so that each block holds points of one seed.
+
+    Points of one seed see the same random stream (common random numbers), so a block draws each
+    step's prompts once and transforms them per member (design, n): a noise-level x n sweep draws
+    1 / members of the randomness of training its points apart. Blocks are padded (repeating a point)
+    to equal size and their count to a multiple of ``devices``; the block size minimises the work of the
+    busiest device, (blocks per device) x (members + 1), counting a block's shared draw as one member.
+    """
+    groups: dict[int, list[int]] = {}
+    for i, s in enumerate(seeds):
+        groups.setdefault(int(s), []).append(i)
+    largest = max(len(g) for g in groups.values())
+
+    def layout(size):
+        count = sum(-(-len(g) // size) for g in groups.values())
+        return size, -(-count // devices) * devices
+
+    size, count = min((layout(-(-largest // parts)) for parts in range(1, largest + 1)),
+                      key=lambda lc: (lc[1] // devices * (lc[0] + 1), lc[1]))
+    rows = []
+    for g in groups.values():
+        for start in range(0, len(g), size):
+            part = g[start:start + size]
+            rows.append(part + [part[-1]] * (size - len(part)))
+    rows += [rows[-1]] * (count - len(rows))
+    return np.array(rows, dtype=int)
 
 
 def _cached(cache, run, points, template, settings):
@@ -200,19 +269,21 @@ def _cached(cache, run, points, template, settings):
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_sweep(model, config: TrainConfig, n_max: int, loss_fn: Callable, gram: bool, devices: tuple):
-    """One jitted program per (model, config, n_max, loss, sampler, devices): designs, ns and seeds
-    are arguments, so sweeps of the same size over other noise levels, context lengths or seeds
-    never recompile. With several devices each trains its block of the sweep axis (shard_map:
-    no communication between them)."""
-    batched = jax.vmap(_train_one(model, config, n_max, loss_fn, gram))
-    if len(devices) == 1:
-        return jax.jit(batched)
-    mesh = jax.sharding.Mesh(np.array(devices), ("sweep",))
-    spec = jax.sharding.PartitionSpec("sweep")
-    # check_vma off: the blocks are independent (no collectives), and parameters that start as
-    # constants (LoRA's B = 0) would otherwise need pcast to become per-device
-    return jax.jit(jax.shard_map(batched, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False))
+def _compiled_sweep(model, config: TrainConfig, n_max: int, loss_fn: Callable, gram: bool, devices: tuple,
+                    treedef, shared: tuple):
+    """One jitted program per (model, config, n_max, loss, sampler, devices, which design leaves are
+    shared) taking the varying design leaves and ns [blocks, members], the shared leaves, and keys
+    [blocks]: designs, ns and seeds are arguments, so sweeps of the same size over other noise levels,
+    context lengths or seeds never recompile. With several devices each trains its share of the
+    blocks (shard_map: no communication between them)."""
+    train = _train_one(model, config, n_max, loss_fn, gram)
+
+    def point(varying, common, n, key):
+        return train(_merge_design(treedef, shared, varying, common), n, key)
+
+    # blocks x members; the members of a block share its key, so one draw per step serves them all
+    return _on_devices(jax.vmap(jax.vmap(point, (0, None, 0, None)), (0, None, 0, 0)), devices,
+                       (True, False, True, True))
 
 
 def _check_finite(losses, model, points):
@@ -238,24 +309,38 @@ def fit(model, design, n: int, steps: int = 4000, batch_size: int = 512, learnin
 
 
 def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: int = 100_000,
-                   batch_size: int = 10_000, sampler: str = "auto"):
+                   batch_size: int = 10_000, sampler: str = "auto", devices: Sequence | None = None):
     """Test risk on fresh prompts of every model of a sweep: (risk, se), each [designs, ns, seeds].
-    All models see the same prompts (common random numbers); Gram draws where ``uses_gram``."""
+    All models see the same prompts (common random numbers); Gram draws where ``uses_gram``. The
+    (design, n) pairs are split over ``devices`` (default ``jax.devices()``); the seeds of a pair
+    share its prompts."""
     design_list, ns = _as_list(designs), [int(n) for n in _as_list(ns)]
     n_max = max(ns)
     chunks, batch = _chunks(num_prompts, batch_size)
-    total, total_sq = _compiled_evaluation(model, n_max, chunks, batch, uses_gram(model, design_list, n_max, sampler))(
-        params, _designs.stack(design_list), jnp.asarray(ns), key)
-    mean, se = mean_and_se(total, total_sq, chunks * batch)
-    return np.asarray(mean), np.asarray(se)
+    gram = uses_gram(model, design_list, n_max, sampler)
+    count = len(design_list) * len(ns)
+    devices = tuple(jax.devices() if devices is None else devices)[:count]
+    pairs = np.arange(count + (-count) % len(devices)).clip(max=count - 1)  # padded by the last pair
+    di, nj = np.divmod(pairs, len(ns))
+    treedef, shared, varying, common = _split_design(
+        jax.tree_util.tree_map(lambda a: np.asarray(a)[di], _designs.stack(design_list)))
+    program = _compiled_evaluation(model, n_max, chunks, batch, gram, devices, treedef, shared)
+    total, total_sq = program(jax.tree_util.tree_map(lambda a: a[di, nj], params), varying, common,
+                              jnp.asarray(np.asarray(ns)[nj]), key)
+    mean, se = mean_and_se(np.asarray(total)[:count], np.asarray(total_sq)[:count], chunks * batch)
+    shape = (len(design_list), len(ns), -1)
+    return np.reshape(mean, shape), np.reshape(se, shape)
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_evaluation(model, n_max: int, chunks: int, batch: int, gram: bool):
-    def one(p, design, n, key):
-        return risk_moments(lambda pr: model.apply(p, pr), design, n_max, n, key, chunks, batch, model.dtype, gram)
+def _compiled_evaluation(model, n_max: int, chunks: int, batch: int, gram: bool, devices: tuple, treedef,
+                         shared: tuple):
+    def seeds(p, varying, common, n, key):
+        design = _merge_design(treedef, shared, varying, common)
+        return jax.vmap(lambda q: risk_moments(lambda pr: model.apply(q, pr), design, n_max, n, key, chunks, batch,
+                                               model.dtype, gram))(p)
 
-    return jax.jit(jax.vmap(jax.vmap(jax.vmap(one, (0, None, None, None)), (0, None, 0, None)), (0, 0, None, None)))
+    return _on_devices(jax.vmap(seeds, (0, 0, None, 0, None)), devices, (True, True, False, True, False))
 
 
 def evaluate(model, params, design, n: int, key, num_prompts: int = 100_000, batch_size: int = 10_000,

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from iclsim import IID, Drift, models, theory, truncate_context
+from iclsim.designs import GramPrompts
 from tests.tolerance import assert_close
 
 F64 = jnp.float64
@@ -138,3 +139,19 @@ def test_lora_starts_at_base_and_moves_by_low_rank(key):
         models.LoRA(base, models.Frozen(params), 1, ("W",))
     with pytest.raises(ValueError, match="rank must be <= 4 for Wq"):
         models.LoRA(base, models.Frozen(params), 5, ("Wq",))
+
+
+@pytest.mark.parametrize("make", [lambda: models.LinearAttention(D, dtype=F64),
+                                  lambda: models.LinearAttention(D, rank=2, dtype=F64),
+                                  lambda: models.PGD(D, dtype=F64), lambda: models.PGD(D, rank=2, dtype=F64)])
+def test_token_path_equals_gram_path(make, prompts, key):
+    """Models that read only S compute from tokens without forming S (O(n d) per prompt); the same
+    prediction as from S = Z^T Z / n, also through LoRA."""
+    model = make()
+    params = jax.tree_util.tree_map(lambda a: a + 0.1, model.init(key))  # off the PGD subspace too
+    gram = GramPrompts(models.context_gram(prompts), prompts.x, prompts.y_query)
+    assert_close(model.apply(params, prompts), model.apply(params, gram),
+                 rtol=1e-12, atol=1e-13)
+    lora = models.LoRA(model, models.Frozen(params), 1, tuple(k for k in params if params[k].ndim == 2)[:1], dtype=F64)
+    adapters = jax.tree_util.tree_map(lambda a: a + 0.2, lora.init(key))
+    assert_close(lora.apply(adapters, prompts), lora.apply(adapters, gram), rtol=1e-12, atol=1e-13)

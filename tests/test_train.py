@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from iclsim import IID, cache, models, theory, train
 from tests.tolerance import assert_close, assert_within_se
@@ -103,6 +105,51 @@ def test_sharded_sweep_equals_one_device_sweep():
     assert_close(four.losses, one.losses, rtol=1e-5, atol=1e-6)
     for name in one.params:
         assert_close(four.params[name], one.params[name], rtol=1e-4, atol=1e-6, name=name)
+
+
+def test_sharded_evaluation_equals_one_device_evaluation():
+    """Evaluation splits the (design, n) pairs over the 4 fake devices: same risks as on one."""
+    model, designs = models.LinearAttention(3), [IID(3, noise_var=v) for v in (0.0, 0.5, 1.0)]
+    fitted = train.fit_sweep(model, designs, [2, 7], [0, 1], CFG)
+    key = jax.random.PRNGKey(5)
+    one = train.evaluate_sweep(model, fitted.params, designs, [2, 7], key, 3000, 1000, devices=jax.devices()[:1])
+    four = train.evaluate_sweep(model, fitted.params, designs, [2, 7], key, 3000, 1000)  # 6 pairs padded to 8
+    assert one[0].shape == four[0].shape == (3, 2, 2)
+    assert_close(four[0], one[0], rtol=1e-6)
+    assert_close(four[1], one[1], rtol=1e-6)
+
+
+def test_point_is_trained_the_same_whatever_else_is_in_the_sweep():
+    """Seed blocks share draws and design settings equal across a sweep are passed once: neither
+    changes what a point computes. (design, n = 6, seed 1) alone vs in sweeps where the noise, the
+    covariance, n and the seeds vary, over 1 and 4 devices."""
+    model, target = models.H3(3, 6), IID(3, noise_var=0.2)
+    alone = train.fit_sweep(model, target, [6], [1], CFG, devices=jax.devices()[:1])
+    others = [IID(3, noise_var=0.7), IID(3, np.diag([1.0, 2.0, 0.5]), noise_var=0.2)]
+    for designs, devices in (([target, others[0]], jax.devices()), ([others[1], target], jax.devices()[:1])):
+        sweep = train.fit_sweep(model, designs, [3, 6], [0, 1, 2], CFG, devices=devices)
+        i = designs.index(target)
+        assert_close(sweep.losses[i, 1, 1], alone.losses[0, 0, 0], rtol=1e-5, atol=1e-6)
+        for name in alone.params:
+            assert_close(sweep.params[name][i, 1, 1], alone.params[name][0, 0, 0], rtol=1e-4, atol=1e-6, name=name)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=24), st.integers(1, 5))
+def test_seed_blocks_partition_the_sweep(seeds, devices):
+    """Every point is in a block, each block holds one seed, the block count is a multiple of the
+    devices, and the busiest device does no more than with one block per seed or one per point."""
+    seeds = np.array(seeds)
+    layout = train.seed_blocks(seeds, devices)
+    assert len(layout) % devices == 0
+    assert set(layout.ravel()) == set(range(len(seeds)))
+    assert all(len(set(seeds[row])) == 1 for row in layout)
+
+    def work(blocks, size):
+        return -(-blocks // devices) * (size + 1)
+
+    groups = np.unique(seeds, return_counts=True)[1]
+    assert work(len(layout), layout.shape[1]) <= min(work(len(groups), groups.max()), work(len(seeds), 1))
 
 
 def test_cache_trains_only_missing_points_and_force_retrains(tmp_path):

@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
 
 from iclsim import runner
-from iclsim.cache import SweepCache
+from iclsim.cache import SweepCache, persist_compilations
 
 
 def _order(experiments: dict, names: list[str]) -> list[str]:
@@ -50,9 +51,10 @@ def main(argv=None) -> int:
     run.add_argument("--out", type=Path, default=Path("figures"), help="output folder (default: figures)")
     run.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     run.add_argument("--cache", type=Path, default=Path(".iclsim-cache"),
-                     help="folder of trained sweep points, reused by later runs (default: .iclsim-cache)")
-    run.add_argument("--no-cache", action="store_true", help="neither read nor write the cache")
-    run.add_argument("--force", action="store_true", help="retrain every point (and overwrite the cache)")
+                     help="folder of trained sweep points and compiled programs (in xla/), reused by later runs "
+                          "(default: .iclsim-cache)")
+    run.add_argument("--no-cache", action="store_true", help="neither read nor write the cache (trained points or programs)")
+    run.add_argument("--force", action="store_true", help="retrain every point and overwrite the cache (compiled programs are still reused)")
     args = parser.parse_args(argv)
 
     experiments = runner.discover(args.experiments)
@@ -65,9 +67,10 @@ def main(argv=None) -> int:
     if unknown:
         print(f"unknown experiment(s): {', '.join(unknown)}; known: {', '.join(experiments)}", file=sys.stderr)
         return 2
-    for name in _order(experiments, names):
-        cache = None if args.no_cache else SweepCache(args.cache, force=args.force)
-        runner.run_experiment(experiments[name], args.out, args.quick, args.seed, cache=cache)
+    with contextlib.nullcontext() if args.no_cache else persist_compilations(args.cache / "xla"):
+        for name in _order(experiments, names):
+            cache = None if args.no_cache else SweepCache(args.cache, force=args.force)
+            runner.run_experiment(experiments[name], args.out, args.quick, args.seed, cache=cache)
     return 0
 
 

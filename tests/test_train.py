@@ -1,5 +1,9 @@
 """The training engine: shapes, determinism, one compilation per sweep, divergence, float32."""
 
+import subprocess
+import sys
+import textwrap
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -202,3 +206,31 @@ def test_fingerprint_is_stable_and_content_based():
     assert cache.fingerprint(lora(), IID(3, noise_var=0.1), 4) == cache.fingerprint(lora(), IID(3, noise_var=0.1), 4)
     assert cache.fingerprint(IID(3, noise_var=0.1)) != cache.fingerprint(IID(3, noise_var=0.2))
     assert cache.fingerprint(CFG) != cache.fingerprint(train.TrainConfig(steps=151, batch_size=64))
+
+
+def test_compiled_programs_persist_across_processes(tmp_path):
+    """A second process that builds the same training program loads it from the persistent
+    compilation cache (a hit, no new file) and trains to the same numbers; outside the block the
+    process's settings are back as they were."""
+    script = textwrap.dedent("""
+        import sys, jax
+        from iclsim import IID, cache, models, train
+        hits = []
+        jax.monitoring.register_event_listener(lambda event, **kw: hits.append(event))
+        with cache.persist_compilations(sys.argv[1], min_compile_secs=0):
+            losses = train.fit(models.LinearAttention(3), IID(3), 5, 20, 32, 1e-2, seed=0).losses
+        assert jax.config.jax_compilation_cache_dir is None
+        print(hits.count("/jax/compilation_cache/cache_hits"), repr(float(losses.sum())))
+    """)
+    folder = tmp_path / "xla"
+
+    def run():
+        out = subprocess.run([sys.executable, "-c", script, str(folder)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+        hits, loss = out.stdout.split()
+        return int(hits), loss, sorted(p.name for p in folder.iterdir())
+
+    (hits1, loss1, files1), (hits2, loss2, files2) = run(), run()
+    assert hits1 == 0 and files1, "the first process stores its programs"
+    assert hits2 >= 1 and files2 == files1, "the second loads them and compiles nothing new"
+    assert loss2 == loss1

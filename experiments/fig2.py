@@ -26,23 +26,25 @@ def panels_of(s):
 
 
 def run(s, seed, progress):
-    """Two sweeps per panel: n <= small_n with batch_small_n prompts per step and steps_small_n steps (at small
-    n the risk is flat in W, so pinning W* within 5% takes about 6x the samples; these prompts are short and
+    """Every panel's designs in one sweep per model, so each step's prompts are drawn once for all of them.
+    Two sweeps: n <= small_n with batch_small_n prompts per step and steps_small_n steps (at small n the
+    risk is flat in W, so pinning W* within 5% takes about 6x the samples; these prompts are short and
     cheap), then the rest."""
     d, seeds = s["dim"], [seed + k for k in range(s["seeds"])]
+    panels = panels_of(s)
+    designs = {label: design for group in panels.values() for label, design in group.items()}
+    panel_of = {label: panel for panel, group in panels.items() for label in group}
     groups = [([n for n in s["ns"] if n <= s["small_n"]], s["batch_small_n"]),
               ([n for n in s["ns"] if n > s["small_n"]], s["batch"])]
     rows = []
-    for panel, designs in panels_of(s).items():
-        progress(f" panel {panel}")
-        for ns, batch in (g for g in groups if g[0]):
-            steps = s["steps_small_n"] if max(ns) <= s["small_n"] else s["steps"]
-            zoo = {"linear attention": (models.LinearAttention(d), TrainConfig(steps, batch, s["lr_attention"])),
-                   "H3": (models.H3(d, max(ns)), TrainConfig(steps, batch, s["lr_h3"]))}
-            for r in studies.risk_curves(zoo, designs, ns, seeds, lambda des, n, m: theory.optimal_pgd(des, n)[1],
-                                         jax.random.PRNGKey(10_000 + seed), s["num_test"], progress,
-                                         optimum=lambda des, n, m: theory.optimal_pgd(des, n)):
-                rows.append({"panel": panel, **r})
+    for ns, batch in (g for g in groups if g[0]):
+        steps = s["steps_small_n"] if max(ns) <= s["small_n"] else s["steps"]
+        zoo = {"linear attention": (models.LinearAttention(d), TrainConfig(steps, batch, s["lr_attention"])),
+               "H3": (models.H3(d, max(ns)), TrainConfig(steps, batch, s["lr_h3"]))}
+        for r in studies.risk_curves(zoo, designs, ns, seeds, lambda des, n, m: theory.optimal_pgd(des, n)[1],
+                                     jax.random.PRNGKey(10_000 + seed), s["num_test"], progress,
+                                     optimum=lambda des, n, m: theory.optimal_pgd(des, n)):
+            rows.append({"panel": panel_of[r["design"]], **r})
     return rows
 
 

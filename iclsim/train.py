@@ -313,22 +313,33 @@ def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: 
     """Test risk on fresh prompts of every model of a sweep: (risk, se), each [designs, ns, seeds].
     All models see the same prompts (common random numbers); Gram draws where ``uses_gram``. The
     (design, n) pairs are split over ``devices`` (default ``jax.devices()``); the seeds of a pair
-    share its prompts."""
+    share its prompts, and where pairs are fewer than devices (one pair: a pruning grid) a pair's
+    seeds are split into groups that draw the same prompts on different devices."""
     design_list, ns = _as_list(designs), [int(n) for n in _as_list(ns)]
     n_max = max(ns)
     chunks, batch = _chunks(num_prompts, batch_size)
     gram = uses_gram(model, design_list, n_max, sampler)
-    count = len(design_list) * len(ns)
-    devices = tuple(jax.devices() if devices is None else devices)[:count]
-    pairs = np.arange(count + (-count) % len(devices)).clip(max=count - 1)  # padded by the last pair
-    di, nj = np.divmod(pairs, len(ns))
+    count, num_seeds = len(design_list) * len(ns), jax.tree_util.tree_leaves(params)[0].shape[2]
+    devices = tuple(jax.devices() if devices is None else devices)
+    groups = max(1, min(num_seeds, len(devices) // count))  # seed groups per pair
+    per_group = -(-num_seeds // groups)
+    entries = count * groups
+    devices = devices[:entries]
+    entry = np.arange(entries + (-entries) % len(devices)).clip(max=entries - 1)  # padded by the last entry
+    pair, group = np.divmod(entry, groups)
+    di, nj = np.divmod(pair, len(ns))
+    seed_index = np.arange(groups * per_group).clip(max=num_seeds - 1).reshape(groups, per_group)[group]
     treedef, shared, varying, common = _split_design(
         jax.tree_util.tree_map(lambda a: np.asarray(a)[di], _designs.stack(design_list)))
     program = _compiled_evaluation(model, n_max, chunks, batch, gram, devices, treedef, shared)
-    total, total_sq = program(jax.tree_util.tree_map(lambda a: a[di, nj], params), varying, common,
-                              jnp.asarray(np.asarray(ns)[nj]), key)
-    mean, se = mean_and_se(np.asarray(total)[:count], np.asarray(total_sq)[:count], chunks * batch)
-    shape = (len(design_list), len(ns), -1)
+    total, total_sq = program(jax.tree_util.tree_map(lambda a: a[di[:, None], nj[:, None], seed_index], params),
+                              varying, common, jnp.asarray(np.asarray(ns)[nj]), key)
+
+    def per_point(a):  # [entries, per_group] -> [pairs, seeds]
+        return np.asarray(a)[:entries].reshape(count, groups * per_group)[:, :num_seeds]
+
+    mean, se = mean_and_se(per_point(total), per_point(total_sq), chunks * batch)
+    shape = (len(design_list), len(ns), num_seeds)
     return np.reshape(mean, shape), np.reshape(se, shape)
 
 

@@ -123,6 +123,20 @@ def test_sharded_evaluation_equals_one_device_evaluation():
     assert_close(four[1], one[1], rtol=1e-6)
 
 
+def test_evaluation_of_one_pair_splits_its_seeds_over_devices():
+    """One (design, n) pair with 5 seeds (a pruning grid's shape) is split into 4 seed groups on the 4
+    fake devices, each drawing the pair's prompts: same risks as on one device, in seed order."""
+    model, design = models.LinearAttention(3), IID(3, noise_var=0.3)
+    fitted = train.fit_sweep(model, design, [4], [0, 1, 2, 3, 4], CFG)
+    key = jax.random.PRNGKey(6)
+    one = train.evaluate_sweep(model, fitted.params, design, [4], key, 3000, 1000, devices=jax.devices()[:1])
+    four = train.evaluate_sweep(model, fitted.params, design, [4], key, 3000, 1000)
+    assert one[0].shape == four[0].shape == (1, 1, 5)
+    assert len(set(np.round(one[0].ravel(), 9))) == 5  # distinct models: a misplaced seed would show
+    assert_close(four[0], one[0], rtol=1e-6)
+    assert_close(four[1], one[1], rtol=1e-6)
+
+
 def test_point_is_trained_the_same_whatever_else_is_in_the_sweep():
     """Seed blocks share draws and design settings equal across a sweep are passed once: neither
     changes what a point computes. (design, n = 6, seed 1) alone vs in sweeps where the noise, the

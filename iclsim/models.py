@@ -179,12 +179,13 @@ class H3:
         Z = tokens(prompts)
         q = Z[:, -1] @ params["Wq"]
         k = Z @ params["Wk"]
-        weighted = (Z @ params["Wv"]) * (self.kernel(params)[::-1] / n)[None, :, None]  # f_{n-i} v_i / n
-        # shift SSM, kbar_i = sum_j s_{c,j} k_{i-j} causal (zero before the first token), summed per lag:
-        # h_c = sum_j s_{c,j} sum_{i >= j} k_{i-j,c} f_{n-i} v_{i,c} / n
-        lagged = jnp.stack([jnp.einsum("bic,bic->bc", k[:, :n + 1 - j], weighted[:, j:])
-                            for j in range(self.shift_size)], axis=-1)
-        h = jnp.sum(lagged * params["shift"][None], axis=-1)
+        vals = Z @ params["Wv"]
+        # shift SSM: kbar_i = sum_j s_{c,j} k_{i-j}, causal (zero before the first token)
+        padded = jnp.pad(k, ((0, 0), (self.shift_size - 1, 0), (0, 0)))
+        kbar = sum(params["shift"][None, None, :, j] * padded[:, self.shift_size - 1 - j: self.shift_size - 1 - j + n + 1]
+                   for j in range(self.shift_size))
+        f = self.kernel(params)[::-1]  # weight of position i is f_{n - i}
+        h = jnp.einsum("i,bic->bc", f / n, kbar * vals)
         return (q * h) @ params["w_o"]
 
     def effective_pgd(self, params: Params, n: int):

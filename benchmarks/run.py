@@ -3,7 +3,9 @@
   reference_speedup       wall time of a plain eager PyTorch training (benchmarks/reference_torch.py) over
                           iclsim's fit of the same training (linear attention, IID, d = 10, n = 20, batch 512,
                           Adam warmup-cosine, same steps), compilation included; *_long at n = 200;
-                          *_warm_cache: iclsim's program loaded from the persistent compilation cache
+                          *_warm_cache: iclsim's program loaded from the persistent compilation cache;
+                          *_second_run: a second training in the same process on each side (another seed;
+                          iclsim's program already compiled): the steady-state throughput ratio
   sweep_speedup           vmapped sweep of 64 models (8 context lengths x 8 seeds) vs the same models trained
                           one at a time with a Python loop over fit(), compilation included in both
   n_cost_ratio            time per training step at n = 200 over n = 20 (linear attention, IID, d = 10)
@@ -48,25 +50,29 @@ def config(steps, sampler="auto"):
 
 
 def reference_speedup(n, steps):
-    """(iclsim s, iclsim s with the program in the persistent compilation cache, torch s, torch final loss,
-    iclsim final loss) for one whole training, or None without torch."""
+    """(iclsim s, iclsim s with the program in the persistent compilation cache, iclsim s with the program
+    in memory, torch s, torch s of a second run, torch final loss, iclsim final loss) for one whole
+    training, or None without torch."""
     try:
         sys.path.insert(0, str(ROOT / "benchmarks"))
         import reference_torch
     except ImportError:
         return None
 
-    def run():
-        jax.clear_caches()
-        train._compiled_sweep.cache_clear()
+    def run(cold=True, seed=0):
+        if cold:
+            jax.clear_caches()
+            train._compiled_sweep.cache_clear()
         start = time.perf_counter()
-        fitted = train.fit(models.LinearAttention(DIM), IID(DIM), n, steps, BATCH, LR, seed=0)
+        fitted = train.fit(models.LinearAttention(DIM), IID(DIM), n, steps, BATCH, LR, seed=seed)
         return time.perf_counter() - start, float(fitted.losses[-max(steps // 10, 1):].mean())
 
     with tempfile.TemporaryDirectory() as folder, cache.persist_compilations(folder):
         (t_iclsim, loss), (t_warm, _) = run(), run()  # cold: compiles (and stores); warm: loads the program
+    t_steady, _ = run(cold=False, seed=1)  # the compiled program already in memory (a second run)
     t_torch, torch_loss = reference_torch.timed_train(dim=DIM, n=n, steps=steps, batch=BATCH, lr=LR)
-    return t_iclsim, t_warm, t_torch, torch_loss, loss
+    t_torch_again, _ = reference_torch.timed_train(dim=DIM, n=n, steps=steps, batch=BATCH, lr=LR, seed=1)
+    return t_iclsim, t_warm, t_steady, t_torch, t_torch_again, torch_loss, loss
 
 
 def sweep_speedup(ns, seeds, steps):
@@ -128,9 +134,11 @@ def main():
             result[key] = None
             result["reference_note"] = "torch not installed: pip install -e '.[reference]'"
             continue
-        t_iclsim, t_warm, t_torch, torch_loss, iclsim_loss = ref
+        t_iclsim, t_warm, t_steady, t_torch, t_torch_again, torch_loss, iclsim_loss = ref
         result.update({f"{key}": round(t_torch / t_iclsim, 2), f"{key}_iclsim_s": round(t_iclsim, 2),
                        f"{key}_warm_cache": round(t_torch / t_warm, 2), f"{key}_warm_cache_iclsim_s": round(t_warm, 2),
+                       f"{key}_second_run": round(t_torch_again / t_steady, 2),
+                       f"{key}_second_run_iclsim_s": round(t_steady, 2), f"{key}_second_run_torch_s": round(t_torch_again, 2),
                        f"{key}_torch_s": round(t_torch, 2), f"{key}_final_loss_iclsim": round(iclsim_loss, 4),
                        f"{key}_final_loss_torch": round(torch_loss, 4), f"{key}_steps": ref_steps})
     t_sweep, t_loop = sweep_speedup(ns, seeds, steps)

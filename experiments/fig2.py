@@ -35,12 +35,12 @@ def run(s, seed, progress):
     panels = panels_of(s)
     designs = {label: design for group in panels.values() for label, design in group.items()}
     panel_of = {label: panel for panel, group in panels.items() for label in group}
-    groups = [([n for n in s["ns"] if n <= s["small_n"]], s["batch_small_n"]),
-              ([n for n in s["ns"] if s["small_n"] < n <= s["mid_n"]], s["batch"]),
-              ([n for n in s["ns"] if n > max(s["small_n"], s["mid_n"])], s["batch"])]
+    rest = [n for n in s["ns"] if n > s["small_n"]]
+    groups = [([n for n in s["ns"] if n <= s["small_n"]], s["batch_small_n"], s["steps_small_n"]),
+              ([n for n in rest if n <= s["mid_n"]], s["batch"], s["steps"]),
+              ([n for n in rest if n > s["mid_n"]], s["batch"], s["steps"])]
     rows = []
-    for ns, batch in (g for g in groups if g[0]):
-        steps = s["steps_small_n"] if max(ns) <= s["small_n"] else s["steps"]
+    for ns, batch, steps in (g for g in groups if g[0]):
         zoo = {"linear attention": (models.LinearAttention(d), TrainConfig(steps, batch, s["lr_attention"])),
                "H3": (models.H3(d, max(ns)), TrainConfig(steps, batch, s["lr_h3"]))}
         for r in studies.risk_curves(zoo, designs, ns, seeds, lambda des, n, m: theory.optimal_pgd(des, n)[1],

@@ -17,6 +17,21 @@ from tests.tolerance import assert_distribution, assert_same_distribution, asser
 NUM = 20_000
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
+def test_one_flat_draw_gives_jax_normals_uniforms_and_fresh_keys(dtype, key):
+    """draw_many's normals are bit for bit jax.random.normal's of the same flat size (so token prompts
+    are drawn as before); its uniforms lie in (0, 1) with mean 1/2; its keys are new and distinct."""
+    (a, b), (u,), keys = designs.draw_many(key, dtype, [(50, 7), (3,)], [(NUM,)], keys=2)
+    key_words = 4 if dtype == jnp.float32 else 2  # two keys: four uint32 words or two uint64 words
+    flat = jax.random.normal(key, (353 + NUM + key_words,), dtype)[:353]  # the normals lead the one draw
+    assert np.array_equal(np.concatenate([np.ravel(a), b]), np.asarray(flat))
+    u = np.asarray(u, np.float64)
+    assert u.min() > 0 and u.max() < 1
+    assert_within_se(0.5, u.mean(), np.sqrt(1 / 12 / NUM), "uniform mean")
+    words = {tuple(np.asarray(k).tolist()) for k in (key, *keys)}
+    assert len(words) == 3
+
+
 @pytest.mark.parametrize("alpha", [1.0, 1.5, 4.0, 37.5])
 def test_standard_gamma_matches_gamma_law(alpha, key):
     a = jnp.full((NUM,), alpha, jnp.float32)

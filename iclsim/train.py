@@ -82,8 +82,9 @@ def squared_loss(model, params, prompts: Prompts | GramPrompts) -> jax.Array:
 def uses_gram(model, designs, n_slots: int, sampler: str = "auto") -> bool:
     """Whether to draw Gram matrices rather than tokens. Exact where the model reads the context
     only through S and every design has a context law (tokens i.i.d. given the latent); "auto"
-    then takes the cheaper draw: tokens cost n_slots (d + 1) normals per prompt, the Gram matrix
-    about d (d + 1) / 2 + 3 (d + 1), so Gram from n_slots > d / 2 + 3. "tokens" forces tokens;
+    then takes the draw with fewer normals: tokens cost n_slots (d + 1) per prompt, the Gram matrix
+    about d (d + 1) / 2 + 3 (d + 1), so Gram from n_slots > d / 2 + 3 (measured on a 2-core CPU,
+    tokens stay cheaper per step up to n = 15-20: README, Gram sampler). "tokens" forces tokens;
     "gram" forces Gram draws and raises where they would not be exact."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")

@@ -120,17 +120,18 @@ def draw_many(key, dtype, normal_shapes=(), uniform_shapes=(), keys: int = 0):
     lo = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype))
     z = np.sqrt(2.0).astype(dtype) * jax.scipy.special.erfinv(jnp.maximum(lo, unit[:split] * (1.0 - lo) + lo))
     u = jnp.maximum(finfo.tiny, unit[split:])
-    out, start = [], 0
-    for i, (shape, size) in enumerate(zip(shapes, sizes)):
-        source, offset = (z, 0) if i < len(normal_shapes) else (u, split)
-        out.append(source[start - offset:start - offset + size].reshape(shape))
-        start += size
     words = bits[total:].reshape(keys, per_key)
     words = jax.lax.bitcast_convert_type(words.reshape(keys, 2, -1) if finfo.bits < 32 else words,
                                          jnp.uint32).reshape(keys, 2)
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         words = [jax.random.wrap_key_data(w, impl=jax.random.key_impl(key)) for w in words]
-    return out[:len(normal_shapes)], out[len(normal_shapes):], list(words)
+    return _cut(z, normal_shapes), _cut(u, uniform_shapes), list(words)
+
+
+def _cut(flat, shapes) -> list[jax.Array]:
+    """Consecutive pieces of ``flat`` reshaped to ``shapes``."""
+    ends = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
+    return [flat[a:b].reshape(shape) for a, b, shape in zip(ends[:-1], ends[1:], shapes)]
 
 
 def normals(key, dtype, *shapes):

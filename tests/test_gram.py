@@ -23,7 +23,8 @@ def test_one_flat_draw_gives_jax_normals_uniforms_and_fresh_keys(dtype, key):
     are drawn as before); its uniforms lie in (0, 1) with mean 1/2; its keys are new and distinct."""
     (a, b), (u,), keys = designs.draw_many(key, dtype, [(50, 7), (3,)], [(NUM,)], keys=2)
     key_words = 4 if dtype == jnp.float32 else 2  # two keys: four uint32 words or two uint64 words
-    flat = jax.random.normal(key, (353 + NUM + key_words,), dtype)[:353]  # the normals lead the one draw
+    count = 50 * 7 + 3  # the normals lead the one draw
+    flat = jax.random.normal(key, (count + NUM + key_words,), dtype)[:count]
     assert np.array_equal(np.concatenate([np.ravel(a), b]), np.asarray(flat))
     u = np.asarray(u, np.float64)
     assert u.min() > 0 and u.max() < 1

@@ -22,7 +22,7 @@ import numpy as np
 from iclsim._files import atomic_write
 from iclsim.models import Frozen
 
-FORMAT = 1  # bump when the meaning of a stored point changes
+FORMAT = 2  # bump when the meaning of a stored point changes (2: one-draw initialisation and prompts)
 _ACTIVE: contextvars.ContextVar["SweepCache | None"] = contextvars.ContextVar("iclsim_sweep_cache", default=None)
 
 

@@ -8,12 +8,14 @@ differ only in their numbers can be stacked and vmapped over in one compiled swe
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend.random import threefry2x32_p
 
 from iclsim import _validate as v
 
@@ -102,11 +104,44 @@ def _set(obj, **fields):
         object.__setattr__(obj, k, val)
 
 
+_BATCH_SHARD: list[tuple[str, int]] = []  # (axis name, shards) while tracing a batch-split training step
+
+
+@contextlib.contextmanager
+def batch_shard(axis_name: str, shards: int):
+    """Inside (at trace time, under ``shard_map`` over ``axis_name``), a draw of B rows (the leading
+    axis of every shape drawn) gives rows [i B, (i + 1) B) of the same draw of B * shards rows,
+    i = lax.axis_index(axis_name), and the same fresh keys on every shard: a training batch split
+    over devices sees exactly the prompts of the unsplit run."""
+    _BATCH_SHARD.append((axis_name, shards))
+    try:
+        yield
+    finally:
+        _BATCH_SHARD.pop()
+
+
+def _threefry_bits(key, counters, uint) -> jax.Array:
+    """Threefry-2x32 bits at the given counters, equal to jax.random.bits(key, (N,), uint)[counters]
+    (its partitionable scheme: the block (0, i) gives word i)."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if str(jax.random.key_impl(key)) != "threefry2x32":
+            raise ValueError(f"key must be a threefry2x32 key (jax.random.PRNGKey), got {jax.random.key_impl(key)}")
+        key = jax.random.key_data(key)
+    if not jax.config.jax_threefry_partitionable:
+        raise RuntimeError("iclsim draws need jax_threefry_partitionable=True (the JAX default)")
+    hi, lo = threefry2x32_p.bind(key[0], key[1], jnp.zeros_like(counters), counters)
+    if uint == jnp.uint64:
+        return (hi.astype(uint) << np.uint64(32)) | lo.astype(uint)
+    return hi ^ lo
+
+
 def draw_many(key, dtype, normal_shapes=(), uniform_shapes=(), keys: int = 0):
     """(normals, uniforms in (0, 1), keys): arrays of the given shapes and ``keys`` fresh keys, all
-    from one jax.random.bits call (bits to floats as jax.random.uniform does, normals by inversion as
-    jax.random.normal does). XLA CPU compiles every jax.random call inside a step as its own threefry
-    kernel (about 0.25 s each), and a flat draw runs about 3x faster than a multi-dimensional one."""
+    from one threefry call (bits to floats as jax.random.uniform does, normals by inversion as
+    jax.random.normal does; the bits equal jax.random.bits(key) over the concatenated pieces).
+    XLA CPU compiles every jax.random call inside a step as its own threefry kernel (about 0.25 s
+    each), and a flat draw runs about 3x faster than a multi-dimensional one. Under ``batch_shard``
+    each piece is this shard's rows of the piece drawn at the full batch."""
     dtype = jnp.dtype(dtype)
     finfo = jnp.finfo(dtype)
     uint = jnp.dtype(f"uint{finfo.bits}")
@@ -114,7 +149,16 @@ def draw_many(key, dtype, normal_shapes=(), uniform_shapes=(), keys: int = 0):
     sizes = [int(np.prod(s)) for s in shapes]
     total, split = sum(sizes), sum(sizes[:len(normal_shapes)])
     per_key = max(1, 64 // finfo.bits)  # words of one key (two uint32)
-    bits = jax.random.bits(key, (total + keys * per_key,), uint)
+    counters = jnp.arange(total + keys * per_key, dtype=jnp.uint32)
+    if _BATCH_SHARD:  # piece p, local start s_p, is rows [i B, (i + 1) B) of the full piece at shards * s_p
+        axis_name, shards = _BATCH_SHARD[-1]
+        row = jax.lax.axis_index(axis_name).astype(jnp.uint32)
+        ends = np.cumsum(sizes).astype(np.uint32)
+        shift = np.uint32((shards - 1) * total)  # the keys' words: the same on every shard
+        for end, size in zip(ends[::-1], sizes[::-1]):  # an elementwise select chain, fused into the draw
+            shift = jnp.where(counters >= end, shift, np.uint32(shards - 1) * (end - size) + row * np.uint32(size))
+        counters = counters + shift
+    bits = _threefry_bits(key, counters, uint)
     one = np.array(1.0, dtype).view(uint)
     unit = jax.lax.bitcast_convert_type((bits[:total] >> (finfo.bits - finfo.nmant)) | one, dtype) - 1.0
     lo = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype))
@@ -179,6 +223,14 @@ class _Design:
         """Context length the design's per-position arrays fix, or None."""
         return None
 
+    def context_law(self, key, batch: int, dtype=jnp.float32) -> ContextLaw:
+        """The law of the context pairs given each prompt's latent, with the query and its label,
+        drawn from ``key``: ``law_from`` of the draws of the shapes ``law_draws`` names (designs with
+        ``has_context_law``; ``sample_gram`` takes the same draws from its own single draw)."""
+        normal_shapes, uniform_shapes = self.law_draws(batch)
+        z, u, _ = draw_many(key, dtype, normal_shapes, uniform_shapes)
+        return self.law_from(z, u)
+
 
 @_pytree_design()
 class IID(_Design):
@@ -224,12 +276,14 @@ class IID(_Design):
     def has_context_law(self) -> bool:
         return np.ndim(self.noise_var) == 0
 
-    def context_law(self, key, batch: int, dtype=jnp.float32) -> ContextLaw:
-        """Given beta: z_i ~ N(0, [[C, C beta], [beta^T C, beta^T C beta + s^2]]), C = cov_x."""
+    def law_draws(self, batch: int):
         if not self.has_context_law:
             raise ValueError("context_law needs a scalar noise_var (per-position noise makes the pairs non-identical)")
-        d = self.dim
-        gb, gx, gq = normals(key, dtype, (batch, d), (batch, d), (batch, 1))
+        return [(batch, self.dim), (batch, self.dim), (batch, 1)], []
+
+    def law_from(self, normals, uniforms) -> ContextLaw:
+        """Given beta: z_i ~ N(0, [[C, C beta], [beta^T C, beta^T C beta + s^2]]), C = cov_x."""
+        (gb, gx, gq), dtype = normals, normals[0].dtype
         lx = jnp.linalg.cholesky(jnp.asarray(self.cov_x, dtype))
         beta = gb @ jnp.linalg.cholesky(jnp.asarray(self.cov_beta, dtype)).T
         x = gx @ lx.T
@@ -275,10 +329,12 @@ class RAG(_Design):
 
     has_context_law = True
 
-    def context_law(self, key, batch: int, dtype=jnp.float32) -> ContextLaw:
+    def law_draws(self, batch: int):
+        return [(batch, self.dim), (batch, self.dim), (batch, 1)], []
+
+    def law_from(self, normals, uniforms) -> ContextLaw:
         """Given (x, beta): x_i = alpha x + gamma g_i, y_i = x_i.beta + s h_i."""
-        d = self.dim
-        beta, x, gq = normals(key, dtype, (batch, d), (batch, d), (batch, 1))
+        (beta, x, gq), d, dtype = normals, self.dim, normals[0].dtype
         A = jnp.asarray(self.gamma, dtype) * jnp.eye(d, dtype=dtype)
         return _law(jnp.asarray(self.alpha, dtype) * x, A, beta, self.noise_var, x, gq, self.noise_var)
 
@@ -308,10 +364,12 @@ class TaskFeatureAlignment(_Design):
 
     has_context_law = True
 
-    def context_law(self, key, batch: int, dtype=jnp.float32) -> ContextLaw:
+    def law_draws(self, batch: int):
+        return [(batch, self.dim), (batch, self.dim), (batch, 1)], []
+
+    def law_from(self, normals, uniforms) -> ContextLaw:
         """Given beta: x_i = alpha beta + g_i, y_i = x_i.beta + s h_i; the query x is independent."""
-        d = self.dim
-        beta, x, gq = normals(key, dtype, (batch, d), (batch, d), (batch, 1))
+        (beta, x, gq), d, dtype = normals, self.dim, normals[0].dtype
         return _law(jnp.asarray(self.alpha, dtype) * beta, jnp.eye(d, dtype=dtype), beta, self.noise_var, x, gq,
                     self.noise_var)
 
@@ -409,19 +467,24 @@ class TaskPool(_Design):
     def sample(self, key, batch: int, n: int, dtype=jnp.float32) -> Prompts:
         _check_n(self, n)
         d = self.dim
-        kp, kn = jax.random.split(key)
-        beta = jnp.asarray(self.pool, dtype)[jax.random.randint(kp, (batch,), 0, self.pool.shape[0])]
-        gX, x, gn, gq = normals(kn, dtype, (batch, n, d), (batch, d), (batch, n), (batch, 1))
+        (gX, x, gn, gq), (u,), _ = draw_many(key, dtype, [(batch, n, d), (batch, d), (batch, n), (batch, 1)], [(batch,)])
+        beta = self._task(u, dtype)
         return _prompts(gX, x, beta, beta, gn, gq, self.noise_var, self.noise_var)
 
     has_context_law = True
 
-    def context_law(self, key, batch: int, dtype=jnp.float32) -> ContextLaw:
+    def _task(self, u, dtype):
+        """The pool task at index floor(u K) for uniforms u in (0, 1) (K = num_tasks)."""
+        K = self.pool.shape[0]
+        return jnp.asarray(self.pool, dtype)[jnp.minimum((u * K).astype(jnp.int32), K - 1)]
+
+    def law_draws(self, batch: int):
+        return [(batch, self.dim), (batch, 1)], [(batch,)]
+
+    def law_from(self, normals, uniforms) -> ContextLaw:
         """Given the pool task beta: x_i ~ N(0, I), y_i = x_i.beta + s h_i."""
-        d = self.dim
-        kp, kn = jax.random.split(key)
-        beta = jnp.asarray(self.pool, dtype)[jax.random.randint(kp, (batch,), 0, self.pool.shape[0])]
-        x, gq = normals(kn, dtype, (batch, d), (batch, 1))
+        (x, gq), (u,), d, dtype = normals, uniforms, self.dim, normals[0].dtype
+        beta = self._task(u, dtype)
         return _law(jnp.zeros_like(x), jnp.eye(d, dtype=dtype), beta, self.noise_var, x, gq, self.noise_var)
 
 
@@ -506,8 +569,11 @@ def sample_gram(design, key, batch: int, n, n_slots: int, dtype=jnp.float32) -> 
                          "i.i.d. given the latent (per-position noise or drift); draw tokens instead")
     D = design.dim + 1
     normal_shapes, uniform_shapes = _bartlett_shapes(batch, D)
-    (gbar, below, odd, z), (u,), (kl, kg) = draw_many(key, dtype, [(batch, D), *normal_shapes], uniform_shapes, keys=2)
-    law = design.context_law(kl, batch, dtype)
+    law_normals, law_uniforms = design.law_draws(batch)
+    normals_, uniforms, (kg,) = draw_many(key, dtype, [(batch, D), *normal_shapes, *law_normals],
+                                          [*uniform_shapes, *law_uniforms], keys=1)
+    (gbar, below, odd, z), (u,) = normals_[:4], uniforms[:1]
+    law = design.law_from(normals_[4:], uniforms[1:])
     n_arr = jnp.asarray(n, dtype)
     m = law.mean + jnp.einsum("bij,bj->bi", law.factor, gbar) / jnp.sqrt(n_arr)
     LT = law.factor @ _bartlett(below, odd, z, u, kg, D, n - 1)

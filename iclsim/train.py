@@ -15,11 +15,13 @@ compiled program trains a whole risk-vs-n curve.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -31,6 +33,7 @@ from iclsim.designs import GramPrompts, Prompts
 from iclsim.theory import _chunks, mean_and_se, risk_moments
 
 SAMPLERS = ("auto", "gram", "tokens")
+BATCH_AXIS = "batch"  # the mesh axis along which devices split a training batch
 
 
 class TrainState(NamedTuple):
@@ -103,25 +106,33 @@ def _as_list(x):
     return list(x) if isinstance(x, (list, tuple, np.ndarray)) else [x]
 
 
-def _train_one(model, config: TrainConfig, n_max: int, loss_fn: Callable, gram: bool):
-    """A pure function (design, n, key) -> (params, losses) that trains one model."""
+def _train_one(model, config: TrainConfig, n_max: int, loss_fn: Callable, gram: bool, shards: int = 1):
+    """A pure function (design, n, key) -> (params, losses) that trains one model. With ``shards``
+    > 1 (inside shard_map over the axis "batch" of that size) each shard draws its rows of every
+    step's batch (``designs.batch_shard``) and the loss and gradients are averaged over the shards."""
     opt = config.optimizer()
+    rows = config.batch_size // shards
+    sharded = functools.partial(_designs.batch_shard, BATCH_AXIS, shards) if shards > 1 else contextlib.nullcontext
 
     def train(design, n, key):
-        init_key, data_key = jax.random.split(key)
-        params = model.init(init_key)
+        keys = jax.random.split(key, config.steps + 1)  # one split: the initialisation's key and each step's
+        params = model.init(keys[0])
         state = TrainState(params, opt.init(params))
 
         def step(state, k):
-            prompts = _designs.draw(design, k, config.batch_size, n, n_max, config.dtype, gram)
+            with sharded():
+                prompts = _designs.draw(design, k, rows, n, n_max, config.dtype, gram)
             loss, grads = jax.value_and_grad(lambda p: loss_fn(model, p, prompts))(state.params)
+            if shards > 1:
+                flat, unravel = jax.flatten_util.ravel_pytree((loss, grads))  # one all-reduce per step
+                loss, grads = unravel(jax.lax.pmean(flat, BATCH_AXIS))
             with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 counts with floats
                 updates, opt_state = opt.update(grads, state.opt_state, state.params)
             ok = jnp.isfinite(loss)  # once non-finite, freeze so the first bad step is reported
             params = jax.tree_util.tree_map(lambda p, u: jnp.where(ok, p + u, p), state.params, updates)
             return TrainState(params, opt_state), loss
 
-        state, losses = jax.lax.scan(step, state, jax.random.split(data_key, config.steps))
+        state, losses = jax.lax.scan(step, state, keys[1:])
         return state.params, losses
 
     return train
@@ -178,11 +189,12 @@ def _run_points(model, config, n_max, loss_fn, gram, devices, designs, ns, seeds
     every point (say the covariance in a noise-level sweep) are passed once, unbatched, so what is
     computed from them alone (X = G L^T) is computed once per block too."""
     count = len(ns)
-    layout = seed_blocks(seeds, len(devices))
-    devices = devices[:len(layout)]
+    shards = batch_shards(len(seed_blocks(seeds, 1)), len(devices), config.batch_size)
+    layout = seed_blocks(seeds, len(devices) // shards)
+    devices = devices[:len(layout) * shards]
     treedef, shared, varying, common = _split_design(designs)
     keys = jnp.stack([jax.random.PRNGKey(int(seeds[row[0]])) for row in layout])
-    program = _compiled_sweep(model, config, n_max, loss_fn, gram, devices, treedef, shared)
+    program = _compiled_sweep(model, config, n_max, loss_fn, gram, devices, treedef, shared, shards)
     params, losses = program([a[layout] for a in varying], common, jnp.asarray(ns[layout]), keys)
     if jax.process_count() > 1:  # multi-host (jax.distributed): every process gets the whole sweep
         from jax.experimental import multihost_utils
@@ -209,18 +221,27 @@ def _merge_design(treedef, shared, varying, common):
     return jax.tree_util.tree_unflatten(treedef, [next(common) if same else next(varying) for same in shared])
 
 
-def _on_devices(batched: Callable, devices: tuple, split: tuple):
+def _on_devices(batched: Callable, devices: tuple, split: tuple, shards: int = 1):
     """jit ``batched``; with several devices, shard the leading axis of the arguments flagged in
-    ``split`` (the others are replicated) and of the outputs over a one-axis Mesh (shard_map: the
-    shards never communicate)."""
+    ``split`` (the others are replicated) and of the outputs over the axis "sweep" of a Mesh
+    [devices / shards, shards] (shard_map); along its axis "batch" the ``shards`` devices of a row
+    hold the same sweep points and split their batches (``_train_one``), the only communication."""
     if len(devices) == 1:
         return jax.jit(batched)
-    mesh = jax.sharding.Mesh(np.array(devices), ("sweep",))
+    mesh = jax.sharding.Mesh(np.array(devices).reshape(-1, shards), ("sweep", BATCH_AXIS))
     spec, whole = jax.sharding.PartitionSpec("sweep"), jax.sharding.PartitionSpec()
-    # check_vma off: the shards are independent (no collectives), and parameters that start as
-    # constants (LoRA's B = 0) would otherwise need pcast to become per-device
+    # check_vma off: parameters that start as constants (LoRA's B = 0) would otherwise need pcast to
+    # become per-device; outputs are equal along "batch" (its pmean is the only collective)
     return jax.jit(jax.shard_map(batched, mesh=mesh, in_specs=tuple(spec if s else whole for s in split),
                                  out_specs=spec, check_vma=False))
+
+
+def batch_shards(blocks: int, devices: int, batch_size: int) -> int:
+    """Devices that split each seed block's batch: 1 when the blocks fill the devices; with fewer
+    blocks (a single fit on a multi-core CPU or a few seeds on many GPUs) the spare devices share the
+    blocks' batches, the largest count that divides the devices and the batch and leaves every block
+    a device group."""
+    return max(s for s in range(1, max(devices // blocks, 1) + 1) if devices % s == 0 and batch_size % s == 0)
 
 
 def seed_blocks(seeds, devices: int) -> np.ndarray:
@@ -271,20 +292,20 @@ def _cached(cache, run, points, template, settings):
 
 @functools.lru_cache(maxsize=64)
 def _compiled_sweep(model, config: TrainConfig, n_max: int, loss_fn: Callable, gram: bool, devices: tuple,
-                    treedef, shared: tuple):
+                    treedef, shared: tuple, shards: int = 1):
     """One jitted program per (model, config, n_max, loss, sampler, devices, which design leaves are
     shared) taking the varying design leaves and ns [blocks, members], the shared leaves, and keys
     [blocks]: designs, ns and seeds are arguments, so sweeps of the same size over other noise levels,
     context lengths or seeds never recompile. With several devices each trains its share of the
-    blocks (shard_map: no communication between them)."""
-    train = _train_one(model, config, n_max, loss_fn, gram)
+    blocks, ``shards`` devices per block splitting its batch (``batch_shards``)."""
+    train = _train_one(model, config, n_max, loss_fn, gram, shards)
 
     def point(varying, common, n, key):
         return train(_merge_design(treedef, shared, varying, common), n, key)
 
     # blocks x members; the members of a block share its key, so one draw per step serves them all
     return _on_devices(jax.vmap(jax.vmap(point, (0, None, 0, None)), (0, None, 0, 0)), devices,
-                       (True, False, True, True))
+                       (True, False, True, True), shards)
 
 
 def _check_finite(losses, model, points):

@@ -33,6 +33,45 @@ def test_one_flat_draw_gives_jax_normals_uniforms_and_fresh_keys(dtype, key):
     assert len(words) == 3
 
 
+def test_batch_shard_draws_the_rows_of_the_full_draw(key):
+    """Under designs.batch_shard on the 4 fake devices, each shard's draw of 2 rows is its rows of the
+    same draw of 8 rows, every piece, and its fresh keys are the full draw's: so a batch split over
+    devices trains on exactly the unsplit prompts."""
+    normal_shapes, uniform_shapes = [(8, 3), (8,), (8, 2, 2)], [(8, 5)]
+    full = designs.draw_many(key, jnp.float32, normal_shapes, uniform_shapes, keys=2)
+
+    def shard(key):
+        with designs.batch_shard("rows", 4):
+            z, u, k = designs.draw_many(key, jnp.float32, [(2,) + s[1:] for s in normal_shapes],
+                                        [(2,) + s[1:] for s in uniform_shapes], keys=2)
+        return z, u, jnp.stack(k)[None]
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("rows",))
+    rows = jax.sharding.PartitionSpec("rows")
+    z, u, k = jax.jit(jax.shard_map(shard, mesh=mesh, in_specs=jax.sharding.PartitionSpec(), out_specs=rows,
+                                    check_vma=False))(key)
+    for got, want in zip([*z, *u], [*full[0], *full[1]]):
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+    assert all(np.array_equal(np.asarray(k)[i], np.stack(full[2])) for i in range(4))
+
+
+def test_task_pool_draws_its_tasks_uniformly():
+    """TaskPool picks task floor(u K) for a uniform u: each of K = 7 tasks with frequency 1/7 (4 SE), in
+    token prompts (beta solved from 4 noiseless pairs) and in the context law (beta in its factor)."""
+    d, K, num = 3, 7, 70_000
+    design = TaskPool(d, K)
+    p = design.sample(jax.random.PRNGKey(1), num, 4, jnp.float64)
+    X, y = np.asarray(p.X), np.asarray(p.y)
+    from_tokens = np.linalg.solve(np.einsum("bni,bnj->bij", X, X), np.einsum("bni,bn->bi", X, y)[..., None])[..., 0]
+    from_law = np.asarray(design.context_law(jax.random.PRNGKey(2), num, jnp.float64).factor[:, d, :d])
+    for beta in (from_tokens, from_law):
+        task = np.argmin(((beta[:, None, :] - design.pool[None]) ** 2).sum(-1), axis=1)
+        assert np.allclose(beta, design.pool[task], atol=1e-6)
+        freq = np.bincount(task, minlength=K) / num
+        for k in range(K):
+            assert_within_se(1 / K, freq[k], np.sqrt((1 / K) * (1 - 1 / K) / num), f"frequency of task {k}")
+
+
 @pytest.mark.parametrize("alpha", [1.0, 1.5, 4.0, 37.5])
 def test_standard_gamma_matches_gamma_law(alpha, key):
     a = jnp.full((NUM,), alpha, jnp.float32)

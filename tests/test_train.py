@@ -100,12 +100,15 @@ def test_sweep_bad_n():
         train.fit_sweep(models.PGD(2), IID(2), [0, 3], [0], CFG)
 
 
-def test_sharded_sweep_equals_one_device_sweep():
-    """The sweep axis split over 4 (fake CPU) devices gives the one-device numbers."""
+@pytest.mark.parametrize("seeds, shards", [([0], 4), ([0, 1], 2), ([0, 1, 2, 3], 1)])
+def test_sharded_sweep_equals_one_device_sweep(seeds, shards):
+    """Over 4 (fake CPU) devices: one seed block has its batch split 4 ways, two blocks 2 ways each,
+    four blocks one per device; all give the one-device numbers."""
     assert len(jax.devices()) == 4, "conftest sets --xla_force_host_platform_device_count=4"
+    assert train.batch_shards(len(seeds), 4, CFG.batch_size) == shards
     model, designs = models.LinearAttention(3), [IID(3, noise_var=v) for v in (0.0, 0.5)]
-    one = train.fit_sweep(model, designs, [2, 5, 7], [0], CFG, devices=jax.devices()[:1])
-    four = train.fit_sweep(model, designs, [2, 5, 7], [0], CFG)  # 6 points, padded to 8 over 4 devices
+    one = train.fit_sweep(model, designs, [2, 5, 7], seeds, CFG, devices=jax.devices()[:1])
+    four = train.fit_sweep(model, designs, [2, 5, 7], seeds, CFG)
     assert_close(four.losses, one.losses, rtol=1e-5, atol=1e-6)
     for name in one.params:
         assert_close(four.params[name], one.params[name], rtol=1e-4, atol=1e-6, name=name)
@@ -150,6 +153,17 @@ def test_point_is_trained_the_same_whatever_else_is_in_the_sweep():
         assert_close(sweep.losses[i, 1, 1], alone.losses[0, 0, 0], rtol=1e-5, atol=1e-6)
         for name in alone.params:
             assert_close(sweep.params[name][i, 1, 1], alone.params[name][0, 0, 0], rtol=1e-4, atol=1e-6, name=name)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 12), st.integers(1, 16), st.integers(1, 64))
+def test_batch_shards_use_the_spare_devices(blocks, devices, batch_size):
+    """The shard count divides the devices and the batch, leaves a device group per block when the
+    blocks are fewer than the devices, and no larger count would."""
+    s = train.batch_shards(blocks, devices, batch_size)
+    assert devices % s == 0 and batch_size % s == 0
+    assert s == 1 or s * blocks <= devices
+    assert not any(devices % t == 0 and batch_size % t == 0 for t in range(s + 1, devices // blocks + 1))
 
 
 @settings(max_examples=60, deadline=None)

@@ -96,13 +96,9 @@ class LinearAttention:
         zq = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=-1)
         return (zq @ params["Wq"]) @ params["Wk"].T
 
-    def apply_gram(self, params: Params, S: jax.Array, x: jax.Array) -> jax.Array:
-        """The prediction from the context Gram matrix S = Z^T Z / n [B, d+1, d+1] and query x [B, d]."""
-        return jnp.einsum("bi,bij,j->b", self._query_keys(params, x), S, params["Wv"][:, -1])
-
     def apply(self, params: Params, prompts: Prompts | GramPrompts) -> jax.Array:
-        if isinstance(prompts, GramPrompts):
-            return self.apply_gram(params, prompts.S, prompts.x)
+        if isinstance(prompts, GramPrompts):  # a^T S v from S's factors
+            return prompts.quadratic(self._query_keys(params, prompts.x), params["Wv"][:, -1])
         Z = tokens(prompts)[:, :-1]  # from tokens: O(n d) per prompt, not the O(n d^2) of forming S
         scores = jnp.einsum("bnj,bj->bn", Z, self._query_keys(params, prompts.x))
         return jnp.mean(scores * (Z @ params["Wv"][:, -1]), axis=1)
@@ -226,7 +222,7 @@ class PGD:
 
     def apply(self, params: Params, prompts: Prompts | GramPrompts) -> jax.Array:
         if isinstance(prompts, GramPrompts):
-            g = prompts.S[:, :self.dim, self.dim]
+            g = prompts.times(jnp.zeros(self.dim + 1, prompts.x.dtype).at[self.dim].set(1.0))[:, :self.dim]  # S[:d, d]
         else:
             g = jnp.einsum("bnd,bn->bd", prompts.X, prompts.y) / prompts.X.shape[1]  # (1/n) X^T y
         return jnp.einsum("bi,ij,bj->b", prompts.x, self.weight(params), g)

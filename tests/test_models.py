@@ -149,7 +149,7 @@ def test_token_path_equals_gram_path(make, prompts, key):
     prediction as from S = Z^T Z / n, also through LoRA."""
     model = make()
     params = jax.tree_util.tree_map(lambda a: a + 0.1, model.init(key))  # off the PGD subspace too
-    gram = GramPrompts(models.context_gram(prompts), prompts.x, prompts.y_query)
+    gram = GramPrompts.from_matrix(models.context_gram(prompts), prompts.x, prompts.y_query)
     assert_close(model.apply(params, prompts), model.apply(params, gram),
                  rtol=1e-12, atol=1e-13)
     lora = models.LoRA(model, models.Frozen(params), 1, tuple(k for k in params if params[k].ndim == 2)[:1], dtype=F64)

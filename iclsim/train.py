@@ -1,6 +1,7 @@
 """The compiled training engine: optax, a fresh batch of prompts every step, the step loop in
 ``jax.lax.scan``, and whole sweeps (designs x context lengths x seeds) vmapped into one program
-whose sweep axis is split over ``jax.devices()`` (``jax.shard_map`` over a one-axis Mesh).
+whose sweep axis is split over ``jax.devices()`` (``jax.shard_map`` over a Mesh ("sweep", "batch");
+spare devices split a seed block's batch, ``batch_shards``).
 
 Points of one seed share their random stream (common random numbers), so the sweep is laid out
 as seed blocks (``seed_blocks``): each block draws a step's prompts once for all its members, and

@@ -396,11 +396,8 @@ class LinearTransformer:
         if self.mlp:
             specs.update(W_in=((L, D, hid), D**-0.5), W_out=((L, hid, D), 0.1 * hid**-0.5))
         w = _normal_init(key, self.dtype, **specs)
-        layers = [{"attn": {name: w[name][i] for name in ("Wq", "Wk", "Wv", "Wo")}} for i in range(L)]
-        if self.mlp:
-            for i, layer in enumerate(layers):
-                layer["mlp"] = {"W_in": w["W_in"][i], "W_out": w["W_out"][i]}
-        return {"layers": layers}
+        groups = {"attn": ("Wq", "Wk", "Wv", "Wo"), **({"mlp": ("W_in", "W_out")} if self.mlp else {})}
+        return {"layers": [{g: {name: w[name][i] for name in names} for g, names in groups.items()} for i in range(L)]}
 
     def hidden_states(self, params: Params, prompts: Prompts) -> list[jax.Array]:
         """Token states after each layer: a list of L arrays [B, n+1, d+1]."""

@@ -164,9 +164,10 @@ _STREAM: list = []  # the stream (threefry block's high word) while tracing a tr
 @contextlib.contextmanager
 def stream(index):
     """Inside (at trace time), draws from a key read the threefry blocks (index, i) instead of (0, i):
-    stream 0 is what jax.random.bits and the keys' other users read, and training step s draws its
-    prompts from stream s + 1 of the seed's key, so no key is split per step (a split of 2001 keys
-    was a threefry kernel of its own, 0.14 s of XLA compile). ``index`` may be traced."""
+    stream 0 is what jax.random.bits and the keys' other users read; training initialises from
+    stream 1 of the seed's key and draws step s's prompts from stream s + 2, so no key is split per
+    step (a split of 2001 keys was a threefry kernel of its own, 0.14 s of XLA compile). ``index``
+    may be traced."""
     _STREAM.append(index)
     try:
         yield

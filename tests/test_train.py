@@ -61,20 +61,22 @@ def test_sweep_entry_equals_single_fit():
 
 
 def test_training_equals_a_plain_optax_loop():
-    """fit (one flat parameter vector for Adam, step s drawing from stream s + 1 of the seed's key,
-    the batch split over the 4 devices, no vmap for one point) is the textbook loop: init from the key,
-    then per step a fresh batch, value_and_grad and optax.adam on the parameter tree."""
+    """fit (one flat parameter vector for Adam, the seed's key's stream 1 initialising and stream
+    s + 2 drawing step s, the batch split over the 4 devices, no vmap for one point) is the textbook
+    loop: init, then per step a fresh batch, value_and_grad and optax.adam on the parameter tree."""
     model, design, n, seed = models.LinearAttention(3), IID(3, noise_var=0.3), 6, 4
     cfg = train.TrainConfig(steps=40, batch_size=64, learning_rate=0.02, warmup_steps=10)
     fitted = train.fit(model, design, n, cfg.steps, cfg.batch_size, cfg.learning_rate, seed,
                        warmup_steps=cfg.warmup_steps)
     key = jax.random.PRNGKey(seed)
-    params, opt = model.init(key), cfg.optimizer()
+    with designs.stream(1):
+        params = model.init(key)
+    opt = cfg.optimizer()
     state = opt.init(params)
     gram = train.uses_gram(model, design, n)
     losses = []
     for s in range(cfg.steps):
-        with designs.stream(s + 1):
+        with designs.stream(s + 2):
             prompts = designs.draw(design, key, cfg.batch_size, n, n, cfg.dtype, gram)
         loss, grads = jax.value_and_grad(lambda p: train.squared_loss(model, p, prompts))(params)
         with jax.numpy_dtype_promotion("standard"):
@@ -84,6 +86,13 @@ def test_training_equals_a_plain_optax_loop():
     assert_close(fitted.losses, np.array(losses), rtol=1e-4, atol=1e-6, name="losses")
     for name in params:
         assert_close(fitted.params[name], params[name], rtol=1e-4, atol=1e-6, name=name)
+
+
+def test_seed_keys_are_jax_keys():
+    seeds = [0, 1, 7, 2**31, 2**40 + 5, -3]
+    want = np.stack([np.asarray(jax.random.PRNGKey(s)) for s in seeds])
+    got = train.seed_keys(seeds)
+    assert got.dtype == np.uint32 and np.array_equal(got, want)
 
 
 @pytest.mark.parametrize("size", [1, 3])

@@ -158,34 +158,16 @@ def batch_shard(axis_name: str, shards: int):
         _BATCH_SHARD.pop()
 
 
-_STREAM: list = []  # the stream (threefry block's high word) while tracing a training step
-
-
-@contextlib.contextmanager
-def stream(index):
-    """Inside (at trace time), draws from a key read the threefry blocks (index, i) instead of (0, i):
-    stream 0 is what jax.random.bits and the keys' other users read; training initialises from
-    stream 1 of the seed's key and draws step s's prompts from stream s + 2, so no key is split per
-    step (a split of 2001 keys was a threefry kernel of its own, 0.14 s of XLA compile). ``index``
-    may be traced."""
-    _STREAM.append(index)
-    try:
-        yield
-    finally:
-        _STREAM.pop()
-
-
 def _threefry_bits(key, counters, uint) -> jax.Array:
     """Threefry-2x32 bits at the given counters, equal to jax.random.bits(key, (N,), uint)[counters]
-    (its partitionable scheme: the block (0, i) gives word i); in ``stream`` s, the blocks (s, i)."""
+    (its partitionable scheme: the block (0, i) gives word i)."""
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if str(jax.random.key_impl(key)) != "threefry2x32":
             raise ValueError(f"key must be a threefry2x32 key (jax.random.PRNGKey), got {jax.random.key_impl(key)}")
         key = jax.random.key_data(key)
     if not jax.config.jax_threefry_partitionable:
         raise RuntimeError("iclsim draws need jax_threefry_partitionable=True (the JAX default)")
-    high = jnp.asarray(_STREAM[-1] if _STREAM else 0, jnp.uint32) + jnp.zeros_like(counters)
-    hi, lo = threefry2x32_p.bind(key[0], key[1], high, counters + 0 * high)  # batched alike under vmap
+    hi, lo = threefry2x32_p.bind(key[0], key[1], jnp.zeros_like(counters), counters)
     if uint == jnp.uint64:
         return (hi.astype(uint) << np.uint64(32)) | lo.astype(uint)
     return hi ^ lo
@@ -194,7 +176,7 @@ def _threefry_bits(key, counters, uint) -> jax.Array:
 def draw_many(key, dtype, normal_shapes=(), uniform_shapes=(), keys: int = 0):
     """(normals, uniforms in (0, 1), keys): arrays of the given shapes and ``keys`` fresh keys, all
     from one threefry call (bits to floats as jax.random.uniform does, normals by inversion as
-    jax.random.normal does; the bits equal jax.random.bits(key) over the concatenated pieces, in stream 0).
+    jax.random.normal does; the bits equal jax.random.bits(key) over the concatenated pieces).
     XLA CPU compiles every jax.random call inside a step as its own threefry kernel (about 0.25 s
     each), and a flat draw runs about 3x faster than a multi-dimensional one. Under ``batch_shard``
     each piece is this shard's rows of the piece drawn at the full batch."""

@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 
 from iclsim import IID, RAG, Drift, TaskFeatureAlignment, TaskPool, designs, models, theory, train
 from iclsim.models import context_gram
-from jax.extend.random import threefry2x32_p
 from tests.strategies import spd
 from tests.tolerance import assert_distribution, assert_same_distribution, assert_within_se, relative_gap, report
 
@@ -54,29 +53,6 @@ def test_batch_shard_draws_the_rows_of_the_full_draw(key):
     for got, want in zip([*z, *u], [*full[0], *full[1]]):
         assert np.array_equal(np.asarray(got), np.asarray(want))
     assert all(np.array_equal(np.asarray(k)[i], np.stack(full[2])) for i in range(4))
-
-
-def test_stream_reads_other_threefry_blocks(key):
-    """Under designs.stream(s) the bits are threefry-2x32's at the blocks (s, i), a traced s included
-    (training step s reads stream s + 1), and streams differ; stream 0 is jax.random.bits's."""
-    counters = jnp.arange(1000, dtype=jnp.uint32)
-    data = jax.random.key_data(key)
-    for s in (0, 1, 7):
-        with designs.stream(s):
-            got = designs._threefry_bits(key, counters, jnp.uint32)
-        hi, lo = threefry2x32_p.bind(data[0], data[1], jnp.full_like(counters, s), counters)
-        assert np.array_equal(np.asarray(got), np.asarray(hi ^ lo))
-    assert np.array_equal(np.asarray(designs._threefry_bits(key, counters, jnp.uint32)),
-                          np.asarray(jax.random.bits(key, (1000,), jnp.uint32)))
-
-    def traced(s):
-        with designs.stream(s):
-            return designs.normals(key, jnp.float32, (50,))[0]
-
-    per_step = jax.jit(jax.vmap(traced))(jnp.arange(3, dtype=jnp.uint32))
-    for s in range(3):
-        assert np.array_equal(np.asarray(per_step[s]), np.asarray(traced(s)))
-    assert len({tuple(np.asarray(r).tolist()) for r in per_step}) == 3
 
 
 def test_task_pool_draws_its_tasks_uniformly():

@@ -22,7 +22,7 @@ import numpy as np
 from iclsim._files import atomic_write
 from iclsim.models import Frozen
 
-FORMAT = 2  # bump when the meaning of a stored point changes (2: one-draw initialisation and prompts)
+FORMAT = 3  # bump when the numbers of a stored point change (2: one-draw initialisation and prompts; 3: flat Adam)
 _ACTIVE: contextvars.ContextVar["SweepCache | None"] = contextvars.ContextVar("iclsim_sweep_cache", default=None)
 
 

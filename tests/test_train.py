@@ -7,11 +7,12 @@ import textwrap
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iclsim import IID, cache, models, theory, train
+from iclsim import IID, cache, designs, models, theory, train
 from tests.tolerance import assert_close, assert_within_se
 
 CFG = train.TrainConfig(steps=150, batch_size=64, learning_rate=0.02, warmup_steps=10)
@@ -64,6 +65,44 @@ def test_seed_keys_are_jax_keys():
     want = np.stack([np.asarray(jax.random.PRNGKey(s)) for s in seeds])
     got = train.seed_keys(seeds)
     assert got.dtype == np.uint32 and np.array_equal(got, want)
+
+
+def test_training_equals_a_plain_optax_loop():
+    """fit (one flat parameter vector for Adam, the batch split over the devices, no vmap for one point)
+    is the textbook loop: split the seed's key into the initialisation's and each step's, then per
+    step a fresh batch, value_and_grad and optax.adam on the parameter tree."""
+    model, design, n, seed = models.LinearAttention(3), IID(3, noise_var=0.3), 6, 4
+    cfg = train.TrainConfig(steps=40, batch_size=64, learning_rate=0.02, warmup_steps=10)
+    fitted = train.fit(model, design, n, cfg.steps, cfg.batch_size, cfg.learning_rate, seed,
+                       warmup_steps=cfg.warmup_steps)
+    keys = jax.random.split(jax.random.PRNGKey(seed), cfg.steps + 1)
+    params, opt = model.init(keys[0]), cfg.optimizer()
+    state = opt.init(params)
+    gram = train.uses_gram(model, design, n)
+    losses = []
+    for s in range(cfg.steps):
+        prompts = designs.draw(design, keys[s + 1], cfg.batch_size, n, n, cfg.dtype, gram)
+        loss, grads = jax.value_and_grad(lambda p: train.squared_loss(model, p, prompts))(params)
+        with jax.numpy_dtype_promotion("standard"):
+            updates, state = opt.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        losses.append(float(loss))
+    assert_close(fitted.losses, np.array(losses), rtol=1e-4, atol=1e-6, name="losses")
+    for name in params:
+        assert_close(fitted.params[name], params[name], rtol=1e-4, atol=1e-6, name=name)
+
+
+@pytest.mark.parametrize("size", [1, 3])
+def test_map_is_vmap(size):
+    """train._map equals jax.vmap; at size 1 it traces the function once without batching rules."""
+    def f(a, b, c):
+        return {"sum": a["x"] @ b + c, "n": jnp.sum(a["x"]) * c}
+
+    args = ({"x": jnp.arange(size * 6.0).reshape(size, 2, 3)}, jnp.ones(3), jnp.arange(size * 2.0).reshape(size, 2))
+    got, want = train._map(f, (0, None, 0))(*args), jax.vmap(f, (0, None, 0))(*args)
+    for k in want:
+        assert got[k].shape == want[k].shape
+        assert_close(got[k], want[k], name=k)
 
 
 def test_diverging_training_stops_with_message():

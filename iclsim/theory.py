@@ -95,6 +95,41 @@ def pgd_risk(design: IID | Drift, n: int, W, weights=None) -> jax.Array:
     return m.base - 2 * jnp.trace(m.cov_x @ W @ m.C) + jnp.trace(m.cov_x @ W @ m.M @ W.T)
 
 
+def attention_risk(design: IID, n: int, Q, v) -> jax.Array:
+    """Exact risk of any one-layer linear attention yhat = z_q^T Q S v, z_q = [x; 0], S = Z^T Z / n,
+    Q = Wq Wk^T [d+1, d+1], v = Wv[:, d+1] (IID, scalar noise): PGD's L(W) (``pgd_risk``) is the case
+    Q[:d, d] = 0, v[:d] = 0. Given beta, z_i ~ N(0, C) with C = [[Sx, Sx b], [b^T Sx, b^T Sx b + s^2]]
+    and E[S A S] = C A C + (C A^T C + tr(A C) C) / n, so with G = Q[:d, :] and u = G S v,
+    L = s_q^2 + E_beta[b^T Sx b - 2 b^T Sx G C v + (1 + 1/n) v^T C G^T Sx G C v + (v^T C v) tr(Sx G C G^T) / n],
+    a polynomial of degree 4 in beta averaged with Isserlis' theorem. Differentiable in Q and v."""
+    _require(design, (IID,), "attention_risk")
+    _check_n(design, n)
+    d = design.dim
+    if jnp.ndim(design.noise_var) != 0:
+        raise ValueError("attention_risk needs a scalar noise_var (tokens i.i.d. given beta)")
+    Q = _square("Q", Q, d + 1)
+    v = jnp.asarray(v, F64)
+    if v.shape != (d + 1,):
+        raise ValueError(f"v must have shape ({d + 1},), got {v.shape}")
+    Sx, Sb = jnp.asarray(design.cov_x, F64), jnp.asarray(design.cov_beta, F64)
+    s2, sq2 = jnp.asarray(design.noise_var, F64), jnp.asarray(design.query_noise_var, F64)
+    G1, g, p, q = Q[:d, :d], Q[:d, d], v[:d], v[d]
+    T = jnp.trace(Sx @ Sb)
+    Et2 = T**2 + 2 * jnp.trace(Sx @ Sb @ Sx @ Sb)  # E[t^2], t = b^T Sx b
+    # G C v = m0 + L b + q g t
+    a = Sx @ p
+    m0 = G1 @ a + q * s2 * g
+    L = q * G1 @ Sx + jnp.outer(g, a)
+    kappa = g @ Sx @ g
+    first = -2 * jnp.trace(Sx @ L @ Sb)
+    second = (m0 @ Sx @ m0 + jnp.trace(L.T @ Sx @ L @ Sb) + q**2 * kappa * Et2 + 2 * q * (m0 @ Sx @ g) * T)
+    # v^T C v = al0 + al1.b + q^2 t; tr(Sx G C G^T) = ga0 + ga1.b + kappa t
+    al0, al1 = p @ Sx @ p + q**2 * s2, 2 * q * Sx @ p
+    ga0, ga1 = jnp.trace(Sx @ G1 @ Sx @ G1.T) + kappa * s2, 2 * Sx @ G1.T @ Sx @ g
+    third = al0 * ga0 + (al0 * kappa + q**2 * ga0) * T + al1 @ Sb @ ga1 + q**2 * kappa * Et2
+    return sq2 + T + first + (1 + 1 / n) * second + third / n
+
+
 def _correlated_moments(design: RAG | TaskFeatureAlignment, n: int):
     """THEORY 4: E1, E2 with W* = c* I, c* = n E1 / E2, L* = d + s^2 - (n E1)^2 / E2."""
     d, a, s2 = design.dim, float(design.alpha) ** 2, float(design.noise_var)

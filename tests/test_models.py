@@ -155,3 +155,32 @@ def test_token_path_equals_gram_path(make, prompts, key):
     lora = models.LoRA(model, models.Frozen(params), 1, tuple(k for k in params if params[k].ndim == 2)[:1], dtype=F64)
     adapters = jax.tree_util.tree_map(lambda a: a + 0.2, lora.init(key))
     assert_close(lora.apply(adapters, prompts), lora.apply(adapters, gram), rtol=1e-12, atol=1e-13)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_exact_risk_of_a_trained_attention_matches_monte_carlo(lora, key):
+    """studies.exact_risk of attention with every block non-zero, on prompts of n = 5 active pairs in
+    8 slots (S sums the active pairs over 8), alone and as LoRA's merged base, against its Monte
+    Carlo risk (4 SE); PGD's L(W) of the same model's effective W misses the non-PGD terms."""
+    from iclsim import studies
+    from iclsim.theory import mean_and_se, risk_moments
+    from tests.tolerance import assert_within_se
+    d, n, n_max = 3, 5, 8
+    rng = np.random.default_rng(11)
+    attention = models.LinearAttention(d, dtype=F64)
+    params = {name: jnp.asarray(np.eye(d + 1) + rng.normal(size=(d + 1, d + 1)) / (d + 1)) for name in ("Wq", "Wk", "Wv")}
+    params["Wk"] = params["Wk"].at[d].set(0.2)  # the query reads the labels and the values carry x
+    params["Wv"] = params["Wv"].at[:d, d].set(0.2)
+    model = attention
+    if lora:
+        model = models.LoRA(attention, models.Frozen(params), 1, ("Wq", "Wk"), dtype=F64)
+        params = {t: {"A": jnp.asarray(rng.normal(size=(d + 1, 1))), "B": jnp.asarray(rng.normal(size=(d + 1, 1)) / 3)}
+                  for t in ("Wq", "Wk")}
+    design = IID(d, cov_x=np.diag([1.0, 0.5, 2.0]), noise_var=0.4)
+    chunks, batch = 10, 10_000
+    total, total_sq = risk_moments(lambda p: model.apply(params, p), design, n_max, n, key, chunks, batch, F64)
+    mean, se = mean_and_se(total, total_sq, chunks * batch)
+    exact = studies.exact_risk(model, params, design, n, n_max)
+    assert_within_se(exact, mean, se, name=f"exact_risk attention{' LoRA' if lora else ''}")
+    W, _ = studies.effective(model, params, n, n_max)
+    assert abs(float(theory.pgd_risk(design, n, W)) - float(mean)) > 6 * float(se)

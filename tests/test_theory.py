@@ -32,6 +32,45 @@ def test_iid_risk_of_any_w_matches_monte_carlo(dn, seed):
     assert_within_se(theory.pgd_risk(design, n, W, weights), *_mc(W, design, n, weights), name="pgd_risk IID")
 
 
+def _attention_predict(Q, v):
+    """yhat = z_q^T Q S v from tokens, z_q = [x; 0], S = Z^T Z / n (float64)."""
+    def predict(p):
+        Z = jnp.concatenate([p.X, p.y[..., None]], axis=-1)
+        zq = jnp.concatenate([p.x, jnp.zeros_like(p.x[:, :1])], axis=-1)
+        return jnp.mean(jnp.einsum("bi,ij,bnj->bn", zq, Q, Z) * (Z @ v), axis=1)
+
+    return predict
+
+
+@MC
+@given(strategies.iid_designs(per_position=False), st.integers(0, 2**31 - 1))
+def test_attention_risk_of_any_attention_matches_monte_carlo(dn, seed):
+    """Q and v with every block non-zero (the query reads labels through Q[:d, d], the values carry
+    x through v[:d]): the terms that PGD's L(W) does not have."""
+    design, n = dn
+    rng = np.random.default_rng(seed)
+    D = design.dim + 1
+    Q, v = rng.normal(size=(D, D)) / D, rng.normal(size=D) / D
+    L = theory.attention_risk(design, n, Q, v)
+    assert_within_se(L, *theory.monte_carlo_risk(_attention_predict(Q, v), design, n, KEY, NUM),
+                     name="attention_risk IID")
+
+
+@FAST
+@given(strategies.iid_designs(max_dim=4, max_n=10, per_position=False), st.integers(0, 2**31 - 1))
+def test_attention_risk_in_the_pgd_subspace_is_pgd_risk(dn, seed):
+    """Q[:d, d] = 0 and v[:d] = 0: yhat = x^T (v_y Q[:d, :d] / n) X^T y, so L = L(W) of that W."""
+    design, n = dn
+    rng = np.random.default_rng(seed)
+    d = design.dim
+    Q = np.zeros((d + 1, d + 1))
+    Q[:d, :d], Q[d] = rng.normal(size=(d, d)), rng.normal(size=d + 1)  # the last row never reaches the output
+    v = np.zeros(d + 1)
+    v[d] = rng.normal()
+    assert_close(theory.attention_risk(design, n, Q, v), theory.pgd_risk(design, n, v[d] * Q[:d, :d] / n),
+                 rtol=1e-10, name="attention_risk vs pgd_risk")
+
+
 @MC
 @given(strategies.iid_designs())
 def test_iid_optimal_pgd_matches_monte_carlo(dn):
@@ -239,6 +278,12 @@ def test_theory_bad_input():
         theory.pgd_risk(RAG(3, 0.2), 5, np.eye(3))
     with pytest.raises(ValueError, match="num_prompts must be an integer >= 1"):
         theory.monte_carlo_risk(theory.pgd_predict(np.eye(3)), design, 5, KEY, 0)
+    with pytest.raises(ValueError, match=r"Q must have shape \(4, 4\)"):
+        theory.attention_risk(design, 5, np.eye(3), np.ones(4))
+    with pytest.raises(ValueError, match=r"v must have shape \(4,\)"):
+        theory.attention_risk(design, 5, np.eye(4), np.ones(3))
+    with pytest.raises(ValueError, match="attention_risk needs a scalar noise_var"):
+        theory.attention_risk(IID(3, noise_var=[0.1] * 5, query_noise_var=0.1), 5, np.eye(4), np.ones(4))
 
 
 @FAST

@@ -16,7 +16,6 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.extend.random import threefry2x32_p
 
 from iclsim import _validate as v
 
@@ -158,6 +157,36 @@ def batch_shard(axis_name: str, shards: int):
         _BATCH_SHARD.pop()
 
 
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _threefry2x32(k0, k1, x0, x1):
+    """Threefry-2x32, 20 rounds (Salmon et al. 2011), bit for bit jax's threefry2x32 primitive. Its CPU
+    lowering loops over the 5 blocks of 4 rounds with the rotation amounts as loop-carried values; here
+    a loop of 2 iterations runs 2 blocks each with constant rotations, then the last block: a cold
+    fit's 2000 steps 0.35-0.4 s faster (d = 10, n = 20, 2 CPU devices). The loop keeps XLA from fusing
+    the cheap rounds into every consumer of the bits (written out in full, they were recomputed in
+    each and training got slower)."""
+    def block(x0, x1, rotations, ks, count):
+        for r in rotations:
+            x0 = x0 + x1
+            x1 = ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))) ^ x0
+        return x0 + ks[0], x1 + ks[1] + count, ks[1:] + ks[:1]
+
+    def two_blocks(j, state):
+        x0, x1, ks = state
+        count = (2 * j + 1).astype(jnp.uint32)
+        x0, x1, ks = block(x0, x1, _ROTATIONS[0], ks, count)
+        x0, x1, ks = block(x0, x1, _ROTATIONS[1], ks, count + np.uint32(1))
+        return x0, x1, ks
+
+    ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
+    x0, x1 = x0 + ks[0], x1 + ks[1]
+    x0, x1, ks = jax.lax.fori_loop(0, 2, two_blocks, (x0, x1, ks[1:] + ks[:1]))
+    x0, x1, _ = block(x0, x1, _ROTATIONS[0], ks, np.uint32(5))
+    return x0, x1
+
+
 def _threefry_bits(key, counters, uint) -> jax.Array:
     """Threefry-2x32 bits at the given counters, equal to jax.random.bits(key, (N,), uint)[counters]
     (its partitionable scheme: the block (0, i) gives word i)."""
@@ -167,7 +196,7 @@ def _threefry_bits(key, counters, uint) -> jax.Array:
         key = jax.random.key_data(key)
     if not jax.config.jax_threefry_partitionable:
         raise RuntimeError("iclsim draws need jax_threefry_partitionable=True (the JAX default)")
-    hi, lo = threefry2x32_p.bind(key[0], key[1], jnp.zeros_like(counters), counters)
+    hi, lo = _threefry2x32(key[0], key[1], jnp.zeros_like(counters), counters)
     if uint == jnp.uint64:
         return (hi.astype(uint) << np.uint64(32)) | lo.astype(uint)
     return hi ^ lo

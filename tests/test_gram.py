@@ -17,6 +17,20 @@ from tests.tolerance import assert_distribution, assert_same_distribution, asser
 NUM = 20_000
 
 
+@settings(max_examples=20, deadline=None, derandomize=True)
+@given(st.lists(st.integers(0, 2**32 - 1), min_size=4, max_size=4))
+def test_threefry_equals_jax_threefry_primitive(words):
+    """designs._threefry2x32 (constant rotations, 2 loop iterations) is jax's threefry2x32 bit for bit."""
+    from jax.extend.random import threefry2x32_p
+    k0, k1, hi0, lo0 = (np.uint32(w) for w in words)
+    hi = hi0 + np.arange(1000, dtype=np.uint32) * np.uint32(7919)
+    lo = lo0 ^ np.arange(1000, dtype=np.uint32)
+    want = threefry2x32_p.bind(jnp.uint32(k0), jnp.uint32(k1), jnp.asarray(hi), jnp.asarray(lo))
+    got = jax.jit(designs._threefry2x32)(jnp.uint32(k0), jnp.uint32(k1), jnp.asarray(hi), jnp.asarray(lo))
+    for g, w in zip(got, want):
+        assert np.array_equal(np.asarray(g), np.asarray(w))
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
 def test_one_flat_draw_gives_jax_normals_uniforms_and_fresh_keys(dtype, key):
     """draw_many's normals are bit for bit jax.random.normal's of the same flat size (so token prompts

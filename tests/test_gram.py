@@ -20,7 +20,7 @@ NUM = 20_000
 @settings(max_examples=20, deadline=None, derandomize=True)
 @given(st.lists(st.integers(0, 2**32 - 1), min_size=4, max_size=4))
 def test_threefry_equals_jax_threefry_primitive(words):
-    """designs._threefry2x32 (constant rotations, 2 loop iterations) is jax's threefry2x32 bit for bit."""
+    """designs._threefry2x32 (written out with constant rotations) is jax's threefry2x32 bit for bit."""
     from jax.extend.random import threefry2x32_p
     k0, k1, hi0, lo0 = (np.uint32(w) for w in words)
     hi = hi0 + np.arange(1000, dtype=np.uint32) * np.uint32(7919)

@@ -22,7 +22,9 @@ import numpy as np
 from iclsim._files import atomic_write
 from iclsim.models import Frozen
 
-FORMAT = 3  # bump when the numbers of a stored point change (2: one-draw initialisation and prompts; 3: flat Adam)
+# bump when the numbers of a stored point change (2: one-draw initialisation and prompts; 3: flat Adam;
+# 4: a draw's floats computed once)
+FORMAT = 4
 _ACTIVE: contextvars.ContextVar["SweepCache | None"] = contextvars.ContextVar("iclsim_sweep_cache", default=None)
 
 

@@ -207,7 +207,7 @@ def _floats_once(key, counters, split: int, dtype, chunks: int = 2) -> jax.Array
     elementwise work into every consumer, so a flat draw read as several pieces (the sample mean, the
     Bartlett normals, the gamma proposals, the law's normals) had its threefry rounds and inverse-erf
     polynomial recomputed in each; a loop's output is computed once (d = 10, n = 20: 2000 training steps
-    0.91-1.0 -> 0.74-0.83 s, XLA compile 1.25-1.50 -> 1.12-1.24 s)."""
+    0.91-1.22 -> 0.74-0.92 s, XLA compile 1.25-1.50 -> 1.12-1.24 s)."""
     total = counters.shape[0]
     size = -(-total // chunks)
     pieces = jnp.concatenate([counters, counters[:chunks * size - total]]).reshape(chunks, size)

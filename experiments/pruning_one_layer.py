@@ -5,8 +5,6 @@ clipping rate; the pruned model's risk is the closed-form risk of the whole prun
 Test labels noisier than training labels is where shrinking W can help."""
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 from iclsim import IID, models, plotting, pruning, studies, theory, train
 from iclsim.runner import Experiment
@@ -29,7 +27,7 @@ def run(s, seed, progress):
                                                    jax.random.PRNGKey(95_000 + seed), s["num_test"])
             for i, (_, _, rate) in enumerate(candidates):
                 pruned = pruning.prune(params, 0, "attn", rate)
-                W = jnp.asarray(model.effective_pgd(pruned, n), jnp.float64)
+                W, _ = studies.effective(model, pruned, n, n)
                 rows.append({"design": label, "model": "attention", "seed": seed + k, "clipping_rate": rate,
                              "risk": float(risk[i]), "se": float(se[i]),
                              "theory": studies.exact_risk(model, pruned, design, n, n),

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jax.extend.random import threefry2x32_p
 
 from iclsim import IID, RAG, Drift, TaskFeatureAlignment, TaskPool, designs, models, theory, train
 from iclsim.models import context_gram
@@ -21,7 +22,6 @@ NUM = 20_000
 @given(st.lists(st.integers(0, 2**32 - 1), min_size=4, max_size=4))
 def test_threefry_equals_jax_threefry_primitive(words):
     """designs._threefry2x32 (written out with constant rotations) is jax's threefry2x32 bit for bit."""
-    from jax.extend.random import threefry2x32_p
     k0, k1, hi0, lo0 = (np.uint32(w) for w in words)
     hi = hi0 + np.arange(1000, dtype=np.uint32) * np.uint32(7919)
     lo = lo0 ^ np.arange(1000, dtype=np.uint32)

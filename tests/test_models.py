@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iclsim import IID, Drift, models, theory, truncate_context
+from iclsim import IID, Drift, models, studies, theory, truncate_context
 from iclsim.designs import GramPrompts
-from tests.tolerance import assert_close
+from iclsim.theory import mean_and_se, risk_moments
+from tests.tolerance import assert_close, assert_within_se
 
 F64 = jnp.float64
 D, N = 3, 6
@@ -162,9 +163,6 @@ def test_exact_risk_of_a_trained_attention_matches_monte_carlo(lora, key):
     """studies.exact_risk of attention with every block non-zero, on prompts of n = 5 active pairs in
     8 slots (S sums the active pairs over 8), alone and as LoRA's merged base, against its Monte
     Carlo risk (4 SE); PGD's L(W) of the same model's effective W misses the non-PGD terms."""
-    from iclsim import studies
-    from iclsim.theory import mean_and_se, risk_moments
-    from tests.tolerance import assert_within_se
     d, n, n_max = 3, 5, 8
     rng = np.random.default_rng(11)
     attention = models.LinearAttention(d, dtype=F64)

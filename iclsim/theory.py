@@ -6,10 +6,12 @@ Risk L = E[(y - yhat)^2] over fresh prompts, including the irreducible query noi
 
 from __future__ import annotations
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.optimize
 import numpy as np
 
 from iclsim import _validate as v
@@ -371,3 +373,185 @@ def pgd_predict(W, weights=None) -> Callable[[Prompts], jax.Array]:
         return jnp.einsum("bi,ij,bnj,bn->b", p.x, jnp.asarray(W, p.x.dtype), p.X, wy)
 
     return predict
+
+
+# --- Multi-step gradient descent: the reference for L-layer models (docs/theory.md §8) ---------------
+
+
+class MultiStepGD(NamedTuple):
+    """L steps of gradient descent w_{l+1} = w_l + gamma_l (X^T y - X^T X w_l) / n from w_0 = 0."""
+
+    step_sizes: np.ndarray  # [L] gamma_l
+    risk: float             # Monte Carlo over Wishart draws not used to choose the steps
+    se: float               # its standard error
+
+
+def _isotropic_scales(design: IID, what: str):
+    """(sigma, tau, s^2, s_q^2) of an IID design with cov_x = sigma I, cov_beta = tau I, scalar noise."""
+    _require(design, (IID,), what)
+    Sx, Sb = np.asarray(design.cov_x, np.float64), np.asarray(design.cov_beta, np.float64)
+    d = design.dim
+    sigma, tau = Sx[0, 0], Sb[0, 0]
+    if not (np.allclose(Sx, sigma * np.eye(d), rtol=0, atol=1e-12 * sigma)
+            and np.allclose(Sb, tau * np.eye(d), rtol=0, atol=1e-12 * tau)):
+        raise ValueError(f"{what} needs an isotropic design (cov_x and cov_beta multiples of the identity); "
+                         "got a non-isotropic one")
+    if np.ndim(design.noise_var) != 0:
+        raise ValueError(f"{what} needs a scalar noise_var")
+    return float(sigma), float(tau), float(design.noise_var), float(design.query_noise_var)
+
+
+def context_power_traces(key, dim: int, n: int, num: int, max_power: int) -> jax.Array:
+    """``num`` draws of tr((X^T X)^k), k = 0..max_power, for X [n, dim] standard normal: [num, max_power + 1]
+    float64 (k = 0 gives dim). Drawn in chunks of 10_000 prompts (memory O(chunk n dim))."""
+    v.positive_int("dim", dim)
+    v.positive_int("n", n)
+    v.positive_int("num", num)
+    v.positive_int("max_power", max_power, minimum=0)
+    chunks, batch = _chunks(num, 10_000)
+    with jax.enable_x64(True):
+        return _power_traces(key, dim, n, chunks, batch, max_power)[:num]
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
+def _power_traces(key, dim, n, chunks, batch, max_power):
+    def chunk(k):
+        X = jax.random.normal(k, (batch, n, dim), F64)
+        W = jnp.einsum("bni,bnj->bij", X, X)
+        traces, power = [jnp.full((batch,), float(dim), F64)], jnp.broadcast_to(jnp.eye(dim, dtype=F64), W.shape)
+        for _ in range(max_power):
+            power = power @ W
+            traces.append(jnp.trace(power, axis1=1, axis2=2))
+        return jnp.stack(traces, axis=1)
+
+    return jax.lax.map(chunk, jax.random.split(key, chunks)).reshape(chunks * batch, max_power + 1)
+
+
+def _multistep_polynomials(step_sizes):
+    """Coefficients (lowest degree first) of q(l)^2 and of l p(l)^2 for q(l) = prod_l (1 - gamma_l l) and
+    l p(l) = 1 - q(l): the risk of L-step GD is linear in the spectral power sums tr S^k."""
+    q = jnp.ones((1,), step_sizes.dtype)
+    for i in range(step_sizes.shape[0]):
+        q = jnp.convolve(q, jnp.stack([jnp.ones_like(step_sizes[i]), -step_sizes[i]]))
+    p = -q[1:]  # (1 - q(l)) / l
+    return jnp.convolve(q, q), jnp.concatenate([jnp.zeros((1,), p.dtype), jnp.convolve(p, p)])
+
+
+def _multistep_values(step_sizes, traces, sigma, tau, s2, n):
+    """Per draw: sigma [tau tr q(S)^2 + (s^2 / n) tr S p(S)^2], S = sigma X^T X / n, from tr (X^T X)^k."""
+    qq, lpp = _multistep_polynomials(step_sizes)
+    t = traces * ((sigma / n) ** jnp.arange(traces.shape[1], dtype=F64))[None, :]
+    return sigma * (tau * t[:, :qq.shape[0]] @ qq + (s2 / n) * t[:, :lpp.shape[0]] @ lpp)
+
+
+def multistep_gd_risk(design: IID, n: int, step_sizes, key, num_draws: int = 200_000):
+    """Risk (mean, se) of L-step GD w_{l+1} = w_l + gamma_l X^T (y - X w_l) / n, w_0 = 0, on an isotropic IID
+    design (docs/theory.md §8): with e_l = beta - w_l, e_L = q(S) beta - p(S) X^T eps / n for
+    S = X^T X / n, q(S) = prod_l (I - gamma_l S), so L = s_q^2 + sigma E[tau tr q(S)^2 + (s^2/n) tr S p(S)^2],
+    averaged over ``num_draws`` Wishart draws (``context_power_traces``). L = 1 is PGD with
+    W = gamma I / n (``pgd_risk``)."""
+    sigma, tau, s2, sq2 = _isotropic_scales(design, "multistep_gd_risk")
+    _check_n(design, n)
+    with jax.enable_x64(True):
+        gam = jnp.asarray(step_sizes, F64)
+        if gam.ndim != 1 or gam.shape[0] < 1 or not bool(jnp.all(jnp.isfinite(gam))):
+            raise ValueError(f"step_sizes must be a non-empty 1-D array of finite numbers, got {step_sizes!r}")
+        traces = context_power_traces(key, design.dim, n, num_draws, 2 * gam.shape[0] + 1)
+        vals = _multistep_values(gam, traces, sigma, tau, s2, n)
+        return float(sq2 + jnp.mean(vals)), float(jnp.std(vals, ddof=1) / np.sqrt(num_draws))
+
+
+def optimal_multistep_gd(design: IID, n: int, steps: int, key, num_draws: int = 200_000) -> MultiStepGD:
+    """The best L-step GD (step sizes gamma_1..gamma_L) on an isotropic IID design, docs/theory.md §8.
+    The risk is s_q^2 + sigma [tau E tr q(S)^2 + (s^2 / n) E tr S p(S)^2], linear in the moments
+    m_k = E tr S^k, k <= 2L + 1: they are estimated once from ``num_draws`` Wishart draws, the
+    polynomial in gamma is minimised by BFGS from several starts, and the risk of the chosen steps is
+    re-estimated on as many fresh draws (unbiased, with its standard error). An L-layer linear
+    transformer in the form of Ahn et al. (``models.LinearTransformer``) can represent this predictor."""
+    sigma, tau, s2, _ = _isotropic_scales(design, "optimal_multistep_gd")
+    _check_n(design, n)
+    v.positive_int("steps", steps)
+    fit_key, test_key = jax.random.split(key)
+    one = n / (n + design.dim + 1 + s2 / tau) / sigma  # the optimal single step
+    with jax.enable_x64(True):
+        moments = jnp.mean(context_power_traces(fit_key, design.dim, n, num_draws, 2 * steps + 1), axis=0)
+        objective = jax.jit(lambda g: _multistep_values(g, moments[None], sigma, tau, s2, n)[0])
+
+        starts = [np.full(steps, one * c) for c in (0.5, 1.0, 1.5)] + [np.linspace(0.5, 2.0, steps) * one,
+                                                                      np.linspace(2.0, 0.5, steps) * one]
+        results = [jax.scipy.optimize.minimize(objective, jnp.asarray(x0, F64), method="BFGS") for x0 in starts]
+        gam = np.sort(np.asarray(min(results, key=lambda r: float(r.fun)).x))
+    risk, se = multistep_gd_risk(design, n, gam, test_key, num_draws)
+    return MultiStepGD(gam, risk, se)
+
+
+# --- When SVD truncation of the optimum helps (docs/theory.md §6.1) ------------------------------------
+
+
+class DirectionGains(NamedTuple):
+    """Per eigendirection i of a jointly diagonal design (basis U, columns): the train optimum's weight
+    w_i (W* = U diag(w) U^T) and the exact change of the test risk when direction i alone is dropped
+    (negative: dropping it helps). Directions are sorted by decreasing w_i, the order in which the
+    rank-k SVD truncation keeps them."""
+
+    basis: np.ndarray   # [d, d]
+    weights: np.ndarray  # [d] w_i
+    change: np.ndarray   # [d] Delta_i
+
+
+def truncated_optimum_risk(train_design: IID, n_train: int, test_design: IID, n_test: int, rank: int) -> jax.Array:
+    """Exact test risk of the rank-k SVD truncation of the train optimum W* (``optimal_pgd``):
+    L_test([W*]_k) by ``pgd_risk`` (any IID covariances; shifts in label noise, task covariance and
+    context length). rank = dim is the unpruned optimum."""
+    _require(train_design, (IID,), "truncated_optimum_risk")
+    _require(test_design, (IID,), "truncated_optimum_risk")
+    if test_design.dim != train_design.dim:
+        raise ValueError(f"test_design.dim must equal train_design.dim = {train_design.dim}, got {test_design.dim}")
+    _check_rank(rank, train_design.dim)
+    W_star, _ = optimal_pgd(train_design, n_train)
+    return pgd_risk(test_design, n_test, _truncate(W_star, rank))
+
+
+def direction_gains(train_design: IID, n_train: int, test_design: IID, n_test: int) -> DirectionGains:
+    """docs/theory.md §6.1: with cov_x = U diag(sigma) U^T, train and test cov_beta = U diag(l), U diag(l')
+    U^T (jointly diagonal) and scalar noises, W* = U diag(w) U^T with w_i = l_i / ((n+1) sigma_i l_i + c),
+    c = tr(Sx Sb) + s^2, and the test risk is a sum over directions of
+    sigma_i l'_i - 2 n' w sigma_i^2 l'_i + n' w^2 sigma_i^2 ((n'+1) sigma_i l'_i + c'), so dropping
+    direction i changes it by Delta_i = n' w_i sigma_i^2 (2 l'_i - w_i ((n'+1) sigma_i l'_i + c')):
+    dropping helps iff w_i ((n'+1) sigma_i l'_i + c') > 2 l'_i."""
+    for name, des in (("train_design", train_design), ("test_design", test_design)):
+        _require(des, (IID,), "direction_gains")
+        if np.ndim(des.noise_var) != 0:
+            raise ValueError(f"{name} must have a scalar noise_var for the per-direction condition")
+    if test_design.dim != train_design.dim:
+        raise ValueError(f"test_design.dim must equal train_design.dim = {train_design.dim}, got {test_design.dim}")
+    _check_n(train_design, n_train)
+    _check_n(test_design, n_test)
+    Sx = np.asarray(train_design.cov_x, np.float64)
+    if not np.allclose(np.asarray(test_design.cov_x, np.float64), Sx, rtol=1e-12, atol=0):
+        raise ValueError("test_design.cov_x must equal train_design.cov_x (the shift is in noise, tasks or n)")
+    Sb, Sb_te = np.asarray(train_design.cov_beta, np.float64), np.asarray(test_design.cov_beta, np.float64)
+    mats = (Sx, Sb, Sb_te)
+    _, U = np.linalg.eigh(Sx + np.sqrt(2.0) * Sb + np.pi * Sb_te)  # a generic combination: a common basis
+    diag = [np.einsum("ji,jk,ki->i", U, A, U) for A in mats]
+    for A, dg in zip(mats, diag):
+        if np.abs(U.T @ A @ U - np.diag(dg)).max() > 1e-9 * np.abs(A).max():
+            raise ValueError("direction_gains needs cov_x and both cov_beta jointly diagonalisable (commuting); "
+                             "use truncated_optimum_risk for general covariances")
+    sigma, l_tr, l_te = diag
+    c_tr = float(np.sum(sigma * l_tr) + train_design.noise_var)
+    c_te = float(np.sum(sigma * l_te) + test_design.noise_var)
+    w = l_tr / ((n_train + 1) * sigma * l_tr + c_tr)
+    change = n_test * w * sigma**2 * (2 * l_te - w * ((n_test + 1) * sigma * l_te + c_te))
+    order = np.argsort(-w, kind="stable")
+    return DirectionGains(U[:, order], w[order], change[order])
+
+
+def noise_threshold(design: IID, n: int) -> np.ndarray:
+    """Per direction (sorted as ``direction_gains``), the test label-noise variance above which dropping
+    it from W* lowers the risk when only the noise shifts (docs/theory.md §6.1):
+    s_test^2 > (n + 1) sigma_i l_i + tr(Sx Sb) + 2 s_train^2; isotropic: n + d + 1 + 2 s_train^2."""
+    g = direction_gains(design, n, design, n)
+    sigma_l = np.einsum("ji,jk,ki->i", g.basis, np.asarray(design.cov_x) @ np.asarray(design.cov_beta), g.basis)
+    T = float(np.trace(np.asarray(design.cov_x) @ np.asarray(design.cov_beta)))
+    return (n + 1) * sigma_l + T + 2 * float(design.noise_var)

@@ -1,0 +1,204 @@
+"""Paper B's theory and machinery: the best L-step GD reference, the GD-form linear transformer, when
+SVD truncation of the optimum helps, rank-based pruning, and the statistics of the quality gate."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from iclsim import IID, models, pruning, quality, theory
+from iclsim.designs import GramPrompts, tokens
+from tests.tolerance import assert_close, assert_within_se
+
+F64 = jnp.float64
+
+
+def _gd_risk_by_prompts(design, n, steps, key, num=100_000):
+    """Monte Carlo of L-step GD written from its definition, on prompts drawn by the design."""
+    p = design.sample(key, num, n, F64)
+    w = jnp.zeros_like(p.x)
+    for g in steps:
+        w = w + g * jnp.einsum("bnd,bn->bd", p.X, p.y - jnp.einsum("bnd,bd->bn", p.X, w)) / n
+    err = (p.y_query - jnp.sum(p.x * w, axis=-1)) ** 2
+    return float(jnp.mean(err)), float(jnp.std(err) / np.sqrt(num))
+
+
+def test_one_gd_step_is_pgd_with_a_scaled_identity(key):
+    """Planted bug caught: a wrong noise term (s^2/n) l p^2 or a wrong moment scaling moves L = 1 off L(W)."""
+    d, n = 4, 9
+    design = IID(d, noise_var=0.3, cov_x=2.0 * np.eye(d), cov_beta=0.5 * np.eye(d))
+    for g in (0.2, 0.4):
+        mean, se = theory.multistep_gd_risk(design, n, [g], key, 100_000)
+        assert_within_se(theory.pgd_risk(design, n, g * np.eye(d) / n), mean, se, name=f"1-step GD gamma={g}")
+
+
+@pytest.mark.parametrize("steps", [(0.5, 1.2), (0.3, 0.6, 1.1)])
+def test_multistep_gd_risk_matches_monte_carlo_on_prompts(steps, key):
+    """The spectral formula against GD run on sampled prompts (two independent estimates, 4 combined SE)."""
+    d, n = 3, 7
+    design = IID(d, noise_var=0.5, cov_x=1.5 * np.eye(d), cov_beta=0.8 * np.eye(d))
+    a, sa = theory.multistep_gd_risk(design, n, steps, key, 100_000)
+    b, sb = _gd_risk_by_prompts(design, n, steps, jax.random.fold_in(key, 1))
+    assert_within_se(a, b, np.hypot(sa, sb), name=f"{len(steps)}-step GD")
+
+
+def test_optimal_multistep_gd_special_cases(key):
+    """L = 1: the step n / (n + d + 1 + s^2) and the isotropic optimum d + s^2 - n d / (n + d + 1 + s^2);
+    more steps never do worse (up to Monte Carlo error)."""
+    d, n, s2 = 5, 20, 0.1
+    design = IID(d, noise_var=s2)
+    one = theory.optimal_multistep_gd(design, n, 1, key, 100_000)
+    assert_close(one.step_sizes[0], n / (n + d + 1 + s2), rtol=2e-2)
+    assert_within_se(d + s2 - n * d / (n + d + 1 + s2), one.risk, one.se, name="best 1-step GD")
+    risks = [one] + [theory.optimal_multistep_gd(design, n, L, key, 100_000) for L in (2, 3)]
+    for a, b in zip(risks, risks[1:]):
+        assert b.risk <= a.risk + 4 * np.hypot(a.se, b.se)
+    assert risks[-1].risk < 0.6 * risks[0].risk
+
+
+def test_multistep_refuses_non_isotropic_designs(key):
+    with pytest.raises(ValueError, match="isotropic"):
+        theory.optimal_multistep_gd(IID(3, cov_beta=np.diag([1.0, 2.0, 3.0])), 5, 2, key)
+    with pytest.raises(ValueError, match="step_sizes"):
+        theory.multistep_gd_risk(IID(3), 5, [np.nan], key)
+
+
+def _token_network(params, prompts):
+    """The GD-form transformer written on tokens, layer by layer (Ahn et al.): y_i += w_v (1/n) sum_j
+    (x_i^T Wq Wk^T x_j) y_j on every token, the query's label slot starting at 0; read -y_query."""
+    H = tokens(prompts)
+    n = prompts.X.shape[1]
+    for layer in params["layers"]:
+        a = layer["attn"]
+        X, y = H[:, :, :-1], H[:, :, -1]
+        scores = jnp.einsum("bid,de,bje->bij", X, a["Wq"] @ a["Wk"].T, X[:, :n])
+        y = y + a["w_v"] * jnp.einsum("bij,bj->bi", scores, y[:, :n]) / n
+        H = jnp.concatenate([X, y[..., None]], axis=-1)
+    return -H[:, -1, -1]
+
+
+def test_gd_form_transformer_is_its_token_network_and_reads_only_s(key):
+    """Planted bugs caught: a sign flip of the readout, a residual that is not updated between layers,
+    a Gram path that differs from the token path."""
+    d, n = 3, 6
+    model = models.LinearTransformer(d, 3, dtype=F64, init_scale=0.5)
+    params = model.init(key)
+    p = IID(d, noise_var=0.2).sample(jax.random.fold_in(key, 1), 32, n, F64)
+    assert_close(model.apply(params, p), _token_network(params, p), rtol=1e-10, atol=1e-12)
+    Z = tokens(p)[:, :-1]
+    gram = GramPrompts.from_matrix(jnp.einsum("bni,bnj->bij", Z, Z) / n, p.x, p.y_query)
+    assert_close(model.apply(params, gram), model.apply(params, p), rtol=1e-9, atol=1e-11)
+    assert model.predictions(params, p).shape == (3, 32)
+
+
+def test_preconditioners_are_invariant_to_function_preserving_rescalings(key):
+    model = models.LinearTransformer(3, 2, dtype=F64)
+    params = model.init(key)
+    scaled = {"layers": [{"attn": {"Wq": 3.0 * a["attn"]["Wq"], "Wk": a["attn"]["Wk"] / 2.0,
+                                   "w_v": a["attn"]["w_v"] / 1.5}} for a in params["layers"]]}
+    assert_close(model.preconditioners(scaled), model.preconditioners(params), rtol=1e-12)
+    with pytest.raises(ValueError, match="form"):
+        models.LinearTransformer(3, 2, form="softmax")
+    with pytest.raises(ValueError, match="mlp"):
+        models.LinearTransformer(3, 2, mlp=True)
+
+
+def _designs_for_gains():
+    l = np.array([3.0, 1.0, 0.5, 0.2])
+    train = IID(4, noise_var=0.4, cov_x=np.diag([1.0, 2.0, 0.5, 1.5]), cov_beta=np.diag(l))
+    test = IID(4, noise_var=9.0, cov_x=np.diag([1.0, 2.0, 0.5, 1.5]), cov_beta=np.diag(l * [1, 1, 0.3, 0.1]))
+    return train, test
+
+
+def test_direction_gains_are_exact_risk_changes():
+    """Identity: dropping direction i from W* changes L_test by Delta_i (pgd_risk, exact); the rank-k
+    truncation drops the d - k smallest weights and changes it by their sum."""
+    train, test = _designs_for_gains()
+    n_tr, n_te = 12, 8
+    g = theory.direction_gains(train, n_tr, test, n_te)
+    W = theory.optimal_pgd(train, n_tr)[0]
+    full = float(theory.pgd_risk(test, n_te, W))
+    for i in range(4):
+        u = g.basis[:, i]
+        dropped = W - g.weights[i] * np.outer(u, u)
+        assert_close(float(theory.pgd_risk(test, n_te, dropped)) - full, g.change[i], rtol=1e-8, atol=1e-12)
+    assert np.all(np.diff(g.weights) <= 0)
+    for k in range(5):
+        assert_close(float(theory.truncated_optimum_risk(train, n_tr, test, n_te, k)) - full, np.sum(g.change[k:]),
+                     rtol=1e-8, atol=1e-12)
+
+
+def test_truncated_optimum_risk_matches_monte_carlo(key):
+    train, test = _designs_for_gains()
+    W = theory._truncate(theory.optimal_pgd(train, 12)[0], 2)
+    mean, se = theory.monte_carlo_risk(theory.pgd_predict(W), test, 8, key, 100_000)
+    assert_within_se(theory.truncated_optimum_risk(train, 12, test, 8, 2), mean, se, name="rank-2 truncated W*")
+
+
+def test_noise_threshold_isotropic_and_sign_change():
+    """Special case: isotropic threshold n + d + 1 + 2 s_train^2; pruning one direction hurts just
+    below it and helps just above."""
+    d, n, s2 = 5, 20, 2.6
+    design = IID(d, noise_var=s2)
+    assert_close(theory.noise_threshold(design, n), np.full(d, n + d + 1 + 2 * s2), rtol=1e-12)
+    below = theory.truncated_optimum_risk(design, n, IID(d, noise_var=31.0), n, 4) - theory.pgd_risk(
+        IID(d, noise_var=31.0), n, theory.optimal_pgd(design, n)[0])
+    above = theory.truncated_optimum_risk(design, n, IID(d, noise_var=31.4), n, 4) - theory.pgd_risk(
+        IID(d, noise_var=31.4), n, theory.optimal_pgd(design, n)[0])
+    assert below > 0 > above
+
+
+def test_direction_gains_refuses_non_commuting_covariances():
+    rng = np.random.default_rng(0)
+    A = rng.normal(size=(3, 3))
+    with pytest.raises(ValueError, match="jointly diagonalisable"):
+        theory.direction_gains(IID(3, cov_beta=A @ A.T + np.eye(3)), 5, IID(3, cov_beta=np.diag([1.0, 2, 3])), 5)
+    with pytest.raises(ValueError, match="cov_x"):
+        theory.direction_gains(IID(3), 5, IID(3, cov_x=2 * np.eye(3)), 5)
+
+
+def test_rank_grid_and_bad_pruning_input():
+    with pytest.raises(ValueError, match="both keep rank 1"):
+        pruning.ranks_for_rates((6, 6), [0.0, 0.75, 0.9])
+    assert pruning.ranks_for_rates((6, 6), [0.0, 0.75, 0.9], distinct=False) == [6, 1, 1]
+    with pytest.raises(ValueError, match=r"rank must be an integer in \[1, 3\]"):
+        pruning.svd_truncate(np.eye(3), rank=4)
+    with pytest.raises(ValueError, match="exactly one"):
+        pruning.svd_truncate(np.eye(3), 0.5, rank=2)
+    params = models.LinearTransformer(3, 2).init(jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=r"layer must be in \[0, 1\]"):
+        pruning.prune(params, 2, "attn", rank=1)
+    with pytest.raises(ValueError, match="rank must be"):
+        pruning.prune(params, 0, "attn", rank=0)
+
+
+def test_evaluate_candidates_is_paired_and_search_takes_the_validation_minimum(key):
+    """The unpruned candidate's risk is the same on every seed row as evaluating that seed alone (shared
+    prompts); the search's choice is the argmin of its validation table, scored on test prompts."""
+    d, n = 3, 6
+    model = models.LinearTransformer(d, 2, dtype=F64)
+    params = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[model.init(jax.random.fold_in(key, s)) for s in range(2)])
+    design = IID(d, noise_var=0.3)
+    cands = [pruning.Candidate(0, "attn", None), pruning.Candidate(0, "attn", 1), pruning.Candidate(1, "attn", 2)]
+    risk, se = pruning.evaluate_candidates(model, params, design, n, cands, key, 4_000)
+    assert risk.shape == se.shape == (2, 3)
+    res = pruning.search(model, params, design, n, cands, key, jax.random.fold_in(key, 1), 4_000, 4_000,
+                         null_key=jax.random.fold_in(key, 2))
+    assert_close(res.val_risk, risk, rtol=1e-12)
+    assert np.array_equal(res.chosen, np.argmin(risk, axis=1))
+    assert np.all(res.val_after <= res.val_before) and np.all(np.isfinite(res.null_gain))
+    with pytest.raises(ValueError, match="unpruned"):
+        pruning.search(model, params, design, n, cands[1:], key, key)
+
+
+def test_quality_statistics_known_values():
+    iv = quality.seed_interval([1.0, 2.0, 3.0])
+    assert_close([iv.mean, iv.high - iv.mean], [2.0, 4.303 / np.sqrt(3)], rtol=1e-12)
+    assert_close(quality.sign_test([1.0] * 8), 2 / 256, rtol=1e-12)
+    assert quality.sign_test([1.0, -1.0, 2.0, -2.0]) == 1.0
+    assert list(quality.gate([1.0, 1.2, np.nan], 1.0)) == [True, False, False]
+    assert quality.verdict(quality.Interval(0.1, 0.05, 0.2, 8)) == "supported"
+    assert quality.verdict(quality.Interval(-0.1, -0.2, -0.05, 8)) == "contradicted"
+    assert quality.verdict(quality.Interval(0.0, -0.1, 0.1, 8)).startswith("not resolved")
+    r = quality.robust([1.0, 2.0, 3.0, 4.0, 1e15, 5.0, 6.0, 7.0, 8.0, 9.0])
+    assert r["median"] == 5.5 and r["median_high"] < 1e15 and r["trimmed_mean"] < 10

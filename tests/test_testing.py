@@ -129,3 +129,63 @@ def test_power_law_covariances_have_trace_d_and_ordered_power_spectrum(cov):
 def test_importing_iclsim_does_not_import_hypothesis():
     code = "import sys, iclsim; assert 'hypothesis' not in sys.modules and 'iclsim.testing' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- theory.bayes_risk, checked with the helpers above ----
+
+@pytest.mark.parametrize("d, n, s2", [(3, 2, 0.5), (3, 6, 1.0), (2, 5, 0.1)])
+def test_bayes_risk_is_the_risk_of_ridge_at_penalty_s2(d, n, s2):
+    """For Sx = Sb = I the posterior mean is ridge with penalty s^2 (models.Ridge)."""
+    design = IID(d, noise_var=s2)
+    bayes = theory.bayes_risk(design, n, jax.random.PRNGKey(1), 20_000)
+    assert bayes.se > 0
+    testing.assert_matches_theory((models.Ridge(d, s2, jnp.float64), {}), design, n, bayes, num_prompts=NUM, key=KEY,
+                                  name="bayes_risk vs ridge")
+
+
+def _posterior_mean(design):
+    """x^T Sb X^T (X Sb X^T + D)^{-1} y: the posterior mean of a general Gaussian IID design."""
+    Sb = jnp.asarray(design.cov_beta)
+
+    def predict(p):
+        n = p.X.shape[1]
+        D = jnp.diag(jnp.broadcast_to(jnp.asarray(design.noise_var), (n,)))
+        K = jnp.einsum("bnd,de,bme->bnm", p.X, Sb, p.X) + D[None]
+        return jnp.einsum("bd,de,bne,bn->b", p.x, Sb, p.X, jnp.linalg.solve(K, p.y[..., None])[..., 0])
+
+    return predict
+
+
+def test_bayes_risk_of_a_general_design_matches_its_posterior_mean():
+    design = IID(3, np.diag([2.0, 1.0, 0.5]), np.array([[1.0, 0.5, 0.0], [0.5, 1.5, 0.2], [0.0, 0.2, 0.6]]),
+                 np.array([0.2, 0.8, 0.5, 1.2]), query_noise_var=0.3)
+    bayes = theory.bayes_risk(design, 4, jax.random.PRNGKey(2), 20_000)
+    testing.assert_matches_theory(_posterior_mean(design), design, 4, bayes, num_prompts=NUM, key=KEY,
+                                  name="bayes_risk general")
+    W, L = theory.optimal_pgd(design, 4)
+    assert bayes.risk < float(L) - 10 * bayes.se  # the posterior mean is strictly better than PGD here
+
+
+def test_bayes_risk_exact_cases():
+    design = IID(3, np.diag([2.0, 1.0, 0.5]), noise_var=0.4)
+    assert theory.bayes_risk(design, 0) == (0.4 + 3.5, 0.0)  # no context: s_q^2 + tr(Sx Sb)
+    assert theory.bayes_risk(IID(3, np.diag([2.0, 1.0, 0.5])), 3) == (0.0, 0.0)  # noiseless, n >= d
+    # noiseless isotropic n < d: Sigma_post = I - P_rowspace(X), so L = d - n for every X
+    below = theory.bayes_risk(IID(4), 1)
+    assert below.risk == pytest.approx(3.0, abs=1e-9) and below.se < 1e-9
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(testing.iid_designs(max_dim=3, max_n=6))
+def test_optimal_pgd_is_never_below_the_bayes_risk(case):
+    design, n = case
+    testing.assert_not_below(theory.optimal_pgd(design, n)[1], theory.bayes_risk(design, n, KEY, 4_000),
+                             name="optimal_pgd >= bayes_risk")
+
+
+def test_bayes_risk_bad_input():
+    from iclsim import RAG
+    with pytest.raises(TypeError, match="bayes_risk has a form for IID"):
+        theory.bayes_risk(RAG(3, 0.2), 4)
+    with pytest.raises(ValueError, match="n must be an integer >= 0"):
+        theory.bayes_risk(IID(3), -1)

@@ -4,7 +4,6 @@ retraining (run those first: ``iclsim run all`` orders them)."""
 
 from pathlib import Path
 
-
 from iclsim import plotting
 from iclsim.runner import Experiment, read_rows
 

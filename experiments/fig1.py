@@ -4,8 +4,6 @@ retraining (run those first: ``iclsim run all`` orders them)."""
 
 from pathlib import Path
 
-import numpy as np
-
 from iclsim import plotting
 from iclsim.runner import Experiment, read_rows
 
@@ -23,25 +21,23 @@ def run(s, seed, progress):
 
 
 def plot(rows, s):
-    fig, (ax1, ax2, ax3) = plotting.panels(3)
+    fig, (ax1, ax2, ax3), (g1, g2, g3) = plotting.panels(3, gap=True)
     arch = [r for r in rows if r["source"] == "h3_weighting" and r["model"] != "H3 (SSM filter)"]
-    labels = list(dict.fromkeys(r["design"] for r in arch))
-    x = np.arange(len(labels))
-    for k, m in enumerate(["H3 (free filter)", "linear attention"]):
-        ax1.plot(x, [np.mean([r["risk"] for r in arch if r["design"] == lab and r["model"] == m]) for lab in labels],
-                 "o-", label=m)
-    ax1.plot(x, [next(r["L_H3"] for r in arch if r["design"] == lab) for lab in labels], "k:", lw=2, label="WPGD theory")
-    ax1.plot(x, [next(r["L_ATT"] for r in arch if r["design"] == lab) for lab in labels], "r:", lw=2, label="PGD theory")
-    ax1.set_xticks(x, labels, fontsize=8)
+    plotting.curves(ax1, arch, x="design", group=("model",), theory_label="optimum (WPGD / PGD)")
+    plotting.gap(g1, arch, x="design", group=("model",))
     ax1.set_title("architecture: H3 vs linear attention")
     ax1.set_ylabel("test risk L")
-    ax1.legend(fontsize=7)
-    plotting.curves(ax2, [r for r in rows if r["source"] == "rag"], group=("design",))
+    plotting.legend(ax1)
+    rag = [r for r in rows if r["source"] == "rag"]
+    plotting.curves(ax2, rag, group=("design",), theory_label="exact optimum")
+    plotting.gap(g2, rag, group=("design",))
     ax2.set_title("distributional alignment: RAG")
-    ax2.legend(fontsize=7)
-    plotting.curves(ax3, [r for r in rows if r["source"] == "lowrank"], x="rank", group=("design",))
+    plotting.legend(ax2)
+    low = [r for r in rows if r["source"] == "lowrank"]
+    plotting.curves(ax3, low, x="rank", group=("design",), theory_label="Eckart-Young optimum")
+    plotting.gap(g3, low, x="rank", group=("design",))
     ax3.set_title("low-rank attention")
-    ax3.legend(fontsize=7)
+    plotting.legend(ax3)
     fig.suptitle("Paper A, Fig. 1 overview: trained models (solid) vs theory (dotted)")
     return fig
 

@@ -52,14 +52,15 @@ def run(s, seed, progress):
 
 def plot(rows, s):
     names = list(dict.fromkeys(r["panel"] for r in rows))
-    fig, axes = plotting.panels(len(names))
-    for ax, name in zip(axes, names):
-        plotting.curves(ax, [r for r in rows if r["panel"] == name])
+    fig, axes, gaps = plotting.panels(len(names), gap=True)
+    for ax, gax, name in zip(axes, gaps, names):
+        sub = [r for r in rows if r["panel"] == name]
+        plotting.curves(ax, sub, colour_by="model", theory_label="optimal PGD")
+        plotting.gap(gax, sub, colour_by="model")
         ax.set_title(name)
         ax.set_ylabel("test risk L")
-        ax.legend(fontsize=7)
-    fig.suptitle(f"Linear attention and H3 vs the optimal one-step PGD risk (d = {s['dim']}); "
-                 "solid: trained (mean +- sd over seeds), dotted: theory")
+        plotting.legend(ax)
+    fig.suptitle(f"Linear attention and H3 vs the optimal one-step PGD risk (d = {s['dim']})")
     return fig
 
 

@@ -51,30 +51,34 @@ def run(s, seed, progress):
 def plot(rows, s):
     n = s["n"]
     labels = list(dict.fromkeys(r["design"] for r in rows))
-    models_ = list(dict.fromkeys(r["model"] for r in rows))
-    fig, (ax1, ax2) = plotting.panels(2, width=5.5)
-    x = np.arange(len(labels))
-    for k, m in enumerate(models_):
-        stats = [[r["risk"] for r in rows if r["design"] == lab and r["model"] == m] for lab in labels]
-        ax1.errorbar(x + 0.1 * (k - 1), [np.mean(v) for v in stats], yerr=[np.std(v) for v in stats], fmt="o-",
-                     capsize=2, label=m)
-    for key, style, label in [("L_H3", "k:", "WPGD optimum (H3 theory)"), ("L_ATT", "r:", "PGD optimum (attention theory)")]:
-        ax1.plot(x, [next(r[key] for r in rows if r["design"] == lab) for lab in labels], style, lw=2, marker="_",
-                 ms=20, label=label)
-    ax1.set_xticks(x, labels)
+    fig, (ax1, ax2), (gax, gax2) = plotting.panels(2, width=5.5, gap=True)
+    plotting.curves(ax1, rows, x="design", group=("model",), theory_label="optimum (WPGD for H3, PGD for attention)")
+    plotting.gap(gax, rows, x="design", group=("model",))
     ax1.set_ylabel("test risk L")
     ax1.set_title(f"risk by design (d = {s['dim']}, n = {n})")
-    ax1.legend(fontsize=7)
+    plotting.legend(ax1)
     pos = np.arange(1, n + 1)
-    for lab, colour in zip(labels, plotting.plt.rcParams["axes.prop_cycle"].by_key()["color"]):
+    colours = plotting.colour_map(labels)
+    for lab in labels:
         sub = [r for r in rows if r["design"] == lab and r["model"] == "H3 (free filter)"]
-        learned = np.mean([[r[f"omega_{i}"] for i in pos] for r in sub], axis=0)
-        ax2.plot(pos, learned, "-o", color=colour, ms=3, label=f"{lab}: H3 filter")
-        ax2.plot(pos, [sub[0][f"omega_star_{i}"] for i in pos], ":", color=colour, lw=2)
-    ax2.set_xlabel("context position i (query at n + 1)")
+        if not sub:
+            continue
+        learned = np.array([[r[f"omega_{i}"] for i in pos] for r in sub])
+        ax2.errorbar(pos, learned.mean(axis=0), yerr=learned.std(axis=0) if len(sub) > 1 else None, ls="-",
+                     marker="o", ms=3, capsize=2, color=colours[lab], label=lab)
+        star = np.array([sub[0][f"omega_star_{i}"] for i in pos])
+        ax2.plot(pos, star, ":", color=colours[lab], lw=2)
+        gax2.plot(pos, learned.mean(axis=0) - star, "-o", ms=3, color=colours[lab])
+    ax2.plot([], [], "k:", lw=2, label="omega* = K^-1 rho (dotted)")
+    plotting.integer_ticks(ax2)
     ax2.set_ylabel("sample weight omega_i (mean |omega| = 1)")
-    ax2.set_title("learned H3 filter (solid) vs omega* = K^-1 rho (dotted)")
-    ax2.legend(fontsize=7)
+    ax2.set_title("learned H3 filter (solid) vs theory (dotted)")
+    ax2.legend(fontsize=7, title="error bars: ± sd over seeds" if len({r["seed"] for r in rows}) > 1 else None,
+               title_fontsize=7)
+    gax2.axhline(0.0, color="k", ls=":", lw=1)
+    gax2.set_ylabel("omega - omega*", fontsize=8)
+    gax2.set_xlabel("context position i (query at n + 1)")
+    gax2.grid(alpha=0.3)
     return fig
 
 

@@ -49,16 +49,20 @@ def run(s, seed, progress):
 
 
 def plot(rows, s):
-    fig, axes = plotting.panels(1, width=6)
+    fig, axes, gaps = plotting.panels(1, width=6, gap=True)
     ax = axes[0]
-    plotting.curves(ax, rows, x="rank", group=("family",))
-    for family, ls in [("attention", "-."), ("PGD", "--")]:
+    plotting.curves(ax, rows, x="rank", group=("family",), theory_label="LoRA optimum")
+    plotting.gap(gaps[0], rows, x="rank", group=("family",))
+    colours = plotting.colour_map(dict.fromkeys(r["family"] for r in rows))
+    for family, colour in colours.items():
         fam = [r for r in rows if r["family"] == family]
-        ax.axhline(fam[0]["no_adaptation"], color="gray", ls=ls, lw=1, label=f"{family} before adaptation")
-    ax.axhline(rows[0]["retrained"], color="k", ls=":", lw=1, label="full retraining L*_new")
+        ax.axhline(fam[0]["no_adaptation"], color=colour, ls=plotting.LINESTYLES["reference"], lw=1,
+                   label=f"{family} before adaptation")
+    ax.axhline(rows[0]["retrained"], color="k", ls=plotting.LINESTYLES["approximation"], lw=1,
+               label="full retraining L*_new")
     ax.set_ylabel("test risk L on cov_beta_new")
-    ax.set_xlabel("LoRA rank r")
-    ax.legend(fontsize=7)
+    gaps[0].set_xlabel("LoRA rank r")
+    plotting.legend(ax)
     ax.set_title(f"LoRA adaptation to a rank-2 task-covariance shift (d = {s['dim']}, n = {s['n']})")
     return fig
 

@@ -49,19 +49,21 @@ def run(s, seed, progress):
 
 
 def plot(rows, s):
-    fig, (ax1, ax2) = plotting.panels(2)
-    plotting.curves(ax1, rows, x="rank", group=("design",))
+    fig, (ax1, ax2), (g1, g2) = plotting.panels(2, gap=True)
+    plotting.curves(ax1, rows, x="rank", group=("design",), theory_label="Eckart-Young optimum")
+    plotting.gap(g1, rows, x="rank", group=("design",))
     ax1.set_ylabel("test risk L")
     ax1.set_title(f"risk vs rank r (n = {s['n']})")
-    ax1.legend(fontsize=7)
-    plotting.curves(ax2, [r for r in rows if "overlap" in r], x="rank", y="overlap", theory=None, group=("design",))
-    ax2.axhline(1.0, color="k", ls=":", lw=1, label="theory: top-r eigendirections")
-    ax2.set_xlabel("rank r (r <= number of spikes)")
+    plotting.legend(ax1)
+    kept = [{**r, "overlap_theory": 1.0} for r in rows if "overlap" in r]
+    plotting.curves(ax2, kept, x="rank", y="overlap", theory="overlap_theory", group=("design",),
+                    theory_label="theory: top-r eigendirections")
+    plotting.gap(g2, kept, x="rank", y="overlap", theory="overlap_theory", group=("design",))
     ax2.set_ylim(0, 1.05)
     ax2.set_ylabel("subspace overlap with theory's W_r")
-    ax2.set_title("kept eigendirections")
-    ax2.legend(fontsize=7)
-    fig.suptitle(f"Low-rank linear attention vs the Eckart-Young optimum (d = {s['dim']}); solid trained, dotted theory")
+    ax2.set_title("kept eigendirections (r <= number of spikes)")
+    plotting.legend(ax2)
+    fig.suptitle(f"Low-rank linear attention vs the Eckart-Young optimum (d = {s['dim']})")
     return fig
 
 

@@ -120,23 +120,27 @@ def correlated_experiment(name: str, title: str, make_design: Callable, approxim
         return rows
 
     def plot(rows, s):
-        fig, (ax1, ax2) = plotting.panels(2)
-        plotting.curves(ax1, rows, group=("design",))
+        fig, (ax1, ax2), (g1, g2) = plotting.panels(2, gap=True)
+        plotting.curves(ax1, rows, group=("design",), theory_label="exact optimum")
+        plotting.gap(g1, rows, group=("design",))
+        colours = plotting.colour_map(dict.fromkeys(r["design"] for r in rows))
         if approximation is not None:
             for g, (xs, mean, _) in plotting.seed_stats(rows, "n", "approximation", ("design",)).items():
-                ax1.plot(xs, mean, color="gray", ls=plotting.LINESTYLES["approximation"], lw=1)
-            ax1.plot([], [], color="gray", ls="--", label=approximation_label)
+                ax1.plot(xs, mean, color=colours[g[0]], ls=plotting.LINESTYLES["approximation"], lw=1)
+            ax1.plot([], [], color="gray", ls=plotting.LINESTYLES["approximation"], label=f"{approximation_label} (dashed)")
         ax1.set_ylabel("test risk L")
-        ax1.legend(fontsize=7)
-        ax1.set_title("risk vs n (solid: trained linear attention, dotted: exact)")
-        plotting.curves(ax2, rows, y="n_eff_ratio", theory="n_eff_ratio_theory", group=("design",))
+        plotting.legend(ax1)
+        ax1.set_title("risk vs n, trained linear attention")
+        plotting.curves(ax2, rows, y="n_eff_ratio", theory="n_eff_ratio_theory", group=("design",),
+                        theory_label="exact optimum")
+        plotting.gap(g2, rows, y="n_eff_ratio", theory="n_eff_ratio_theory", group=("design",))
         if approximation is not None:
             for g, (xs, mean, _) in plotting.seed_stats(rows, "n", "approximation", ("design",)).items():
-                ax2.plot(xs, theory.iid_effective_n(s["dim"], s["noise_var"], mean) / xs, color="gray",
+                ax2.plot(xs, theory.iid_effective_n(s["dim"], s["noise_var"], mean) / xs, color=colours[g[0]],
                          ls=plotting.LINESTYLES["approximation"], lw=1)
         ax2.set_ylabel("effective sample size / n")
         ax2.set_title("effective sample-size gain")
-        ax2.legend(fontsize=7)
+        plotting.legend(ax2)
         fig.suptitle(f"{title} (d = {s['dim']}, noise variance {s['noise_var']})")
         return fig
 

@@ -304,12 +304,15 @@ def _chunks(num_prompts, batch_size):
 
 
 def ground_truth(design, n: int, key, num_prompts: int = 200_000, weights=None, batch_size: int = 10_000):
-    """Model-free optimum of yhat = <W, x g^T>, g = X^T (weights * y), for any design (THEORY 4).
+    """Monte Carlo estimate of the PGD-form optimum, the best yhat = <W, x g^T>, g = X^T (weights * y),
+    for any design that can be sampled (docs/theory.md §4): the same optimum ``optimal_pgd`` gives in
+    closed form, NOT the Bayes risk (the best of all predictors, ``bayes_risk``), which lies below it.
 
     With F = vec(x g^T), A = E[F F^T], b = E[y F]: W = A^{-1} b, L = E[y^2] - b^T A^{-1} b,
     estimated in float64 from num_prompts sampled prompts (rounded up to whole batches). The
-    in-sample L is biased low by about d^2 / num_prompts relative; score W on fresh prompts
-    (``monte_carlo_risk``) for an unbiased risk.
+    in-sample L is a least-squares fit's training error: biased low (by about d^2 / num_prompts
+    relative) and without a standard error. For an unbiased risk with its SE score W on fresh
+    prompts (``monte_carlo_risk``), which is biased high only by W's estimation error.
     """
     _check_n(design, n)
     chunks, batch = _chunks(num_prompts, batch_size)
@@ -555,3 +558,62 @@ def noise_threshold(design: IID, n: int) -> np.ndarray:
     sigma_l = np.einsum("ji,jk,ki->i", g.basis, np.asarray(design.cov_x) @ np.asarray(design.cov_beta), g.basis)
     T = float(np.trace(np.asarray(design.cov_x) @ np.asarray(design.cov_beta)))
     return (n + 1) * sigma_l + T + 2 * float(design.noise_var)
+
+
+class BayesRisk(NamedTuple):
+    """The Bayes risk and its Monte Carlo standard error (0 where the value is exact)."""
+
+    risk: float
+    se: float
+
+
+def bayes_risk(design: IID, n: int, key=None, num_draws: int = 20_000, batch_size: int = 2_000) -> BayesRisk:
+    """Risk of the posterior-mean predictor yhat = x^T E[beta | X, y], the least risk of ANY
+    predictor on a Gaussian IID design (docs/theory.md §9): a floor under every PGD and trained model.
+
+    With x_i, x ~ N(0, Sx), beta ~ N(0, Sb) and y_i = x_i.beta + N(0, s_i^2) (D = diag(s_i^2)),
+    beta | X, y ~ N(mu, Sigma_post), Sigma_post = Sb - Sb X^T (X Sb X^T + D)^+ X Sb
+    (= (Sb^{-1} + X^T D^{-1} X)^{-1} when D > 0; the pseudo-inverse gives the noiseless limit), and
+    since x is independent of the context, L_Bayes = s_q^2 + E_X[tr(Sx Sigma_post(X))].
+    Exact cases (se = 0): n = 0 gives s_q^2 + tr(Sx Sb); noiseless labels with n >= d give s_q^2
+    (X has rank d almost surely, so beta is recovered). Otherwise the expectation over X has no
+    closed form and is a Monte Carlo average over num_draws draws of X (rounded up to whole
+    batches), returned with its standard error; float64 throughout.
+    """
+    if not isinstance(design, IID):
+        raise TypeError(f"bayes_risk has a form for IID (Gaussian) designs, not {type(design).__name__}; "
+                        "for other designs bound the risk with ground_truth or monte_carlo_risk")
+    v.positive_int("n", n, minimum=0)
+    if n:
+        _check_n(design, n)
+    d = design.dim
+    Sx, Sb = np.asarray(design.cov_x, np.float64), np.asarray(design.cov_beta, np.float64)
+    sq2 = float(design.query_noise_var)
+    noise = np.broadcast_to(np.asarray(design.noise_var, np.float64), (n,))
+    if n == 0:
+        return BayesRisk(sq2 + float(np.trace(Sx @ Sb)), 0.0)
+    if n >= d and not np.any(noise):
+        return BayesRisk(sq2, 0.0)
+    chunks, batch = _chunks(num_draws, batch_size)
+    key = jax.random.PRNGKey(0) if key is None else key
+    with jax.enable_x64(True):
+        lx = jnp.linalg.cholesky(jnp.asarray(Sx))
+        Sb_j, Sx_j, D = jnp.asarray(Sb), jnp.asarray(Sx), jnp.diag(jnp.asarray(noise))
+
+        @jax.jit
+        def excess(keys):
+            def body(carry, k):
+                X = jax.random.normal(k, (batch, n, d), F64) @ lx.T
+                XSb = X @ Sb_j  # [B, n, d]
+                K = jnp.einsum("bnd,bmd->bnm", XSb, X) + D[None]
+                # tr(Sx Sigma_post) = tr(Sx Sb) - tr(Sx Sb X^T K^+ X Sb)
+                explained = jnp.einsum("bnd,bnm,bme,ed->b", XSb, jnp.linalg.pinv(K, hermitian=True), XSb, Sx_j)
+                r = jnp.trace(Sx_j @ Sb_j) - explained
+                return (carry[0] + jnp.sum(r), carry[1] + jnp.sum(r**2)), None
+
+            zero = jnp.zeros((), F64)
+            return jax.lax.scan(body, (zero, zero), jax.random.split(keys, chunks))[0]
+
+        total, total_sq = excess(key)
+        mean, se = mean_and_se(total, total_sq, chunks * batch)
+        return BayesRisk(sq2 + float(mean), float(se))

@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from iclsim import IID, RAG, Drift, TaskFeatureAlignment, theory
+from iclsim import IID, RAG, Drift, TaskFeatureAlignment, testing, theory
 from tests import strategies
-from tests.tolerance import assert_close, assert_within_se
+from tests.tolerance import MC_SIGMAS, Z_SCORES, assert_close, assert_within_se
 
 MC = settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 FAST = settings(max_examples=40, deadline=None, derandomize=True)
@@ -18,8 +18,15 @@ KEY = jax.random.PRNGKey(7)
 NUM = 60_000
 
 
-def _mc(W, design, n, weights=None, key=KEY):
-    return theory.monte_carlo_risk(theory.pgd_predict(W, weights), design, n, key, NUM)
+def _check(predictor, design, n, expected, name):
+    """iclsim.testing's Monte Carlo check at the suite's tolerance, its z recorded for the summary."""
+    check = testing.assert_matches_theory(predictor, design, n, expected, sigmas=MC_SIGMAS, num_prompts=NUM,
+                                          key=KEY, name=name)
+    Z_SCORES.append((name, abs(check.z)))
+
+
+def _check_pgd(W, design, n, expected, name, weights=None):
+    _check(theory.pgd_predict(W, weights), design, n, expected, name)
 
 
 @MC
@@ -29,7 +36,7 @@ def test_iid_risk_of_any_w_matches_monte_carlo(dn, seed):
     rng = np.random.default_rng(seed)
     W = rng.normal(size=(design.dim, design.dim)) / (n + design.dim)
     weights = rng.uniform(0.2, 2.0, size=n)
-    assert_within_se(theory.pgd_risk(design, n, W, weights), *_mc(W, design, n, weights), name="pgd_risk IID")
+    _check_pgd(W, design, n, theory.pgd_risk(design, n, W, weights), "pgd_risk IID", weights)
 
 
 def _attention_predict(Q, v):
@@ -52,8 +59,7 @@ def test_attention_risk_of_any_attention_matches_monte_carlo(dn, seed):
     D = design.dim + 1
     Q, v = rng.normal(size=(D, D)) / D, rng.normal(size=D) / D
     L = theory.attention_risk(design, n, Q, v)
-    assert_within_se(L, *theory.monte_carlo_risk(_attention_predict(Q, v), design, n, KEY, NUM),
-                     name="attention_risk IID")
+    _check(_attention_predict(Q, v), design, n, L, "attention_risk IID")
 
 
 @FAST
@@ -76,7 +82,7 @@ def test_attention_risk_in_the_pgd_subspace_is_pgd_risk(dn, seed):
 def test_iid_optimal_pgd_matches_monte_carlo(dn):
     design, n = dn
     W, L = theory.optimal_pgd(design, n)
-    assert_within_se(L, *_mc(W, design, n), name="optimal_pgd IID")
+    _check_pgd(W, design, n, L, "optimal_pgd IID")
 
 
 @MC
@@ -84,7 +90,7 @@ def test_iid_optimal_pgd_matches_monte_carlo(dn):
 def test_correlated_optimum_matches_monte_carlo(dn):
     design, n = dn
     W, L = theory.optimal_pgd(design, n)
-    assert_within_se(L, *_mc(W, design, n), name=f"optimal_pgd {type(design).__name__}")
+    _check_pgd(W, design, n, L, f"optimal_pgd {type(design).__name__}")
 
 
 @MC
@@ -92,11 +98,11 @@ def test_correlated_optimum_matches_monte_carlo(dn):
 def test_drift_risks_match_monte_carlo(dn, seed):
     design, n = dn
     W, omega, L = theory.optimal_wpgd(design, n)
-    assert_within_se(L, *_mc(W, design, n, omega), name="optimal_wpgd Drift")
+    _check_pgd(W, design, n, L, "optimal_wpgd Drift", omega)
     rng = np.random.default_rng(seed)
     W = rng.normal(size=(design.dim, design.dim)) / (n + design.dim)
     weights = rng.normal(size=n)
-    assert_within_se(theory.pgd_risk(design, n, W, weights), *_mc(W, design, n, weights), name="pgd_risk Drift")
+    _check_pgd(W, design, n, theory.pgd_risk(design, n, W, weights), "pgd_risk Drift", weights)
 
 
 @MC
@@ -104,7 +110,7 @@ def test_drift_risks_match_monte_carlo(dn, seed):
 def test_iid_optimal_wpgd_matches_monte_carlo_and_is_stationary(dn):
     design, n = dn
     W, omega, L = theory.optimal_wpgd(design, n)
-    assert_within_se(L, *_mc(W, design, n, omega), name="optimal_wpgd IID")
+    _check_pgd(W, design, n, L, "optimal_wpgd IID", omega)
     gW, gw = jax.grad(lambda W, w: theory.pgd_risk(design, n, W, w), argnums=(0, 1))(W, omega)
     assert_close(gW, 0.0, atol=1e-8)
     assert_close(gw, 0.0, atol=1e-8)

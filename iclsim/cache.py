@@ -174,7 +174,12 @@ def _feed(h, obj, path: str, seen: set):
 
 
 def _is_library(obj) -> bool:
-    module = getattr(obj, "__module__", None) or getattr(type(obj), "__module__", "") or ""
+    """Whether obj comes from a library hashed by name and version (functions and classes by their own
+    module; a function without a module, say made by exec, is user code)."""
+    if isinstance(obj, (types.FunctionType, type)):
+        module = getattr(obj, "__module__", None) or ""
+    else:
+        module = getattr(obj, "__module__", None) or getattr(type(obj), "__module__", "") or ""
     return module.split(".")[0] in _LIBRARIES
 
 

@@ -145,19 +145,20 @@ def test_cache_key_follows_versions_devices_and_package_source(monkeypatch, tmp_
     assert cache.package_source_hash.__wrapped__() != before
 
 
-def test_cache_key_covers_a_function_optimizer_and_dtype():
-    """Finding 1: the training config's dtype and an optimizer given as a module-level function change the key."""
+def test_cache_key_covers_an_optimizer_function_edited_in_place(tmp_path):
+    """Finding 1: an optimizer given as a module-level function of the schedule (TrainConfig.optimizer) is
+    hashed by its source: the same name returning another optax transformation is another key; the
+    training config's dtype is in the key too."""
+    src = """
+        import optax
+        def opt(schedule):
+            return {body}
+        """
+    sgd = cache.fingerprint(_module(tmp_path, "user_opt", src.format(body="optax.sgd(schedule)")).opt)
+    adamw = cache.fingerprint(_module(tmp_path, "user_opt", src.format(body="optax.adamw(schedule)")).opt)
+    assert sgd != adamw
     cfg32, cfg64 = train.TrainConfig(steps=10), train.TrainConfig(steps=10, dtype=jax.numpy.float64)
     assert cache.fingerprint(cfg32) != cache.fingerprint(cfg64)
-    assert cache.fingerprint(_sgd) != cache.fingerprint(_adamw)
-
-
-def _sgd(schedule):
-    return optax.sgd(schedule)
-
-
-def _adamw(schedule):
-    return optax.adamw(schedule, weight_decay=1e-4)
 
 
 def _entry(tmp_path):

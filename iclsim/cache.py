@@ -166,8 +166,12 @@ def _feed(h, obj, path: str, seen: set):
         _feed_function(h, obj, path, seen)
     elif isinstance(obj, types.ModuleType):
         h.update(f"module:{obj.__name__}:{getattr(obj, '__version__', '')}".encode())
+    elif callable(obj) and callable(getattr(obj, "__wrapped__", None)) and not _is_library(obj):
+        _feed(h, obj.__wrapped__, path, seen)  # jax.jit, functools.wraps: the function inside
     elif callable(obj) and _is_library(obj):  # builtins, ufuncs, jax primitives: versions are in the key
         h.update(f"lib:{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}".encode())
+    elif _is_library(obj) and " at 0x" not in repr(obj):  # library constants (typing.Any, ...)
+        h.update(f"lib:{type(obj).__module__}:{obj!r}".encode())
     else:
         _refuse(path, f"a {type(obj).__qualname__} object, which has no stable content to hash (only its identity)")
     h.update(b">")
@@ -280,11 +284,7 @@ def _feed_globals(h, fn, path: str, seen: set):
             continue  # a module: its functions are hashed where the code names them
         if isinstance(value, (np.ndarray, jax.Array)):
             _refuse(path, f"a function that reads the module-level array {name!r}")
-        if not (isinstance(value, (type, types.FunctionType, functools.partial)) or value is None
-                or isinstance(value, (bool, int, float, complex, str, bytes, tuple, frozenset, np.generic, enum.Enum))
-                or dataclasses.is_dataclass(value)):
-            continue  # a mutable global (dict, list, object) is not part of the key; a function argument is
-        h.update(f"global:{name}".encode())
+        h.update(f"global:{name}".encode())  # by content, or refused: never left out of the key
         _feed(h, value, f"{path} (global {name!r})", seen)
 
 

@@ -275,7 +275,7 @@ def _interrupts_held():
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
     if caught:
         raise KeyboardInterrupt
 

@@ -1,11 +1,11 @@
 """Paper A, Figure 1: one overview of the three aspects (architecture, distributional alignment,
 low rank), drawn from the results of h3_weighting, rag and lowrank in the output folder, without
-retraining (run those first: ``iclsim run all`` orders them)."""
-
-from pathlib import Path
+retraining (run those first: ``iclsim run all`` orders them). Their provenance is checked
+(``runner.read_results``): results of another fidelity (quick or not), seed or iclsim version are
+refused."""
 
 from iclsim import plotting
-from iclsim.runner import Experiment, read_rows
+from iclsim.runner import Experiment, read_results
 
 SOURCES = ("h3_weighting", "rag", "lowrank")
 
@@ -13,10 +13,8 @@ SOURCES = ("h3_weighting", "rag", "lowrank")
 def run(s, seed, progress):
     rows = []
     for name in SOURCES:
-        path = Path(s["out"]) / f"{name}.csv"
-        if not path.exists():
-            raise FileNotFoundError(f"fig1 draws from {path}; run `iclsim run {name} --out {s['out']}` first")
-        rows += [{"source": name, **r} for r in read_rows(path)]
+        found = read_results(s["out"], name, quick=s.get("quick", False), seed=seed, reader="fig1")
+        rows += [{"source": name, **r} for r in found]
     return rows
 
 

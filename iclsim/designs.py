@@ -102,6 +102,8 @@ def truncate_context(prompts: Prompts, n) -> Prompts:
     is the mask that lets one compiled program train a whole risk-vs-n curve.
     """
     n_max = prompts.X.shape[1]
+    if not v._is_traced(n):
+        v.integer("n", n, 0, n_max)
     keep = (jnp.arange(n_max) >= n_max - n).astype(prompts.y.dtype)
     return prompts._replace(X=prompts.X * keep[None, :, None], y=prompts.y * keep[None, :])
 
@@ -289,8 +291,10 @@ def _law(mean_x, A, beta, noise_var, x, query_noise, query_noise_var) -> Context
     return ContextLaw(mean, jnp.concatenate([top, bottom], axis=1), x, _query_label(x, beta, query_noise, query_noise_var))
 
 
-def _check_n(design, n):
+def _check_n(design, n, batch=None):
     v.positive_int("n", n)
+    if batch is not None:
+        v.positive_int("batch", batch)
     fixed = design.fixed_n
     if fixed is not None and n != fixed:
         raise ValueError(f"n must equal {fixed} for this design (its per-position arrays), got {n}")
@@ -344,7 +348,7 @@ class IID(_Design):
         return None if np.ndim(self.noise_var) == 0 else np.shape(self.noise_var)[0]
 
     def sample(self, key, batch: int, n: int, dtype=jnp.float32) -> Prompts:
-        _check_n(self, n)
+        _check_n(self, n, batch)
         d = self.dim
         gb, gX, gx, gn, gq = normals(key, dtype, (batch, d), (batch, n, d), (batch, d), (batch, n), (batch, 1))
         lx = jnp.linalg.cholesky(jnp.asarray(self.cov_x, dtype))
@@ -385,8 +389,8 @@ class RAG(_Design):
     def __post_init__(self):
         v.positive_int("dim", self.dim)
         alpha = v.in_range("alpha", self.alpha, -1.0, 1.0)
-        gamma = float(self.gamma)
-        if not np.isfinite(gamma) or gamma <= 0:
+        gamma = v.real("gamma", self.gamma)
+        if gamma <= 0:
             raise ValueError(f"gamma must be > 0, got {self.gamma!r}")
         noise = v.nonneg_variance("noise_var", self.noise_var)
         if noise.ndim:
@@ -395,12 +399,12 @@ class RAG(_Design):
 
     @classmethod
     def marginal_isotropic(cls, dim: int, alpha: float, noise_var: float = 0.0) -> "RAG":
-        if not abs(alpha) < 1:
+        if not abs(v.real("alpha", alpha)) < 1:
             raise ValueError(f"alpha must be in (-1, 1) for the marginally isotropic RAG, got {alpha}")
         return cls(dim, alpha, float(np.sqrt(1 - alpha**2)), noise_var)
 
     def sample(self, key, batch: int, n: int, dtype=jnp.float32) -> Prompts:
-        _check_n(self, n)
+        _check_n(self, n, batch)
         d = self.dim
         beta, gX, x, gn, gq = normals(key, dtype, (batch, d), (batch, n, d), (batch, d), (batch, n), (batch, 1))
         X = jnp.asarray(self.alpha, dtype) * x[:, None, :] + jnp.asarray(self.gamma, dtype) * gX
@@ -435,7 +439,7 @@ class TaskFeatureAlignment(_Design):
         _set(self, alpha=np.float64(alpha), noise_var=noise)
 
     def sample(self, key, batch: int, n: int, dtype=jnp.float32) -> Prompts:
-        _check_n(self, n)
+        _check_n(self, n, batch)
         d = self.dim
         beta, gX, x, gn, gq = normals(key, dtype, (batch, d), (batch, n, d), (batch, d), (batch, n), (batch, 1))
         X = jnp.asarray(self.alpha, dtype) * beta[:, None, :] + gX
@@ -472,7 +476,7 @@ class Drift(_Design):
 
     def __post_init__(self):
         v.positive_int("dim", self.dim)
-        rho = np.asarray(self.rho, dtype=np.float64)
+        rho = v.real_array("rho", self.rho, finite=False)
         if rho.ndim != 1 or rho.shape[0] < 1:
             raise ValueError(f"rho must be a 1-D array with one entry per context position, got shape {rho.shape}")
         if not np.all(np.isfinite(rho)) or np.any(np.abs(rho) > 1):
@@ -482,7 +486,7 @@ class Drift(_Design):
             corr = np.outer(rho, rho)
             np.fill_diagonal(corr, 1.0)
         else:
-            corr = np.asarray(self.corr, dtype=np.float64)
+            corr = v.real_array("corr", self.corr)
             if corr.shape != (n, n):
                 raise ValueError(f"corr must have shape ({n}, {n}), got {corr.shape}")
             if not np.allclose(corr, corr.T) or not np.allclose(np.diag(corr), 1.0):
@@ -497,6 +501,8 @@ class Drift(_Design):
             qn = noise
         else:
             qn = v.nonneg_variance("query_noise_var", self.query_noise_var)
+            if qn.ndim:
+                raise ValueError(f"query_noise_var must be a scalar (the query's noise), got shape {qn.shape}")
         _set(self, rho=rho, corr=corr, noise_var=noise, query_noise_var=qn)
 
     @classmethod
@@ -512,7 +518,7 @@ class Drift(_Design):
         return np.shape(self.rho)[0]
 
     def sample(self, key, batch: int, n: int, dtype=jnp.float32) -> Prompts:
-        _check_n(self, n)
+        _check_n(self, n, batch)
         d = self.dim
         gt, X, x, gn, gq = normals(key, dtype, (batch, n + 1, d), (batch, n, d), (batch, d), (batch, n), (batch, 1))
         rho = jnp.asarray(self.rho, dtype)
@@ -537,6 +543,7 @@ class TaskPool(_Design):
     def __post_init__(self):
         v.positive_int("dim", self.dim)
         v.positive_int("num_tasks", self.num_tasks)
+        v.integer("pool_seed", self.pool_seed, 0)
         noise = v.nonneg_variance("noise_var", self.noise_var)
         if noise.ndim:
             raise ValueError("noise_var must be a scalar for TaskPool")
@@ -544,7 +551,7 @@ class TaskPool(_Design):
         _set(self, noise_var=noise, pool=pool, pool_seed=np.int64(self.pool_seed), num_tasks=np.int64(self.num_tasks))
 
     def sample(self, key, batch: int, n: int, dtype=jnp.float32) -> Prompts:
-        _check_n(self, n)
+        _check_n(self, n, batch)
         d = self.dim
         (gX, x, gn, gq), (u,), _ = draw_many(key, dtype, [(batch, n, d), (batch, d), (batch, n), (batch, 1)], [(batch,)])
         beta = self._task(u, dtype)
@@ -642,6 +649,10 @@ def bartlett_factor(key, batch: int, dim: int, dof, dtype=jnp.float32) -> jax.Ar
     """Lower-triangular T [batch, dim, dim] with T T^T ~ Wishart_dim(I, dof), for an integer dof >= 0
     that may be traced (Bartlett decomposition, extended to dof < dim where the Wishart is singular):
     column j is alive only for j < dof, T_jj^2 ~ chi^2(dof - j), T_ij ~ N(0, 1) for i > j."""
+    v.positive_int("batch", batch)
+    v.positive_int("dim", dim)
+    if not v._is_traced(dof):
+        v.integer("dof", dof, 0)
     normal_shapes, uniform_shapes = _bartlett_shapes(batch, dim)
     (below, odd, z), (u,), (k,) = draw_many(key, dtype, normal_shapes, uniform_shapes, keys=1)
     return _bartlett(below, odd, z, u, k, dim, dof)
@@ -659,6 +670,10 @@ def sample_gram(design, key, batch: int, n, n_slots: int, dtype=jnp.float32) -> 
     if not getattr(design, "has_context_law", False):
         raise ValueError(f"design {type(design).__name__} has no context law: its context pairs are not "
                          "i.i.d. given the latent (per-position noise or drift); draw tokens instead")
+    v.positive_int("batch", batch)
+    n_slots = v.positive_int("n_slots", n_slots)
+    if not v._is_traced(n):
+        v.integer("n", n, 1, n_slots)
     D = design.dim + 1
     normal_shapes, uniform_shapes = _bartlett_shapes(batch, D)
     law_normals, law_uniforms = design.law_draws(batch)

@@ -29,20 +29,54 @@ class Moments(NamedTuple):
     base: jax.Array  # s_q^2 + tr(Sx Sb), the risk of yhat = 0
 
 
+# the most context positions a function that returns or reads one number per position takes
+MAX_PER_POSITION = 10**7
+
+
+def _context(design, n) -> int:
+    """n checked for ``design`` (``designs._check_n``) and at most ``_validate.MAX_N`` (the closed forms
+    are O(d^3) in n, exact in float64 up to 2**53)."""
+    _check_n(design, n)
+    return v.integer("n", n, 1, v.MAX_N)
+
+
 def _weights(weights, n):
     if weights is None:
+        if n > MAX_PER_POSITION:
+            raise ValueError(f"n must be <= {MAX_PER_POSITION} for per-position weights, got {n}")
         return jnp.ones(n, F64)
-    w = jnp.asarray(weights, F64)
+    w = _finite("weights", weights)
     if w.shape != (n,):
         raise ValueError(f"weights must have shape ({n},), got {w.shape}")
     return w
 
 
+def _finite(name, A):
+    """A as a float64 array; a concrete array must be finite (a traced one, under grad, is not checked)."""
+    if not isinstance(A, jax.core.Tracer):
+        arr = v.real_array(name, A, finite=False)
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"{name} must be finite (it holds NaN or inf)")
+    return jnp.asarray(A, F64)
+
+
 def _square(name, W, d):
-    W = jnp.asarray(W, F64)
+    W = _finite(name, W)
     if W.shape != (d, d):
         raise ValueError(f"{name} must have shape ({d}, {d}), got {W.shape}")
     return W
+
+
+def _weight_sums(design, n: int, weights):
+    """(s1, s2, sn) = (sum w_i, sum w_i^2, sum w_i^2 s_i^2): analytic for uniform weights (weights None),
+    so the cost is free of n."""
+    if weights is None:
+        noise = np.asarray(design.noise_var, np.float64)
+        total = float(noise.sum()) if noise.ndim else float(noise) * n
+        return jnp.asarray(float(n), F64), jnp.asarray(float(n), F64), jnp.asarray(total, F64)
+    w = _weights(weights, n)
+    s_i = jnp.broadcast_to(jnp.asarray(design.noise_var, F64), (n,))
+    return jnp.sum(w), jnp.sum(w**2), jnp.sum(w**2 * s_i)
 
 
 def _require(design, kinds, what):
@@ -60,11 +94,9 @@ def _sym_sqrt(A):
 def pgd_moments(design: IID, n: int, weights=None) -> Moments:
     """THEORY 3: C = s1 Sx Sb, M = (s1^2 + s2) Sx Sb Sx + s2 tr(Sb Sx) Sx + sn Sx."""
     _require(design, (IID,), "pgd_moments")
-    _check_n(design, n)
-    w = _weights(weights, n)
+    n = _context(design, n)
     Sx, Sb = jnp.asarray(design.cov_x, F64), jnp.asarray(design.cov_beta, F64)
-    s_i = jnp.broadcast_to(jnp.asarray(design.noise_var, F64), (n,))
-    s1, s2, sn = jnp.sum(w), jnp.sum(w**2), jnp.sum(w**2 * s_i)
+    s1, s2, sn = _weight_sums(design, n, weights)
     T = jnp.trace(Sx @ Sb)
     C = s1 * Sx @ Sb
     M = (s1**2 + s2) * Sx @ Sb @ Sx + (s2 * T + sn) * Sx
@@ -86,14 +118,14 @@ def pgd_risk(design: IID | Drift, n: int, W, weights=None) -> jax.Array:
     Differentiable in W and weights.
     """
     _require(design, (IID, Drift), "pgd_risk")
-    _check_n(design, n)
+    n = _context(design, n)
     W = _square("W", W, design.dim)
-    w = _weights(weights, n)
     if isinstance(design, Drift):
+        w = _weights(weights, n)
         rho = jnp.asarray(design.rho, F64)
         return (jnp.asarray(design.query_noise_var, F64) + design.dim - 2 * (w @ rho) * jnp.trace(W)
                 + (w @ _drift_K(design) @ w) * jnp.sum(W * W))
-    m = pgd_moments(design, n, w)
+    m = pgd_moments(design, n, weights)
     return m.base - 2 * jnp.trace(m.cov_x @ W @ m.C) + jnp.trace(m.cov_x @ W @ m.M @ W.T)
 
 
@@ -105,12 +137,12 @@ def attention_risk(design: IID, n: int, Q, v) -> jax.Array:
     L = s_q^2 + E_beta[b^T Sx b - 2 b^T Sx G C v + (1 + 1/n) v^T C G^T Sx G C v + (v^T C v) tr(Sx G C G^T) / n],
     a polynomial of degree 4 in beta averaged with Isserlis' theorem. Differentiable in Q and v."""
     _require(design, (IID,), "attention_risk")
-    _check_n(design, n)
+    n = _context(design, n)
     d = design.dim
     if jnp.ndim(design.noise_var) != 0:
         raise ValueError("attention_risk needs a scalar noise_var (tokens i.i.d. given beta)")
     Q = _square("Q", Q, d + 1)
-    v = jnp.asarray(v, F64)
+    v = _finite("v", v)
     if v.shape != (d + 1,):
         raise ValueError(f"v must have shape ({d + 1},), got {v.shape}")
     Sx, Sb = jnp.asarray(design.cov_x, F64), jnp.asarray(design.cov_beta, F64)
@@ -155,8 +187,10 @@ def optimal_pgd(design, n: int):
     RAG, TaskFeatureAlignment (THEORY 4): W* = c* I with c* = n E1 / E2.
     Drift (THEORY 5): the uniform-weight (linear attention) optimum,
     W* = (1^T rho / 1^T K 1) I, L_ATT = d + s_q^2 - d (1^T rho)^2 / (1^T K 1).
+    O(d^3) whatever n (n up to 2**53).
     """
-    _check_n(design, n)
+    _require(design, (IID, RAG, TaskFeatureAlignment, Drift), "optimal_pgd")
+    n = _context(design, n)
     d = design.dim
     if isinstance(design, IID):
         m = pgd_moments(design, n)
@@ -177,6 +211,10 @@ def rag_effective_risk(design: RAG, n: int) -> jax.Array:
     """THEORY 4, large-d approximation for gamma = 1: the isotropic IID optimum with n replaced by
     kappa n, kappa = alpha^2 d + 1: L ~ d + s^2 - d kappa n / (kappa n + kappa + d + s^2)."""
     _require(design, (RAG,), "rag_effective_risk")
+    n = _context(design, n)
+    if float(design.gamma) != 1.0:
+        raise ValueError(f"rag_effective_risk is the approximation for gamma = 1, got a RAG with gamma = "
+                         f"{float(design.gamma):g}; use optimal_pgd for the exact risk")
     d, s2 = design.dim, float(design.noise_var)
     kappa = effective_sample_multiplier(design)
     return jnp.asarray(d + s2 - d * kappa * n / (kappa * n + kappa + d + s2), F64)
@@ -184,13 +222,19 @@ def rag_effective_risk(design: RAG, n: int) -> jax.Array:
 
 def effective_sample_multiplier(design: RAG) -> float:
     """Paper A's kappa = alpha^2 d + 1 for RAG with gamma = 1."""
+    _require(design, (RAG,), "effective_sample_multiplier")
     return float(design.alpha) ** 2 * design.dim + 1.0
 
 
 def iid_effective_n(dim: int, noise_var: float, risk):
     """Effective sample size: the n at which the isotropic IID optimum d + s^2 - n d / (n + d + 1 + s^2)
     equals ``risk`` (inverse of that formula, real-valued): n = r (d + 1 + s^2) / (d - r), r = d + s^2 - L."""
-    r = dim + noise_var - np.asarray(risk, np.float64)
+    dim = v.positive_int("dim", dim)
+    noise_var = v.real("noise_var", noise_var, 0.0)
+    risk = v.real_array("risk", risk)
+    if np.any(risk <= noise_var):
+        raise ValueError(f"risk must be > noise_var = {noise_var:g} (no predictor beats the label noise), got {risk!r}")
+    r = dim + noise_var - risk
     return r * (dim + 1 + noise_var) / (dim - r)
 
 
@@ -206,7 +250,10 @@ def optimal_wpgd(design: IID | Drift, n: int):
     fixed-point iteration (isotropic: t = d + 1). Equal noise gives uniform omega.
     """
     _require(design, (IID, Drift), "optimal_wpgd")
-    _check_n(design, n)
+    n = _context(design, n)
+    if n > MAX_PER_POSITION:
+        raise ValueError(f"n must be <= {MAX_PER_POSITION} for optimal_wpgd (it returns one weight per position), "
+                         f"got {n}")
     if isinstance(design, Drift):
         raw = jnp.linalg.solve(_drift_K(design), jnp.asarray(design.rho, F64))
         scale = jnp.mean(jnp.abs(raw))
@@ -250,7 +297,9 @@ def _truncate(A, rank):
 
 
 def _check_rank(rank, d):
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or not 0 <= rank <= d:
+    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+        raise TypeError(f"rank must be an integer in [0, {d}] (at most dim), got {rank!r} (a {type(rank).__name__})")
+    if not 0 <= rank <= d:
         raise ValueError(f"rank must be an integer in [0, {d}] (at most dim), got {rank!r}")
 
 
@@ -258,6 +307,7 @@ def lowrank_optimal_pgd(design: IID, n: int, rank: int) -> jax.Array:
     """Best rank-r preconditioner (THEORY 3, Eckart-Young in the Sx^{1/2} . M^{1/2} geometry):
     W_r = Sx^{-1/2} [Sx^{1/2} W* M^{1/2}]_r M^{-1/2}."""
     _require(design, (IID,), "lowrank_optimal_pgd")
+    _context(design, n)
     _check_rank(rank, design.dim)
     W_star, _ = optimal_pgd(design, n)
     A, sx_half, m_half = _whitened_optimum(design, n, W_star)
@@ -267,6 +317,7 @@ def lowrank_optimal_pgd(design: IID, n: int, rank: int) -> jax.Array:
 def lowrank_optimal_risk(design: IID, n: int, rank: int) -> jax.Array:
     """min_{rank W <= r} L(W) = L* + sum_{i>r} sigma_i(Sx^{1/2} W* M^{1/2})^2 (THEORY 3)."""
     _require(design, (IID,), "lowrank_optimal_risk")
+    _context(design, n)
     _check_rank(rank, design.dim)
     W_star, L_star = optimal_pgd(design, n)
     A, _, _ = _whitened_optimum(design, n, W_star)
@@ -278,6 +329,7 @@ def lora_optimal_pgd(design: IID, n: int, W0, rank: int) -> jax.Array:
     """Best W0 + Delta with rank Delta <= r on the new design (THEORY 3, LoRA):
     Delta = Sx^{-1/2} [Sx^{1/2} (W*_new - W0) M_new^{1/2}]_r M_new^{-1/2}."""
     _require(design, (IID,), "lora_optimal_pgd")
+    _context(design, n)
     _check_rank(rank, design.dim)
     W0 = _square("W0", W0, design.dim)
     W_star, _ = optimal_pgd(design, n)
@@ -288,12 +340,24 @@ def lora_optimal_pgd(design: IID, n: int, W0, rank: int) -> jax.Array:
 def lora_optimal_risk(design: IID, n: int, W0, rank: int) -> jax.Array:
     """min L_new(W0 + Delta), rank Delta <= r: L*_new + sum_{i>r} sigma_i(Sx^{1/2}(W*_new - W0) M^{1/2})^2."""
     _require(design, (IID,), "lora_optimal_risk")
+    _context(design, n)
     _check_rank(rank, design.dim)
     W0 = _square("W0", W0, design.dim)
     W_star, L_star = optimal_pgd(design, n)
     A, _, _ = _whitened_optimum(design, n, W_star - W0)
     s = jnp.linalg.svd(A, compute_uv=False)
     return L_star + jnp.sum(jnp.where(jnp.arange(s.shape[0]) >= rank, s**2, 0.0))
+
+
+def _sampled(design, n, what: str) -> int:
+    """n for a Monte Carlo function: a design with ``dim`` and ``sample``, n at most MAX_PER_POSITION."""
+    if not (hasattr(design, "dim") and callable(getattr(design, "sample", None))):
+        raise TypeError(f"design must be a design (with dim and sample(key, batch, n, dtype)), got "
+                        f"{type(design).__name__}")
+    n = _context(design, n)
+    if n > MAX_PER_POSITION:
+        raise ValueError(f"n must be <= {MAX_PER_POSITION} for {what} (it draws n context pairs per prompt), got {n}")
+    return n
 
 
 def _chunks(num_prompts, batch_size):
@@ -314,7 +378,7 @@ def ground_truth(design, n: int, key, num_prompts: int = 200_000, weights=None, 
     relative) and without a standard error. For an unbiased risk with its SE score W on fresh
     prompts (``monte_carlo_risk``), which is biased high only by W's estimation error.
     """
-    _check_n(design, n)
+    n = _sampled(design, n, "ground_truth")
     chunks, batch = _chunks(num_prompts, batch_size)
     w = _weights(weights, n)
     d = design.dim
@@ -352,6 +416,7 @@ def risk_moments(predict: Callable[[Prompts], jax.Array], design, n_sample: int,
 
 def mean_and_se(total, total_sq, count: int):
     """Mean and standard error from a sum and a sum of squares over count samples."""
+    v.positive_int("count", count)
     mean = total / count
     var = (total_sq / count - mean**2) * count / max(count - 1, 1)
     return mean, jnp.sqrt(jnp.clip(var, 0.0, None) / count)
@@ -361,7 +426,9 @@ def monte_carlo_risk(predict: Callable[[Prompts], jax.Array], design, n: int, ke
                      batch_size: int = 10_000, dtype=F64):
     """Monte Carlo risk of a predictor: (mean, standard error) of (y - predict(prompts))^2 over
     num_prompts fresh prompts (rounded up to whole batches), sampled in ``dtype``."""
-    _check_n(design, n)
+    if not callable(predict):
+        raise TypeError(f"predict must be a function of a Prompts batch, got {type(predict).__name__}")
+    n = _sampled(design, n, "monte_carlo_risk")
     chunks, batch = _chunks(num_prompts, batch_size)
     total, total_sq = jax.jit(lambda k: risk_moments(predict, design, n, n, k, chunks, batch, dtype))(key)
     mean, se = mean_and_se(total, total_sq, chunks * batch)
@@ -370,6 +437,11 @@ def monte_carlo_risk(predict: Callable[[Prompts], jax.Array], design, n: int, ke
 
 def pgd_predict(W, weights=None) -> Callable[[Prompts], jax.Array]:
     """The predictor x^T W X^T (weights * y) as a function of a Prompts batch."""
+    W = _finite("W", W)
+    if W.ndim != 2 or W.shape[0] != W.shape[1]:
+        raise ValueError(f"W must be a square matrix, got shape {W.shape}")
+    if weights is not None and _finite("weights", weights).ndim != 1:
+        raise ValueError(f"weights must be a 1-D array, got shape {np.shape(weights)}")
 
     def predict(p: Prompts):
         wy = p.y if weights is None else p.y * jnp.asarray(weights, p.y.dtype)[None, :]

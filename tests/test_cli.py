@@ -1,0 +1,181 @@
+"""The command line speaks in one line (issue 20, findings 8 and 12; issue 21, runner items): expected
+failures print one clear line and exit non-zero, an interrupt says what was saved, ``python -m iclsim``
+works, ``--set`` overrides are typed and recorded, progress counts points and a final table prints the
+headline numbers in fixed significant digits. Fake experiments that train nothing keep it fast."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from iclsim import cli, runner
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FAKE = '''
+import matplotlib.pyplot as plt
+import numpy as np
+from iclsim import cache
+from iclsim.runner import Experiment
+
+def run(s, seed, progress):
+    store = cache.current()
+    if store is not None:  # a sweep of s["points"] points: all missing, then each trained and stored
+        keys = [cache.fingerprint("fake", s["scale"], seed, k) for k in range(s["points"])]
+        found = [store.load(k, {"w": np.zeros(2)}) for k in keys]
+        for k, f in zip(keys, found):
+            if f is None:
+                store.save(k, {"w": np.ones(2)}, np.ones(3))
+            if s["interrupt_after"] and store.trained == s["interrupt_after"]:
+                raise KeyboardInterrupt
+    return [{"k": k, "value": s["scale"] * k} for k in range(s["points"])]
+
+def plot(rows, s):
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([r["k"] for r in rows], [r["value"] for r in rows])
+    return fig
+
+EXPERIMENT = Experiment(name="fake", title="a fake experiment",
+                        settings={"scale": 1.5, "points": 3, "ns": [2, 4], "widths": [0.5, 1.0], "label": "a",
+                                  "log": False, "interrupt_after": 0, "table": {"a": 1}},
+                        run=run, plot=plot,
+                        summary=lambda rows: {"points": len(rows), "eps": 4.440892098500626e-16,
+                                              "risk": 2.0 / 3.0})
+'''
+
+
+@pytest.fixture
+def exps(tmp_path):
+    folder = tmp_path / "exps"
+    folder.mkdir()
+    (folder / "fake.py").write_text(FAKE)
+    return folder
+
+
+def call(capsys, *args):
+    code = cli.main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line(text):
+    lines = [line for line in text.splitlines() if line.strip()]
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["run"], "the following arguments are required: names"),
+    (["run", "fake", "--seed", "x"], "invalid int value"),
+    (["run", "fake", "--seed", "-1"], "--seed must be >= 0"),
+    (["run", "nope"], "unknown experiment(s): nope; known: fake"),
+    (["frobnicate"], "invalid choice"),
+    (["run", "fake", "--set", "scale"], "--set takes KEY=VALUE"),
+    (["run", "fake", "--set", "nope=1"], "no setting 'nope' in fake"),
+])
+def test_usage_errors_are_one_line(capsys, exps, tmp_path, args, expected):
+    """Finding 12: bad arguments print one line (not argparse's usage block) and exit 2."""
+    code, out, err = call(capsys, "--experiments", str(exps), *args, "--out", str(tmp_path / "o")) \
+        if args[0] == "run" else call(capsys, "--experiments", str(exps), *args)
+    assert code == 2
+    assert expected in one_line(err)
+
+
+def test_missing_experiments_folder_is_an_error(capsys, tmp_path):
+    """Finding 12: `--experiments /nonexistent list` printed nothing and exited 0."""
+    code, out, err = call(capsys, "--experiments", str(tmp_path / "nonexistent"), "list")
+    assert code != 0 and out == ""
+    assert "does not exist" in one_line(err)
+
+
+@pytest.mark.parametrize("setting, text, message", [
+    ("points", "1.5", "points must be an integer"),
+    ("scale", "nan", "scale must be a finite number"),
+    ("scale", "abc", "scale must be a finite number"),
+    ("ns", "2,4.5", "ns must be a list of integers"),
+    ("log", "maybe", "log must be true or false"),
+    ("table", "x", "cannot be set from the command line"),
+])
+def test_set_values_are_type_checked_before_any_run(capsys, exps, tmp_path, setting, text, message):
+    """Issue 21: --set values are checked against the type of the default, one line, before anything runs."""
+    out = tmp_path / "o"
+    code, _, err = call(capsys, "--experiments", str(exps), "run", "fake", "--out", str(out), "--no-cache",
+                        "--set", f"{setting}={text}")
+    assert code == 1 and message in one_line(err)
+    assert not out.exists() or not list(out.glob("fake.*"))
+
+
+def test_set_overrides_are_applied_and_recorded(capsys, exps, tmp_path):
+    out = tmp_path / "o"
+    code, stdout, err = call(capsys, "--experiments", str(exps), "run", "fake", "--out", str(out), "--no-cache",
+                             "--set", "points=5", "--set", "widths=0.1, 0.2,0.3", "--set", "log=yes",
+                             "--set", "ns=[3, 6]", "--set", "label=b")
+    assert code == 0, err
+    meta = json.loads((out / "fake.json").read_text())
+    assert meta["overrides"] == {"points": 5, "widths": [0.1, 0.2, 0.3], "log": True, "ns": [3, 6], "label": "b"}
+    assert meta["settings"]["points"] == 5 and len(runner.read_rows(out / "fake.csv")) == 5
+
+
+def test_progress_and_final_table(capsys, exps, tmp_path):
+    """Issue 21: "trained k of N points, elapsed, time left" per experiment; a final table of headline
+    numbers in 4 significant digits (no raw 4.440892098500626e-16)."""
+    code, stdout, err = call(capsys, "--experiments", str(exps), "run", "fake", "--out", str(tmp_path / "o"),
+                             "--cache", str(tmp_path / "c"))
+    assert code == 0, err
+    assert "[fake] trained 3 of 3 points, elapsed" in err and "s left" in err
+    assert "4.440892098500626e-16" not in stdout + err
+    row = [line for line in stdout.splitlines() if line.startswith("fake")]
+    assert len(row) == 1 and "eps = 4.441e-16" in row[0] and "risk = 0.6667" in row[0] and "points = 3" in row[0]
+
+
+def test_json_records_the_commit(capsys, exps, tmp_path):
+    """Issue 21: the JSON records the git commit (and dirtiness) of the checkout iclsim runs from."""
+    code, _, err = call(capsys, "--experiments", str(exps), "run", "fake", "--out", str(tmp_path / "o"), "--no-cache")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "o" / "fake.json").read_text())
+    head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    if not head:
+        pytest.fail("the test suite runs from a git checkout")
+    assert meta["git"]["commit"] == head and isinstance(meta["git"]["dirty"], bool)
+
+
+def test_interrupt_says_what_was_saved_and_resumes(capsys, exps, tmp_path):
+    """Finding 12: SIGINT printed a 1460-line traceback. Now one line: how many points were saved and that a
+    rerun resumes; the rerun loads them, and the interrupted run wrote no results."""
+    out, store = tmp_path / "o", tmp_path / "c"
+    args = ["--experiments", str(exps), "run", "fake", "--out", str(out), "--cache", str(store)]
+    code, _, err = call(capsys, *args, "--set", "interrupt_after=2")
+    assert code == 130
+    line = one_line(err.split("points, elapsed")[-1].split("\n", 1)[-1])
+    assert "interrupted in experiment fake" in line and "2 trained points" in line and "rerun" in line
+    assert not list(out.glob("fake.*"))
+    code, _, err = call(capsys, *args)
+    assert code == 0, err
+    assert json.loads((out / "fake.json").read_text())["cache"]["points_loaded"] == 2
+
+
+def test_unusable_output_or_cache_fails_in_one_line_before_running(capsys, exps, tmp_path):
+    """Finding 8: --out naming an existing file failed after the training with a raw traceback."""
+    (tmp_path / "file").write_text("x")
+    for args in (["--out", str(tmp_path / "file")], ["--out", str(tmp_path / "o"), "--cache", str(tmp_path / "file")]):
+        code, _, err = call(capsys, "--experiments", str(exps), "run", "fake", *args)
+        assert code == 1 and "existing file" in one_line(err)
+
+
+def test_quick_default_output_is_results_quick(capsys, exps, tmp_path, monkeypatch):
+    """Finding 10: --quick wrote into figures/ by default; now into results/quick."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = call(capsys, "--experiments", str(exps), "run", "fake", "--quick", "--no-cache")
+    assert code == 0, err
+    assert (tmp_path / "results" / "quick" / "fake.json").exists() and not (tmp_path / "figures").exists()
+
+
+def test_python_dash_m_iclsim(exps):
+    """Issue 21: `python -m iclsim` is the command line."""
+    done = subprocess.run([sys.executable, "-m", "iclsim", "--experiments", str(exps), "list"], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["fake", "a", "fake", "experiment"]

@@ -17,11 +17,18 @@ D = 3
 @pytest.mark.parametrize("model, gram, pgd", [
     (models.LinearAttention(D), True, True), (models.H3(D, 4), False, True), (models.PGD(D), True, True),
     (models.WPGD(D, 4), False, True), (models.Ridge(D), False, False), (models.GD(D), False, False),
-    (models.LinearTransformer(D, 2), False, False)])
+    (models.LinearTransformer(D, 2), True, False)])
 def test_builtin_models_satisfy_the_model_protocol(model, gram, pgd):
     assert isinstance(model, protocols.Model)
     assert isinstance(model, protocols.GramModel) == gram
     assert isinstance(model, protocols.PGDModel) == pgd
+    protocols.check_model(model, IID(D), 4)
+
+
+def test_full_form_transformer_reads_tokens():
+    """The 'full' form mixes every coordinate, so it must train on tokens, never on Gram draws."""
+    model = models.LinearTransformer(D, 2, form="full")
+    assert model.reads_gram is False
     protocols.check_model(model, IID(D), 4)
 
 

@@ -30,7 +30,7 @@ def test_clipping_rate_outside_range(rate):
 
 
 def test_prune_touches_only_its_module(key):
-    model = models.LinearTransformer(3, 3, mlp=True)
+    model = models.LinearTransformer(3, 3, form="full", mlp=True)
     params = model.init(key)
     before = jax.tree_util.tree_map(np.array, params)
     pruned = pruning.prune(params, 1, "mlp", 0.5)
@@ -49,25 +49,15 @@ def test_prune_touches_only_its_module(key):
         pruning.prune(params, 0, "ffn", 0.5)
 
 
-def test_search_picks_the_minimum_of_its_table(key):
-    model = models.LinearTransformer(3, 2, mlp=True)
-    params = model.init(key)
-    design = IID(3, noise_var=0.5)
-    res = pruning.search(model, params, design, 6, [0, 1], ["attn", "mlp"], [0.0, 0.5, 0.9],
-                         jax.random.PRNGKey(1), jax.random.PRNGKey(2), 2_000, 2_000)
-    assert len(res.table) == 12
-    best = min(r["val_risk"] for r in res.table)
-    assert res.best["val_risk"] == best
-    assert res.best["clipping_rate"] == min(r["clipping_rate"] for r in res.table if r["val_risk"] == best)
-    assert res.val_after <= res.val_before
-
-
-def test_search_ties_go_to_the_smaller_rate(key):
-    """A rank-1 W is unchanged by any truncation: every rate ties, so xi = 0 (no pruning) is chosen."""
+def test_search_ties_go_to_the_unpruned_network(key):
+    """A rank-1 W is unchanged by any truncation: every candidate ties on validation, so the first (the
+    unpruned network) is chosen. Planted bug caught: ties broken towards the most pruned candidate."""
     model = models.PGD(3, dtype=F64)
-    params = {"W": jnp.outer(jnp.arange(1.0, 4.0, dtype=F64), jnp.ones(3, F64)) * 0.05}
-    res = pruning.search(model, params, IID(3), 5, [0], ["attn"], [0.0, 0.5, 0.9], num_val=1_000, num_test=1_000)
-    assert res.best["clipping_rate"] == 0.0
+    params = {"W": (jnp.outer(jnp.arange(1.0, 4.0, dtype=F64), jnp.ones(3, F64)) * 0.05)[None]}
+    cands = [pruning.Candidate(0, "attn", None), pruning.Candidate(0, "attn", 2), pruning.Candidate(0, "attn", 1)]
+    res = pruning.search(model, params, IID(3), 5, cands, key, jax.random.fold_in(key, 1), 1_000, 1_000)
+    assert list(res.chosen) == [0]
+    assert_close(res.test_after, res.test_before, rtol=1e-12)
 
 
 @pytest.mark.parametrize("rate", [0.0, 0.5, 0.9])
@@ -89,7 +79,7 @@ def test_one_layer_exact_pruning_curve_matches_monte_carlo(rate, key):
 def test_one_layer_transformer_is_one_gd_step(key):
     """von Oswald et al.: Wq = Wk = diag(I, 0), Wv = e_y e_y^T, Wo = I gives x^T X^T y / n."""
     d, n = 3, 7
-    model = models.LinearTransformer(d, 1, dtype=F64)
+    model = models.LinearTransformer(d, 1, form="full", dtype=F64)
     P = jnp.diag(jnp.asarray([1.0] * d + [0.0], F64))
     E = jnp.zeros((d + 1, d + 1), F64).at[d, d].set(1.0)
     params = {"layers": [{"attn": {"Wq": P, "Wk": P, "Wv": E, "Wo": jnp.eye(d + 1, dtype=F64)}}]}

@@ -63,8 +63,10 @@ def run(s, seed, progress):
     return rows
 
 
-def contrasts(rows, layers: int) -> dict:
-    """Per setting: shallow-minus-deep contrast per passing seed, its interval, sign test and verdict."""
+def contrasts(rows) -> dict:
+    """Per setting: shallow-minus-deep contrast per passing seed (layer 1 against the deepest layer), its
+    t-interval, the median with its order-statistic interval, a sign test and the verdict."""
+    layers = max(r["layer"] for r in rows)
     out = {}
     for setting in dict.fromkeys(r["setting"] for r in rows):
         sub = [r for r in rows if r["setting"] == setting and r["passed"]]
@@ -78,7 +80,10 @@ def contrasts(rows, layers: int) -> dict:
             out[setting] = {"passing_seeds": len(per_seed), "verdict": "not resolved: fewer than 2 passing seeds"}
             continue
         iv = quality.seed_interval(per_seed)
+        med = quality.robust(per_seed)
         out[setting] = {"shallow_minus_deep": round(iv.mean, 4), "ci95": [round(iv.low, 4), round(iv.high, 4)],
+                        "median": round(med["median"], 4),
+                        "median_interval": [round(med["median_low"], 4), round(med["median_high"], 4)],
                         "sign_test_p": round(quality.sign_test(per_seed), 4), "passing_seeds": iv.count,
                         "verdict": quality.verdict(iv, supports_if_positive=True),
                         "rank_correlation_gamma_norm_vs_harm": round(_spearman_by_seed(sub, seeds), 3)}
@@ -103,7 +108,7 @@ def plot(rows, s):
     fig, axes = plotting.plt.subplots(2, len(settings), figsize=(4.6 * len(settings), 7.4), squeeze=False,
                                       constrained_layout=True)
     colours = plotting.plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    summary = contrasts(rows, s["layers"])
+    summary = contrasts(rows)
     for j, setting in enumerate(settings):
         ax = axes[0, j]
         sub = [r for r in rows if r["setting"] == setting and r["passed"]]
@@ -134,6 +139,7 @@ def plot(rows, s):
             ax.axhline(c["shallow_minus_deep"], color="C0")
         ax.axhline(0, color="k", lw=0.8)
         ax.set_yscale("symlog", linthresh=0.01)
+        ax.set_xticks(range(len(per_seed)), [str(sd) for sd in seeds])
         ax.set_xlabel("passing seed")
         ax.set_ylabel("shallow - deep (relative change)")
         ax.set_title(f"{c.get('verdict', '')}; sign test p = {c.get('sign_test_p', float('nan')):.3g}", fontsize=9)
@@ -147,7 +153,7 @@ def plot(rows, s):
 def summary(rows):
     seeds = {r["seed"]: r["passed"] for r in rows}
     return {"networks_passed": sum(seeds.values()), "networks_failed": len(seeds) - sum(seeds.values()),
-            "reference_risk": round(rows[0]["reference"], 4), "claim_ii": contrasts(rows, EXPERIMENT.settings["layers"])}
+            "reference_risk": round(rows[0]["reference"], 4), "claim_ii": contrasts(rows)}
 
 
 EXPERIMENT = Experiment(

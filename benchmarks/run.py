@@ -23,7 +23,7 @@
                           2048^3 float32 matmul, so that a slow day shows beside the numbers
   targets                 each bar of issue 23 with the value measured and whether it is met (never asserted)
 
-Modes: --quick runs only the quick benchmark (four trainings on each side); the default runs it and the full
+Modes: --quick runs only the quick benchmark (300-step trainings only); the default runs it and the full
 benchmark; --small runs the full benchmark at smaller sizes (to check every path runs); --wall adds
 the wall times to any mode (a whole `make test` and `make quick`; the install needs the network or
 pip's cache).

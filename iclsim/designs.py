@@ -3,14 +3,14 @@
 A prompt holds n context pairs (x_i, y_i) and a query (x, y). Every design is a frozen
 dataclass registered as a pytree (array fields are leaves, ``dim`` is static), so designs that
 differ only in their numbers can be stacked and vmapped over in one compiled sweep.
-``sample(key, batch, n, dtype)`` is pure and jit-compatible.
+``sample(key, batch, n, dtype, shard=None)`` is pure and jit-compatible; with a
+``rng.BatchShard`` it draws one device's rows of the batch split over devices. Random numbers
+come from ``iclsim.rng``; Gram-matrix draws from ``iclsim.gram``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 from typing import NamedTuple
 
 import jax
@@ -18,6 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from iclsim import _validate as v
+from iclsim.rng import BatchShard, draw_many, normals
+
+__all__ = ["Prompts", "GramPrompts", "ContextLaw", "tokens", "truncate_context", "stack", "IID", "RAG",
+           "TaskFeatureAlignment", "Drift", "TaskPool", "Design"]
 
 
 class Prompts(NamedTuple):
@@ -35,7 +39,7 @@ class GramPrompts(NamedTuple):
     attention and LoRA read of the context; query x [B, d], y_query [B]. S is kept factored,
     S = L T T^T L^T + c m m^T (factor L [B, d+1, d+1], inner T [B, d+1, k], mean m [B, d+1],
     weight c [B]): the models need only S v and a^T S v, O(d^2) per prompt from the factors
-    against O(d^3) to form S (forming S took 25 of 57 ms per step of a 64-model sweep)."""
+    against O(d^3) to form S."""
 
     factor: jax.Array
     inner: jax.Array
@@ -141,127 +145,6 @@ def _set(obj, **fields):
         object.__setattr__(obj, k, val)
 
 
-_BATCH_SHARD: list[tuple[str, int]] = []  # (axis name, shards) while tracing a batch-split training step
-
-
-@contextlib.contextmanager
-def batch_shard(axis_name: str, shards: int):
-    """Inside (at trace time, under ``shard_map`` over ``axis_name``), a draw of B rows (the leading
-    axis of every shape drawn) gives rows [i B, (i + 1) B) of the same draw of B * shards rows,
-    i = lax.axis_index(axis_name), and the same fresh keys on every shard: a training batch split
-    over devices sees exactly the prompts of the unsplit run."""
-    _BATCH_SHARD.append((axis_name, shards))
-    try:
-        yield
-    finally:
-        _BATCH_SHARD.pop()
-
-
-_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
-
-
-def _threefry2x32(k0, k1, x0, x1):
-    """Threefry-2x32, 20 rounds (Salmon et al. 2011), bit for bit jax's threefry2x32 primitive, written
-    out with constant rotations (the primitive's CPU lowering loops over its 5 blocks of 4 rounds with
-    the rotations as loop-carried values: 16 ns per word in training against about 2 here)."""
-    ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
-    x0, x1 = x0 + ks[0], x1 + ks[1]
-    for block in range(5):
-        for r in _ROTATIONS[block % 2]:
-            x0 = x0 + x1
-            x1 = ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))) ^ x0
-        x0, x1 = x0 + ks[(block + 1) % 3], x1 + ks[(block + 2) % 3] + np.uint32(block + 1)
-    return x0, x1
-
-
-def _threefry_bits(key, counters, uint) -> jax.Array:
-    """Threefry-2x32 bits at the given counters, equal to jax.random.bits(key, (N,), uint)[counters]
-    (its partitionable scheme: the block (0, i) gives word i)."""
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if str(jax.random.key_impl(key)) != "threefry2x32":
-            raise ValueError(f"key must be a threefry2x32 key (jax.random.PRNGKey), got {jax.random.key_impl(key)}")
-        key = jax.random.key_data(key)
-    if not jax.config.jax_threefry_partitionable:
-        raise RuntimeError("iclsim draws need jax_threefry_partitionable=True (the JAX default)")
-    hi, lo = _threefry2x32(key[0], key[1], jnp.zeros_like(counters), counters)
-    if uint == jnp.uint64:
-        return (hi.astype(uint) << np.uint64(32)) | lo.astype(uint)
-    return hi ^ lo
-
-
-def _floats(key, counters, index, split: int, dtype) -> jax.Array:
-    """The threefry bits at ``counters`` as floats: normals where index < split (by inversion, as
-    jax.random.normal), uniforms in (0, 1) elsewhere (as jax.random.uniform, floored at tiny)."""
-    finfo = jnp.finfo(dtype)
-    uint = jnp.dtype(f"uint{finfo.bits}")
-    bits = _threefry_bits(key, counters, uint)
-    one = np.array(1.0, dtype).view(uint)
-    unit = jax.lax.bitcast_convert_type((bits >> (finfo.bits - finfo.nmant)) | one, dtype) - 1.0
-    lo = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype))
-    z = np.sqrt(2.0).astype(dtype) * jax.scipy.special.erfinv(jnp.maximum(lo, unit * (1.0 - lo) + lo))
-    return jnp.where(index < split, z, jnp.maximum(finfo.tiny, unit))
-
-
-def _floats_once(key, counters, split: int, dtype, chunks: int = 2) -> jax.Array:
-    """``_floats`` of all counters, computed in a loop over ``chunks`` pieces. XLA CPU fuses cheap
-    elementwise work into every consumer, so a flat draw read as several pieces (the sample mean, the
-    Bartlett normals, the gamma proposals, the law's normals) had its threefry rounds and inverse-erf
-    polynomial recomputed in each; a loop's output is computed once (d = 10, n = 20: 2000 training steps
-    0.91-1.22 -> 0.74-0.92 s, XLA compile 1.25-1.50 -> 1.12-1.24 s)."""
-    total = counters.shape[0]
-    size = -(-total // chunks)
-    pieces = jnp.concatenate([counters, counters[:chunks * size - total]]).reshape(chunks, size)
-
-    def piece(j, out):
-        values = _floats(key, pieces[j], j * size + jnp.arange(size), split, dtype)
-        return jax.lax.dynamic_update_index_in_dim(out, values, j, 0)
-
-    return jax.lax.fori_loop(0, chunks, piece, jnp.zeros((chunks, size), dtype)).reshape(-1)[:total]
-
-
-def draw_many(key, dtype, normal_shapes=(), uniform_shapes=(), keys: int = 0):
-    """(normals, uniforms in (0, 1), keys): arrays of the given shapes and ``keys`` fresh keys, all
-    from one threefry stream (bits to floats as jax.random.uniform does, normals by inversion as
-    jax.random.normal does; the bits equal jax.random.bits(key) over the concatenated pieces).
-    XLA CPU compiles every jax.random call inside a step as its own threefry kernel (about 0.25 s
-    each), and a flat draw runs about 3x faster than a multi-dimensional one. Under ``batch_shard``
-    each piece is this shard's rows of the piece drawn at the full batch."""
-    dtype = jnp.dtype(dtype)
-    finfo = jnp.finfo(dtype)
-    uint = jnp.dtype(f"uint{finfo.bits}")
-    shapes = (*normal_shapes, *uniform_shapes)
-    sizes = [int(np.prod(s)) for s in shapes]
-    total, split = sum(sizes), sum(sizes[:len(normal_shapes)])
-    per_key = max(1, 64 // finfo.bits)  # words of one key (two uint32)
-    counters = jnp.arange(total + keys * per_key, dtype=jnp.uint32)
-    if _BATCH_SHARD:  # piece p, local start s_p, is rows [i B, (i + 1) B) of the full piece at shards * s_p
-        axis_name, shards = _BATCH_SHARD[-1]
-        row = jax.lax.axis_index(axis_name).astype(jnp.uint32)
-        ends = np.cumsum(sizes).astype(np.uint32)
-        shift = np.uint32((shards - 1) * total)  # the keys' words: the same on every shard
-        for end, size in zip(ends[::-1], sizes[::-1]):  # an elementwise select chain, fused into the draw
-            shift = jnp.where(counters >= end, shift, np.uint32(shards - 1) * (end - size) + row * np.uint32(size))
-        counters = counters + shift
-    flat = _floats_once(key, counters[:total], split, dtype) if total else jnp.zeros((0,), dtype)
-    words = _threefry_bits(key, counters[total:], uint).reshape(keys, per_key)
-    words = jax.lax.bitcast_convert_type(words.reshape(keys, 2, -1) if finfo.bits < 32 else words,
-                                         jnp.uint32).reshape(keys, 2)
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        words = [jax.random.wrap_key_data(w, impl=jax.random.key_impl(key)) for w in words]
-    return _cut(flat[:split], normal_shapes), _cut(flat[split:], uniform_shapes), list(words)
-
-
-def _cut(flat, shapes) -> list[jax.Array]:
-    """Consecutive pieces of ``flat`` reshaped to ``shapes``."""
-    ends = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
-    return [flat[a:b].reshape(shape) for a, b, shape in zip(ends[:-1], ends[1:], shapes)]
-
-
-def normals(key, dtype, *shapes):
-    """Standard normals of several shapes from one flat draw (``draw_many``)."""
-    return draw_many(key, dtype, shapes)[0]
-
-
 def _prompts(X, x, betas, beta, noise, query_noise, noise_var, query_noise_var) -> Prompts:
     """Labels y_i = <x_i, beta_i> + s_i noise_i (betas [B, d], or per position [B, n, d]) and
     y = <x, beta> + s_q query_noise; noise_var is a scalar or per position."""
@@ -302,12 +185,12 @@ class _Design:
         """Context length the design's per-position arrays fix, or None."""
         return None
 
-    def context_law(self, key, batch: int, dtype=jnp.float32) -> ContextLaw:
+    def context_law(self, key, batch: int, dtype=jnp.float32, shard: BatchShard | None = None) -> ContextLaw:
         """The law of the context pairs given each prompt's latent, with the query and its label,
         drawn from ``key``: ``law_from`` of the draws of the shapes ``law_draws`` names (designs with
         ``has_context_law``; ``sample_gram`` takes the same draws from its own single draw)."""
         normal_shapes, uniform_shapes = self.law_draws(batch)
-        z, u, _ = draw_many(key, dtype, normal_shapes, uniform_shapes)
+        z, u, _ = draw_many(key, dtype, normal_shapes, uniform_shapes, shard=shard)
         return self.law_from(z, u)
 
 
@@ -343,10 +226,11 @@ class IID(_Design):
     def fixed_n(self):
         return None if np.ndim(self.noise_var) == 0 else np.shape(self.noise_var)[0]
 
-    def sample(self, key, batch: int, n: int, dtype=jnp.float32) -> Prompts:
+    def sample(self, key, batch: int, n: int, dtype=jnp.float32, shard: BatchShard | None = None) -> Prompts:
         _check_n(self, n)
         d = self.dim
-        gb, gX, gx, gn, gq = normals(key, dtype, (batch, d), (batch, n, d), (batch, d), (batch, n), (batch, 1))
+        gb, gX, gx, gn, gq = normals(key, dtype, (batch, d), (batch, n, d), (batch, d), (batch, n), (batch, 1),
+                                      shard=shard)
         lx = jnp.linalg.cholesky(jnp.asarray(self.cov_x, dtype))
         beta = gb @ jnp.linalg.cholesky(jnp.asarray(self.cov_beta, dtype)).T
         return _prompts(gX @ lx.T, gx @ lx.T, beta, beta, gn, gq, self.noise_var, self.query_noise_var)
@@ -399,10 +283,11 @@ class RAG(_Design):
             raise ValueError(f"alpha must be in (-1, 1) for the marginally isotropic RAG, got {alpha}")
         return cls(dim, alpha, float(np.sqrt(1 - alpha**2)), noise_var)
 
-    def sample(self, key, batch: int, n: int, dtype=jnp.float32) -> Prompts:
+    def sample(self, key, batch: int, n: int, dtype=jnp.float32, shard: BatchShard | None = None) -> Prompts:
         _check_n(self, n)
         d = self.dim
-        beta, gX, x, gn, gq = normals(key, dtype, (batch, d), (batch, n, d), (batch, d), (batch, n), (batch, 1))
+        beta, gX, x, gn, gq = normals(key, dtype, (batch, d), (batch, n, d), (batch, d), (batch, n), (batch, 1),
+                                      shard=shard)
         X = jnp.asarray(self.alpha, dtype) * x[:, None, :] + jnp.asarray(self.gamma, dtype) * gX
         return _prompts(X, x, beta, beta, gn, gq, self.noise_var, self.noise_var)
 
@@ -434,10 +319,11 @@ class TaskFeatureAlignment(_Design):
             raise ValueError("noise_var must be a scalar for TaskFeatureAlignment")
         _set(self, alpha=np.float64(alpha), noise_var=noise)
 
-    def sample(self, key, batch: int, n: int, dtype=jnp.float32) -> Prompts:
+    def sample(self, key, batch: int, n: int, dtype=jnp.float32, shard: BatchShard | None = None) -> Prompts:
         _check_n(self, n)
         d = self.dim
-        beta, gX, x, gn, gq = normals(key, dtype, (batch, d), (batch, n, d), (batch, d), (batch, n), (batch, 1))
+        beta, gX, x, gn, gq = normals(key, dtype, (batch, d), (batch, n, d), (batch, d), (batch, n), (batch, 1),
+                                      shard=shard)
         X = jnp.asarray(self.alpha, dtype) * beta[:, None, :] + gX
         return _prompts(X, x, beta, beta, gn, gq, self.noise_var, self.noise_var)
 
@@ -511,10 +397,11 @@ class Drift(_Design):
     def fixed_n(self):
         return np.shape(self.rho)[0]
 
-    def sample(self, key, batch: int, n: int, dtype=jnp.float32) -> Prompts:
+    def sample(self, key, batch: int, n: int, dtype=jnp.float32, shard: BatchShard | None = None) -> Prompts:
         _check_n(self, n)
         d = self.dim
-        gt, X, x, gn, gq = normals(key, dtype, (batch, n + 1, d), (batch, n, d), (batch, d), (batch, n), (batch, 1))
+        gt, X, x, gn, gq = normals(key, dtype, (batch, n + 1, d), (batch, n, d), (batch, d), (batch, n), (batch, 1),
+                                      shard=shard)
         rho = jnp.asarray(self.rho, dtype)
         joint = jnp.block([[jnp.ones((1, 1), dtype), rho[None, :]], [rho[:, None], jnp.asarray(self.corr, dtype)]])
         lam, U = jnp.linalg.eigh(joint)
@@ -543,10 +430,11 @@ class TaskPool(_Design):
         pool = np.random.default_rng(self.pool_seed).normal(size=(self.num_tasks, self.dim))
         _set(self, noise_var=noise, pool=pool, pool_seed=np.int64(self.pool_seed), num_tasks=np.int64(self.num_tasks))
 
-    def sample(self, key, batch: int, n: int, dtype=jnp.float32) -> Prompts:
+    def sample(self, key, batch: int, n: int, dtype=jnp.float32, shard: BatchShard | None = None) -> Prompts:
         _check_n(self, n)
         d = self.dim
-        (gX, x, gn, gq), (u,), _ = draw_many(key, dtype, [(batch, n, d), (batch, d), (batch, n), (batch, 1)], [(batch,)])
+        (gX, x, gn, gq), (u,), _ = draw_many(key, dtype, [(batch, n, d), (batch, d), (batch, n), (batch, 1)],
+                                             [(batch,)], shard=shard)
         beta = self._task(u, dtype)
         return _prompts(gX, x, beta, beta, gn, gq, self.noise_var, self.noise_var)
 
@@ -568,114 +456,3 @@ class TaskPool(_Design):
 
 
 Design = IID | RAG | TaskFeatureAlignment | Drift | TaskPool
-
-
-# ---- Drawing the context Gram matrix directly (THEORY 1: tokens i.i.d. given the latent) ----
-
-def _gamma(z, u, key, alpha):
-    """Gamma(alpha, 1) draws for alpha >= 1 (Marsaglia & Tsang 2000, ACM TOMS 26(3)) from a first
-    proposal per entry (normal z, uniform u, same shape as alpha); while any entry is rejected (1-5%
-    each round), every entry gets a fresh proposal from ``key`` and the rejected ones take it.
-    Redrawing all entries, not only the rejected, keeps the loop free of gathers and scatters: its
-    draw is cheap next to their compile time (0.4 s less per training program on CPU)."""
-    shape, dtype = jnp.shape(alpha), z.dtype
-    shifted = jnp.reshape(alpha, (-1,)) - 1.0 / 3.0
-    c = 1.0 / jnp.sqrt(9.0 * shifted)
-
-    def propose(z, u):
-        v = (1.0 + c * z) ** 3
-        v_safe = jnp.where(v > 0, v, 1.0)
-        ok = (v > 0) & (jnp.log(u) < 0.5 * z**2 + shifted - shifted * v_safe + shifted * jnp.log(v_safe))
-        return shifted * v_safe, ok
-
-    def redraw(state):
-        key, value, ok = state
-        (z,), (u,), (key,) = draw_many(key, dtype, [shifted.shape], [shifted.shape], keys=1)
-        new, accepted = propose(z, u)
-        return key, jnp.where(ok, value, new), ok | accepted
-
-    value, ok = propose(z.reshape(-1), u.reshape(-1))
-    _, value, _ = jax.lax.while_loop(lambda s: ~jnp.all(s[2]), redraw, (key, value, ok))
-    return value.reshape(shape)
-
-
-def standard_gamma(key, alpha) -> jax.Array:
-    """Exact Gamma(alpha, 1) draws for alpha >= 1 (``_gamma``) from one flat draw per round;
-    jax.random.gamma splits a key per entry and per retry (2.0 ms for 5632 draws on CPU)."""
-    alpha = jnp.asarray(alpha)
-    (z,), (u,), (k,) = draw_many(key, alpha.dtype, [alpha.shape], [alpha.shape], keys=1)
-    return _gamma(z, u, k, alpha)
-
-
-def _bartlett(below, odd, z, u, key, dim: int, dof) -> jax.Array:
-    """The Bartlett factor from its draws: below [B, dim (dim - 1) / 2] normals, odd [B] a normal for
-    chi^2(1), (z, u) [B, dim] the first gamma proposals, key for the redraws."""
-    batch, dtype = below.shape[0], below.dtype
-    _, cols = np.tril_indices(dim, -1)
-    j = jnp.arange(dim)
-    chi_dof = jnp.asarray(dof, dtype) - j.astype(dtype)  # degrees of freedom of T_jj^2
-    alpha = jnp.broadcast_to(jnp.maximum(chi_dof, 2.0) / 2.0, (batch, dim))
-    chi2 = 2.0 * _gamma(z, u, key, alpha)
-    chi2 = jnp.where(chi_dof[None, :] >= 2, chi2, jnp.where(chi_dof[None, :] == 1, odd[:, None] ** 2, 0.0))
-    vals = jnp.concatenate([below * (cols < jnp.asarray(dof)).astype(dtype)[None, :], jnp.sqrt(chi2),
-                            jnp.zeros((batch, 1), dtype)], axis=1)
-    return vals[:, _bartlett_places(dim)].reshape(batch, dim, dim)
-
-
-@functools.lru_cache(maxsize=None)
-def _bartlett_places(dim: int) -> np.ndarray:
-    """For each entry of a dim x dim lower-triangular T in row-major order, its place in
-    [below (tril_indices order), diagonal, 0]: T is one gather (a scatter into zeros took 7 ms per
-    step of a 64-model sweep)."""
-    rows, cols = np.tril_indices(dim, -1)
-    places = np.full((dim, dim), len(rows) + dim)
-    places[rows, cols] = np.arange(len(rows))
-    places[np.arange(dim), np.arange(dim)] = len(rows) + np.arange(dim)
-    return places.ravel()
-
-
-def _bartlett_shapes(batch: int, dim: int):
-    return [(batch, dim * (dim - 1) // 2), (batch,), (batch, dim)], [(batch, dim)]
-
-
-def bartlett_factor(key, batch: int, dim: int, dof, dtype=jnp.float32) -> jax.Array:
-    """Lower-triangular T [batch, dim, dim] with T T^T ~ Wishart_dim(I, dof), for an integer dof >= 0
-    that may be traced (Bartlett decomposition, extended to dof < dim where the Wishart is singular):
-    column j is alive only for j < dof, T_jj^2 ~ chi^2(dof - j), T_ij ~ N(0, 1) for i > j."""
-    normal_shapes, uniform_shapes = _bartlett_shapes(batch, dim)
-    (below, odd, z), (u,), (k,) = draw_many(key, dtype, normal_shapes, uniform_shapes, keys=1)
-    return _bartlett(below, odd, z, u, k, dim, dof)
-
-
-def sample_gram(design, key, batch: int, n, n_slots: int, dtype=jnp.float32) -> GramPrompts:
-    """Prompts of n context pairs drawn as their Gram matrix S = (1/n_slots) sum_i z_i z_i^T, exact
-    in distribution, with O(d^2) normals per prompt whatever n is (n may be traced).
-
-    Given the latent, z_i = mu + L g_i with g_i i.i.d. N(0, I), so sum_i z_i z_i^T = n m m^T + L A L^T
-    with the sample mean m = mu + L gbar, gbar ~ N(0, I / n), independent of the scatter
-    A = sum_i (g_i - gbar)(g_i - gbar)^T ~ Wishart(I, n - 1), drawn by ``bartlett_factor``. S stays
-    factored (``GramPrompts``): L, the Bartlett factor / sqrt(n_slots), m and c = n / n_slots.
-    """
-    if not getattr(design, "has_context_law", False):
-        raise ValueError(f"design {type(design).__name__} has no context law: its context pairs are not "
-                         "i.i.d. given the latent (per-position noise or drift); draw tokens instead")
-    D = design.dim + 1
-    normal_shapes, uniform_shapes = _bartlett_shapes(batch, D)
-    law_normals, law_uniforms = design.law_draws(batch)
-    normals_, uniforms, (kg,) = draw_many(key, dtype, [(batch, D), *normal_shapes, *law_normals],
-                                          [*uniform_shapes, *law_uniforms], keys=1)
-    (gbar, below, odd, z), (u,) = normals_[:4], uniforms[:1]
-    law = design.law_from(normals_[4:], uniforms[1:])
-    n_arr = jnp.asarray(n, dtype)
-    m = law.mean + jnp.einsum("bij,bj->bi", law.factor, gbar) / jnp.sqrt(n_arr)
-    T = _bartlett(below, odd, z, u, kg, D, n - 1)
-    return GramPrompts(law.factor, T / np.sqrt(n_slots).astype(dtype), m,
-                       jnp.broadcast_to(n_arr / n_slots, (batch,)), law.x, law.y_query)
-
-
-def draw(design, key, batch: int, n, n_slots: int, dtype=jnp.float32, gram: bool = False):
-    """A batch of prompts with n active context pairs in n_slots slots: GramPrompts when ``gram``,
-    else tokens drawn at n_slots and truncated to the last n (``truncate_context``)."""
-    if gram:
-        return sample_gram(design, key, batch, n, n_slots, dtype)
-    return truncate_context(design.sample(key, batch, n_slots, dtype), n)

@@ -1,15 +1,12 @@
 """Figures in the papers' style: empirical curves solid with error bars over seeds, theory dotted
-in the same colour."""
+in the same colour. The backend is the caller's choice (the runner picks Agg before plotting)."""
 
 from __future__ import annotations
 
 from collections import defaultdict
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 LINESTYLES = {"empirical": "-", "theory": ":", "approximation": "--"}
 

@@ -10,10 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from iclsim import theory, train
+from iclsim._precision import float64
 from iclsim.designs import IID
 from iclsim.models import LinearAttention, LoRA, normalise_omega
 
 
+@float64
 def effective(model, params, n: int, n_max: int):
     """(W, omega or None) a trained model implements on prompts of n active pairs padded to n_max,
     in theory's convention (omega over the n active positions)."""
@@ -24,6 +26,7 @@ def effective(model, params, n: int, n_max: int):
     return normalise_omega(jnp.asarray(W, jnp.float64), jnp.asarray(omega, jnp.float64)[n_max - n:])
 
 
+@float64
 def exact_risk(model, params, design, n: int, n_max: int, W=None, omega=None):
     """Closed-form risk of a trained model on prompts of n active pairs in n_max slots, or None where
     there is none. One-layer attention (and LoRA of it) on IID with scalar noise: the whole attention,
@@ -41,6 +44,7 @@ def exact_risk(model, params, design, n: int, n_max: int, W=None, omega=None):
         return None
 
 
+@float64
 def risk_curves(models: Mapping[str, tuple], designs: Mapping[str, object], ns: Sequence[int], seeds: Sequence[int],
                 theory_risk: Callable, key, num_test: int, progress=print,
                 optimum: Callable | None = None, extra: Callable | None = None) -> list[dict]:

@@ -1,4 +1,5 @@
-"""Closed-form risks of THEORY.md sections 3 to 5 and model-free ground truth, all in float64.
+"""Closed-form risks of THEORY.md sections 3 to 5 and model-free ground truth, all in float64
+(asked for locally, ``_precision.float64``: the caller's ``jax_enable_x64`` flag is left alone).
 
 Predictors: PGD yhat = x^T W X^T y and weighted PGD (WPGD) yhat = x^T W X^T (omega * y).
 Risk L = E[(y - yhat)^2] over fresh prompts, including the irreducible query noise s_q^2.
@@ -13,7 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from iclsim import _validate as v
-from iclsim.designs import IID, RAG, Drift, Prompts, TaskFeatureAlignment, _check_n, draw
+from iclsim._precision import float64
+from iclsim.designs import IID, RAG, Drift, Prompts, TaskFeatureAlignment, _check_n
+from iclsim.gram import draw
 
 F64 = jnp.float64
 
@@ -55,6 +58,7 @@ def _sym_sqrt(A):
     return (U * jnp.sqrt(jnp.clip(lam, 0.0, None))[None, :]) @ U.T
 
 
+@float64
 def pgd_moments(design: IID, n: int, weights=None) -> Moments:
     """THEORY 3: C = s1 Sx Sb, M = (s1^2 + s2) Sx Sb Sx + s2 tr(Sb Sx) Sx + sn Sx."""
     _require(design, (IID,), "pgd_moments")
@@ -76,6 +80,7 @@ def _drift_K(design: Drift):
     return jnp.asarray(design.corr, F64) - jnp.eye(n, dtype=F64) + jnp.diag(design.dim + 2.0 + s_i)
 
 
+@float64
 def pgd_risk(design: IID | Drift, n: int, W, weights=None) -> jax.Array:
     """Exact risk of x^T W X^T (weights * y) (weights default to 1, i.e. PGD).
 
@@ -95,6 +100,7 @@ def pgd_risk(design: IID | Drift, n: int, W, weights=None) -> jax.Array:
     return m.base - 2 * jnp.trace(m.cov_x @ W @ m.C) + jnp.trace(m.cov_x @ W @ m.M @ W.T)
 
 
+@float64
 def attention_risk(design: IID, n: int, Q, v) -> jax.Array:
     """Exact risk of any one-layer linear attention yhat = z_q^T Q S v, z_q = [x; 0], S = Z^T Z / n,
     Q = Wq Wk^T [d+1, d+1], v = Wv[:, d+1] (IID, scalar noise): PGD's L(W) (``pgd_risk``) is the case
@@ -146,6 +152,7 @@ def _correlated_moments(design: RAG | TaskFeatureAlignment, n: int):
     return E1, E2
 
 
+@float64
 def optimal_pgd(design, n: int):
     """Optimal PGD preconditioner and risk (W*, L*).
 
@@ -171,6 +178,7 @@ def optimal_pgd(design, n: int):
     _require(design, (IID, RAG, TaskFeatureAlignment, Drift), "optimal_pgd")
 
 
+@float64
 def rag_effective_risk(design: RAG, n: int) -> jax.Array:
     """THEORY 4, large-d approximation for gamma = 1: the isotropic IID optimum with n replaced by
     kappa n, kappa = alpha^2 d + 1: L ~ d + s^2 - d kappa n / (kappa n + kappa + d + s^2)."""
@@ -192,6 +200,7 @@ def iid_effective_n(dim: int, noise_var: float, risk):
     return r * (dim + 1 + noise_var) / (dim - r)
 
 
+@float64
 def optimal_wpgd(design: IID | Drift, n: int):
     """Optimal weighted PGD (W*, omega*, L*), omega normalised to mean |omega| = 1.
 
@@ -252,6 +261,7 @@ def _check_rank(rank, d):
         raise ValueError(f"rank must be an integer in [0, {d}] (at most dim), got {rank!r}")
 
 
+@float64
 def lowrank_optimal_pgd(design: IID, n: int, rank: int) -> jax.Array:
     """Best rank-r preconditioner (THEORY 3, Eckart-Young in the Sx^{1/2} . M^{1/2} geometry):
     W_r = Sx^{-1/2} [Sx^{1/2} W* M^{1/2}]_r M^{-1/2}."""
@@ -262,6 +272,7 @@ def lowrank_optimal_pgd(design: IID, n: int, rank: int) -> jax.Array:
     return jnp.linalg.solve(sx_half, _truncate(A, rank)) @ jnp.linalg.inv(m_half)
 
 
+@float64
 def lowrank_optimal_risk(design: IID, n: int, rank: int) -> jax.Array:
     """min_{rank W <= r} L(W) = L* + sum_{i>r} sigma_i(Sx^{1/2} W* M^{1/2})^2 (THEORY 3)."""
     _require(design, (IID,), "lowrank_optimal_risk")
@@ -272,6 +283,7 @@ def lowrank_optimal_risk(design: IID, n: int, rank: int) -> jax.Array:
     return L_star + jnp.sum(jnp.where(jnp.arange(s.shape[0]) >= rank, s**2, 0.0))
 
 
+@float64
 def lora_optimal_pgd(design: IID, n: int, W0, rank: int) -> jax.Array:
     """Best W0 + Delta with rank Delta <= r on the new design (THEORY 3, LoRA):
     Delta = Sx^{-1/2} [Sx^{1/2} (W*_new - W0) M_new^{1/2}]_r M_new^{-1/2}."""
@@ -283,6 +295,7 @@ def lora_optimal_pgd(design: IID, n: int, W0, rank: int) -> jax.Array:
     return W0 + jnp.linalg.solve(sx_half, _truncate(A, rank)) @ jnp.linalg.inv(m_half)
 
 
+@float64
 def lora_optimal_risk(design: IID, n: int, W0, rank: int) -> jax.Array:
     """min L_new(W0 + Delta), rank Delta <= r: L*_new + sum_{i>r} sigma_i(Sx^{1/2}(W*_new - W0) M^{1/2})^2."""
     _require(design, (IID,), "lora_optimal_risk")
@@ -301,6 +314,7 @@ def _chunks(num_prompts, batch_size):
     return -(-num_prompts // batch), batch
 
 
+@float64
 def ground_truth(design, n: int, key, num_prompts: int = 200_000, weights=None, batch_size: int = 10_000):
     """Model-free optimum of yhat = <W, x g^T>, g = X^T (weights * y), for any design (THEORY 4).
 
@@ -331,10 +345,11 @@ def ground_truth(design, n: int, key, num_prompts: int = 200_000, weights=None, 
     return wvec.reshape(d, d), (yy - b @ wvec) / (chunks * batch)
 
 
+@float64
 def risk_moments(predict: Callable[[Prompts], jax.Array], design, n_sample: int, n, key, chunks: int,
                  batch: int, dtype, gram: bool = False) -> tuple[jax.Array, jax.Array]:
     """Sum and sum of squares of (y - predict)^2 over chunks x batch fresh prompts with n active
-    context pairs in n_sample slots (``designs.draw``; pure and vmappable; n may be traced)."""
+    context pairs in n_sample slots (``gram.draw``; pure and vmappable; n may be traced)."""
 
     def body(carry, k):
         p = draw(design, k, batch, n, n_sample, dtype, gram)
@@ -345,6 +360,7 @@ def risk_moments(predict: Callable[[Prompts], jax.Array], design, n_sample: int,
     return jax.lax.scan(body, (zero, zero), jax.random.split(key, chunks))[0]
 
 
+@float64
 def mean_and_se(total, total_sq, count: int):
     """Mean and standard error from a sum and a sum of squares over count samples."""
     mean = total / count
@@ -352,6 +368,7 @@ def mean_and_se(total, total_sq, count: int):
     return mean, jnp.sqrt(jnp.clip(var, 0.0, None) / count)
 
 
+@float64
 def monte_carlo_risk(predict: Callable[[Prompts], jax.Array], design, n: int, key, num_prompts: int = 100_000,
                      batch_size: int = 10_000, dtype=F64):
     """Monte Carlo risk of a predictor: (mean, standard error) of (y - predict(prompts))^2 over

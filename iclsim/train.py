@@ -9,14 +9,13 @@ design settings equal across the sweep are passed once, so a single-design curve
 transforms its prompts once per step, not once per point.
 
 Context lengths that differ share the largest n's slots: models that read the context only through
-its Gram matrix train on ``GramPrompts`` drawn directly (``designs.sample_gram``, cost free of n);
+its Gram matrix train on ``GramPrompts`` drawn directly (``gram.sample_gram``, cost free of n);
 the others on tokens drawn at the largest n and truncated (``truncate_context``). Either way one
 compiled program trains a whole risk-vs-n curve.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Sequence
@@ -30,6 +29,9 @@ import optax
 from iclsim import _validate as v
 from iclsim import cache as _cache
 from iclsim import designs as _designs
+from iclsim import gram as _gram
+from iclsim.rng import BatchShard
+from iclsim._precision import float64
 from iclsim.designs import GramPrompts, Prompts
 from iclsim.theory import _chunks, mean_and_se, risk_moments
 
@@ -110,10 +112,11 @@ def _as_list(x):
 def _train_one(model, config: TrainConfig, n_max: int, loss_fn: Callable, gram: bool, shards: int = 1):
     """A pure function (design, n, key) -> (params, losses) that trains one model. With ``shards``
     > 1 (inside shard_map over the axis "batch" of that size) each shard draws its rows of every
-    step's batch (``designs.batch_shard``) and the loss and gradients are averaged over the shards."""
+    step's batch (a ``rng.BatchShard`` passed to the draw) and the loss and gradients are averaged over
+    the shards."""
     opt = config.optimizer()
     rows = config.batch_size // shards
-    sharded = functools.partial(_designs.batch_shard, BATCH_AXIS, shards) if shards > 1 else contextlib.nullcontext
+    shard = BatchShard(BATCH_AXIS, shards) if shards > 1 else None
 
     def train(design, n, key):
         keys = jax.random.split(key, config.steps + 1)  # one split: the initialisation's key and each step's
@@ -122,8 +125,7 @@ def _train_one(model, config: TrainConfig, n_max: int, loss_fn: Callable, gram: 
         state = TrainState(params, opt.init(params))
 
         def step(state, k):
-            with sharded():
-                prompts = _designs.draw(design, k, rows, n, n_max, config.dtype, gram)
+            prompts = _gram.draw(design, k, rows, n, n_max, config.dtype, gram, shard)
             loss, grads = jax.value_and_grad(lambda p: loss_fn(model, unravel(p), prompts))(state.params)
             if shards > 1:  # one all-reduce per step
                 both = jax.lax.pmean(jnp.concatenate([loss[None], grads]), BATCH_AXIS)
@@ -153,6 +155,11 @@ def fit_sweep(model, designs, ns: Sequence[int], seeds: Sequence[int], config: T
     axes [designs, ns, seeds] and losses [designs, ns, seeds, steps]. A non-finite loss raises
     FloatingPointError naming the model, design, n, seed and step.
     """
+    with jax.enable_x64(True):  # integer types fixed whatever the caller's flag; floats stay config.dtype
+        return _fit_sweep(model, designs, ns, seeds, config, loss_fn, devices, cache)
+
+
+def _fit_sweep(model, designs, ns, seeds, config, loss_fn, devices, cache) -> FitResult:
     design_list, ns, seeds = _as_list(designs), [int(n) for n in _as_list(ns)], [int(s) for s in _as_list(seeds)]
     for n in ns:
         v.positive_int("n", n)
@@ -355,6 +362,7 @@ def fit(model, design, n: int, steps: int = 4000, batch_size: int = 512, learnin
     return FitResult(jax.tree_util.tree_map(lambda a: a[0, 0, 0], result.params), result.losses[0, 0, 0])
 
 
+@float64
 def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: int = 100_000,
                    batch_size: int = 10_000, sampler: str = "auto", devices: Sequence | None = None):
     """Test risk on fresh prompts of every model of a sweep: (risk, se), each [designs, ns, seeds].

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iclsim import IID, cache, designs, models, theory, train
+from iclsim import IID, cache, designs, gram, models, theory, train
 from tests.tolerance import assert_close, assert_within_se
 
 CFG = train.TrainConfig(steps=150, batch_size=64, learning_rate=0.02, warmup_steps=10)
@@ -81,7 +81,7 @@ def test_training_equals_a_plain_optax_loop():
     gram = train.uses_gram(model, design, n)
     losses = []
     for s in range(cfg.steps):
-        prompts = designs.draw(design, keys[s + 1], cfg.batch_size, n, n, cfg.dtype, gram)
+        prompts = gram.draw(design, keys[s + 1], cfg.batch_size, n, n, cfg.dtype, gram)
         loss, grads = jax.value_and_grad(lambda p: train.squared_loss(model, p, prompts))(params)
         with jax.numpy_dtype_promotion("standard"):
             updates, state = opt.update(grads, state, params)

@@ -19,7 +19,28 @@ import numpy as np
 from iclsim.designs import GramPrompts, truncate_context
 from iclsim.rng import BatchShard, draw_many
 
-__all__ = ["draw", "sample_gram", "bartlett_factor", "standard_gamma"]
+__all__ = ["SAMPLERS", "uses_gram", "draw", "sample_gram", "bartlett_factor", "standard_gamma"]
+
+SAMPLERS = ("auto", "gram", "tokens")
+
+
+def uses_gram(model, designs, n_slots: int, sampler: str = "auto") -> bool:
+    """Whether to draw Gram matrices rather than tokens. Exact where the model reads the context
+    only through S and every design has a context law (tokens i.i.d. given the latent); "auto"
+    then takes the draw with fewer normals: tokens cost n_slots (d + 1) per prompt, the Gram matrix
+    about d (d + 1) / 2 + 3 (d + 1), so Gram from n_slots > d / 2 + 3. "tokens" forces tokens;
+    "gram" forces Gram draws and raises where they would not be exact."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    design_list = list(designs) if isinstance(designs, (list, tuple, np.ndarray)) else [designs]
+    able = getattr(model, "reads_gram", False) and all(getattr(d, "has_context_law", False) for d in design_list)
+    if sampler == "gram" and not able:
+        raise ValueError(f"sampler='gram' needs a model that reads only the context Gram matrix (LinearAttention, "
+                         f"PGD, LoRA of them) and designs with i.i.d. pairs given the latent (IID with scalar "
+                         f"noise, RAG, TaskFeatureAlignment, TaskPool); got {' '.join(repr(model).split())}")
+    if sampler == "auto":
+        return able and n_slots > design_list[0].dim / 2 + 3
+    return sampler == "gram"
 
 
 def _gamma(z, u, key, alpha, shard: BatchShard | None = None):

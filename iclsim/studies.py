@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iclsim import theory, train
+from iclsim import evaluate, theory, train
 from iclsim._precision import float64
 from iclsim.designs import IID
 from iclsim.models import LinearAttention, LoRA, normalise_omega
@@ -65,7 +65,7 @@ def risk_curves(models: Mapping[str, tuple], designs: Mapping[str, object], ns: 
         progress(f"  training {name}: {len(design_list)} designs x {len(ns)} n x {len(seeds)} seeds, "
                  f"{config.steps} steps")
         fitted = train.fit_sweep(model, design_list, ns, seeds, config)
-        risk, se = train.evaluate_sweep(model, fitted.params, design_list, ns, key, num_test)
+        risk, se = evaluate.evaluate_sweep(model, fitted.params, design_list, ns, key, num_test)
         for i, (label, design) in enumerate(zip(labels, design_list)):
             for j, n in enumerate(ns):
                 L = float(theory_risk(design, n, model))

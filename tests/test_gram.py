@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.extend.random import threefry2x32_p
 
-from iclsim import IID, RAG, Drift, TaskFeatureAlignment, TaskPool, gram, models, rng, theory, train
+from iclsim import IID, RAG, Drift, TaskFeatureAlignment, TaskPool, evaluate, gram, models, rng, theory, train
 from iclsim.models import context_gram
 from tests.strategies import spd
 from tests.tolerance import assert_distribution, assert_same_distribution, assert_within_se, relative_gap, report
@@ -191,7 +191,7 @@ def test_training_on_gram_prompts_reaches_the_same_risk(key):
     for sampler in ("gram", "tokens"):
         cfg = train.TrainConfig(steps=1500, batch_size=256, sampler=sampler)
         fitted = train.fit_sweep(model, design, ns, [0], cfg)
-        risks[sampler] = train.evaluate_sweep(model, fitted.params, design, ns, key, 200_000, sampler="tokens")[0]
+        risks[sampler] = evaluate.evaluate_sweep(model, fitted.params, design, ns, key, 200_000, sampler="tokens")[0]
     for j, n in enumerate(ns):
         L = float(theory.optimal_pgd(design, n)[1])
         g, t = risks["gram"][0, j, 0], risks["tokens"][0, j, 0]

@@ -15,7 +15,7 @@ import json, matplotlib
 before = matplotlib.rcParams._get_backend_or_none()
 import jax
 import iclsim, iclsim.plotting, iclsim.train, iclsim.studies, iclsim.models, iclsim.pruning
-from iclsim import IID, RAG, theory, train
+from iclsim import IID, RAG, evaluate, theory, train
 from iclsim.models import LinearAttention
 out = {"x64_after_import": bool(jax.config.jax_enable_x64), "backend_before": before,
        "backend_after": matplotlib.rcParams._get_backend_or_none()}
@@ -25,7 +25,7 @@ out["rag"] = str(theory.optimal_pgd(RAG(3, 0.3), 5)[1].dtype)
 out["risk"] = str(theory.pgd_risk(IID(3), 5, W).dtype)
 fitted = train.fit(LinearAttention(3), IID(3), 4, steps=20, batch_size=32)
 out["params"] = sorted({str(a.dtype) for a in jax.tree_util.tree_leaves(fitted.params)})
-out["risk_eval"] = train.evaluate(LinearAttention(3), fitted.params, IID(3), 4, jax.random.PRNGKey(0), 64)[0]
+out["risk_eval"] = evaluate.evaluate(LinearAttention(3), fitted.params, IID(3), 4, jax.random.PRNGKey(0), 64)[0]
 out["x64_at_end"] = bool(jax.config.jax_enable_x64)
 print(json.dumps(out))
 """

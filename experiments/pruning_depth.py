@@ -7,13 +7,15 @@ rate up to xi raises the test risk by at most ``harm`` (relative, mean over seed
 import jax
 import numpy as np
 
-from iclsim import plotting, pruning, studies
+from iclsim import plotting, pruning
 from iclsim.runner import Experiment
+
+from ._pruning import pruning_setup
 
 
 def run(s, seed, progress):
     seeds = [seed + k for k in range(s["seeds"])]
-    model, settings = studies.pruning_setup(s, seeds, progress)
+    model, settings = pruning_setup(s, seeds, progress)
     modules = ["attn", "mlp"] if s["mlp"] else ["attn"]
     candidates = [(l, m, r) for l in range(s["layers"]) for m in modules for r in s["rates"]]
     rows = []

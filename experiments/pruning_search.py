@@ -5,13 +5,15 @@ on other prompts, in the format of paper B's tables."""
 import jax
 import numpy as np
 
-from iclsim import plotting, pruning, studies
+from iclsim import plotting, pruning
 from iclsim.runner import Experiment
+
+from ._pruning import pruning_setup
 
 
 def run(s, seed, progress):
     seeds = [seed + k for k in range(s["seeds"])]
-    model, settings = studies.pruning_setup(s, seeds, progress)
+    model, settings = pruning_setup(s, seeds, progress)
     modules = ["attn", "mlp"] if s["mlp"] else ["attn"]
     rows = []
     for setting, (params_list, design, n) in settings.items():

@@ -22,6 +22,8 @@ import numpy as np
 from iclsim._files import atomic_write
 from iclsim.models import Frozen
 
+__all__ = ["FORMAT", "fingerprint", "SweepCache", "current", "active", "persist_compilations"]
+
 # bump when the numbers of a stored point change (2: one-draw initialisation and prompts; 3: flat Adam;
 # 4: a draw's floats computed once)
 FORMAT = 4
@@ -120,8 +122,7 @@ def active(cache: SweepCache | None):
 @contextlib.contextmanager
 def persist_compilations(directory: str | Path, min_compile_secs: float = 1.0):
     """Within the block, keep compiled XLA programs in ``directory`` (JAX's persistent compilation
-    cache), so a later process that builds the same program loads it instead of compiling it: a
-    d = 10 attention fit's 4.4 s compilation became a 0.3 s load on the 2-core CPU. JAX keys an entry
+    cache), so a later process that builds the same program loads it instead of compiling it. JAX keys an entry
     on the program's HLO, devices, backend and flags, so a stale entry is never used; programs that
     compile in under ``min_compile_secs`` are not stored. The previous settings are restored after."""
     from jax.experimental.compilation_cache import compilation_cache

@@ -1,4 +1,4 @@
-"""Data designs of THEORY.md section 1: samplers of in-context regression prompts.
+"""Data designs of docs/theory.md §1: samplers of in-context regression prompts.
 
 A prompt holds n context pairs (x_i, y_i) and a query (x, y). Every design is a frozen
 dataclass registered as a pytree (array fields are leaves, ``dim`` is static), so designs that
@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iclsim import _validate as v
+from iclsim import _validate as check
 from iclsim.rng import BatchShard, draw_many, normals
 
 __all__ = ["Prompts", "GramPrompts", "ContextLaw", "tokens", "truncate_context", "stack", "IID", "RAG",
@@ -101,12 +101,12 @@ def tokens(prompts: Prompts) -> jax.Array:
 def truncate_context(prompts: Prompts, n) -> Prompts:
     """Keep the last ``n`` context pairs and zero the others (n may be traced).
 
-    Zero tokens are inert in every iclsim model (no biases), so a prompt drawn at n_max and
+    Zero tokens are inert in every iclsim model (no biases), so a prompt drawn at n_slots and
     truncated is a prompt of length n, right-aligned so lags to the query are unchanged. This
     is the mask that lets one compiled program train a whole risk-vs-n curve.
     """
-    n_max = prompts.X.shape[1]
-    keep = (jnp.arange(n_max) >= n_max - n).astype(prompts.y.dtype)
+    n_slots = prompts.X.shape[1]
+    keep = (jnp.arange(n_slots) >= n_slots - n).astype(prompts.y.dtype)
     return prompts._replace(X=prompts.X * keep[None, :, None], y=prompts.y * keep[None, :])
 
 
@@ -173,7 +173,7 @@ def _law(mean_x, A, beta, noise_var, x, query_noise, query_noise_var) -> Context
 
 
 def _check_n(design, n):
-    v.positive_int("n", n)
+    check.positive_int("n", n)
     fixed = design.fixed_n
     if fixed is not None and n != fixed:
         raise ValueError(f"n must equal {fixed} for this design (its per-position arrays), got {n}")
@@ -196,7 +196,7 @@ class _Design:
 
 @_pytree_design()
 class IID(_Design):
-    """THEORY 1.1: x_i, x ~ N(0, cov_x), beta ~ N(0, cov_beta), y_i = x_i.beta + N(0, s_i^2).
+    """docs/theory.md §1.1: x_i, x ~ N(0, cov_x), beta ~ N(0, cov_beta), y_i = x_i.beta + N(0, s_i^2).
 
     ``noise_var`` is a scalar or one variance per context position; ``query_noise_var``
     defaults to the scalar ``noise_var`` (it must be given when the noise is per position).
@@ -209,18 +209,18 @@ class IID(_Design):
     query_noise_var: float | None = None
 
     def __post_init__(self):
-        d = v.positive_int("dim", self.dim)
-        noise = v.nonneg_variance("noise_var", self.noise_var)
+        d = check.positive_int("dim", self.dim)
+        noise = check.nonneg_variance("noise_var", self.noise_var)
         if self.query_noise_var is None:
             if noise.ndim:
                 raise ValueError("query_noise_var is required when noise_var is per position")
             qn = noise
         else:
-            qn = v.nonneg_variance("query_noise_var", self.query_noise_var)
+            qn = check.nonneg_variance("query_noise_var", self.query_noise_var)
             if qn.ndim:
                 raise ValueError("query_noise_var must be a scalar")
-        _set(self, cov_x=v.spd_matrix("cov_x", self.cov_x, d),
-             cov_beta=v.spd_matrix("cov_beta", self.cov_beta, d), noise_var=noise, query_noise_var=qn)
+        _set(self, cov_x=check.spd_matrix("cov_x", self.cov_x, d),
+             cov_beta=check.spd_matrix("cov_beta", self.cov_beta, d), noise_var=noise, query_noise_var=qn)
 
     @property
     def fixed_n(self):
@@ -255,7 +255,7 @@ class IID(_Design):
 
 @_pytree_design()
 class RAG(_Design):
-    """THEORY 1.2, retrieval-augmented: x ~ N(0, I), x_i | x ~ N(alpha x, gamma^2 I), beta ~ N(0, I).
+    """docs/theory.md §1.2, retrieval-augmented: x ~ N(0, I), x_i | x ~ N(alpha x, gamma^2 I), beta ~ N(0, I).
 
     Default gamma = 1 gives paper A's effective sample-size multiplier kappa = alpha^2 d + 1;
     ``RAG.marginal_isotropic`` takes gamma^2 = 1 - alpha^2 so x_i ~ N(0, I) marginally.
@@ -267,12 +267,12 @@ class RAG(_Design):
     noise_var: float = 0.0
 
     def __post_init__(self):
-        v.positive_int("dim", self.dim)
-        alpha = v.in_range("alpha", self.alpha, -1.0, 1.0)
+        check.positive_int("dim", self.dim)
+        alpha = check.in_range("alpha", self.alpha, -1.0, 1.0)
         gamma = float(self.gamma)
         if not np.isfinite(gamma) or gamma <= 0:
             raise ValueError(f"gamma must be > 0, got {self.gamma!r}")
-        noise = v.nonneg_variance("noise_var", self.noise_var)
+        noise = check.nonneg_variance("noise_var", self.noise_var)
         if noise.ndim:
             raise ValueError("noise_var must be a scalar for RAG")
         _set(self, alpha=np.float64(alpha), gamma=np.float64(gamma), noise_var=noise)
@@ -305,16 +305,16 @@ class RAG(_Design):
 
 @_pytree_design()
 class TaskFeatureAlignment(_Design):
-    """THEORY 1.3: beta ~ N(0, I), x_i | beta ~ N(alpha beta, I), query x ~ N(0, I) independent."""
+    """docs/theory.md §1.3: beta ~ N(0, I), x_i | beta ~ N(alpha beta, I), query x ~ N(0, I) independent."""
 
     dim: int
     alpha: float
     noise_var: float = 0.0
 
     def __post_init__(self):
-        v.positive_int("dim", self.dim)
-        alpha = v.in_range("alpha", self.alpha, -1.0, 1.0)
-        noise = v.nonneg_variance("noise_var", self.noise_var)
+        check.positive_int("dim", self.dim)
+        alpha = check.in_range("alpha", self.alpha, -1.0, 1.0)
+        noise = check.nonneg_variance("noise_var", self.noise_var)
         if noise.ndim:
             raise ValueError("noise_var must be a scalar for TaskFeatureAlignment")
         _set(self, alpha=np.float64(alpha), noise_var=noise)
@@ -341,7 +341,7 @@ class TaskFeatureAlignment(_Design):
 
 @_pytree_design()
 class Drift(_Design):
-    """THEORY 1.4, temporally heterogeneous prompts: x_i, x ~ N(0, I), y_i = x_i.beta_i + noise.
+    """docs/theory.md §1.4, temporally heterogeneous prompts: x_i, x ~ N(0, I), y_i = x_i.beta_i + noise.
 
     The per-position tasks beta_i and the query task beta are jointly Gaussian with
     E[beta beta_i^T] = rho_i I and E[beta_i beta_j^T] = corr_ij I. ``rho`` has one entry per
@@ -357,7 +357,7 @@ class Drift(_Design):
     query_noise_var: float | None = None
 
     def __post_init__(self):
-        v.positive_int("dim", self.dim)
+        check.positive_int("dim", self.dim)
         rho = np.asarray(self.rho, dtype=np.float64)
         if rho.ndim != 1 or rho.shape[0] < 1:
             raise ValueError(f"rho must be a 1-D array with one entry per context position, got shape {rho.shape}")
@@ -376,20 +376,20 @@ class Drift(_Design):
         joint = np.block([[np.ones((1, 1)), rho[None, :]], [rho[:, None], corr]])
         if np.linalg.eigvalsh(joint).min() < -1e-9:
             raise ValueError("corr and rho must form a valid correlation matrix of (beta, beta_1..beta_n)")
-        noise = v.nonneg_variance("noise_var", self.noise_var, length=n)
+        noise = check.nonneg_variance("noise_var", self.noise_var, length=n)
         if self.query_noise_var is None:
             if noise.ndim:
                 raise ValueError("query_noise_var is required when noise_var is per position")
             qn = noise
         else:
-            qn = v.nonneg_variance("query_noise_var", self.query_noise_var)
+            qn = check.nonneg_variance("query_noise_var", self.query_noise_var)
         _set(self, rho=rho, corr=corr, noise_var=noise, query_noise_var=qn)
 
     @classmethod
     def ar1(cls, dim: int, n: int, g: float, noise_var=0.0, query_noise_var=None) -> "Drift":
         """AR(1) drift toward the query: corr_ij = g^|i-j|, rho_i = g^(n+1-i), g in [0, 1]."""
-        v.positive_int("n", n)
-        g = v.in_range("g", g, 0.0, 1.0)
+        check.positive_int("n", n)
+        g = check.in_range("g", g, 0.0, 1.0)
         i = np.arange(1, n + 1)
         return cls(dim, g ** (n + 1 - i), g ** np.abs(i[:, None] - i[None, :]), noise_var, query_noise_var)
 
@@ -412,7 +412,7 @@ class Drift(_Design):
 
 @_pytree_design()
 class TaskPool(_Design):
-    """A finite pool of pretraining tasks (THEORY 6): beta drawn uniformly from ``num_tasks`` fixed
+    """A finite pool of pretraining tasks (docs/theory.md §6): beta drawn uniformly from ``num_tasks`` fixed
     tasks beta_k ~ N(0, I) (drawn once from ``pool_seed``); x_i, x ~ N(0, I); noise as IID."""
 
     dim: int
@@ -422,9 +422,9 @@ class TaskPool(_Design):
     pool: np.ndarray | None = None
 
     def __post_init__(self):
-        v.positive_int("dim", self.dim)
-        v.positive_int("num_tasks", self.num_tasks)
-        noise = v.nonneg_variance("noise_var", self.noise_var)
+        check.positive_int("dim", self.dim)
+        check.positive_int("num_tasks", self.num_tasks)
+        noise = check.nonneg_variance("noise_var", self.noise_var)
         if noise.ndim:
             raise ValueError("noise_var must be a scalar for TaskPool")
         pool = np.random.default_rng(self.pool_seed).normal(size=(self.num_tasks, self.dim))

@@ -8,6 +8,8 @@ from collections import defaultdict
 import matplotlib.pyplot as plt
 import numpy as np
 
+__all__ = ["LINESTYLES", "seed_stats", "curves", "panels"]
+
 LINESTYLES = {"empirical": "-", "theory": ":", "approximation": "--"}
 
 

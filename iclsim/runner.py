@@ -18,12 +18,15 @@ import os
 import platform
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Any, Callable
 
 from iclsim._files import atomic_write  # noqa: F401  (runner.atomic_write stays public)
 from iclsim.cache import SweepCache
 from iclsim.cache import active as active_cache
+
+__all__ = ["EXPERIMENTS_DIR", "Experiment", "discover", "rows_to_csv", "read_rows", "versions", "run_experiment"]
 
 EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
 
@@ -43,6 +46,9 @@ class Experiment:
 def discover(directory: Path = EXPERIMENTS_DIR) -> dict[str, Experiment]:
     """All experiments defined in ``directory`` (one module per figure or study)."""
     found = {}
+    package = types.ModuleType("iclsim_experiments")  # so an experiment imports its siblings: from ._x import y
+    package.__path__ = [str(directory)]
+    sys.modules["iclsim_experiments"] = package
     for path in sorted(directory.glob("*.py")):
         if path.name.startswith("_"):
             continue

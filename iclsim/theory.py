@@ -1,4 +1,4 @@
-"""Closed-form risks of THEORY.md sections 3 to 5 and model-free ground truth, all in float64
+"""Closed-form risks of docs/theory.md §3 to §5 and model-free ground truth, all in float64
 (asked for locally, ``_precision.float64``: the caller's ``jax_enable_x64`` flag is left alone).
 
 Predictors: PGD yhat = x^T W X^T y and weighted PGD (WPGD) yhat = x^T W X^T (omega * y).
@@ -13,16 +13,36 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iclsim import _validate as v
+from iclsim import _validate as check
 from iclsim._precision import float64
 from iclsim.designs import IID, RAG, Drift, Prompts, TaskFeatureAlignment, _check_n
 from iclsim.gram import draw
 
+__all__ = ["F64", "Optimum", "WeightedOptimum", "Moments", "pgd_moments", "pgd_risk", "attention_risk",
+           "optimal_pgd", "rag_effective_risk", "effective_sample_multiplier", "iid_effective_n", "optimal_wpgd",
+           "lowrank_optimal_pgd", "lowrank_optimal_risk", "lora_optimal_pgd", "lora_optimal_risk", "ground_truth",
+           "risk_moments", "mean_and_se", "monte_carlo_risk", "pgd_predict"]
+
 F64 = jnp.float64
 
 
+class Optimum(NamedTuple):
+    """An optimal preconditioner W [d, d] and its risk L (a float64 scalar)."""
+
+    W: jax.Array
+    risk: jax.Array
+
+
+class WeightedOptimum(NamedTuple):
+    """An optimal weighted PGD: W [d, d], per-position weights omega [n] (mean |omega| = 1), risk L."""
+
+    W: jax.Array
+    omega: jax.Array
+    risk: jax.Array
+
+
 class Moments(NamedTuple):
-    """THEORY 3 for g = X^T (omega * y): C = E[g beta^T], M = E[g g^T]; risk pieces."""
+    """docs/theory.md §3 for g = X^T (omega * y): C = E[g beta^T], M = E[g g^T]; risk pieces."""
 
     cov_x: jax.Array
     C: jax.Array
@@ -60,7 +80,7 @@ def _sym_sqrt(A):
 
 @float64
 def pgd_moments(design: IID, n: int, weights=None) -> Moments:
-    """THEORY 3: C = s1 Sx Sb, M = (s1^2 + s2) Sx Sb Sx + s2 tr(Sb Sx) Sx + sn Sx."""
+    """docs/theory.md §3: C = s1 Sx Sb, M = (s1^2 + s2) Sx Sb Sx + s2 tr(Sb Sx) Sx + sn Sx."""
     _require(design, (IID,), "pgd_moments")
     _check_n(design, n)
     w = _weights(weights, n)
@@ -74,7 +94,7 @@ def pgd_moments(design: IID, n: int, weights=None) -> Moments:
 
 
 def _drift_K(design: Drift):
-    """THEORY 5: K = P - I + diag(d + 2 + s_i^2)."""
+    """docs/theory.md §5: K = P - I + diag(d + 2 + s_i^2)."""
     n = design.fixed_n
     s_i = jnp.broadcast_to(jnp.asarray(design.noise_var, F64), (n,))
     return jnp.asarray(design.corr, F64) - jnp.eye(n, dtype=F64) + jnp.diag(design.dim + 2.0 + s_i)
@@ -84,8 +104,8 @@ def _drift_K(design: Drift):
 def pgd_risk(design: IID | Drift, n: int, W, weights=None) -> jax.Array:
     """Exact risk of x^T W X^T (weights * y) (weights default to 1, i.e. PGD).
 
-    IID (THEORY 3): L(W) = s_q^2 + tr(Sx Sb) - 2 tr(Sx W C) + tr(Sx W M W^T).
-    Drift (THEORY 5, general W): L = s_q^2 + d - 2 (omega.rho) tr W + (omega^T K omega) tr(W W^T).
+    IID (docs/theory.md §3): L(W) = s_q^2 + tr(Sx Sb) - 2 tr(Sx W C) + tr(Sx W M W^T).
+    Drift (docs/theory.md §5, general W): L = s_q^2 + d - 2 (omega.rho) tr W + (omega^T K omega) tr(W W^T).
     Differentiable in W and weights.
     """
     _require(design, (IID, Drift), "pgd_risk")
@@ -137,7 +157,7 @@ def attention_risk(design: IID, n: int, Q, v) -> jax.Array:
 
 
 def _correlated_moments(design: RAG | TaskFeatureAlignment, n: int):
-    """THEORY 4: E1, E2 with W* = c* I, c* = n E1 / E2, L* = d + s^2 - (n E1)^2 / E2."""
+    """docs/theory.md §4: E1, E2 with W* = c* I, c* = n E1 / E2, L* = d + s^2 - (n E1)^2 / E2."""
     d, a, s2 = design.dim, float(design.alpha) ** 2, float(design.noise_var)
     m1, m2, m3 = d, d * (d + 2), d * (d + 2) * (d + 4)
     if isinstance(design, RAG):
@@ -153,12 +173,12 @@ def _correlated_moments(design: RAG | TaskFeatureAlignment, n: int):
 
 
 @float64
-def optimal_pgd(design, n: int):
-    """Optimal PGD preconditioner and risk (W*, L*).
+def optimal_pgd(design, n: int) -> Optimum:
+    """Optimal PGD preconditioner and risk ``Optimum(W*, L*)``.
 
-    IID (THEORY 3): W* = C^T M^{-1}, L* = s_q^2 + tr(Sx Sb) - tr(Sx C^T M^{-1} C).
-    RAG, TaskFeatureAlignment (THEORY 4): W* = c* I with c* = n E1 / E2.
-    Drift (THEORY 5): the uniform-weight (linear attention) optimum,
+    IID (docs/theory.md §3): W* = C^T M^{-1}, L* = s_q^2 + tr(Sx Sb) - tr(Sx C^T M^{-1} C).
+    RAG, TaskFeatureAlignment (docs/theory.md §4): W* = c* I with c* = n E1 / E2.
+    Drift (docs/theory.md §5): the uniform-weight (linear attention) optimum,
     W* = (1^T rho / 1^T K 1) I, L_ATT = d + s_q^2 - d (1^T rho)^2 / (1^T K 1).
     """
     _check_n(design, n)
@@ -166,21 +186,21 @@ def optimal_pgd(design, n: int):
     if isinstance(design, IID):
         m = pgd_moments(design, n)
         W = jnp.linalg.solve(m.M, m.C).T  # M symmetric: C^T M^{-1} = (M^{-1} C)^T
-        return W, m.base - jnp.trace(m.cov_x @ W @ m.C)
+        return Optimum(W, m.base - jnp.trace(m.cov_x @ W @ m.C))
     if isinstance(design, (RAG, TaskFeatureAlignment)):
         E1, E2 = _correlated_moments(design, n)
-        return (n * E1 / E2) * jnp.eye(d, dtype=F64), jnp.asarray(d + design.noise_var - (n * E1) ** 2 / E2, F64)
+        return Optimum((n * E1 / E2) * jnp.eye(d, dtype=F64), jnp.asarray(d + design.noise_var - (n * E1) ** 2 / E2, F64))
     if isinstance(design, Drift):
         one = jnp.ones(n, F64)
         c = (one @ jnp.asarray(design.rho, F64)) / (one @ _drift_K(design) @ one)
         W = c * jnp.eye(d, dtype=F64)
-        return W, pgd_risk(design, n, W)
+        return Optimum(W, pgd_risk(design, n, W))
     _require(design, (IID, RAG, TaskFeatureAlignment, Drift), "optimal_pgd")
 
 
 @float64
 def rag_effective_risk(design: RAG, n: int) -> jax.Array:
-    """THEORY 4, large-d approximation for gamma = 1: the isotropic IID optimum with n replaced by
+    """docs/theory.md §4, large-d approximation for gamma = 1: the isotropic IID optimum with n replaced by
     kappa n, kappa = alpha^2 d + 1: L ~ d + s^2 - d kappa n / (kappa n + kappa + d + s^2)."""
     _require(design, (RAG,), "rag_effective_risk")
     d, s2 = design.dim, float(design.noise_var)
@@ -201,12 +221,12 @@ def iid_effective_n(dim: int, noise_var: float, risk):
 
 
 @float64
-def optimal_wpgd(design: IID | Drift, n: int):
-    """Optimal weighted PGD (W*, omega*, L*), omega normalised to mean |omega| = 1.
+def optimal_wpgd(design: IID | Drift, n: int) -> WeightedOptimum:
+    """Optimal weighted PGD ``WeightedOptimum(W*, omega*, L*)``, omega normalised to mean |omega| = 1.
 
-    Drift (THEORY 5, H3 optimum): omega* = K^{-1} rho, W* = I up to scale,
+    Drift (docs/theory.md §5, H3 optimum): omega* = K^{-1} rho, W* = I up to scale,
     L_H3 = d + s_q^2 - d rho^T K^{-1} rho.
-    IID with per-position noise s_i^2 (THEORY 3 with weights): the stationarity condition of
+    IID with per-position noise s_i^2 (docs/theory.md §3 with weights): the stationarity condition of
     L over omega with sum omega fixed gives omega_i proportional to 1 / (t + s_i^2), where
     t = sum_k w_k (lambda_k + T) / sum_k w_k, w_k = lambda_k^2 / den_k^2,
     den_k = (1 + s2) lambda_k + s2 T + sn, lambda = eig(Sx Sb), T = tr(Sx Sb); t is found by
@@ -220,7 +240,7 @@ def optimal_wpgd(design: IID | Drift, n: int):
         scale = jnp.where(scale > 0, scale, 1.0)  # rho = 0: omega* = 0, any W
         W = scale * jnp.eye(design.dim, dtype=F64)
         omega = raw / scale
-        return W, omega, pgd_risk(design, n, W, omega)
+        return WeightedOptimum(W, omega, pgd_risk(design, n, W, omega))
     Sx, Sb = np.asarray(design.cov_x), np.asarray(design.cov_beta)
     lam = np.linalg.eigvals(Sx @ Sb).real
     T = float(np.trace(Sx @ Sb))
@@ -240,11 +260,11 @@ def optimal_wpgd(design: IID | Drift, n: int):
     omega = jnp.asarray(omega / omega.mean(), F64)
     m = pgd_moments(design, n, omega)
     W = jnp.linalg.solve(m.M, m.C).T
-    return W, omega, pgd_risk(design, n, W, omega)
+    return WeightedOptimum(W, omega, pgd_risk(design, n, W, omega))
 
 
 def _whitened_optimum(design: IID, n: int, target):
-    """Sx^{1/2} (target) M^{1/2} and the maps back, for the Eckart-Young forms of THEORY 3."""
+    """Sx^{1/2} (target) M^{1/2} and the maps back, for the Eckart-Young forms of docs/theory.md §3."""
     m = pgd_moments(design, n)
     sx_half, m_half = _sym_sqrt(m.cov_x), _sym_sqrt(m.M)
     return sx_half @ target @ m_half, sx_half, m_half
@@ -263,7 +283,7 @@ def _check_rank(rank, d):
 
 @float64
 def lowrank_optimal_pgd(design: IID, n: int, rank: int) -> jax.Array:
-    """Best rank-r preconditioner (THEORY 3, Eckart-Young in the Sx^{1/2} . M^{1/2} geometry):
+    """Best rank-r preconditioner (docs/theory.md §3, Eckart-Young in the Sx^{1/2} . M^{1/2} geometry):
     W_r = Sx^{-1/2} [Sx^{1/2} W* M^{1/2}]_r M^{-1/2}."""
     _require(design, (IID,), "lowrank_optimal_pgd")
     _check_rank(rank, design.dim)
@@ -274,7 +294,7 @@ def lowrank_optimal_pgd(design: IID, n: int, rank: int) -> jax.Array:
 
 @float64
 def lowrank_optimal_risk(design: IID, n: int, rank: int) -> jax.Array:
-    """min_{rank W <= r} L(W) = L* + sum_{i>r} sigma_i(Sx^{1/2} W* M^{1/2})^2 (THEORY 3)."""
+    """min_{rank W <= r} L(W) = L* + sum_{i>r} sigma_i(Sx^{1/2} W* M^{1/2})^2 (docs/theory.md §3)."""
     _require(design, (IID,), "lowrank_optimal_risk")
     _check_rank(rank, design.dim)
     W_star, L_star = optimal_pgd(design, n)
@@ -285,7 +305,7 @@ def lowrank_optimal_risk(design: IID, n: int, rank: int) -> jax.Array:
 
 @float64
 def lora_optimal_pgd(design: IID, n: int, W0, rank: int) -> jax.Array:
-    """Best W0 + Delta with rank Delta <= r on the new design (THEORY 3, LoRA):
+    """Best W0 + Delta with rank Delta <= r on the new design (docs/theory.md §3, LoRA):
     Delta = Sx^{-1/2} [Sx^{1/2} (W*_new - W0) M_new^{1/2}]_r M_new^{-1/2}."""
     _require(design, (IID,), "lora_optimal_pgd")
     _check_rank(rank, design.dim)
@@ -308,15 +328,15 @@ def lora_optimal_risk(design: IID, n: int, W0, rank: int) -> jax.Array:
 
 
 def _chunks(num_prompts, batch_size):
-    v.positive_int("num_prompts", num_prompts)
-    v.positive_int("batch_size", batch_size)
+    check.positive_int("num_prompts", num_prompts)
+    check.positive_int("batch_size", batch_size)
     batch = min(batch_size, num_prompts)
     return -(-num_prompts // batch), batch
 
 
 @float64
 def ground_truth(design, n: int, key, num_prompts: int = 200_000, weights=None, batch_size: int = 10_000):
-    """Model-free optimum of yhat = <W, x g^T>, g = X^T (weights * y), for any design (THEORY 4).
+    """Model-free optimum of yhat = <W, x g^T>, g = X^T (weights * y), for any design (docs/theory.md §4).
 
     With F = vec(x g^T), A = E[F F^T], b = E[y F]: W = A^{-1} b, L = E[y^2] - b^T A^{-1} b,
     estimated in float64 from num_prompts sampled prompts (rounded up to whole batches). The
@@ -346,13 +366,13 @@ def ground_truth(design, n: int, key, num_prompts: int = 200_000, weights=None, 
 
 
 @float64
-def risk_moments(predict: Callable[[Prompts], jax.Array], design, n_sample: int, n, key, chunks: int,
+def risk_moments(predict: Callable[[Prompts], jax.Array], design, n_slots: int, n, key, chunks: int,
                  batch: int, dtype, gram: bool = False) -> tuple[jax.Array, jax.Array]:
     """Sum and sum of squares of (y - predict)^2 over chunks x batch fresh prompts with n active
-    context pairs in n_sample slots (``gram.draw``; pure and vmappable; n may be traced)."""
+    context pairs in n_slots slots (``gram.draw``; pure and vmappable; n may be traced)."""
 
     def body(carry, k):
-        p = draw(design, k, batch, n, n_sample, dtype, gram)
+        p = draw(design, k, batch, n, n_slots, dtype, gram)
         err = ((p.y_query - predict(p)) ** 2).astype(F64)
         return (carry[0] + jnp.sum(err), carry[1] + jnp.sum(err**2)), None
 

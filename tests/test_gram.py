@@ -13,7 +13,8 @@ from jax.extend.random import threefry2x32_p
 from iclsim import IID, RAG, Drift, TaskFeatureAlignment, TaskPool, evaluate, gram, models, rng, theory, train
 from iclsim.models import context_gram
 from tests.strategies import spd
-from tests.tolerance import assert_distribution, assert_same_distribution, assert_within_se, relative_gap, report
+from tests.tolerance import (SAMPLER_AGREEMENT, SAMPLER_GAP, assert_distribution, assert_same_distribution,
+                             assert_within_se, relative_gap, report)
 
 NUM = 20_000
 
@@ -182,6 +183,7 @@ def test_default_sampler_choice():
     assert not train.uses_gram(models.LinearAttention(3), IID(3), 40, "tokens")
 
 
+@pytest.mark.slow  # two full trainings and 200k-prompt evaluations
 def test_training_on_gram_prompts_reaches_the_same_risk(key):
     """Attention trained on Gram draws and on token draws (same settings) both land on the
     Theorem 1 optimum; the trained risks on common fresh prompts agree within 1.5%."""
@@ -193,8 +195,8 @@ def test_training_on_gram_prompts_reaches_the_same_risk(key):
         fitted = train.fit_sweep(model, design, ns, [0], cfg)
         risks[sampler] = evaluate.evaluate_sweep(model, fitted.params, design, ns, key, 200_000, sampler="tokens")[0]
     for j, n in enumerate(ns):
-        L = float(theory.optimal_pgd(design, n)[1])
+        L = float(theory.optimal_pgd(design, n).risk)
         g, t = risks["gram"][0, j, 0], risks["tokens"][0, j, 0]
         report(f"gram vs tokens training, n = {n}: risk {g:.4f} vs {t:.4f}, optimum {L:.4f}")
-        assert relative_gap(g, L) < 0.02 and relative_gap(t, L) < 0.02
-        assert relative_gap(g, t) < 0.015
+        assert relative_gap(g, L) < SAMPLER_GAP and relative_gap(t, L) < SAMPLER_GAP
+        assert relative_gap(g, t) < SAMPLER_AGREEMENT

@@ -19,9 +19,9 @@ from iclsim import IID, RAG, evaluate, theory, train
 from iclsim.models import LinearAttention
 out = {"x64_after_import": bool(jax.config.jax_enable_x64), "backend_before": before,
        "backend_after": matplotlib.rcParams._get_backend_or_none()}
-W, L = theory.optimal_pgd(IID(3, noise_var=0.1), 5)[:2]
+W, L = theory.optimal_pgd(IID(3, noise_var=0.1), 5)
 out["optimal_pgd"] = [str(W.dtype), str(L.dtype)]
-out["rag"] = str(theory.optimal_pgd(RAG(3, 0.3), 5)[1].dtype)
+out["rag"] = str(theory.optimal_pgd(RAG(3, 0.3), 5).risk.dtype)
 out["risk"] = str(theory.pgd_risk(IID(3), 5, W).dtype)
 fitted = train.fit(LinearAttention(3), IID(3), 4, steps=20, batch_size=32)
 out["params"] = sorted({str(a.dtype) for a in jax.tree_util.tree_leaves(fitted.params)})

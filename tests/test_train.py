@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from iclsim import IID, cache, layout, models, theory, train
 from iclsim.evaluate import evaluate, evaluate_sweep
 from iclsim.gram import draw
-from tests.tolerance import assert_close, assert_within_se
+from tests.tolerance import TRAINED_EXACT_GAP, TRAINED_W_REL_LONG, assert_close, assert_within_se
 
 CFG = train.TrainConfig(steps=150, batch_size=64, learning_rate=0.02, warmup_steps=10)
 
@@ -153,9 +153,9 @@ def test_trained_pgd_reaches_theory_and_evaluate_is_unbiased(key):
     model = models.PGD(d)
     result = train.fit(model, design, n, steps=1500, batch_size=256, learning_rate=0.01)
     W_star, L_star = theory.optimal_pgd(design, n)
-    W = jnp.asarray(model.effective_pgd(result.params, n), jnp.float64)
-    assert float(jnp.linalg.norm(W - W_star) / jnp.linalg.norm(W_star)) < 0.05
-    assert abs(float(theory.pgd_risk(design, n, W)) / float(L_star) - 1) < 0.01
+    W = jnp.asarray(model.effective_pgd(result.params, n).W, jnp.float64)
+    assert float(jnp.linalg.norm(W - W_star) / jnp.linalg.norm(W_star)) < TRAINED_W_REL_LONG
+    assert abs(float(theory.pgd_risk(design, n, W)) / float(L_star) - 1) < TRAINED_EXACT_GAP
     exact = models.PGD(d, dtype=jnp.float64)
     mean, se = evaluate(exact, {"W": W_star * n}, design, n, key, 100_000)
     assert_within_se(L_star, mean, se, name="evaluate vs optimal_pgd")
@@ -319,6 +319,7 @@ def test_fingerprint_is_stable_and_content_based():
     assert cache.fingerprint(CFG) != cache.fingerprint(train.TrainConfig(steps=151, batch_size=64))
 
 
+@pytest.mark.slow  # two fresh interpreters that each import JAX and compile
 def test_compiled_programs_persist_across_processes(tmp_path):
     """A second process that builds the same training program loads it from the persistent
     compilation cache (a hit, no new file) and trains to the same numbers; outside the block the

@@ -3,7 +3,6 @@ top-r eigendirections of Sx^{1/2} Sb Sx^{1/2}; its risk is L* + n sum_{i>r} l_i^
 Flat spectrum (Sb = I): linear in d - r; spiked spectrum: the first few ranks capture most of it."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from iclsim import IID, models, plotting, sweeps, theory

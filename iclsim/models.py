@@ -135,7 +135,8 @@ class H3:
     With s = e_0 the x^T . x_i y_i part is WPGD with omega_i = f_{n-i} and
     W = sum_c w_o[c] s_{c,0} Wq[:d,c] (Wk[:d,c] Wv[d,c] + Wv[:d,c] Wk[d,c])^T (``effective_pgd``;
     keys and values can both carry the label). ``context`` is the
-    (largest) context length n; shorter prompts are right-aligned and zero-padded.
+    n_slots it is built for (the padded context length of a sweep, its largest n); shorter prompts
+    are right-aligned and zero-padded.
     """
 
     dim: int
@@ -243,7 +244,8 @@ class PGD:
 
 @dataclasses.dataclass(frozen=True)
 class WPGD:
-    """Weighted PGD yhat = (1/n) x^T W X^T (omega * y) with a learnable weight per context position."""
+    """Weighted PGD yhat = (1/n) x^T W X^T (omega * y) with a learnable weight per context position;
+    ``context`` is the n_slots it is built for (one weight per slot)."""
 
     dim: int
     context: int

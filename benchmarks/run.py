@@ -130,7 +130,7 @@ def sampling_and_flops(n, repeats):
     sample(keys[0])
     t_sample = timed(lambda: [sample(k) for k in keys][-1]) / repeats
     grad = jax.jit(jax.grad(lambda p, k: train.squared_loss(
-        model, p, iclsim.designs.sample_gram(design, k, BATCH, n, n))))
+        model, p, iclsim.gram.sample_gram(design, k, BATCH, n, n))))
     flops = grad.lower(params, keys[0]).compile().cost_analysis()
     flops = (flops[0] if isinstance(flops, list) else flops).get("flops", float("nan"))
     return t_sample, flops

@@ -5,8 +5,9 @@ linear regression reach the one-step PGD optimum. Panels: (a) noiseless IID, (b)
 import jax
 import numpy as np
 
-from iclsim import IID, models, plotting, studies, theory
+from iclsim import IID, models, plotting, sweeps, theory
 from iclsim.runner import Experiment
+from iclsim.sweeps import TEST_STREAM
 from iclsim.train import TrainConfig
 
 
@@ -26,6 +27,7 @@ def panels_of(s):
 
 
 def run(s, seed, progress):
+    test_key = jax.random.fold_in(jax.random.PRNGKey(seed), TEST_STREAM)  # apart from training's keys
     """Every panel's designs in one sweep per model, so each step's prompts are drawn once for all of them.
     Sweeps by context length: n <= small_n with batch_small_n prompts per step and steps_small_n steps (at
     small n the risk is flat in W, so pinning W* within 5% takes about 6x the samples; these prompts are
@@ -43,8 +45,8 @@ def run(s, seed, progress):
     for ns, batch, steps in (g for g in groups if g[0]):
         zoo = {"linear attention": (models.LinearAttention(d), TrainConfig(steps, batch, s["lr_attention"])),
                "H3": (models.H3(d, max(ns)), TrainConfig(steps, batch, s["lr_h3"]))}
-        for r in studies.risk_curves(zoo, designs, ns, seeds, lambda des, n, m: theory.optimal_pgd(des, n)[1],
-                                     jax.random.PRNGKey(10_000 + seed), s["num_test"], progress,
+        for r in sweeps.risk_curves(zoo, designs, ns, seeds, lambda des, n, m: theory.optimal_pgd(des, n).risk,
+                                     test_key, s["num_test"], progress,
                                      optimum=lambda des, n, m: theory.optimal_pgd(des, n)):
             rows.append({"panel": panel_of[r["design"]], **r})
     return rows
@@ -65,11 +67,11 @@ def plot(rows, s):
 
 
 def summary(rows):
-    gap, at = studies.worst(rows, "gap")
-    w, w_at = studies.worst(rows, "w_rel")
+    gap, at = sweeps.worst(rows, "gap")
+    w, w_at = sweeps.worst(rows, "w_rel")
     return {"worst_risk_gap": round(gap, 4), "worst_gap_at": f"{at['model']} {at['design']} n={at['n']}",
             "worst_w_rel": round(w, 4), "worst_w_rel_at": f"{w_at['model']} {w_at['design']} n={w_at['n']}",
-            "worst_exact_gap": round(studies.worst_exact_gap(rows), 4)}
+            "worst_exact_gap": round(sweeps.worst_exact_gap(rows), 4)}
 
 
 EXPERIMENT = Experiment(

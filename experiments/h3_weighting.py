@@ -1,11 +1,12 @@
-"""Paper A, H3 vs linear attention (THEORY 5): H3's convolution weights the samples (WPGD), which wins on
+"""Paper A, H3 vs linear attention (docs/theory.md §5): H3's convolution weights the samples (WPGD), which wins on
 temporally heterogeneous prompts (drifting task, per-position noise) and ties on IID prompts."""
 
 import jax
 import numpy as np
 
-from iclsim import Drift, models, plotting, studies, theory
+from iclsim import Drift, models, plotting, sweeps, theory
 from iclsim.runner import Experiment
+from iclsim.sweeps import TEST_STREAM
 from iclsim.train import TrainConfig
 
 
@@ -22,6 +23,7 @@ def designs_of(s):
 
 
 def run(s, seed, progress):
+    test_key = jax.random.fold_in(jax.random.PRNGKey(seed), TEST_STREAM)  # apart from training's keys
     d, n, seeds = s["dim"], s["n"], [seed + k for k in range(s["seeds"])]
     h3 = TrainConfig(s["steps"], s["batch"], s["lr_h3"])
     zoo = {"H3 (free filter)": (models.H3(d, n), h3), "H3 (SSM filter)": (models.H3(d, n, filter="ssm"), h3),
@@ -32,19 +34,19 @@ def run(s, seed, progress):
         if isinstance(m, models.H3):
             return theory.optimal_wpgd(des, n)
         W, L = theory.optimal_pgd(des, n)
-        return W, np.ones(n), L
+        return theory.WeightedOptimum(W, np.ones(n), L)
 
     def extra(m, W, omega, des, n):
-        target = np.asarray(optimum(des, n, m)[1])
-        out = {"L_H3": float(theory.optimal_wpgd(des, n)[2]), "L_ATT": float(theory.optimal_pgd(des, n)[1])}
+        target = np.asarray(optimum(des, n, m).omega)
+        out = {"L_H3": float(theory.optimal_wpgd(des, n).risk), "L_ATT": float(theory.optimal_pgd(des, n).risk)}
         if omega is not None:
             out.update({f"omega_{i + 1}": float(omega[i]) for i in range(n)})
             out.update({f"omega_star_{i + 1}": float(target[i]) for i in range(n)})
             out["filter_gap"] = float(np.max(np.abs(np.asarray(omega) - target)) / np.max(np.abs(target)))
         return out
 
-    return studies.risk_curves(zoo, designs_of(s), [n], seeds, lambda des, n, m: optimum(des, n, m)[2],
-                               jax.random.PRNGKey(50_000 + seed), s["num_test"], progress, optimum=optimum,
+    return sweeps.risk_curves(zoo, designs_of(s), [n], seeds, lambda des, n, m: optimum(des, n, m)[2],
+                               test_key, s["num_test"], progress, optimum=optimum,
                                extra=extra)
 
 
@@ -86,8 +88,8 @@ def summary(rows):
     def mean_risk(design, model):
         return float(np.mean([r["risk"] for r in rows if r["design"] == design and r["model"] == model]))
 
-    out = {"worst_risk_gap": round(studies.worst(rows, "gap")[0], 4),
-           "worst_filter_gap": round(studies.worst(rows, "filter_gap")[0], 4)}
+    out = {"worst_risk_gap": round(sweeps.worst(rows, "gap")[0], 4),
+           "worst_filter_gap": round(sweeps.worst(rows, "filter_gap")[0], 4)}
     for design in ("drift", "IID"):
         t = next(r for r in rows if r["design"] == design)
         margin = mean_risk(design, "linear attention") - mean_risk(design, "H3 (free filter)")

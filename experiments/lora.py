@@ -1,12 +1,13 @@
-"""Paper A, LoRA (THEORY 3): pretrain on cov_beta_old, freeze, adapt rank-r LoRA on cov_beta_new.
+"""Paper A, LoRA (docs/theory.md §3): pretrain on cov_beta_old, freeze, adapt rank-r LoRA on cov_beta_new.
 The shift here keeps the trace of cov_beta and moves two eigenvalues, so W*_new - W*_old has rank 2:
 LoRA on PGD's W is lossless from r = 2, LoRA on attention's Wq, Wk (rank <= 2r) from r = 1."""
 
 import jax
 import numpy as np
 
-from iclsim import IID, models, plotting, studies, theory, train
+from iclsim import IID, models, plotting, sweeps, theory, train
 from iclsim.runner import Experiment
+from iclsim.sweeps import TEST_STREAM
 from iclsim.train import TrainConfig
 
 
@@ -17,6 +18,7 @@ def shifted(d: int, a: float) -> np.ndarray:
 
 
 def run(s, seed, progress):
+    test_key = jax.random.fold_in(jax.random.PRNGKey(seed), TEST_STREAM)  # apart from training's keys
     d, n, seeds = s["dim"], s["n"], [seed + k for k in range(s["seeds"])]
     old, new = IID(d, noise_var=s["noise_var"]), IID(d, cov_beta=shifted(d, s["shift"]), noise_var=s["noise_var"])
     pre = TrainConfig(s["pretrain_steps"], s["batch"], s["lr"])
@@ -29,18 +31,19 @@ def run(s, seed, progress):
         for r in s["ranks"]:
             model = models.LoRA(base, frozen, r, targets)
             zoo[f"{name} LoRA r={r}"] = (model, TrainConfig(s["steps"], s["batch"], s["lr_lora"]))
-            W0[model] = (np.asarray(base.effective_pgd(params, n), np.float64), min(mult * r, d), name, r)
+            W0[model] = (np.asarray(base.effective_pgd(params, n).W, np.float64), min(mult * r, d), name, r)
 
     def theory_risk(des, n, m):
         w0, rank, _, _ = W0[m]
         return theory.lora_optimal_risk(des, n, w0, rank)
 
-    rows = studies.risk_curves(zoo, {"new": new}, [n], seeds, theory_risk, jax.random.PRNGKey(40_000 + seed),
+    rows = sweeps.risk_curves(zoo, {"new": new}, [n], seeds, theory_risk, test_key,
                                s["num_test"], progress,
-                               optimum=lambda des, n, m: (theory.lora_optimal_pgd(des, n, W0[m][0], W0[m][1]),),
+                               optimum=lambda des, n, m: theory.Optimum(theory.lora_optimal_pgd(des, n, *W0[m][:2]),
+                                                                       theory_risk(des, n, m)),
                                extra=lambda m, W, o, des, n: {"family": W0[m][2], "rank": W0[m][3],
                                                               "W_rank": W0[m][1]})
-    L_new = float(theory.optimal_pgd(new, n)[1])
+    L_new = float(theory.optimal_pgd(new, n).risk)
     for r in rows:
         model = next(m for m in W0 if W0[m][2] == r["family"])
         r["no_adaptation"] = float(theory.pgd_risk(new, n, W0[model][0]))
@@ -68,9 +71,9 @@ def plot(rows, s):
 
 
 def summary(rows):
-    gap, at = studies.worst(rows, "gap")
+    gap, at = sweeps.worst(rows, "gap")
     return {"worst_risk_gap": round(gap, 4), "worst_gap_at": at["model"],
-            "worst_exact_gap": round(studies.worst_exact_gap(rows), 4)}
+            "worst_exact_gap": round(sweeps.worst_exact_gap(rows), 4)}
 
 
 EXPERIMENT = Experiment(

@@ -1,13 +1,13 @@
-"""Paper A, low-rank attention (THEORY 3, Eckart-Young): the best rank-r one-layer attention keeps the
+"""Paper A, low-rank attention (docs/theory.md §3, Eckart-Young): the best rank-r one-layer attention keeps the
 top-r eigendirections of Sx^{1/2} Sb Sx^{1/2}; its risk is L* + n sum_{i>r} l_i^2 / ((n+1) l_i + c).
 Flat spectrum (Sb = I): linear in d - r; spiked spectrum: the first few ranks capture most of it."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from iclsim import IID, models, plotting, studies, theory
+from iclsim import IID, models, plotting, sweeps, theory
 from iclsim.runner import Experiment
+from iclsim.sweeps import TEST_STREAM
 from iclsim.train import TrainConfig
 
 
@@ -27,6 +27,7 @@ def subspace_overlap(W, W_ref, r: int) -> float:
 
 
 def run(s, seed, progress):
+    test_key = jax.random.fold_in(jax.random.PRNGKey(seed), TEST_STREAM)  # apart from training's keys
     d, n, seeds = s["dim"], s["n"], [seed + k for k in range(s["seeds"])]
     designs = {"spiked": IID(d, cov_beta=spiked(d, s["spikes"], s["spike_ratio"])), "flat": IID(d)}
     zoo = {f"rank {r}": (models.LinearAttention(d, rank=r), TrainConfig(s["steps"], s["batch"], s["lr"]))
@@ -42,9 +43,10 @@ def run(s, seed, progress):
             row["overlap"] = subspace_overlap(W, theory.lowrank_optimal_pgd(design, n, r), r)
         return row
 
-    return studies.risk_curves(zoo, designs, [n], seeds, lambda des, n, m: theory.lowrank_optimal_risk(des, n, rank_of(m)),
-                               jax.random.PRNGKey(30_000 + seed), s["num_test"], progress,
-                               optimum=lambda des, n, m: (theory.lowrank_optimal_pgd(des, n, rank_of(m)),),
+    return sweeps.risk_curves(zoo, designs, [n], seeds, lambda des, n, m: theory.lowrank_optimal_risk(des, n, rank_of(m)),
+                               test_key, s["num_test"], progress,
+                               optimum=lambda des, n, m: theory.Optimum(theory.lowrank_optimal_pgd(des, n, rank_of(m)),
+                                                                       theory.lowrank_optimal_risk(des, n, rank_of(m))),
                                extra=extra)
 
 
@@ -68,11 +70,11 @@ def plot(rows, s):
 
 
 def summary(rows):
-    gap, at = studies.worst(rows, "gap")
+    gap, at = sweeps.worst(rows, "gap")
     flat = sorted({(r["rank"], r["theory"]) for r in rows if r["design"] == "flat"})
     slopes = np.diff([t for _, t in flat]) / np.diff([k for k, _ in flat])
     return {"worst_risk_gap": round(gap, 4), "worst_gap_at": f"{at['design']} {at['model']}",
-            "worst_exact_gap": round(studies.worst_exact_gap(rows), 4),
+            "worst_exact_gap": round(sweeps.worst_exact_gap(rows), 4),
             "min_overlap_spiked": round(min(r["overlap"] for r in rows if "overlap" in r), 4),
             "flat_theory_slope_spread": float(np.ptp(slopes)) if len(slopes) else 0.0}
 

@@ -13,11 +13,11 @@ that keep the function), and its rank correlation with the measured harm is repo
 import jax
 import numpy as np
 
-from iclsim import IID, models, plotting, pruning, quality, theory, train
+from iclsim import IID, models, plotting, pruning, quality, sweeps, theory, train
 from iclsim.runner import Experiment
 from iclsim.train import TrainConfig
 
-TEST_KEY = 1  # jax.random.fold_in(PRNGKey(seed), TEST_KEY): the shared test prompts
+TEST_KEY = sweeps.TEST_STREAM - 1  # fold_in(PRNGKey(seed), TEST_KEY): the shared test prompts
 
 
 def settings_of(s):

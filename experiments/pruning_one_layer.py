@@ -7,11 +7,11 @@ kept rank; the pruned model's risk is the closed-form risk of the whole pruned a
 import jax
 import numpy as np
 
-from iclsim import IID, models, plotting, pruning, quality, studies, theory, train
+from iclsim import IID, bridge, models, plotting, pruning, quality, sweeps, theory, train
 from iclsim.runner import Experiment
 from iclsim.train import TrainConfig
 
-TEST_KEY = 6
+TEST_KEY = sweeps.TEST_STREAM - 6  # fold_in(PRNGKey(seed), TEST_KEY): the test prompts
 
 
 def run(s, seed, progress):
@@ -22,7 +22,7 @@ def run(s, seed, progress):
     progress(f"  training {len(seeds)} one-layer attentions")
     fitted = train.fit_sweep(model, train_design, [n], seeds, TrainConfig(s["steps"], s["batch"], s["lr"]))
     params = jax.tree_util.tree_map(lambda a: a[0, 0], fitted.params)
-    L_star = float(theory.optimal_pgd(train_design, n)[1])
+    L_star = float(theory.optimal_pgd(train_design, n).risk)
     threshold = float(theory.noise_threshold(train_design, n)[0])
     candidates = [pruning.Candidate(0, "attn", None)] + [pruning.Candidate(0, "attn", k) for k in s["ranks"]]
     key = jax.random.fold_in(jax.random.PRNGKey(seed), TEST_KEY)
@@ -39,7 +39,7 @@ def run(s, seed, progress):
                 pruned = p if c.rank is None else pruning.prune(p, 0, "attn", rank=c.rank)
                 rows.append({"design": f"{label} (s^2 = {noise:g})", "model": "attention", "seed": sd,
                              "rank": d + 1 if c.rank is None else c.rank, "risk": float(risk[i, j]),
-                             "se": float(se[i, j]), "theory": studies.exact_risk(model, pruned, design, n, n),
+                             "se": float(se[i, j]), "theory": bridge.exact_risk(model, pruned, design, n, n),
                              "unpruned_theory": None, "threshold": threshold, "passed": bool(passed[i])})
     for r in rows:
         r["unpruned_theory"] = next(b["theory"] for b in rows if b["design"] == r["design"] and b["seed"] == r["seed"]

@@ -7,11 +7,12 @@ independent validation sets: its apparent gain is the winner's curse alone."""
 import jax
 import numpy as np
 
-from iclsim import IID, models, plotting, pruning, quality, theory, train
+from iclsim import IID, models, plotting, pruning, quality, sweeps, theory, train
 from iclsim.runner import Experiment
 from iclsim.train import TrainConfig
 
-VAL_KEY, TEST_KEY, NULL_KEY = 3, 4, 5  # fold_in(PRNGKey(seed), .): the three independent prompt sets
+# fold_in(PRNGKey(seed), .): the three independent prompt sets (far from the training streams)
+VAL_KEY, TEST_KEY, NULL_KEY = (sweeps.TEST_STREAM - k for k in (3, 4, 5))
 
 
 def run(s, seed, progress):

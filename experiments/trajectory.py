@@ -6,11 +6,11 @@ with 95% intervals over seeds. Every network is gated at 10% above its reference
 import jax
 import numpy as np
 
-from iclsim import IID, models, plotting, quality, theory, train
+from iclsim import IID, evaluate, models, plotting, quality, sweeps, theory, train
 from iclsim.runner import Experiment
 from iclsim.train import TrainConfig
 
-TEST_KEY = 2  # fold_in(PRNGKey(seed), TEST_KEY): test prompts shared by all depths
+TEST_KEY = sweeps.TEST_STREAM - 2  # fold_in(PRNGKey(seed), TEST_KEY): test prompts shared by all depths
 
 
 def run(s, seed, progress):
@@ -23,15 +23,15 @@ def run(s, seed, progress):
         model = models.LinearTransformer(d, L)
         progress(f"  depth {L}: training {len(seeds)} networks, {s['steps']} steps")
         fitted = train.fit_sweep(model, design, [n], seeds, TrainConfig(steps=s["steps"]))
-        risk, se = train.evaluate_sweep(model, fitted.params, design, [n], key, s["num_test"])
-        ref = theory.optimal_multistep_gd(design, n, L, jax.random.fold_in(jax.random.PRNGKey(seed), L),
+        risk, se = evaluate.evaluate_sweep(model, fitted.params, design, [n], key, s["num_test"])
+        ref = theory.optimal_multistep_gd(design, n, L, jax.random.fold_in(jax.random.PRNGKey(seed), sweeps.TEST_STREAM - 10 - L),
                                           s["num_reference"])
         passed = quality.gate(risk[0, 0], ref.risk, se=np.hypot(se[0, 0], ref.se))
         for k, sd in enumerate(seeds):
             rows.append({"layers": L, "seed": sd, "risk": float(risk[0, 0, k]), "se": float(se[0, 0, k]),
                          "reference": ref.risk, "reference_se": ref.se, "ratio": float(risk[0, 0, k]) / ref.risk,
                          "step_sizes": " ".join(f"{g:.4f}" for g in ref.step_sizes), "passed": bool(passed[k])})
-    L1 = float(theory.optimal_pgd(design, n)[1])
+    L1 = float(theory.optimal_pgd(design, n).risk)
     for r in rows:
         r["one_step_optimum"] = L1
     return rows

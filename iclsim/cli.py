@@ -29,6 +29,8 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         raise _UsageError(f"{message} (see iclsim --help)")
 
+__all__ = ["use_all_cpu_cores", "main"]
+
 
 def _order(experiments: dict, names: list[str]) -> list[str]:
     """The requested names, each after those of its ``after`` experiments that are also requested."""
@@ -49,8 +51,8 @@ def _order(experiments: dict, names: list[str]) -> list[str]:
 
 def use_all_cpu_cores() -> None:
     """Expose one XLA CPU device per core (unless XLA_FLAGS already sets a count), so that sweeps, whose
-    axis ``fit_sweep`` splits over the devices, use every core: on a 2-core machine an 8-model
-    attention sweep ran 1.96x faster. Must run before JAX starts its backends; no effect on GPUs/TPUs."""
+    axis ``fit_sweep`` splits over the devices, use every core (XLA CPU otherwise runs a program's
+    vmapped points on one device). Must run before JAX starts its backends; no effect on GPUs/TPUs."""
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_force_host_platform_device_count" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={os.cpu_count() or 1}".strip()

@@ -1,33 +1,46 @@
-"""Trainable in-context regressors (THEORY.md section 2) as pure functions over parameter pytrees.
+"""Trainable in-context regressors (docs/theory.md §2) as pure functions over parameter pytrees.
 
 Every model is a frozen dataclass (its configuration, hashable, static under jit) with
 ``init(key) -> params`` and ``apply(params, prompts) -> yhat [B]``. Sums over the context are
 taken as means over its n slots (the 1/n scaling of paper A, which keeps the optimum O(1) and
 training well conditioned). The models that reduce to (weighted) PGD also have
-``effective_pgd(params, n)`` giving the W of theory's unscaled convention yhat = x^T W X^T y
-(and for H3 and WPGD the per-position weights omega, normalised to mean |omega| = 1) that the
-weights implement on prompts with n context slots (in a padded sweep, the padded length).
+``effective_pgd(params, n_slots) -> Effective(W, omega)``: the W of theory's unscaled convention
+yhat = x^T W X^T y and, for H3 and WPGD, the per-position weights omega normalised to mean
+|omega| = 1 (None for the uniform-weight models), that the weights implement on prompts with
+n_slots context slots (in a padded sweep, the padded length).
 No model has biases, so zero (padded) context tokens are inert: see ``truncate_context``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from iclsim import _validate as v
-from iclsim.designs import GramPrompts, Prompts, normals, tokens
+from iclsim import _validate as check
+from iclsim.designs import GramPrompts, Prompts, tokens
+from iclsim.rng import normals
+
+__all__ = ["Params", "Effective", "normalise_omega", "context_gram", "LinearAttention", "H3", "PGD", "WPGD",
+           "Ridge", "OLS", "GD", "Frozen", "LoRA", "LinearTransformer"]
 
 Params = dict[str, Any]
 
 
+class Effective(NamedTuple):
+    """What ``effective_pgd`` returns: the weighted-PGD predictor x^T W X^T (omega * y) a model
+    implements, W [d, d] and omega [n] per context position, or None where the weighting is uniform."""
+
+    W: jax.Array
+    omega: jax.Array | None
+
+
 def _normal_init(key, dtype, **specs) -> Params:
     """{name: scale * N(0, 1) of shape} for specs name=(shape, scale), all from one flat draw
-    (``designs.normals``): XLA CPU compiles each jax.random call in a training program as its own
-    kernel, and separate draws per matrix cost 0.55 s of compile per program (measured at d = 10)."""
+    (``rng.normals``): XLA compiles each jax.random call in a training program as its own kernel, so
+    one draw per matrix would compile one kernel per matrix."""
     draws = normals(key, dtype, *[shape for shape, _ in specs.values()])
     return {name: scale * g for (name, (_, scale)), g in zip(specs.items(), draws)}
 
@@ -81,7 +94,7 @@ class LinearAttention:
     reads_gram = True  # sees the context only through S: trains on GramPrompts
 
     def __post_init__(self):
-        v.positive_int("dim", self.dim)
+        check.positive_int("dim", self.dim)
         _check_rank(self.rank, self.dim + 1)
 
     def init(self, key) -> Params:
@@ -103,16 +116,16 @@ class LinearAttention:
         scores = jnp.einsum("bnj,bj->bn", Z, self._query_keys(params, prompts.x))
         return jnp.mean(scores * (Z @ params["Wv"][:, -1]), axis=1)
 
-    def effective_pgd(self, params: Params, n: int) -> jax.Array:
+    def effective_pgd(self, params: Params, n: int) -> Effective:
         d = self.dim
         Q = params["Wq"] @ params["Wk"].T
         p = params["Wv"][:, d]
-        return (p[d] * Q[:d, :d] + jnp.outer(Q[:d, d], p[:d])) / n
+        return Effective((p[d] * Q[:d, :d] + jnp.outer(Q[:d, d], p[:d])) / n, None)
 
 
 @dataclasses.dataclass(frozen=True)
 class H3:
-    """One-layer H3 (Fu et al. 2023) read at the query, THEORY section 2.
+    """One-layer H3 (Fu et al. 2023) read at the query, docs/theory.md §2.
 
     q_i = Wq^T z_i, k_i = Wk^T z_i, v_i = Wv^T z_i (``channels`` p, default d); shift SSM on the
     keys kbar_i = sum_{j < shift_size} s_{c,j} k_{i-j}; diagonal SSM as a causal long convolution
@@ -122,7 +135,8 @@ class H3:
     With s = e_0 the x^T . x_i y_i part is WPGD with omega_i = f_{n-i} and
     W = sum_c w_o[c] s_{c,0} Wq[:d,c] (Wk[:d,c] Wv[d,c] + Wv[:d,c] Wk[d,c])^T (``effective_pgd``;
     keys and values can both carry the label). ``context`` is the
-    (largest) context length n; shorter prompts are right-aligned and zero-padded.
+    n_slots it is built for (the padded context length of a sweep, its largest n); shorter prompts
+    are right-aligned and zero-padded.
     """
 
     dim: int
@@ -134,12 +148,12 @@ class H3:
     dtype: Any = jnp.float32
 
     def __post_init__(self):
-        v.positive_int("dim", self.dim)
-        v.positive_int("context", self.context)
+        check.positive_int("dim", self.dim)
+        check.positive_int("context", self.context)
         if self.channels is not None:
-            v.positive_int("channels", self.channels)
-        v.positive_int("shift_size", self.shift_size)
-        v.positive_int("state_size", self.state_size)
+            check.positive_int("channels", self.channels)
+        check.positive_int("shift_size", self.shift_size)
+        check.positive_int("state_size", self.state_size)
         if self.filter not in ("free", "ssm"):
             raise ValueError(f"filter must be 'free' or 'ssm', got {self.filter!r}")
 
@@ -186,13 +200,13 @@ class H3:
         h = jnp.einsum("i,bic->bc", f / n, kbar * vals)
         return (q * h) @ params["w_o"]
 
-    def effective_pgd(self, params: Params, n: int):
+    def effective_pgd(self, params: Params, n: int) -> Effective:
         d = self.dim
         Wq, Wk, Wv = params["Wq"], params["Wk"], params["Wv"]
         label_part = Wk[:d] * Wv[d][None, :] + Wv[:d] * Wk[d][None, :]
         W = (Wq[:d] * (params["w_o"] * params["shift"][:, 0])[None, :]) @ label_part.T / n
         omega = self.kernel(params)[1:][::-1]  # context position i (1-based) has lag n + 1 - i
-        return normalise_omega(W, omega)
+        return Effective(*normalise_omega(W, omega))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +219,7 @@ class PGD:
     reads_gram = True
 
     def __post_init__(self):
-        v.positive_int("dim", self.dim)
+        check.positive_int("dim", self.dim)
         _check_rank(self.rank, self.dim)
 
     def init(self, key) -> Params:
@@ -217,8 +231,8 @@ class PGD:
     def weight(self, params: Params) -> jax.Array:
         return params["W"] if self.rank is None else params["U"] @ params["V"].T
 
-    def effective_pgd(self, params: Params, n: int) -> jax.Array:
-        return self.weight(params) / n
+    def effective_pgd(self, params: Params, n: int) -> Effective:
+        return Effective(self.weight(params) / n, None)
 
     def apply(self, params: Params, prompts: Prompts | GramPrompts) -> jax.Array:
         if isinstance(prompts, GramPrompts):
@@ -230,15 +244,16 @@ class PGD:
 
 @dataclasses.dataclass(frozen=True)
 class WPGD:
-    """Weighted PGD yhat = (1/n) x^T W X^T (omega * y) with a learnable weight per context position."""
+    """Weighted PGD yhat = (1/n) x^T W X^T (omega * y) with a learnable weight per context position;
+    ``context`` is the n_slots it is built for (one weight per slot)."""
 
     dim: int
     context: int
     dtype: Any = jnp.float32
 
     def __post_init__(self):
-        v.positive_int("dim", self.dim)
-        v.positive_int("context", self.context)
+        check.positive_int("dim", self.dim)
+        check.positive_int("context", self.context)
 
     def init(self, key) -> Params:
         d = self.dim
@@ -248,8 +263,8 @@ class WPGD:
         g = jnp.einsum("bnj,bn->bj", prompts.X, prompts.y * params["omega"][None, :]) / self.context
         return jnp.einsum("bi,ij,bj->b", prompts.x, params["W"], g)
 
-    def effective_pgd(self, params: Params, n: int):
-        return normalise_omega(params["W"] / n, params["omega"])
+    def effective_pgd(self, params: Params, n: int) -> Effective:
+        return Effective(*normalise_omega(params["W"] / n, params["omega"]))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -263,7 +278,7 @@ class Ridge:
     dtype: Any = jnp.float32
 
     def __post_init__(self):
-        v.positive_int("dim", self.dim)
+        check.positive_int("dim", self.dim)
         if not self.penalty >= 0:
             raise ValueError(f"penalty must be >= 0, got {self.penalty!r}")
 
@@ -292,8 +307,8 @@ class GD:
     dtype: Any = jnp.float32
 
     def __post_init__(self):
-        v.positive_int("dim", self.dim)
-        v.positive_int("steps", self.steps)
+        check.positive_int("dim", self.dim)
+        check.positive_int("steps", self.steps)
 
     def init(self, key) -> Params:
         return {"eta": jnp.asarray(0.01, self.dtype)}
@@ -322,7 +337,7 @@ class Frozen:
 
 @dataclasses.dataclass(frozen=True)
 class LoRA:
-    """Low-rank adaptation of a frozen base model (THEORY 3, LoRA): each target matrix becomes
+    """Low-rank adaptation of a frozen base model (docs/theory.md §3, LoRA): each target matrix becomes
     W_t + A_t B_t^T with A_t [m, r] random and B_t [k, r] zero at init, so training starts at the
     pretrained model. On attention's factors (targets Wq, Wk) the effective W moves by rank <= 2r;
     on PGD's W by rank <= r."""
@@ -334,7 +349,7 @@ class LoRA:
     dtype: Any = jnp.float32
 
     def __post_init__(self):
-        v.positive_int("rank", self.rank)
+        check.positive_int("rank", self.rank)
         missing = [t for t in self.targets if t not in self.base_params.tree]
         if missing or not self.targets:
             raise ValueError(f"targets must name matrices of the base model ({sorted(self.base_params.tree)}), "
@@ -361,7 +376,7 @@ class LoRA:
     def apply(self, params: Params, prompts: Prompts | GramPrompts) -> jax.Array:
         return self.base.apply(self.merged(params), prompts)
 
-    def effective_pgd(self, params: Params, n: int):
+    def effective_pgd(self, params: Params, n: int) -> Effective:
         return self.base.effective_pgd(self.merged(params), n)
 
 
@@ -398,14 +413,14 @@ class LinearTransformer:
     dtype: Any = jnp.float32
 
     def __post_init__(self):
-        v.positive_int("dim", self.dim)
-        v.positive_int("layers", self.layers)
+        check.positive_int("dim", self.dim)
+        check.positive_int("layers", self.layers)
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
         if self.mlp and self.form != "full":
             raise ValueError("mlp=True needs form='full' (the 'gd' form has no MLP)")
         if self.hidden is not None:
-            v.positive_int("hidden", self.hidden)
+            check.positive_int("hidden", self.hidden)
         for name in ("init_scale", "init_step"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 <= value < float("inf")):

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iclsim import _validate as _check
-from iclsim import train
+from iclsim import evaluate
 
 __all__ = ["DEFAULT_RATES", "MODULES", "Candidate", "SearchResult", "kept_singular_values", "ranks_for_rates",
            "svd_truncate", "prune", "module_shape", "evaluate_candidates", "search"]
@@ -120,7 +120,7 @@ def evaluate_candidates(model, params, design, n: int, candidates: Sequence[Cand
     per_seed = [jax.tree_util.tree_map(lambda a: a[s], params) for s in range(seeds)]
     stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a)[None, None],
                                      *[_apply(p, c) for p in per_seed for c in candidates])
-    risk, se = train.evaluate_sweep(model, stacked, design, [n], key, num_prompts)
+    risk, se = evaluate.evaluate_sweep(model, stacked, design, [n], key, num_prompts)
     return risk[0, 0].reshape(seeds, len(candidates)), se[0, 0].reshape(seeds, len(candidates))
 
 

@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 import uuid
+import types
 from pathlib import Path
 from typing import Any, Callable
 
@@ -79,6 +80,9 @@ def discover(directory: Path = EXPERIMENTS_DIR) -> dict[str, Experiment]:
     if not directory.is_dir():
         raise RunError(f"experiments folder {str(directory)!r} does not exist or is not a folder")
     found = {}
+    package = types.ModuleType("iclsim_experiments")  # so an experiment imports its siblings: from ._x import y
+    package.__path__ = [str(directory)]
+    sys.modules["iclsim_experiments"] = package
     for path in sorted(directory.glob("*.py")):
         if path.name.startswith("_"):
             continue

@@ -1,4 +1,5 @@
-"""Closed-form risks of THEORY.md sections 3 to 5 and model-free ground truth, all in float64.
+"""Closed-form risks of docs/theory.md §3 to §5 and model-free ground truth, all in float64
+(asked for locally, ``_precision.float64``: the caller's ``jax_enable_x64`` flag is left alone).
 
 Predictors: PGD yhat = x^T W X^T y and weighted PGD (WPGD) yhat = x^T W X^T (omega * y).
 Risk L = E[(y - yhat)^2] over fresh prompts, including the irreducible query noise s_q^2.
@@ -14,14 +15,38 @@ import jax.numpy as jnp
 import jax.scipy.optimize
 import numpy as np
 
-from iclsim import _validate as v
-from iclsim.designs import IID, RAG, Drift, Prompts, TaskFeatureAlignment, _check_n, draw
+from iclsim import _validate as check
+from iclsim._precision import float64
+from iclsim.designs import IID, RAG, Drift, Prompts, TaskFeatureAlignment, _check_n
+from iclsim.gram import draw
+
+__all__ = ["F64", "Optimum", "WeightedOptimum", "Moments", "pgd_moments", "pgd_risk", "attention_risk",
+           "optimal_pgd", "rag_effective_risk", "effective_sample_multiplier", "iid_effective_n", "optimal_wpgd",
+           "lowrank_optimal_pgd", "lowrank_optimal_risk", "lora_optimal_pgd", "lora_optimal_risk", "ground_truth",
+           "risk_moments", "mean_and_se", "monte_carlo_risk", "pgd_predict", "MultiStepGD", "context_power_traces",
+           "multistep_gd_risk", "optimal_multistep_gd", "DirectionGains", "truncated_optimum_risk", "direction_gains",
+           "noise_threshold", "BayesRisk", "bayes_risk"]
 
 F64 = jnp.float64
 
 
+class Optimum(NamedTuple):
+    """An optimal preconditioner W [d, d] and its risk L (a float64 scalar)."""
+
+    W: jax.Array
+    risk: jax.Array
+
+
+class WeightedOptimum(NamedTuple):
+    """An optimal weighted PGD: W [d, d], per-position weights omega [n] (mean |omega| = 1), risk L."""
+
+    W: jax.Array
+    omega: jax.Array
+    risk: jax.Array
+
+
 class Moments(NamedTuple):
-    """THEORY 3 for g = X^T (omega * y): C = E[g beta^T], M = E[g g^T]; risk pieces."""
+    """docs/theory.md §3 for g = X^T (omega * y): C = E[g beta^T], M = E[g g^T]; risk pieces."""
 
     cov_x: jax.Array
     C: jax.Array
@@ -37,7 +62,7 @@ def _context(design, n) -> int:
     """n checked for ``design`` (``designs._check_n``) and at most ``_validate.MAX_N`` (the closed forms
     are O(d^3) in n, exact in float64 up to 2**53)."""
     _check_n(design, n)
-    return v.integer("n", n, 1, v.MAX_N)
+    return check.integer("n", n, 1, check.MAX_N)
 
 
 def _weights(weights, n):
@@ -54,7 +79,7 @@ def _weights(weights, n):
 def _finite(name, A):
     """A as a float64 array; a concrete array must be finite (a traced one, under grad, is not checked)."""
     if not isinstance(A, jax.core.Tracer):
-        arr = v.real_array(name, A, finite=False)
+        arr = check.real_array(name, A, finite=False)
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"{name} must be finite (it holds NaN or inf)")
     return jnp.asarray(A, F64)
@@ -91,8 +116,9 @@ def _sym_sqrt(A):
     return (U * jnp.sqrt(jnp.clip(lam, 0.0, None))[None, :]) @ U.T
 
 
+@float64
 def pgd_moments(design: IID, n: int, weights=None) -> Moments:
-    """THEORY 3: C = s1 Sx Sb, M = (s1^2 + s2) Sx Sb Sx + s2 tr(Sb Sx) Sx + sn Sx."""
+    """docs/theory.md §3: C = s1 Sx Sb, M = (s1^2 + s2) Sx Sb Sx + s2 tr(Sb Sx) Sx + sn Sx."""
     _require(design, (IID,), "pgd_moments")
     n = _context(design, n)
     Sx, Sb = jnp.asarray(design.cov_x, F64), jnp.asarray(design.cov_beta, F64)
@@ -104,17 +130,18 @@ def pgd_moments(design: IID, n: int, weights=None) -> Moments:
 
 
 def _drift_K(design: Drift):
-    """THEORY 5: K = P - I + diag(d + 2 + s_i^2)."""
+    """docs/theory.md §5: K = P - I + diag(d + 2 + s_i^2)."""
     n = design.fixed_n
     s_i = jnp.broadcast_to(jnp.asarray(design.noise_var, F64), (n,))
     return jnp.asarray(design.corr, F64) - jnp.eye(n, dtype=F64) + jnp.diag(design.dim + 2.0 + s_i)
 
 
+@float64
 def pgd_risk(design: IID | Drift, n: int, W, weights=None) -> jax.Array:
     """Exact risk of x^T W X^T (weights * y) (weights default to 1, i.e. PGD).
 
-    IID (THEORY 3): L(W) = s_q^2 + tr(Sx Sb) - 2 tr(Sx W C) + tr(Sx W M W^T).
-    Drift (THEORY 5, general W): L = s_q^2 + d - 2 (omega.rho) tr W + (omega^T K omega) tr(W W^T).
+    IID (docs/theory.md §3): L(W) = s_q^2 + tr(Sx Sb) - 2 tr(Sx W C) + tr(Sx W M W^T).
+    Drift (docs/theory.md §5, general W): L = s_q^2 + d - 2 (omega.rho) tr W + (omega^T K omega) tr(W W^T).
     Differentiable in W and weights.
     """
     _require(design, (IID, Drift), "pgd_risk")
@@ -129,6 +156,7 @@ def pgd_risk(design: IID | Drift, n: int, W, weights=None) -> jax.Array:
     return m.base - 2 * jnp.trace(m.cov_x @ W @ m.C) + jnp.trace(m.cov_x @ W @ m.M @ W.T)
 
 
+@float64
 def attention_risk(design: IID, n: int, Q, v) -> jax.Array:
     """Exact risk of any one-layer linear attention yhat = z_q^T Q S v, z_q = [x; 0], S = Z^T Z / n,
     Q = Wq Wk^T [d+1, d+1], v = Wv[:, d+1] (IID, scalar noise): PGD's L(W) (``pgd_risk``) is the case
@@ -165,7 +193,7 @@ def attention_risk(design: IID, n: int, Q, v) -> jax.Array:
 
 
 def _correlated_moments(design: RAG | TaskFeatureAlignment, n: int):
-    """THEORY 4: E1, E2 with W* = c* I, c* = n E1 / E2, L* = d + s^2 - (n E1)^2 / E2."""
+    """docs/theory.md §4: E1, E2 with W* = c* I, c* = n E1 / E2, L* = d + s^2 - (n E1)^2 / E2."""
     d, a, s2 = design.dim, float(design.alpha) ** 2, float(design.noise_var)
     m1, m2, m3 = d, d * (d + 2), d * (d + 2) * (d + 4)
     if isinstance(design, RAG):
@@ -180,12 +208,13 @@ def _correlated_moments(design: RAG | TaskFeatureAlignment, n: int):
     return E1, E2
 
 
-def optimal_pgd(design, n: int):
-    """Optimal PGD preconditioner and risk (W*, L*).
+@float64
+def optimal_pgd(design, n: int) -> Optimum:
+    """Optimal PGD preconditioner and risk ``Optimum(W*, L*)``.
 
-    IID (THEORY 3): W* = C^T M^{-1}, L* = s_q^2 + tr(Sx Sb) - tr(Sx C^T M^{-1} C).
-    RAG, TaskFeatureAlignment (THEORY 4): W* = c* I with c* = n E1 / E2.
-    Drift (THEORY 5): the uniform-weight (linear attention) optimum,
+    IID (docs/theory.md §3): W* = C^T M^{-1}, L* = s_q^2 + tr(Sx Sb) - tr(Sx C^T M^{-1} C).
+    RAG, TaskFeatureAlignment (docs/theory.md §4): W* = c* I with c* = n E1 / E2.
+    Drift (docs/theory.md §5): the uniform-weight (linear attention) optimum,
     W* = (1^T rho / 1^T K 1) I, L_ATT = d + s_q^2 - d (1^T rho)^2 / (1^T K 1).
     O(d^3) whatever n (n up to 2**53).
     """
@@ -195,20 +224,21 @@ def optimal_pgd(design, n: int):
     if isinstance(design, IID):
         m = pgd_moments(design, n)
         W = jnp.linalg.solve(m.M, m.C).T  # M symmetric: C^T M^{-1} = (M^{-1} C)^T
-        return W, m.base - jnp.trace(m.cov_x @ W @ m.C)
+        return Optimum(W, m.base - jnp.trace(m.cov_x @ W @ m.C))
     if isinstance(design, (RAG, TaskFeatureAlignment)):
         E1, E2 = _correlated_moments(design, n)
-        return (n * E1 / E2) * jnp.eye(d, dtype=F64), jnp.asarray(d + design.noise_var - (n * E1) ** 2 / E2, F64)
+        return Optimum((n * E1 / E2) * jnp.eye(d, dtype=F64), jnp.asarray(d + design.noise_var - (n * E1) ** 2 / E2, F64))
     if isinstance(design, Drift):
         one = jnp.ones(n, F64)
         c = (one @ jnp.asarray(design.rho, F64)) / (one @ _drift_K(design) @ one)
         W = c * jnp.eye(d, dtype=F64)
-        return W, pgd_risk(design, n, W)
+        return Optimum(W, pgd_risk(design, n, W))
     _require(design, (IID, RAG, TaskFeatureAlignment, Drift), "optimal_pgd")
 
 
+@float64
 def rag_effective_risk(design: RAG, n: int) -> jax.Array:
-    """THEORY 4, large-d approximation for gamma = 1: the isotropic IID optimum with n replaced by
+    """docs/theory.md §4, large-d approximation for gamma = 1: the isotropic IID optimum with n replaced by
     kappa n, kappa = alpha^2 d + 1: L ~ d + s^2 - d kappa n / (kappa n + kappa + d + s^2)."""
     _require(design, (RAG,), "rag_effective_risk")
     n = _context(design, n)
@@ -229,21 +259,22 @@ def effective_sample_multiplier(design: RAG) -> float:
 def iid_effective_n(dim: int, noise_var: float, risk):
     """Effective sample size: the n at which the isotropic IID optimum d + s^2 - n d / (n + d + 1 + s^2)
     equals ``risk`` (inverse of that formula, real-valued): n = r (d + 1 + s^2) / (d - r), r = d + s^2 - L."""
-    dim = v.positive_int("dim", dim)
-    noise_var = v.real("noise_var", noise_var, 0.0)
-    risk = v.real_array("risk", risk)
+    dim = check.positive_int("dim", dim)
+    noise_var = check.real("noise_var", noise_var, 0.0)
+    risk = check.real_array("risk", risk)
     if np.any(risk <= noise_var):
         raise ValueError(f"risk must be > noise_var = {noise_var:g} (no predictor beats the label noise), got {risk!r}")
     r = dim + noise_var - risk
     return r * (dim + 1 + noise_var) / (dim - r)
 
 
-def optimal_wpgd(design: IID | Drift, n: int):
-    """Optimal weighted PGD (W*, omega*, L*), omega normalised to mean |omega| = 1.
+@float64
+def optimal_wpgd(design: IID | Drift, n: int) -> WeightedOptimum:
+    """Optimal weighted PGD ``WeightedOptimum(W*, omega*, L*)``, omega normalised to mean |omega| = 1.
 
-    Drift (THEORY 5, H3 optimum): omega* = K^{-1} rho, W* = I up to scale,
+    Drift (docs/theory.md §5, H3 optimum): omega* = K^{-1} rho, W* = I up to scale,
     L_H3 = d + s_q^2 - d rho^T K^{-1} rho.
-    IID with per-position noise s_i^2 (THEORY 3 with weights): the stationarity condition of
+    IID with per-position noise s_i^2 (docs/theory.md §3 with weights): the stationarity condition of
     L over omega with sum omega fixed gives omega_i proportional to 1 / (t + s_i^2), where
     t = sum_k w_k (lambda_k + T) / sum_k w_k, w_k = lambda_k^2 / den_k^2,
     den_k = (1 + s2) lambda_k + s2 T + sn, lambda = eig(Sx Sb), T = tr(Sx Sb); t is found by
@@ -260,7 +291,7 @@ def optimal_wpgd(design: IID | Drift, n: int):
         scale = jnp.where(scale > 0, scale, 1.0)  # rho = 0: omega* = 0, any W
         W = scale * jnp.eye(design.dim, dtype=F64)
         omega = raw / scale
-        return W, omega, pgd_risk(design, n, W, omega)
+        return WeightedOptimum(W, omega, pgd_risk(design, n, W, omega))
     Sx, Sb = np.asarray(design.cov_x), np.asarray(design.cov_beta)
     lam = np.linalg.eigvals(Sx @ Sb).real
     T = float(np.trace(Sx @ Sb))
@@ -280,11 +311,11 @@ def optimal_wpgd(design: IID | Drift, n: int):
     omega = jnp.asarray(omega / omega.mean(), F64)
     m = pgd_moments(design, n, omega)
     W = jnp.linalg.solve(m.M, m.C).T
-    return W, omega, pgd_risk(design, n, W, omega)
+    return WeightedOptimum(W, omega, pgd_risk(design, n, W, omega))
 
 
 def _whitened_optimum(design: IID, n: int, target):
-    """Sx^{1/2} (target) M^{1/2} and the maps back, for the Eckart-Young forms of THEORY 3."""
+    """Sx^{1/2} (target) M^{1/2} and the maps back, for the Eckart-Young forms of docs/theory.md §3."""
     m = pgd_moments(design, n)
     sx_half, m_half = _sym_sqrt(m.cov_x), _sym_sqrt(m.M)
     return sx_half @ target @ m_half, sx_half, m_half
@@ -303,8 +334,9 @@ def _check_rank(rank, d):
         raise ValueError(f"rank must be an integer in [0, {d}] (at most dim), got {rank!r}")
 
 
+@float64
 def lowrank_optimal_pgd(design: IID, n: int, rank: int) -> jax.Array:
-    """Best rank-r preconditioner (THEORY 3, Eckart-Young in the Sx^{1/2} . M^{1/2} geometry):
+    """Best rank-r preconditioner (docs/theory.md §3, Eckart-Young in the Sx^{1/2} . M^{1/2} geometry):
     W_r = Sx^{-1/2} [Sx^{1/2} W* M^{1/2}]_r M^{-1/2}."""
     _require(design, (IID,), "lowrank_optimal_pgd")
     _context(design, n)
@@ -314,8 +346,9 @@ def lowrank_optimal_pgd(design: IID, n: int, rank: int) -> jax.Array:
     return jnp.linalg.solve(sx_half, _truncate(A, rank)) @ jnp.linalg.inv(m_half)
 
 
+@float64
 def lowrank_optimal_risk(design: IID, n: int, rank: int) -> jax.Array:
-    """min_{rank W <= r} L(W) = L* + sum_{i>r} sigma_i(Sx^{1/2} W* M^{1/2})^2 (THEORY 3)."""
+    """min_{rank W <= r} L(W) = L* + sum_{i>r} sigma_i(Sx^{1/2} W* M^{1/2})^2 (docs/theory.md §3)."""
     _require(design, (IID,), "lowrank_optimal_risk")
     _context(design, n)
     _check_rank(rank, design.dim)
@@ -325,8 +358,9 @@ def lowrank_optimal_risk(design: IID, n: int, rank: int) -> jax.Array:
     return L_star + jnp.sum(jnp.where(jnp.arange(s.shape[0]) >= rank, s**2, 0.0))
 
 
+@float64
 def lora_optimal_pgd(design: IID, n: int, W0, rank: int) -> jax.Array:
-    """Best W0 + Delta with rank Delta <= r on the new design (THEORY 3, LoRA):
+    """Best W0 + Delta with rank Delta <= r on the new design (docs/theory.md §3, LoRA):
     Delta = Sx^{-1/2} [Sx^{1/2} (W*_new - W0) M_new^{1/2}]_r M_new^{-1/2}."""
     _require(design, (IID,), "lora_optimal_pgd")
     _context(design, n)
@@ -337,6 +371,7 @@ def lora_optimal_pgd(design: IID, n: int, W0, rank: int) -> jax.Array:
     return W0 + jnp.linalg.solve(sx_half, _truncate(A, rank)) @ jnp.linalg.inv(m_half)
 
 
+@float64
 def lora_optimal_risk(design: IID, n: int, W0, rank: int) -> jax.Array:
     """min L_new(W0 + Delta), rank Delta <= r: L*_new + sum_{i>r} sigma_i(Sx^{1/2}(W*_new - W0) M^{1/2})^2."""
     _require(design, (IID,), "lora_optimal_risk")
@@ -361,12 +396,13 @@ def _sampled(design, n, what: str) -> int:
 
 
 def _chunks(num_prompts, batch_size):
-    v.positive_int("num_prompts", num_prompts)
-    v.positive_int("batch_size", batch_size)
+    check.positive_int("num_prompts", num_prompts)
+    check.positive_int("batch_size", batch_size)
     batch = min(batch_size, num_prompts)
     return -(-num_prompts // batch), batch
 
 
+@float64
 def ground_truth(design, n: int, key, num_prompts: int = 200_000, weights=None, batch_size: int = 10_000):
     """Monte Carlo estimate of the PGD-form optimum, the best yhat = <W, x g^T>, g = X^T (weights * y),
     for any design that can be sampled (docs/theory.md §4): the same optimum ``optimal_pgd`` gives in
@@ -400,13 +436,14 @@ def ground_truth(design, n: int, key, num_prompts: int = 200_000, weights=None, 
     return wvec.reshape(d, d), (yy - b @ wvec) / (chunks * batch)
 
 
-def risk_moments(predict: Callable[[Prompts], jax.Array], design, n_sample: int, n, key, chunks: int,
+@float64
+def risk_moments(predict: Callable[[Prompts], jax.Array], design, n_slots: int, n, key, chunks: int,
                  batch: int, dtype, gram: bool = False) -> tuple[jax.Array, jax.Array]:
     """Sum and sum of squares of (y - predict)^2 over chunks x batch fresh prompts with n active
-    context pairs in n_sample slots (``designs.draw``; pure and vmappable; n may be traced)."""
+    context pairs in n_slots slots (``gram.draw``; pure and vmappable; n may be traced)."""
 
     def body(carry, k):
-        p = draw(design, k, batch, n, n_sample, dtype, gram)
+        p = draw(design, k, batch, n, n_slots, dtype, gram)
         err = ((p.y_query - predict(p)) ** 2).astype(F64)
         return (carry[0] + jnp.sum(err), carry[1] + jnp.sum(err**2)), None
 
@@ -414,14 +451,16 @@ def risk_moments(predict: Callable[[Prompts], jax.Array], design, n_sample: int,
     return jax.lax.scan(body, (zero, zero), jax.random.split(key, chunks))[0]
 
 
+@float64
 def mean_and_se(total, total_sq, count: int):
     """Mean and standard error from a sum and a sum of squares over count samples."""
-    v.positive_int("count", count)
+    check.positive_int("count", count)
     mean = total / count
     var = (total_sq / count - mean**2) * count / max(count - 1, 1)
     return mean, jnp.sqrt(jnp.clip(var, 0.0, None) / count)
 
 
+@float64
 def monte_carlo_risk(predict: Callable[[Prompts], jax.Array], design, n: int, key, num_prompts: int = 100_000,
                      batch_size: int = 10_000, dtype=F64):
     """Monte Carlo risk of a predictor: (mean, standard error) of (y - predict(prompts))^2 over
@@ -476,13 +515,14 @@ def _isotropic_scales(design: IID, what: str):
     return float(sigma), float(tau), float(design.noise_var), float(design.query_noise_var)
 
 
+@float64
 def context_power_traces(key, dim: int, n: int, num: int, max_power: int) -> jax.Array:
     """``num`` draws of tr((X^T X)^k), k = 0..max_power, for X [n, dim] standard normal: [num, max_power + 1]
     float64 (k = 0 gives dim). Drawn in chunks of 10_000 prompts (memory O(chunk n dim))."""
-    v.positive_int("dim", dim)
-    v.positive_int("n", n)
-    v.positive_int("num", num)
-    v.positive_int("max_power", max_power, minimum=0)
+    check.positive_int("dim", dim)
+    check.positive_int("n", n)
+    check.positive_int("num", num)
+    check.positive_int("max_power", max_power, minimum=0)
     chunks, batch = _chunks(num, 10_000)
     with jax.enable_x64(True):
         return _power_traces(key, dim, n, chunks, batch, max_power)[:num]
@@ -519,6 +559,7 @@ def _multistep_values(step_sizes, traces, sigma, tau, s2, n):
     return sigma * (tau * t[:, :qq.shape[0]] @ qq + (s2 / n) * t[:, :lpp.shape[0]] @ lpp)
 
 
+@float64
 def multistep_gd_risk(design: IID, n: int, step_sizes, key, num_draws: int = 200_000):
     """Risk (mean, se) of L-step GD w_{l+1} = w_l + gamma_l X^T (y - X w_l) / n, w_0 = 0, on an isotropic IID
     design (docs/theory.md §8): with e_l = beta - w_l, e_L = q(S) beta - p(S) X^T eps / n for
@@ -536,6 +577,7 @@ def multistep_gd_risk(design: IID, n: int, step_sizes, key, num_draws: int = 200
         return float(sq2 + jnp.mean(vals)), float(jnp.std(vals, ddof=1) / np.sqrt(num_draws))
 
 
+@float64
 def optimal_multistep_gd(design: IID, n: int, steps: int, key, num_draws: int = 200_000) -> MultiStepGD:
     """The best L-step GD (step sizes gamma_1..gamma_L) on an isotropic IID design, docs/theory.md §8.
     The risk is s_q^2 + sigma [tau E tr q(S)^2 + (s^2 / n) E tr S p(S)^2], linear in the moments
@@ -545,7 +587,7 @@ def optimal_multistep_gd(design: IID, n: int, steps: int, key, num_draws: int = 
     transformer in the form of Ahn et al. (``models.LinearTransformer``) can represent this predictor."""
     sigma, tau, s2, _ = _isotropic_scales(design, "optimal_multistep_gd")
     _check_n(design, n)
-    v.positive_int("steps", steps)
+    check.positive_int("steps", steps)
     fit_key, test_key = jax.random.split(key)
     one = n / (n + design.dim + 1 + s2 / tau) / sigma  # the optimal single step
     with jax.enable_x64(True):
@@ -574,6 +616,7 @@ class DirectionGains(NamedTuple):
     change: np.ndarray   # [d] Delta_i
 
 
+@float64
 def truncated_optimum_risk(train_design: IID, n_train: int, test_design: IID, n_test: int, rank: int) -> jax.Array:
     """Exact test risk of the rank-k SVD truncation of the train optimum W* (``optimal_pgd``):
     L_test([W*]_k) by ``pgd_risk`` (any IID covariances; shifts in label noise, task covariance and
@@ -587,6 +630,7 @@ def truncated_optimum_risk(train_design: IID, n_train: int, test_design: IID, n_
     return pgd_risk(test_design, n_test, _truncate(W_star, rank))
 
 
+@float64
 def direction_gains(train_design: IID, n_train: int, test_design: IID, n_test: int) -> DirectionGains:
     """docs/theory.md §6.1: with cov_x = U diag(sigma) U^T, train and test cov_beta = U diag(l), U diag(l')
     U^T (jointly diagonal) and scalar noises, W* = U diag(w) U^T with w_i = l_i / ((n+1) sigma_i l_i + c),
@@ -622,6 +666,7 @@ def direction_gains(train_design: IID, n_train: int, test_design: IID, n_test: i
     return DirectionGains(U[:, order], w[order], change[order])
 
 
+@float64
 def noise_threshold(design: IID, n: int) -> np.ndarray:
     """Per direction (sorted as ``direction_gains``), the test label-noise variance above which dropping
     it from W* lowers the risk when only the noise shifts (docs/theory.md §6.1):
@@ -639,6 +684,7 @@ class BayesRisk(NamedTuple):
     se: float
 
 
+@float64
 def bayes_risk(design: IID, n: int, key=None, num_draws: int = 20_000, batch_size: int = 2_000) -> BayesRisk:
     """Risk of the posterior-mean predictor yhat = x^T E[beta | X, y], the least risk of ANY
     predictor on a Gaussian IID design (docs/theory.md §9): a floor under every PGD and trained model.
@@ -655,7 +701,7 @@ def bayes_risk(design: IID, n: int, key=None, num_draws: int = 20_000, batch_siz
     if not isinstance(design, IID):
         raise TypeError(f"bayes_risk has a form for IID (Gaussian) designs, not {type(design).__name__}; "
                         "for other designs bound the risk with ground_truth or monte_carlo_risk")
-    v.positive_int("n", n, minimum=0)
+    check.positive_int("n", n, minimum=0)
     if n:
         _check_n(design, n)
     d = design.dim

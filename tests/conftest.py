@@ -8,8 +8,11 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-import iclsim  # noqa: E402,F401  (turns on x64)
+import iclsim  # noqa: E402,F401
 
+# The suite checks float64 samplers and models directly, so it turns x64 on for itself; iclsim never
+# does (test_precision.py checks that in a fresh interpreter), and training pins its own setting.
+jax.config.update("jax_enable_x64", True)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 

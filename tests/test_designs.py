@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from iclsim import IID, RAG, Drift, TaskFeatureAlignment, designs, tokens, truncate_context
-from tests.tolerance import assert_within_se
+from tests.tolerance import MOMENT_RTOL, assert_within_se
 
 ALL = [IID(3, noise_var=0.1), RAG(3, 0.4), RAG.marginal_isotropic(3, 0.5), TaskFeatureAlignment(3, 0.3, 0.2),
        Drift.ar1(3, 5, 0.8, 0.1)]
@@ -73,7 +73,7 @@ def test_drift_task_correlations(key):
 def test_stacked_designs_vmap(key):
     stacked = designs.stack([IID(2, noise_var=s) for s in (0.0, 1.0, 4.0)])
     ys = jax.vmap(lambda d: d.sample(key, 50_000, 3, jnp.float64).y_query)(stacked)
-    np.testing.assert_allclose(np.mean(np.asarray(ys) ** 2, axis=1), [2.0, 3.0, 6.0], rtol=0.05)
+    np.testing.assert_allclose(np.mean(np.asarray(ys) ** 2, axis=1), [2.0, 3.0, 6.0], rtol=MOMENT_RTOL)
 
 
 @pytest.mark.parametrize("make, message", [

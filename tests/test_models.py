@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iclsim import IID, Drift, models, studies, theory, truncate_context
+from iclsim import Drift, IID, bridge, models, theory, truncate_context
 from iclsim.designs import GramPrompts
 from iclsim.theory import mean_and_se, risk_moments
 from tests.tolerance import assert_close, assert_within_se
@@ -26,7 +26,8 @@ def test_linear_attention_is_pgd_with_hand_built_weights(prompts):
     Wq = np.zeros((D + 1, D + 1)); Wq[:D, :D] = A
     Wv = np.zeros((D + 1, D + 1)); Wv[D, D] = 2.5
     params = {"Wq": jnp.asarray(Wq), "Wk": jnp.eye(D + 1, dtype=F64), "Wv": jnp.asarray(Wv)}
-    W = model.effective_pgd(params, N)
+    W, omega = model.effective_pgd(params, N)
+    assert omega is None  # uniform weights
     assert_close(W, 2.5 * A / N, rtol=1e-14)
     assert_close(model.apply(params, prompts), theory.pgd_predict(W)(prompts), rtol=1e-11, atol=1e-12)
 
@@ -39,10 +40,10 @@ def test_linear_attention_rank_and_label_key_path(prompts, key):
     Q = np.zeros((D + 1, D + 1)); Q[:D, D] = q12
     Wv = np.zeros((D + 1, D + 1)); Wv[:D, D] = p_x
     params = {"Wq": jnp.asarray(Q), "Wk": jnp.eye(D + 1, dtype=F64), "Wv": jnp.asarray(Wv)}
-    assert_close(model.apply(params, prompts), theory.pgd_predict(model.effective_pgd(params, N))(prompts),
+    assert_close(model.apply(params, prompts), theory.pgd_predict(model.effective_pgd(params, N).W)(prompts),
                  rtol=1e-11, atol=1e-12)
     low = models.LinearAttention(D, rank=2, dtype=F64)
-    W = low.effective_pgd(low.init(key), N)
+    W = low.effective_pgd(low.init(key), N).W
     assert np.linalg.matrix_rank(np.asarray(W), tol=1e-10) <= 2
 
 
@@ -134,7 +135,7 @@ def test_lora_starts_at_base_and_moves_by_low_rank(key):
     p = IID(D).sample(key, 16, N, F64)
     np.testing.assert_array_equal(lora.apply(adapters, p), base.apply(params, p))
     moved = jax.tree_util.tree_map(lambda a: a + 0.3, adapters)
-    delta = lora.effective_pgd(moved, N) - base.effective_pgd(params, N)
+    delta = lora.effective_pgd(moved, N).W - base.effective_pgd(params, N).W
     assert np.linalg.matrix_rank(np.asarray(delta), tol=1e-10) <= 2
     with pytest.raises(ValueError, match="targets must name matrices"):
         models.LoRA(base, models.Frozen(params), 1, ("W",))
@@ -160,7 +161,7 @@ def test_token_path_equals_gram_path(make, prompts, key):
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_exact_risk_of_a_trained_attention_matches_monte_carlo(lora, key):
-    """studies.exact_risk of attention with every block non-zero, on prompts of n = 5 active pairs in
+    """bridge.exact_risk of attention with every block non-zero, on prompts of n = 5 active pairs in
     8 slots (S sums the active pairs over 8), alone and as LoRA's merged base, against its Monte
     Carlo risk (4 SE); PGD's L(W) of the same model's effective W misses the non-PGD terms."""
     d, n, n_max = 3, 5, 8
@@ -178,7 +179,7 @@ def test_exact_risk_of_a_trained_attention_matches_monte_carlo(lora, key):
     chunks, batch = 10, 10_000
     total, total_sq = risk_moments(lambda p: model.apply(params, p), design, n_max, n, key, chunks, batch, F64)
     mean, se = mean_and_se(total, total_sq, chunks * batch)
-    exact = studies.exact_risk(model, params, design, n, n_max)
+    exact = bridge.exact_risk(model, params, design, n, n_max)
     assert_within_se(exact, mean, se, name=f"exact_risk attention{' LoRA' if lora else ''}")
-    W, _ = studies.effective(model, params, n, n_max)
+    W, _ = bridge.effective(model, params, n, n_max)
     assert abs(float(theory.pgd_risk(design, n, W)) - float(mean)) > 6 * float(se)

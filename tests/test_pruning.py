@@ -71,7 +71,7 @@ def test_one_layer_exact_pruning_curve_matches_monte_carlo(rate, key):
     params = {"Wq": jnp.asarray(Wq), "Wk": jnp.eye(d + 1, dtype=F64), "Wv": jnp.asarray(Wv)}
     pruned = pruning.prune(params, 0, "attn", rate)
     design = IID(d, noise_var=2.0)
-    exact = theory.pgd_risk(design, n, model.effective_pgd(pruned, n))
+    exact = theory.pgd_risk(design, n, model.effective_pgd(pruned, n).W)
     mean, se = theory.monte_carlo_risk(lambda p: model.apply(pruned, p), design, n, key, 100_000)
     assert_within_se(exact, mean, se, name=f"pruned one-layer attention xi={rate}")
 

@@ -106,8 +106,10 @@ def rows_to_csv(rows: list[dict]) -> bytes:
 
 
 def read_rows(path: Path) -> list[dict]:
-    """Rows of a results CSV, numbers parsed."""
+    """Rows of a results CSV, numbers and booleans (True / False, as the CSV writes them) parsed."""
     def parse(value):
+        if value in ("True", "False"):
+            return value == "True"
         for cast in (int, float):
             try:
                 return cast(value)
@@ -453,6 +455,10 @@ def run_experiment(exp: Experiment, out: Path, quick: bool = False, seed: int = 
             rows = exp.run(settings, seed, progress)
         wall = time.perf_counter() - start
         summary = exp.summary(rows)
+        if "networks_passed" not in summary and any("passed" in r for r in rows):  # one row per network
+            gate = [r["passed"] for r in rows if "passed" in r]
+            summary = {"networks_passed": sum(map(bool, gate)), "networks_failed": len(gate) - sum(map(bool, gate)),
+                       **summary}
         csv_bytes = rows_to_csv(rows)
         fig = exp.plot(rows, settings)
         buf = io.BytesIO()

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iclsim import evaluate, train
+from iclsim import evaluate, quality, train
 from iclsim._precision import float64
 from iclsim.bridge import effective, exact_risk
 
@@ -33,7 +33,8 @@ def risk_curves(models: Mapping[str, tuple], designs: Mapping[str, object], ns: 
     comparison (only for models with ``effective_pgd``); extra(model, W, omega, design, n) -> dict
     of more columns. Each row: design, model, n, seed, risk, se, theory, gap (relative), and where
     available exact_risk (closed-form risk of the trained model, ``exact_risk``) and w_rel
-    (relative Frobenius distance to W*).
+    (relative Frobenius distance to W*); passed: the quality gate (``quality.gate``: risk within 10% plus
+    4 Monte Carlo SE of the theory column).
     """
     labels, design_list = list(designs), list(designs.values())
     n_slots = max(ns)
@@ -49,7 +50,9 @@ def risk_curves(models: Mapping[str, tuple], designs: Mapping[str, object], ns: 
                 for k, seed in enumerate(seeds):
                     row = {"design": label, "model": name, "n": n, "seed": seed, "risk": float(risk[i, j, k]),
                            "se": float(se[i, j, k]), "theory": L, "gap": (float(risk[i, j, k]) - L) / L,
-                           "final_loss": float(np.mean(fitted.losses[i, j, k, -100:]))}
+                           "final_loss": float(np.mean(fitted.losses[i, j, k, -100:])),
+                           # the quality gate: within 10% (+ 4 Monte Carlo SE) of the closed-form reference
+                           "passed": bool(quality.gate(float(risk[i, j, k]), L, se=float(se[i, j, k])))}
                     if hasattr(model, "effective_pgd"):
                         p = jax.tree_util.tree_map(lambda a: a[i, j, k], fitted.params)
                         W, omega = effective(model, p, n, n_slots)

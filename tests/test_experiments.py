@@ -125,7 +125,7 @@ def test_pruning_one_layer_quick(tmp_path):
     §6.1 noise threshold truncation lowers the exact risk, on the training noise it never does.
     Planted bugs caught: a pruned model scored unpruned, a wrong threshold, a gate that fails good nets."""
     meta, rows = run_quick("pruning_one_layer", tmp_path)
-    ok = [r for r in rows if r["passed"] in (True, "True")]
+    ok = [r for r in rows if r["passed"]]
     assert meta["summary"]["networks_failed"] == 0
     for r in ok:
         assert abs(r["risk"] - r["theory"]) <= 4 * r["se"], r

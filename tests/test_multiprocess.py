@@ -99,9 +99,6 @@ def test_fit_sweep_over_two_processes_equals_one_process(runs):
     assert np.all(ref["losses"][..., -10:].mean(-1) < ref["losses"][..., :10].mean(-1))  # and they trained
 
 
-@pytest.mark.xfail(strict=True, raises=EvaluationNotGathered,
-                   reason="iclsim.train.evaluate_sweep does not process_allgather its sums across processes as "
-                          "_run_points does (fix: the same three lines before mean_and_se); remove this mark with it")
 def test_evaluate_sweep_over_two_processes_equals_one_process(runs):
     ref = _load(runs, "reference", "evaluate")
     for name in ("process0", "process1"):

@@ -136,15 +136,16 @@ def test_pruning_one_layer_quick(tmp_path):
 
 def test_pruning_phase_quick_trained_boundary_on_the_closed_form(tmp_path):
     """Trained-then-pruned PGD models cross from 'pruning hurts' to 'pruning helps' at the test noise the
-    closed form predicts: for every kept rank the closed-form crossing lies in the trained models' 95%
-    interval over seeds, and every network passes its gate. Planted bugs caught: a wrong W convention
-    (W vs W / n) or a truncation that keeps the smallest singular values move the crossing."""
+    closed form predicts: for every kept rank the trained models' mean crossing is within 2% of the
+    closed-form one (trained W is near, not at, W*: at full fidelity the offset is 0.3-0.6%, resolved by
+    8 seeds), and every network passes its gate. Planted bugs caught: a wrong W convention (W vs W / n)
+    or a truncation that keeps the smallest singular values move the crossing by far more."""
     meta, _ = run_quick("pruning_phase", tmp_path)
     summary = meta["summary"]
     assert summary["networks_failed"] == 0
     for k in range(1, 5):
         b = summary[f"noise_boundary_rank{k}"]
-        assert b["trained_ci95"][0] <= b["closed_form"] <= b["trained_ci95"][1], (k, b)
+        assert abs(b["trained_mean"] - b["closed_form"]) <= 0.02 * b["closed_form"], (k, b)
     report("pruning_phase quick: " + ", ".join(
         f"rank {k} boundary {summary[f'noise_boundary_rank{k}']['closed_form']:.2f} vs trained "
         f"{summary[f'noise_boundary_rank{k}']['trained_mean']:.2f}" for k in range(1, 5)))

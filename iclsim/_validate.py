@@ -165,6 +165,17 @@ def model_for(model, designs, where: str, needs_dtype: bool = False) -> None:
                              f"{type(model).__name__}(dim={dim}) on {type(design).__name__}(dim={design.dim})")
 
 
+def padding(model, ns, gram: bool, where: str) -> None:
+    """A multi-n sweep shares max(ns) slots: shorter contexts are padded with zero tokens, so on token
+    prompts the model must declare ``inert_padding = True`` (a zero context token changes nothing: sums
+    of products of tokens, or a mask). Gram draws are exact for any n and need no declaration."""
+    if len(set(ns)) > 1 and not gram and not getattr(model, "inert_padding", False):
+        raise ValueError(f"ns = {list(ns)} in {where}: shorter contexts are padded with zero tokens to {max(ns)} slots, "
+                         f"and {type(model).__name__} does not declare inert_padding = True. Declare it if a zero "
+                         "context token leaves the prediction unchanged (mask them, as a softmax must), or run "
+                         "one n per sweep")
+
+
 def sweep_params(params, designs: int, ns: int) -> int:
     """Check parameters against the sweep they are evaluated on: every leaf has leading axes
     [designs, ns, seeds] with one seed count, and finite values. Returns the seed count."""

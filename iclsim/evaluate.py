@@ -39,6 +39,7 @@ def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: 
         _check_n(d, n_slots)
     chunks, batch = _chunks(num_prompts, batch_size)
     gram = uses_gram(model, design_list, n_slots, sampler)
+    check.padding(model, ns, gram, "evaluate_sweep")
     num_seeds = check.sweep_params(params, len(design_list), len(ns))
     shape = (len(design_list), len(ns), num_seeds)
     count = int(np.prod(shape))

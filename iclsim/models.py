@@ -92,6 +92,7 @@ class LinearAttention:
     rank: int | None = None
     dtype: Any = jnp.float32
     reads_gram = True  # sees the context only through S: trains on GramPrompts
+    inert_padding = True  # no biases: a zero context token adds nothing to S
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
@@ -146,6 +147,7 @@ class H3:
     shift_size: int = 2
     state_size: int = 4
     dtype: Any = jnp.float32
+    inert_padding = True  # no biases: zero context tokens add nothing
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
@@ -216,6 +218,7 @@ class PGD:
     dim: int
     rank: int | None = None
     dtype: Any = jnp.float32
+    inert_padding = True  # no biases: zero context tokens add nothing
     reads_gram = True
 
     def __post_init__(self):
@@ -250,6 +253,7 @@ class WPGD:
     dim: int
     context: int
     dtype: Any = jnp.float32
+    inert_padding = True  # no biases: zero context tokens add nothing
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
@@ -276,6 +280,7 @@ class Ridge:
     dim: int
     penalty: float = 0.0
     dtype: Any = jnp.float32
+    inert_padding = True  # no biases: zero context tokens add nothing
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
@@ -305,6 +310,7 @@ class GD:
     dim: int
     steps: int = 1
     dtype: Any = jnp.float32
+    inert_padding = True  # no biases: zero context tokens add nothing
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
@@ -359,6 +365,10 @@ class LoRA:
                 raise ValueError(f"rank must be <= {min(self.base_params.tree[t].shape)} for {t}, got {self.rank}")
 
     @property
+    def inert_padding(self) -> bool:
+        return getattr(self.base, "inert_padding", False)
+
+    @property
     def reads_gram(self) -> bool:
         return getattr(self.base, "reads_gram", False)
 
@@ -411,6 +421,7 @@ class LinearTransformer:
     init_scale: float = 0.3
     init_step: float = 0.5
     dtype: Any = jnp.float32
+    inert_padding = True  # no biases: zero context tokens add nothing
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)

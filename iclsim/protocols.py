@@ -26,7 +26,9 @@ Model (required):
   Padding: sweeps over n draw prompts at the largest n and zero the leading context pairs
   (``designs.truncate_context``), so a zero context token must be inert: contribute nothing to
   the prediction (true of any model without biases whose context enters through sums of
-  products of tokens; a softmax over the context is NOT inert and must mask zero tokens).
+  products of tokens; a softmax over the context is NOT inert and must mask zero tokens). A model
+  says so with ``inert_padding = True``; ``fit_sweep`` and ``evaluate_sweep`` refuse a sweep over
+  several n on token prompts for a model that does not (Gram draws need no declaration).
   A model with a ``context`` field (H3, WPGD) is instead handed prompts of exactly that length.
 Model (optional):
   reads_gram: bool              True when apply also accepts designs.GramPrompts (it reads the

@@ -143,6 +143,7 @@ def _fit_sweep(model, designs, ns, seeds, config, loss_fn, devices, cache) -> Fi
     for d in design_list:
         _check_n(d, n_slots)
     gram = uses_gram(model, design_list, n_slots, config.sampler)
+    check.padding(model, ns, gram, "fit_sweep")
     devices = tuple(jax.devices() if devices is None else devices)
     cache = _cache.current() if cache is None else cache
     if cache is not None and config.optimizer is not None:

@@ -13,15 +13,16 @@ CFG = train.TrainConfig(steps=20, batch_size=32, learning_rate=0.02, warmup_step
 KEY = jax.random.PRNGKey(0)
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda: train.fit(models.PGD(2), IID(2), 1.5, steps=5), "n must be an integer"),  # trained at n = 1 before
-    (lambda: train.fit_sweep(models.PGD(2), IID(2), [2.0], [0], CFG), "n must be an integer"),
-    (lambda: train.fit_sweep(models.PGD(2), IID(2), [2], [0.5, 0.9], CFG), "seeds must be an integer"),  # two equal models
-    (lambda: train.fit_sweep(models.PGD(2), IID(2), [], [0], CFG), "ns must hold at least one"),
-    (lambda: train.fit(models.PGD(2), IID(2), 2, steps=5, seed=1.5), "seed must be an integer"),
+@pytest.mark.parametrize("call, error, message", [
+    (lambda: train.fit(models.PGD(2), IID(2), 1.5, steps=5), TypeError, "n must be an integer"),  # trained at n = 1 before
+    (lambda: train.fit_sweep(models.PGD(2), IID(2), [2.0], [0], CFG), TypeError, "n must be an integer"),
+    (lambda: train.fit_sweep(models.PGD(2), IID(2), [2], [0.5, 0.9], CFG), TypeError, "seeds must be an integer"),
+    (lambda: train.fit_sweep(models.PGD(2), IID(2), [], [0], CFG), ValueError, "ns must hold at least one"),
+    (lambda: train.fit(models.PGD(2), IID(2), 2, steps=5, seed=1.5), TypeError, "seed must be an integer"),
 ])
-def test_fit_refuses_non_integers(call, message):
-    with pytest.raises(ValueError, match=message):
+def test_fit_refuses_non_integers(call, error, message):
+    """A wrong type is a TypeError, an empty list a ValueError; both name the argument."""
+    with pytest.raises(error, match=message):
         call()
 
 
@@ -43,7 +44,7 @@ def test_model_and_design_dims_must_agree():
 
 def test_evaluate_refuses_fractional_n():
     params = models.PGD(2).init(KEY)
-    with pytest.raises(ValueError, match="n must be an integer"):  # scored at n = 2 before
+    with pytest.raises(TypeError, match="n must be an integer"):  # scored at n = 2 before
         evaluate(models.PGD(2), params, IID(2), 2.7, KEY, 64)
 
 
@@ -76,3 +77,29 @@ def test_a_model_without_dtype_gets_a_named_error():
 
     with pytest.raises(TypeError, match="evaluate needs model.dtype"):
         evaluate(NoDtype(), {"W": jnp.zeros((2, 2))}, IID(2), 3, KEY, 64)
+
+
+def test_multi_n_sweep_refuses_a_model_that_does_not_declare_inert_padding():
+    """Issue 20, finding 11: a model not inert to zero tokens was trained and scored on padded prompts
+    silently. Planted bug caught: dropping the check lets the sweep run."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from iclsim import IID, models, train
+
+    @dataclasses.dataclass(frozen=True)
+    class Biased:
+        dim: int
+        dtype: object = jnp.float32
+
+        def init(self, key):
+            return {"b": jnp.zeros((), self.dtype)}
+
+        def apply(self, params, prompts):
+            return params["b"] + jnp.mean(prompts.y, axis=1)  # a zero token moves the mean: not inert
+
+    with pytest.raises(ValueError, match="inert_padding"):
+        train.fit_sweep(Biased(3), IID(3), [2, 4], [0], train.TrainConfig(steps=2, batch_size=8))
+    assert models.LinearTransformer(3, 2, form="full").inert_padding and models.H3(3, 4).inert_padding
+    train.fit_sweep(Biased(3), IID(3), [4], [0], train.TrainConfig(steps=2, batch_size=8))  # one n: no padding

@@ -11,5 +11,21 @@ from iclsim.designs import (IID, RAG, Drift, Prompts, TaskFeatureAlignment, Task
 
 __version__ = "0.1.0"
 
+# the other submodules load on first access (PEP 562), so ``import iclsim`` pulls in neither matplotlib
+# (plotting) nor hypothesis (testing, a test dependency)
+_SUBMODULES = ("bridge", "cache", "cli", "evaluate", "layout", "models", "plotting", "protocols", "pruning",
+               "quality", "runner", "sweeps", "testing", "train")
+
+
+def __getattr__(name):
+    if name in _SUBMODULES:
+        import importlib
+        return importlib.import_module(f"iclsim.{name}")
+    raise AttributeError(f"module 'iclsim' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_SUBMODULES))
+
 __all__ = ["designs", "gram", "rng", "theory", "IID", "RAG", "Drift", "Prompts", "TaskFeatureAlignment", "TaskPool",
            "tokens", "truncate_context", "__version__"]

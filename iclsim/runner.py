@@ -23,6 +23,7 @@ import csv
 import dataclasses
 import functools
 import hashlib
+import importlib.metadata
 import importlib.util
 import io
 import json
@@ -46,11 +47,21 @@ from iclsim._files import atomic_write, check_writable_dir  # noqa: F401  (runne
 from iclsim.cache import SweepCache
 from iclsim.cache import active as active_cache
 
-__all__ = ["Experiment", "RunError", "discover", "run_experiment", "rows_to_csv", "read_rows", "read_results",
+__all__ = ["PLUGIN_GROUP", "Experiment", "RunError", "discover", "run_experiment", "rows_to_csv", "read_rows", "read_results",
            "versions", "git_state", "results_lock", "check_output", "parse_setting", "apply_overrides",
            "format_number", "format_summary", "EXPERIMENTS_DIR", "LOCK_NAME"]
 
-EXPERIMENTS_DIR = Path(__file__).resolve().parent.parent / "experiments"
+def _shipped_experiments() -> Path:
+    """The experiments that ship with iclsim: the installed package ``iclsim.experiments`` (pyproject maps
+    it to the repository's experiments/ folder), or that folder beside a source tree never installed."""
+    spec = importlib.util.find_spec("iclsim.experiments")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return Path(__file__).resolve().parent.parent / "experiments"
+
+
+EXPERIMENTS_DIR = _shipped_experiments()
+PLUGIN_GROUP = "iclsim.experiments"  # entry points of other packages: an Experiment, or a module holding EXPERIMENT
 LOCK_NAME = ".iclsim.lock"
 _PENDING = ".iclsim-pending-"
 
@@ -72,9 +83,10 @@ class Experiment:
     after: tuple[str, ...] = ()  # experiments whose results this one reads (run them first)
 
 
-def discover(directory: Path = EXPERIMENTS_DIR) -> dict[str, Experiment]:
-    """All experiments defined in ``directory`` (one module per figure or study); RunError if the
-    folder does not exist. Each module is registered as ``iclsim_experiments.NAME`` (so the sweep
+def discover(directory: Path = EXPERIMENTS_DIR, plugins: bool = True) -> dict[str, Experiment]:
+    """All experiments defined in ``directory`` (one module per figure or study; default: the shipped
+    ones) and, with ``plugins``, those other installed packages register under the entry-point group
+    ``iclsim.experiments`` (``PLUGIN_GROUP``); RunError if the folder does not exist. Each module is registered as ``iclsim_experiments.NAME`` (so the sweep
     cache can read the source of classes defined there)."""
     directory = Path(directory)
     if not directory.is_dir():
@@ -93,6 +105,16 @@ def discover(directory: Path = EXPERIMENTS_DIR) -> dict[str, Experiment]:
         spec.loader.exec_module(module)
         if isinstance(getattr(module, "EXPERIMENT", None), Experiment):
             found[module.EXPERIMENT.name] = module.EXPERIMENT
+    if plugins:
+        for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP):
+            obj = entry.load()
+            exp = obj if isinstance(obj, Experiment) else getattr(obj, "EXPERIMENT", None)
+            if not isinstance(exp, Experiment):
+                raise RunError(f"entry point {entry.name!r} of group {PLUGIN_GROUP!r} ({entry.value}) is neither an "
+                               "Experiment nor a module with an EXPERIMENT")
+            if exp.name in found:
+                raise RunError(f"experiment {exp.name!r} of entry point {entry.value} clashes with one already found")
+            found[exp.name] = exp
     return found
 
 

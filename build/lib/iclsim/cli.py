@@ -1,0 +1,207 @@
+"""Command line: ``iclsim list`` and
+``iclsim run NAME|all [--quick] [--out DIR] [--seed S] [--set KEY=VALUE ...] [--cache DIR | --no-cache]
+[--force]``. Also ``python -m iclsim``.
+
+Expected failures (bad arguments, unknown experiment, missing experiments folder, unusable output
+or cache folder, a folder in use, an interrupt) print one line and exit non-zero (2 for usage, 1 for
+a failed run, 130 for an interrupt); ``--traceback`` shows the full traceback instead."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import time
+from pathlib import Path
+
+from iclsim import runner
+from iclsim.cache import SweepCache, UncacheableError, persist_compilations
+
+__all__ = ["main", "use_all_cpu_cores"]
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not argparse's usage block
+        raise _UsageError(f"{message} (see iclsim --help)")
+
+__all__ = ["use_all_cpu_cores", "main"]
+
+
+def _order(experiments: dict, names: list[str]) -> list[str]:
+    """The requested names, each after those of its ``after`` experiments that are also requested."""
+    ordered: list[str] = []
+
+    def visit(name):
+        if name in ordered:
+            return
+        for dep in experiments[name].after:
+            if dep in names:
+                visit(dep)
+        ordered.append(name)
+
+    for name in names:
+        visit(name)
+    return ordered
+
+
+def use_all_cpu_cores() -> None:
+    """Expose one XLA CPU device per core (unless XLA_FLAGS already sets a count), so that sweeps, whose
+    axis ``fit_sweep`` splits over the devices, use every core (XLA CPU otherwise runs a program's
+    vmapped points on one device). Must run before JAX starts its backends; no effect on GPUs/TPUs."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={os.cpu_count() or 1}".strip()
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="iclsim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiments", type=Path, default=runner.EXPERIMENTS_DIR, help="experiments folder")
+    parser.add_argument("--traceback", action="store_true", help="show full tracebacks of failures")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="list the experiments")
+    run = sub.add_parser("run", help="run experiments and write results and figures")
+    run.add_argument("names", nargs="+", help="experiment names, or 'all'")
+    run.add_argument("--quick", action="store_true", help="small settings that run in under a minute")
+    run.add_argument("--out", type=Path, default=None,
+                     help="output folder (default: figures, or results/quick with --quick)")
+    run.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a setting (typed as its default: int, float, bool, str, list of numbers "
+                          "as 1,2,4); repeatable; recorded in the JSON")
+    run.add_argument("--cache", type=Path, default=Path(".iclsim-cache"),
+                     help="folder of trained sweep points and compiled programs (in xla/), reused by later runs "
+                          "(default: .iclsim-cache)")
+    run.add_argument("--no-cache", action="store_true", help="neither read nor write the cache (trained points or programs)")
+    run.add_argument("--force", action="store_true",
+                     help="retrain every point and overwrite the cache (compiled programs are still reused); "
+                          "let a quick run write into a folder of full-fidelity results")
+    return parser
+
+
+class _Session:
+    """What a run has done so far, for the interrupt message."""
+
+    def __init__(self):
+        self.caches: list[SweepCache] = []
+        self.current: str | None = None
+        self.out: Path | None = None
+        self.cache_dir: Path | None = None
+
+
+def main(argv=None) -> int:
+    use_all_cpu_cores()
+    session = _Session()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    traceback = "--traceback" in argv
+    try:
+        return _main(argv, session)
+    except SystemExit as exit_:  # --help
+        return exit_.code if isinstance(exit_.code, int) else 0
+    except _UsageError as err:
+        print(f"iclsim: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if traceback:
+            raise
+        print(f"iclsim: interrupted{_where(session)}: {_saved(session)}", file=sys.stderr)
+        return 130
+    except runner.RunError as err:
+        if traceback:
+            raise
+        print(f"iclsim: error{_where(session)}: {err}", file=sys.stderr)
+        return 1
+    except (UncacheableError, FloatingPointError, ValueError, TypeError, OSError) as err:
+        if traceback:
+            raise
+        print(f"iclsim: error{_where(session)}: {type(err).__name__}: {' '.join(str(err).split())} "
+              "(rerun with --traceback for details)", file=sys.stderr)
+        return 1
+
+
+def _where(session: _Session) -> str:
+    return f" in experiment {session.current}" if session.current else ""
+
+
+def _saved(session: _Session) -> str:
+    if session.current is None:
+        return "nothing was run"
+    kept = f"results already in {session.out} are unchanged"
+    if session.cache_dir is None:
+        return f"nothing was saved (--no-cache), {kept}; a rerun starts {session.current} over"
+    trained = sum(c.trained for c in session.caches)
+    return (f"{trained} trained point{'s' if trained != 1 else ''} of this run saved in {session.cache_dir}, {kept}; "
+            "rerun the same command to resume")
+
+
+def _main(argv: list[str], session: _Session) -> int:
+    args = _parser().parse_args(argv)
+    experiments = runner.discover(args.experiments)
+    if args.command == "list":
+        for name, exp in experiments.items():
+            print(f"{name:16s} {exp.title}")
+        return 0
+    names = list(experiments) if args.names == ["all"] else args.names
+    unknown = [n for n in names if n not in experiments]
+    if unknown:
+        raise _UsageError(f"unknown experiment(s): {', '.join(unknown)}; known: {', '.join(experiments)}")
+    if args.seed < 0:
+        raise _UsageError(f"--seed must be >= 0, got {args.seed}")
+    overrides = {}
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise _UsageError(f"--set takes KEY=VALUE, got {item!r}")
+        overrides[key.strip()] = value
+    for key in overrides:
+        if key in ("out", "quick"):
+            raise _UsageError(f"--set {key}=...: use --{key} instead")
+        if not any(key in {**experiments[n].settings, **experiments[n].quick} for n in names):
+            known = sorted({k for n in names for k in experiments[n].settings})
+            raise _UsageError(f"--set {key}=...: no setting {key!r} in {', '.join(names)}; settings: {', '.join(known)}")
+    out = args.out if args.out is not None else Path("results/quick" if args.quick else "figures")
+    session.out = out
+    # everything that can fail before training, for every experiment: settings, output folder, cache folder
+    for name in names:
+        exp = experiments[name]
+        runner.apply_overrides(exp, {**exp.settings, **(exp.quick if args.quick else {})}, overrides)
+    folder = runner.check_output(out, args.quick, args.force)
+    if not args.no_cache:
+        try:
+            SweepCache(args.cache).check()
+        except ValueError as err:
+            raise runner.RunError(str(err)) from None
+        session.cache_dir = args.cache
+    results = []
+    with runner.results_lock(folder), (contextlib.nullcontext() if args.no_cache
+                                       else persist_compilations(args.cache / "xla")):
+        for name in _order(experiments, names):
+            session.current = name
+            cache = None if args.no_cache else SweepCache(args.cache, force=args.force)
+            if cache is not None:
+                session.caches.append(cache)
+            start = time.perf_counter()
+            meta = runner.run_experiment(experiments[name], out, args.quick, args.seed, cache=cache,
+                                         overrides=overrides, force=args.force)
+            results.append((name, time.perf_counter() - start, meta["summary"]))
+        session.current = None
+    _table(results)
+    return 0
+
+
+def _table(results) -> None:
+    """The headline numbers of each experiment, 4 significant digits."""
+    if not results:
+        return
+    width = max(len(name) for name, _, _ in results)
+    print(f"{'experiment':{width}s}  {'time':>7s}  headline numbers")
+    for name, wall, summary in results:
+        print(f"{name:{width}s}  {wall:6.1f}s  {runner.format_summary(summary)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

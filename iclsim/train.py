@@ -146,9 +146,10 @@ def _fit_sweep(model, designs, ns, seeds, config, loss_fn, devices, cache) -> Fi
     check.padding(model, ns, gram, "fit_sweep")
     devices = tuple(jax.devices() if devices is None else devices)
     cache = _cache.current() if cache is None else cache
-    if cache is not None and config.optimizer is not None:
-        warnings.warn("the sweep cache cannot fingerprint a custom TrainConfig.optimizer (its settings live in "
-                      "closures): training without the cache", stacklevel=3)
+    if cache is not None and isinstance(config.optimizer, optax.GradientTransformation):
+        warnings.warn("the sweep cache cannot fingerprint an optax GradientTransformation object (its settings live "
+                      "in closures): training without the cache; pass a module-level function schedule -> "
+                      "GradientTransformation as TrainConfig.optimizer to cache it", stacklevel=3)
         cache = None
     points = [(i, j, k) for i in range(len(design_list)) for j in range(len(ns)) for k in range(len(seeds))]
     stacked = stack(design_list)

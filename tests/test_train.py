@@ -346,3 +346,27 @@ def test_compiled_programs_persist_across_processes(tmp_path):
     assert hits1 == 0 and files1, "the first process stores its programs"
     assert hits2 >= 1 and files2 == files1, "the second loads them and compiles nothing new"
     assert loss2 == loss1
+
+
+def _sgd(schedule):
+    return optax.sgd(schedule)
+
+
+def _clipped_adam(schedule):
+    return optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+
+
+def test_a_function_optimizer_is_cached_by_its_source(tmp_path):
+    """TrainConfig(optimizer=f) with a module-level f is cached under f's source: the same f loads, another
+    f retrains. Planted bugs caught: an optimizer left out of the key (the clipped Adam would load SGD's
+    numbers), or every custom optimizer bypassing the cache."""
+    from iclsim.cache import SweepCache
+
+    cache = SweepCache(tmp_path)
+    fit = lambda opt: train.fit_sweep(models.PGD(2), IID(2), [3], [0],  # noqa: E731
+                                      train.TrainConfig(steps=5, batch_size=8, optimizer=opt), cache=cache)
+    first, again = fit(_sgd), fit(_sgd)
+    assert cache.trained == 1 and cache.hits == 1
+    np.testing.assert_array_equal(first.losses, again.losses)
+    other = fit(_clipped_adam)
+    assert cache.trained == 2 and not np.array_equal(other.losses, first.losses)

@@ -2,6 +2,7 @@
 and imported from another directory, lists and runs the shipped experiments (issue 21)."""
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -17,8 +18,13 @@ def installed(tmp_path_factory):
     """(run, folder): run(args) executes ``python -S -m iclsim ARGS`` with only the wheel and this
     environment's dependencies on the path (-S: no .pth files, so not the editable install)."""
     tmp = tmp_path_factory.mktemp("wheel")
+    source = tmp / "source"  # a copy: setuptools writes build/ beside the sources it builds
+    for part in ("iclsim", "experiments"):
+        shutil.copytree(ROOT / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
+    for part in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / part, source / part)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp),
-                    str(ROOT)], check=True, timeout=300, capture_output=True)
+                    str(source)], check=True, timeout=300, capture_output=True)
     wheel = next(tmp.glob("iclsim-*.whl"))
     site = tmp / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],

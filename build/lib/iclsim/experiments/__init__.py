@@ -1,2 +1,0 @@
-"""The experiments shipped with iclsim (installed as ``iclsim.experiments``): one module per figure or
-study, each defining ``EXPERIMENT``; ``iclsim list`` shows them."""

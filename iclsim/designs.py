@@ -174,9 +174,12 @@ def _law(mean_x, A, beta, noise_var, x, query_noise, query_noise_var) -> Context
     return ContextLaw(mean, jnp.concatenate([top, bottom], axis=1), x, _query_label(x, beta, query_noise, query_noise_var))
 
 
-def _check_n(design, n, batch=None):
+_UNCHECKED = object()
+
+
+def _check_n(design, n, batch=_UNCHECKED):
     check.positive_int("n", n)
-    if batch is not None:
+    if batch is not _UNCHECKED:  # sample() passes its batch, None included: it must be a positive integer
         check.positive_int("batch", batch)
     fixed = design.fixed_n
     if fixed is not None and n != fixed:

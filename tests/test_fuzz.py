@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iclsim import IID, RAG, Drift, TaskFeatureAlignment, TaskPool, designs, theory
+from iclsim import IID, RAG, Drift, TaskFeatureAlignment, TaskPool, designs, gram, theory
 
 FUZZ = settings(max_examples=12, deadline=None, derandomize=True)
 KEY = jax.random.PRNGKey(0)
@@ -148,10 +148,10 @@ def test_sampling(n, batch):
     for design in (IID(2), RAG(2, 0.3), TaskFeatureAlignment(2, 0.3), TaskPool(2, 3)):
         refused(lambda: design.sample(KEY, 4, n), "n")
         refused(lambda: design.sample(KEY, batch, 3), "batch")
-    refused(lambda: designs.sample_gram(IID(2), KEY, 4, n, 8), "n")
-    refused(lambda: designs.sample_gram(IID(2), KEY, batch, 3, 8), "batch")
-    refused(lambda: designs.sample_gram(IID(2), KEY, 4, 9, 8), "n")  # more pairs than slots
-    refused(lambda: designs.bartlett_factor(KEY, batch, 3, 2), "batch")
+    refused(lambda: gram.sample_gram(IID(2), KEY, 4, n, 8), "n")
+    refused(lambda: gram.sample_gram(IID(2), KEY, batch, 3, 8), "batch")
+    refused(lambda: gram.sample_gram(IID(2), KEY, 4, 9, 8), "n")  # more pairs than slots
+    refused(lambda: gram.bartlett_factor(KEY, batch, 3, 2), "batch")
 
 
 # ---- theory ----

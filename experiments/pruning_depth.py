@@ -103,6 +103,14 @@ def _spearman_by_seed(sub, seeds) -> float:
     return float(np.mean(rhos)) if rhos else float("nan")
 
 
+def _interval(values) -> quality.Interval:
+    """The t-interval over seeds; a lone seed is drawn as a point without bars."""
+    if len(values) >= 2:
+        return quality.seed_interval(values)
+    v = float(values[0]) if values else float("nan")
+    return quality.Interval(v, v, v, len(values))
+
+
 def plot(rows, s):
     settings = list(dict.fromkeys(r["setting"] for r in rows))
     fig, axes = plotting.plt.subplots(2, len(settings), figsize=(4.6 * len(settings), 7.4), squeeze=False,
@@ -114,7 +122,7 @@ def plot(rows, s):
         sub = [r for r in rows if r["setting"] == setting and r["passed"]]
         for layer in range(1, s["layers"] + 1):
             ranks = sorted({r["rank"] for r in sub})
-            ivs = [quality.seed_interval([r["relative_change"] for r in sub if r["layer"] == layer and r["rank"] == k])
+            ivs = [_interval([r["relative_change"] for r in sub if r["layer"] == layer and r["rank"] == k])
                    for k in ranks]
             mean = np.array([iv.mean for iv in ivs])
             err = np.array([[iv.mean - iv.low for iv in ivs], [iv.high - iv.mean for iv in ivs]])

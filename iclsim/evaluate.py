@@ -22,6 +22,13 @@ from iclsim.theory import _chunks, mean_and_se, risk_moments
 __all__ = ["evaluate", "evaluate_sweep"]
 
 
+# the most prompts one step of the evaluation scan draws: with jax 0.10.2 on CPU, a vmapped scan over
+# multi-layer GD-form transformers returned the first member's risk for every member at batches of 8000
+# and more (reproduced, cause not found: not the Gram path, not the scalar leaf, not an XLA CPU flag);
+# every batch up to 5000 was right. tests/test_paper_b.py checks the vmapped scores against per-network ones.
+MAX_BATCH = 4096
+
+
 @float64
 def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: int = 100_000,
                    batch_size: int = 10_000, sampler: str = "auto", devices: Sequence | None = None):
@@ -37,7 +44,7 @@ def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: 
     n_slots = max(ns)
     for d in design_list:
         _check_n(d, n_slots)
-    chunks, batch = _chunks(num_prompts, batch_size)
+    chunks, batch = _chunks(num_prompts, min(check.positive_int("batch_size", batch_size), MAX_BATCH))
     gram = uses_gram(model, design_list, n_slots, sampler)
     check.padding(model, ns, gram, "evaluate_sweep")
     num_seeds = check.sweep_params(params, len(design_list), len(ns))

@@ -23,7 +23,7 @@ def installed(tmp_path_factory):
         shutil.copytree(ROOT / part, source / part, ignore=shutil.ignore_patterns("__pycache__"))
     for part in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / part, source / part)
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp),
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp),
                     str(source)], check=True, timeout=300, capture_output=True)
     wheel = next(tmp.glob("iclsim-*.whl"))
     site = tmp / "site"

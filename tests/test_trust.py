@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import pytest
 
-from iclsim import IID, RAG, Drift, cache, designs, models, runner, theory, train
+from iclsim import IID, RAG, Drift, cache, designs, gram, models, runner, theory, train
 from iclsim._files import atomic_write
 from tests.tolerance import assert_close
 
@@ -429,7 +429,7 @@ def test_closed_forms_cost_nothing_in_n():
 
 @pytest.mark.parametrize("call, exc, message", [
     (lambda: Drift(3, [.5, .5], query_noise_var=[.1, .2]), ValueError, "query_noise_var must be a scalar"),
-    (lambda: designs.sample_gram(IID(2), jax.random.PRNGKey(0), 4, 0, 3), ValueError, r"n must be an integer in \[1, 3\]"),
+    (lambda: gram.sample_gram(IID(2), jax.random.PRNGKey(0), 4, 0, 3), ValueError, r"n must be an integer in \[1, 3\]"),
     (lambda: theory.rag_effective_risk(RAG(3, .2), -5), ValueError, "n must be an integer"),
     (lambda: theory.rag_effective_risk(RAG(3, .2, gamma=0.5), 5), ValueError, "gamma = 1"),
     (lambda: theory.pgd_risk(IID(3), 4, np.full((3, 3), np.nan)), ValueError, "W must be finite"),

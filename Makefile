@@ -12,8 +12,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# two pytest-xdist workers (one per core of the CI machine); tests sharing a module fixture are grouped
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadgroup
 
 reproduce: $(STAMP)
 	$(VENV)/bin/iclsim run all

@@ -582,7 +582,7 @@ def optimal_multistep_gd(design: IID, n: int, steps: int, key, num_draws: int = 
     """The best L-step GD (step sizes gamma_1..gamma_L) on an isotropic IID design, docs/theory.md §8.
     The risk is s_q^2 + sigma [tau E tr q(S)^2 + (s^2 / n) E tr S p(S)^2], linear in the moments
     m_k = E tr S^k, k <= 2L + 1: they are estimated once from ``num_draws`` Wishart draws, the
-    polynomial in gamma is minimised by BFGS from several starts, and the risk of the chosen steps is
+    polynomial in gamma is minimised by BFGS from ``STEP_STARTS`` starts, and the risk of the chosen steps is
     re-estimated on as many fresh draws (unbiased, with its standard error). An L-layer linear
     transformer in the form of Ahn et al. (``models.LinearTransformer``) can represent this predictor."""
     sigma, tau, s2, _ = _isotropic_scales(design, "optimal_multistep_gd")
@@ -592,14 +592,35 @@ def optimal_multistep_gd(design: IID, n: int, steps: int, key, num_draws: int = 
     one = n / (n + design.dim + 1 + s2 / tau) / sigma  # the optimal single step
     with jax.enable_x64(True):
         moments = jnp.mean(context_power_traces(fit_key, design.dim, n, num_draws, 2 * steps + 1), axis=0)
-        objective = jax.jit(lambda g: _multistep_values(g, moments[None], sigma, tau, s2, n)[0])
-
-        starts = [np.full(steps, one * c) for c in (0.5, 1.0, 1.5)] + [np.linspace(0.5, 2.0, steps) * one,
-                                                                      np.linspace(2.0, 0.5, steps) * one]
-        results = [jax.scipy.optimize.minimize(objective, jnp.asarray(x0, F64), method="BFGS") for x0 in starts]
-        gam = np.sort(np.asarray(min(results, key=lambda r: float(r.fun)).x))
+        found, values = _minimise_steps(jnp.asarray(_step_starts(steps, one), F64), moments, sigma, tau, s2, n)
+        values = np.where(np.isfinite(np.asarray(values)), np.asarray(values), np.inf)
+        gam = np.sort(np.asarray(found)[int(np.argmin(values))])
     risk, se = multistep_gd_risk(design, n, gam, test_key, num_draws)
     return MultiStepGD(gam, risk, se)
+
+
+STEP_STARTS = 64  # BFGS starts for the best L-step GD (the risk polynomial has several local minima)
+
+
+def _step_starts(steps: int, one: float) -> np.ndarray:
+    """[STEP_STARTS, steps] starting step sizes: constant steps at 0.5, 1 and 1.5 times the optimal single
+    step ``one``, increasing and decreasing ramps, and log-uniform draws in [one / 4, 4 one] (a fixed
+    generator: the same starts every call). The best L-step GD mixes short steps with long overshooting
+    ones (docs/theory.md §8), which a few structured starts can miss."""
+    structured = [np.full(steps, c) for c in (0.5, 1.0, 1.5)] + [np.linspace(0.5, 2.0, steps),
+                                                                 np.linspace(2.0, 0.5, steps)]
+    spread = np.exp(np.random.default_rng(steps).uniform(np.log(0.25), np.log(4.0), (STEP_STARTS - 5, steps)))
+    return one * np.concatenate([np.stack(structured), spread])
+
+
+@jax.jit
+def _minimise_steps(starts, moments, sigma, tau, s2, n):
+    """BFGS from every start at once (one compiled program): (step sizes [starts, L], risk [starts])."""
+    def objective(g):
+        return _multistep_values(g, moments[None], sigma, tau, s2, n)[0]
+
+    result = jax.vmap(lambda x0: jax.scipy.optimize.minimize(objective, x0, method="BFGS"))(starts)
+    return result.x, result.fun
 
 
 # --- When SVD truncation of the optimum helps (docs/theory.md §6.1) ------------------------------------

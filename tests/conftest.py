@@ -3,7 +3,10 @@ promotion, no silent rank broadcasting, and four fake CPU devices for the shardi
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+# Fusion emitters off: the suite's programs are small and their cost is mostly XLA's compilation, which
+# this flag shortens (docs/performance.md §9: test_train and test_gram 252 s -> 167 s); the library
+# never sets it for users' programs.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 --xla_cpu_use_fusion_emitters=false")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -37,20 +37,31 @@ def test_fig2_quick_lands_on_theory(tmp_path):
 
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory):
-    """Quick runs of paper A's remaining experiments into one folder (fig1 reads the others)."""
+    """Quick runs of fig1 and the experiments it reads, into one folder (the tests that use it run on one
+    pytest-xdist worker: the group "fig1_sources")."""
     out = tmp_path_factory.mktemp("quick")
-    return out, {name: run_quick(name, out)[1] for name in ("rag", "alignment", "lowrank", "lora", "h3_weighting", "fig1")}
+    return out, {name: run_quick(name, out)[1] for name in ("rag", "lowrank", "h3_weighting", "fig1")}
+
+
+FIG1_SOURCES = pytest.mark.xdist_group("fig1_sources")
 
 
 def _exact_gaps(rows):
     return np.array([abs(r["exact_risk"] - r["theory"]) / r["theory"] for r in rows if "exact_risk" in r])
 
 
-@pytest.mark.parametrize("name", ["rag", "alignment"])
-def test_correlated_designs_quick(quick_results, name):
+@FIG1_SOURCES
+def test_rag_quick(quick_results):
+    _check_correlated("rag", quick_results[1]["rag"])
+
+
+def test_alignment_quick(tmp_path):
+    _check_correlated("alignment", run_quick("alignment", tmp_path)[1])
+
+
+def _check_correlated(name, rows):
     """Trained attention within 6% of the exact RAG / alignment optimum on 20k fresh prompts (SE ~1%),
     effective W within 12% of c* I; alpha = 0.4 has a larger effective sample size than alpha = 0."""
-    rows = quick_results[1][name]
     gaps = np.array([abs(r["gap"]) for r in rows])
     w_rel = np.array([r["w_rel"] for r in rows])
     report(f"{name} quick: worst risk gap {gaps.max():.4f}, worst W rel {w_rel.max():.4f}")
@@ -60,6 +71,7 @@ def test_correlated_designs_quick(quick_results, name):
         assert by_alpha["alpha=0.4"] > by_alpha["alpha=0"] == pytest.approx(1.0)
 
 
+@FIG1_SOURCES
 def test_lowrank_quick(quick_results):
     """Rank-r attention within 1% of the Eckart-Young risk (exact, from its effective W) and 6% on fresh
     prompts; on the spiked design it keeps the theory's top eigendirection (overlap > 0.95)."""
@@ -70,10 +82,10 @@ def test_lowrank_quick(quick_results):
     assert min(r["overlap"] for r in rows if "overlap" in r) > 0.95
 
 
-def test_lora_quick(quick_results):
+def test_lora_quick(tmp_path):
     """LoRA lands on lora_optimal_risk (exact gap < 1%); the rank-2 shift is removed by attention's
     factor LoRA at r = 1 (rank 2r) and by PGD's LoRA at r = 2, not at r = 1."""
-    rows = quick_results[1]["lora"]
+    rows = run_quick("lora", tmp_path)[1]
     exact = _exact_gaps(rows)
     report(f"lora quick: worst exact gap {exact.max():.4f}")
     assert exact.max() < TRAINED_EXACT_GAP
@@ -86,6 +98,7 @@ def test_lora_quick(quick_results):
     assert by[("attention", 1)]["exact_risk"] < by[("attention", 1)]["no_adaptation"]
 
 
+@FIG1_SOURCES
 def test_h3_weighting_quick(quick_results):
     """H3 beats attention on drift by at least half the theoretical margin L_ATT - L_H3; on IID the two
     tie within 1%; the learned free filter is within 10% (max-norm) of omega* = K^-1 rho."""
@@ -100,6 +113,7 @@ def test_h3_weighting_quick(quick_results):
     assert _exact_gaps(rows).max() < TRAINED_EXACT_GAP
 
 
+@FIG1_SOURCES
 def test_fig1_reads_without_retraining(quick_results, monkeypatch):
     """fig1 draws from its sources' CSVs: rerun with training and evaluation made to fail, it still
     runs and its rows are the sources' rows. Planted bug caught: fig1 retraining (or rescoring) a source."""
@@ -164,11 +178,9 @@ def test_trajectory_quick_every_depth_passes_its_gate(tmp_path):
         f"L={L} {max(r['ratio'] for r in rows if r['layers'] == L):.3f}" for L in (1, 2)))
 
 
-def test_pruning_depth_and_search_quick(tmp_path):
+def test_pruning_depth_quick(tmp_path):
     """Depth study: every network passes, every seed has its paired rows, and keeping one rank of a
-    layer on the training distribution always hurts; the verdicts are the three allowed words.
-    Search: its choice never looks worse on validation than no pruning, and on the training
-    distribution it does not claim that pruning helps."""
+    layer on the training distribution always hurts; the verdicts are the three allowed words."""
     meta, rows = run_quick("pruning_depth", tmp_path)
     s = {**EXPERIMENTS["pruning_depth"].settings, **EXPERIMENTS["pruning_depth"].quick}
     assert meta["summary"]["networks_failed"] == 0
@@ -176,6 +188,11 @@ def test_pruning_depth_and_search_quick(tmp_path):
     assert all(r["delta"] > 0 for r in rows if r["setting"] == "matched" and r["rank"] == 1)
     allowed = {"supported", "contradicted", "not resolved at this sample size"}
     assert {c["verdict"] for c in meta["summary"]["claim_ii"].values()} <= allowed
+
+
+def test_pruning_search_quick(tmp_path):
+    """Search: its choice never looks worse on validation than no pruning, and on the training
+    distribution it does not claim that pruning helps."""
     meta, rows = run_quick("pruning_search", tmp_path)
     assert all(r["val_after"] <= r["val_before"] for r in rows)
     assert meta["summary"]["claim_i"]["matched"]["verdict"] != "supported"

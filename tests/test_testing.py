@@ -103,7 +103,7 @@ def test_bad_arguments(setup):
 @given(testing.designs())
 def test_design_strategies_draw_valid_designs_of_every_family(case):
     design, n = case
-    p = design.sample(KEY, 2, n, jnp.float64)
+    p = jax.jit(lambda k: design.sample(k, 2, n, jnp.float64))(KEY)  # one program, not one per op
     d = design.dim
     assert p.X.shape == (2, n, d) and p.y.shape == (2, n) and p.x.shape == (2, d) and p.y_query.shape == (2,)
     assert all(np.all(np.isfinite(np.asarray(a))) for a in p)

@@ -86,13 +86,18 @@ def test_training_equals_a_plain_optax_loop():
     params, opt = model.init(keys[0]), optax.adam(schedule)
     state = opt.init(params)
     gram = train.uses_gram(model, design, n)
-    losses = []
-    for s in range(cfg.steps):
-        prompts = draw(design, keys[s + 1], cfg.batch_size, n, n, cfg.dtype, gram)
+
+    @jax.jit  # one step compiled once (eager, its ops dispatch one by one: 30-60 s of the suite)
+    def step(params, state, k):
+        prompts = draw(design, k, cfg.batch_size, n, n, cfg.dtype, gram)
         loss, grads = jax.value_and_grad(lambda p: train.squared_loss(model, p, prompts))(params)
         with jax.numpy_dtype_promotion("standard"):
             updates, state = opt.update(grads, state, params)
-        params = optax.apply_updates(params, updates)
+        return optax.apply_updates(params, updates), state, loss
+
+    losses = []
+    for s in range(cfg.steps):
+        params, state, loss = step(params, state, keys[s + 1])
         losses.append(float(loss))
     assert_close(fitted.losses, np.array(losses), rtol=1e-4, atol=1e-6, name="losses")
     for name in params:

@@ -12,9 +12,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# two pytest-xdist workers (one per core of the CI machine); tests sharing a module fixture are grouped
+# two pytest-xdist workers (one per core of the CI machine), each taking whole test files, so that a
+# module's shared fixture (the fig1 sources' quick runs, the two-process cluster) runs once
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadgroup
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
 
 reproduce: $(STAMP)
 	$(VENV)/bin/iclsim run all

@@ -10,8 +10,8 @@ then rename) and carry a checksum; a corrupt or non-finite entry is reported, de
 What the key covers (``fingerprint``): the source of every function and class involved (the model's
 and design's classes, the loss function, an optimizer given as a function, and what they reference:
 module-level helpers and constants, closure values, defaults), a hash of the whole iclsim package
-source, the iclsim, JAX, jaxlib, optax, numpy and Python versions, the JAX backend, device count and
-numeric flags, and every field of the settings (arrays by dtype, shape and bytes). What cannot be
+source, the iclsim, JAX, jaxlib, optax, numpy and Python versions, the JAX backend, device count,
+numeric flags and XLA_FLAGS, and every field of the settings (arrays by dtype, shape and bytes). What cannot be
 hashed safely is refused with ``UncacheableError`` saying how to make it cacheable, never guessed:
 a lambda sharing its source statement with another lambda, a closure or global over an array, a
 function or class without source (defined interactively), an optax GradientTransformation passed as
@@ -27,6 +27,7 @@ import enum
 import functools
 import hashlib
 import io
+import os
 import re
 import sys
 import tokenize
@@ -97,7 +98,14 @@ def _runtime() -> tuple:
     """Backend, device count and numeric flags (read at each key: they are fixed once JAX starts, but not
     at import, where reading them would start the backends before the command line sets XLA_FLAGS)."""
     return (jax.default_backend(), jax.device_count(), bool(jax.config.jax_enable_x64),
-            str(jax.config.jax_default_matmul_precision), bool(jax.config.jax_threefry_partitionable))
+            str(jax.config.jax_default_matmul_precision), bool(jax.config.jax_threefry_partitionable),
+            _xla_flags())
+
+
+def _xla_flags() -> str:
+    """XLA_FLAGS as this process started JAX with them, sorted (code generation flags such as
+    --xla_cpu_use_fusion_emitters, which ``iclsim run --quick`` sets, may move numbers at float level)."""
+    return " ".join(sorted(os.environ.get("XLA_FLAGS", "").split()))
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,6 +1,6 @@
 """Command line: ``iclsim list`` and
 ``iclsim run NAME|all [--quick] [--out DIR] [--seed S] [--set KEY=VALUE ...] [--cache DIR | --no-cache]
-[--force]``. Also ``python -m iclsim``.
+[--jobs N] [--force]``. Also ``python -m iclsim``.
 
 Expected failures (bad arguments, unknown experiment, missing experiments folder, unusable output
 or cache folder, a folder in use, an interrupt) print one line and exit non-zero (2 for usage, 1 for
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,6 @@ from pathlib import Path
 from iclsim import runner
 from iclsim.cache import SweepCache, UncacheableError, persist_compilations
 
-__all__ = ["main", "use_all_cpu_cores"]
 
 
 class _UsageError(Exception):
@@ -29,7 +29,7 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not argparse's usage block
         raise _UsageError(f"{message} (see iclsim --help)")
 
-__all__ = ["use_all_cpu_cores", "main"]
+__all__ = ["use_all_cpu_cores", "quick_compilation", "main"]
 
 
 def _order(experiments: dict, names: list[str]) -> list[str]:
@@ -58,6 +58,15 @@ def use_all_cpu_cores() -> None:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={os.cpu_count() or 1}".strip()
 
 
+def quick_compilation() -> None:
+    """For --quick runs, whose wall time is mostly XLA compiling small programs: XLA CPU's fusion emitters
+    off (unless XLA_FLAGS names them), which shortens compilation (docs/performance.md §2.8). Must run
+    before JAX starts its backends; the sweep cache keys cover XLA_FLAGS."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_use_fusion_emitters" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_use_fusion_emitters=false".strip()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="iclsim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--experiments", type=Path, default=runner.EXPERIMENTS_DIR, help="experiments folder")
@@ -77,6 +86,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="folder of trained sweep points and compiled programs (in xla/), reused by later runs "
                           "(default: .iclsim-cache)")
     run.add_argument("--no-cache", action="store_true", help="neither read nor write the cache (trained points or programs)")
+    run.add_argument("--jobs", type=int, default=None, metavar="N",
+                     help="experiments run at once, each in a worker process with its share of the CPU devices "
+                          "(default: one per core with --quick, where compiling dominates; else 1)")
     run.add_argument("--force", action="store_true",
                      help="retrain every point and overwrite the cache (compiled programs are still reused); "
                           "let a quick run write into a folder of full-fidelity results")
@@ -163,6 +175,8 @@ def _main(argv: list[str], session: _Session) -> int:
         if not any(key in {**experiments[n].settings, **experiments[n].quick} for n in names):
             known = sorted({k for n in names for k in experiments[n].settings})
             raise _UsageError(f"--set {key}=...: no setting {key!r} in {', '.join(names)}; settings: {', '.join(known)}")
+    if args.quick:
+        quick_compilation()
     out = args.out if args.out is not None else Path("results/quick" if args.quick else "figures")
     session.out = out
     # everything that can fail before training, for every experiment: settings, output folder, cache folder
@@ -176,7 +190,16 @@ def _main(argv: list[str], session: _Session) -> int:
         except ValueError as err:
             raise runner.RunError(str(err)) from None
         session.cache_dir = args.cache
+    jobs = (min(os.cpu_count() or 1, len(names)) if args.quick else 1) if args.jobs is None else args.jobs
+    if jobs < 1:
+        raise _UsageError(f"--jobs must be >= 1, got {jobs}")
     results = []
+    if jobs > 1 and len(names) > 1:
+        with runner.results_lock(folder):
+            results = _run_parallel(experiments, names, args, overrides, jobs, session)
+        session.current = None
+        _table(results)
+        return 0
     with runner.results_lock(folder), (contextlib.nullcontext() if args.no_cache
                                        else persist_compilations(args.cache / "xla")):
         for name in _order(experiments, names):
@@ -191,6 +214,61 @@ def _main(argv: list[str], session: _Session) -> int:
         session.current = None
     _table(results)
     return 0
+
+
+def _run_parallel(experiments, names, args, overrides, jobs, session) -> list:
+    """``jobs`` experiments at once, each computed in a spawned worker process (``runner.compute``) with
+    the CPU devices shared out among the workers; this process writes each result set as it arrives
+    (``runner.commit``, under the folder's lock), and starts an experiment once those it reads are written."""
+    import concurrent.futures as futures
+    import multiprocessing
+
+    order = _order(experiments, names)
+    devices = max(1, _device_count() // jobs)
+    cache_dir = None if args.no_cache else str(args.cache)
+    pool = futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                       initializer=_worker_init, initargs=(devices,))
+    running, written, results = {}, set(), []
+    try:
+        while len(written) < len(order):
+            for name in order:
+                if len(running) >= jobs:
+                    break
+                if name in written or name in running.values():
+                    continue
+                if all(dep in written for dep in experiments[name].after if dep in names):
+                    running[pool.submit(_compute_in_worker, name, str(args.experiments), args.out, args.quick,
+                                        args.seed, overrides, cache_dir, args.force)] = name
+            finished, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
+            for future in finished:
+                name = running.pop(future)
+                session.current = name
+                computed = future.result()  # a worker's failure is raised here, as in a sequential run
+                meta = runner.commit(experiments[name], args.out, computed, args.quick, args.seed)
+                results.append((name, computed.wall, meta["summary"]))
+                written.add(name)
+            session.current = next(iter(running.values()), None)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return results
+
+
+def _device_count() -> int:
+    found = re.search(r"--xla_force_host_platform_device_count=(\d+)", os.environ.get("XLA_FLAGS", ""))
+    return int(found.group(1)) if found else 1
+
+
+def _worker_init(devices: int) -> None:
+    """In a worker, before JAX starts its backend: its share of the CPU devices."""
+    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+
+
+def _compute_in_worker(name, experiments_dir, out, quick, seed, overrides, cache_dir, force):
+    experiments = runner.discover(Path(experiments_dir))
+    cache = None if cache_dir is None else SweepCache(Path(cache_dir), force=force)
+    with contextlib.nullcontext() if cache_dir is None else persist_compilations(Path(cache_dir) / "xla"):
+        return runner.compute(experiments[name], out, quick, seed, None, cache, overrides)
 
 
 def _table(results) -> None:

@@ -113,22 +113,24 @@ def merge_design(treedef, shared, varying, common):
     return jax.tree_util.tree_unflatten(treedef, [next(common) if same else next(varying) for same in shared])
 
 
-def blocked(point: Callable, kinds: tuple, devices: tuple, shards: int = 1) -> Callable:
+def blocked(point: Callable, kinds: tuple, devices: tuple, shards: int = 1, compiler_options: dict | None = None
+            ) -> Callable:
     """A jitted program mapping ``point`` over [blocks, members]. ``kinds`` gives each argument's
     layout: ``MEMBER`` (leading axes [blocks, members]), ``BLOCK`` (leading axis [blocks], shared by a
     block's members: its key) or None (the same for every point). With several devices the blocks are
     split over the Mesh [devices / shards, shards] ("sweep", "batch"); along "batch" the ``shards``
-    devices of a row hold the same points and split their batches (the point's own collective)."""
+    devices of a row hold the same points and split their batches (the point's own collective).
+    ``compiler_options`` go to ``jax.jit`` (XLA flags for this program alone)."""
     members = _map(point, tuple(0 if k == MEMBER else None for k in kinds))
     program = _map(members, tuple(None if k is None else 0 for k in kinds))
     if len(devices) == 1:
-        return jax.jit(program)
+        return jax.jit(program, compiler_options=compiler_options)
     mesh = jax.sharding.Mesh(np.array(devices).reshape(-1, shards), ("sweep", BATCH_AXIS))
     spec, whole = jax.sharding.PartitionSpec("sweep"), jax.sharding.PartitionSpec()
     # check_vma off: parameters that start as constants (LoRA's B = 0) would otherwise need pcast to
     # become per-device; outputs are equal along "batch" (its pmean is the only collective)
     return jax.jit(jax.shard_map(program, mesh=mesh, in_specs=tuple(whole if k is None else spec for k in kinds),
-                                 out_specs=spec, check_vma=False))
+                                 out_specs=spec, check_vma=False), compiler_options=compiler_options)
 
 
 def gather(outputs, layout: Layout, count: int):

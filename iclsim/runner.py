@@ -41,13 +41,13 @@ import time
 import uuid
 import types
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from iclsim._files import atomic_write, check_writable_dir  # noqa: F401  (runner.atomic_write stays public)
 from iclsim.cache import SweepCache
 from iclsim.cache import active as active_cache
 
-__all__ = ["PLUGIN_GROUP", "Experiment", "RunError", "discover", "run_experiment", "rows_to_csv", "read_rows", "read_results",
+__all__ = ["PLUGIN_GROUP", "Experiment", "RunError", "Computed", "discover", "run_experiment", "compute", "commit", "rows_to_csv", "read_rows", "read_results",
            "versions", "git_state", "results_lock", "check_output", "parse_setting", "apply_overrides",
            "format_number", "format_summary", "EXPERIMENTS_DIR", "LOCK_NAME"]
 
@@ -440,6 +440,19 @@ def _progress_printer(name: str, progress: Callable[[str], None], start: float, 
     return report
 
 
+class Computed(NamedTuple):
+    """An experiment's results before they are written: the run's settings and overrides, its rows,
+    summary (with the gate counts), the files' bytes (CSV, PNG), wall time and cache counts."""
+
+    settings: dict
+    applied: dict
+    rows: list
+    summary: dict
+    files: dict
+    wall: float
+    cache: dict | None
+
+
 def run_experiment(exp: Experiment, out: Path, quick: bool = False, seed: int = 0,
                    progress: Callable[[str], None] | None = None, cache: SweepCache | None = None,
                    overrides: dict | None = None, force: bool = False) -> dict:
@@ -448,55 +461,79 @@ def run_experiment(exp: Experiment, out: Path, quick: bool = False, seed: int = 
     recorded in the JSON. With a ``cache`` every trained sweep point is stored and reused (resumable
     runs). The output folder and the cache folder are checked, and the folder locked, before any
     training; a quick run refuses a folder of full-fidelity results unless ``force``."""
+    progress = progress or _stderr
+    folder = check_output(out, quick, force)
+    with results_lock(folder):
+        computed = compute(exp, out, quick, seed, progress, cache, overrides)
+        return commit(exp, folder, computed, quick, seed, progress)
+
+
+def compute(exp: Experiment, out: Path, quick: bool = False, seed: int = 0,
+            progress: Callable[[str], None] | None = None, cache: SweepCache | None = None,
+            overrides: dict | None = None) -> Computed:
+    """Run one experiment and render its files without writing anything (``commit`` writes them): what
+    a worker process of ``iclsim run --jobs`` does. ``out`` is where results it reads (``after``) live."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise RunError(f"seed must be an integer >= 0, got {seed!r}")
-    progress = progress or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    progress = progress or _stderr
     settings = {**exp.settings, **(exp.quick if quick else {})}
     applied = apply_overrides(exp, settings, overrides or {})
     settings.update(applied)
-    folder = check_output(out, quick, force)
     if cache is not None:
         try:
             cache.check()
         except ValueError as err:
             raise RunError(str(err)) from None
     settings.update(out=str(out), quick=bool(quick))
-    with results_lock(folder):
+    progress(f"[{exp.name}] {exp.title} ({'quick' if quick else 'default'}, seed {seed}"
+             + (f", {', '.join(f'{k}={v}' for k, v in applied.items())}" if applied else "") + ")")
+    start = time.perf_counter()
+    if cache is not None:
+        cache.progress = _progress_printer(exp.name, progress, start)
+    with active_cache(cache):
+        rows = exp.run(settings, seed, progress)
+    wall = time.perf_counter() - start
+    summary = exp.summary(rows)
+    if "networks_passed" not in summary and any("passed" in r for r in rows):  # one row per network
+        gate = [r["passed"] for r in rows if "passed" in r]
+        summary = {"networks_passed": sum(map(bool, gate)), "networks_failed": len(gate) - sum(map(bool, gate)),
+                   **summary}
+    fig = exp.plot(rows, settings)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    files = {f"{exp.name}.csv": rows_to_csv(rows), f"{exp.name}.png": buf.getvalue()}
+    counts = None if cache is None else {"directory": str(cache.directory), "points_loaded": cache.hits,
+                                         "points_trained": cache.trained, "corrupt_entries_replaced": cache.corrupt}
+    return Computed(settings, applied, rows, summary, files, wall, counts)
+
+
+def commit(exp: Experiment, out: Path, computed: Computed, quick: bool, seed: int,
+           progress: Callable[[str], None] | None = None) -> dict:
+    """Write a computed experiment into ``out`` as one set (the JSON names the run and the files'
+    sha256) and return its JSON object; holds the folder's lock (re-entrant) while it writes."""
+    progress = progress or _stderr
+    with results_lock(Path(out)) as folder:
         _recover(folder)
         run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
-        progress(f"[{exp.name}] {exp.title} ({'quick' if quick else 'default'}, seed {seed}"
-                 + (f", {', '.join(f'{k}={v}' for k, v in applied.items())}" if applied else "") + ")")
-        start = time.perf_counter()
-        if cache is not None:
-            cache.progress = _progress_printer(exp.name, progress, start)
-        with active_cache(cache):
-            rows = exp.run(settings, seed, progress)
-        wall = time.perf_counter() - start
-        summary = exp.summary(rows)
-        if "networks_passed" not in summary and any("passed" in r for r in rows):  # one row per network
-            gate = [r["passed"] for r in rows if "passed" in r]
-            summary = {"networks_passed": sum(map(bool, gate)), "networks_failed": len(gate) - sum(map(bool, gate)),
-                       **summary}
-        csv_bytes = rows_to_csv(rows)
-        fig = exp.plot(rows, settings)
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-        plt.close(fig)
-        png_bytes = buf.getvalue()
-        files = {f"{exp.name}.csv": csv_bytes, f"{exp.name}.png": png_bytes}
+        files = dict(computed.files)
         meta = {"experiment": exp.name, "title": exp.title, "run_id": run_id, "quick": quick, "seed": seed,
-                "settings": settings, "overrides": applied, "wall_time_s": round(wall, 2), "summary": summary,
+                "settings": computed.settings, "overrides": computed.applied, "wall_time_s": round(computed.wall, 2),
+                "summary": computed.summary,
                 "files": {kind: {"name": name, "sha256": hashlib.sha256(data).hexdigest()}
                           for kind, (name, data) in zip(("csv", "png"), files.items())},
                 "versions": versions(), "git": git_state(), "command": " ".join(sys.argv)}
-        if cache is not None:
-            meta["cache"] = {"directory": str(cache.directory), "points_loaded": cache.hits,
-                             "points_trained": cache.trained, "corrupt_entries_replaced": cache.corrupt}
+        if computed.cache is not None:
+            meta["cache"] = computed.cache
         files[f"{exp.name}.json"] = (json.dumps(meta, indent=2, default=str) + "\n").encode()
         _commit(folder, run_id, files)
-    progress(f"[{exp.name}] done in {wall:.1f} s: {format_summary(summary)}")
+    progress(f"[{exp.name}] done in {computed.wall:.1f} s: {format_summary(computed.summary)}")
     return meta
+
+
+def _stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)

@@ -218,8 +218,9 @@ def _run_points(model, config, n_slots, loss_fn, gram, devices, designs, ns, see
     plan = layout.plan(seeds, devices, config.batch_size)
     split = layout.split_design(designs)
     keys = layout.seed_keys(seeds[plan.blocks[:, 0]])
+    one_point = len(np.unique(plan.blocks)) == 1  # a single fit
     program = _compiled_sweep(model, config, n_slots, loss_fn, gram, plan.devices, split.treedef, split.shared,
-                              plan.shards)
+                              plan.shards, one_point)
     b = plan.blocks
     outputs = program([a[b] for a in split.varying], split.common, jnp.asarray(ns[b]), keys)
     return layout.gather(outputs, plan, len(ns))
@@ -227,17 +228,24 @@ def _run_points(model, config, n_slots, loss_fn, gram, devices, designs, ns, see
 
 @functools.lru_cache(maxsize=64)
 def _compiled_sweep(model, config: TrainConfig, n_slots: int, loss_fn: Callable, gram: bool, devices: tuple,
-                    treedef, shared: tuple, shards: int = 1):
+                    treedef, shared: tuple, shards: int = 1, one_point: bool = False):
     """One jitted program per (model, config, n_slots, loss, sampler, devices, which design leaves are
     shared): designs, ns and seeds are arguments, so sweeps of the same size over other noise levels,
     context lengths or seeds never recompile. The members of a block share its key, so one draw per
-    step serves them all."""
+    step serves them all. A single fit on CPU (``one_point``) is compiled with XLA's fusion emitters
+    off: compiling is most of a short fit's time, and this shortens it (docs/performance.md §2.8; for
+    vmapped sweeps the emitters' faster code pays)."""
     train = _train_one(model, config, n_slots, loss_fn, gram, shards)
 
     def point(varying, common, n, key):
         return train(layout.merge_design(treedef, shared, varying, common), n, key)
 
-    return layout.blocked(point, (MEMBER, None, MEMBER, BLOCK), devices, shards)
+    options = SMALL_PROGRAM_OPTIONS if one_point and devices[0].platform == "cpu" else None
+    return layout.blocked(point, (MEMBER, None, MEMBER, BLOCK), devices, shards, options)
+
+
+# XLA options for a single fit's program on CPU (see _compiled_sweep)
+SMALL_PROGRAM_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 
 def _check_losses(losses, factor, model, points):

@@ -179,3 +179,56 @@ def test_python_dash_m_iclsim(exps):
                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["fake", "a", "fake", "experiment"]
+
+
+READER = '''
+import matplotlib.pyplot as plt
+import os
+from iclsim import runner
+from iclsim.runner import Experiment
+
+def run(s, seed, progress):
+    source = runner.read_results(__import__("pathlib").Path(s["out"]), "fake", quick=s["quick"], seed=seed)
+    return [{"k": r["k"], "double": 2 * r["value"], "pid": os.getpid()} for r in source]
+
+def plot(rows, s):
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([r["k"] for r in rows], [r["double"] for r in rows])
+    return fig
+
+EXPERIMENT = Experiment(name="reader", title="reads fake's results", settings={}, run=run, plot=plot,
+                        summary=lambda rows: {"rows": len(rows)}, after=("fake",))
+'''
+
+
+def test_jobs_run_experiments_in_workers_after_what_they_read(exps, tmp_path, capsys):
+    """--jobs 3: each experiment is computed in a worker process and written by the command's process, an
+    experiment starts only after those it reads are written, and the files equal a sequential run's.
+    Planted bugs caught: a reader started before its source is written (it would find no fake.csv), a
+    worker writing into the folder itself (two writers), results that depend on the job count."""
+    (exps / "reader.py").write_text(READER)
+    (exps / "other.py").write_text(FAKE.replace('name="fake"', 'name="other"'))
+    parallel, sequential = tmp_path / "parallel", tmp_path / "sequential"
+    for out, jobs in ((parallel, "3"), (sequential, "1")):  # 3: the reader would start at once if it could
+        code, _, err = call(capsys, "--experiments", str(exps), "run", "all", "--quick", "--no-cache",
+                            "--jobs", jobs, "--out", str(out))
+        assert code == 0, err
+    for name in ("fake", "other"):
+        assert (parallel / f"{name}.csv").read_bytes() == (sequential / f"{name}.csv").read_bytes()
+    rows = runner.read_rows(parallel / "reader.csv")
+    assert [r["double"] for r in rows] == [2 * r["value"] for r in runner.read_rows(parallel / "fake.csv")]
+    assert rows[0]["pid"] != os.getpid()  # computed in a worker
+    assert runner.read_rows(sequential / "reader.csv")[0]["pid"] == os.getpid()
+    meta = json.loads((parallel / "reader.json").read_text())
+    assert meta["experiment"] == "reader" and meta["quick"] and meta["files"]["csv"]["name"] == "reader.csv"
+    assert sorted(p.name for p in parallel.iterdir() if p.name.startswith(".")) == []  # no pending sets, no lock
+
+
+def test_jobs_failure_in_a_worker_is_one_line(exps, tmp_path, capsys):
+    (exps / "broken.py").write_text(FAKE.replace('name="fake"', 'name="broken"').replace(
+        "def run(s, seed, progress):", "def run(s, seed, progress):\n    raise FloatingPointError('diverged here')"))
+    code, _, err = call(capsys, "--experiments", str(exps), "run", "all", "--quick", "--no-cache", "--jobs", "2",
+                        "--out", str(tmp_path / "o"))
+    assert code == 1 and "diverged here" in err and len(err.strip().splitlines()) == 1, err
+    code, _, err = call(capsys, "--experiments", str(exps), "run", "all", "--jobs", "0", "--out", str(tmp_path / "o"))
+    assert code == 2 and "--jobs must be >= 1" in err

@@ -36,7 +36,7 @@ def _tail(path: Path, lines: int = 25) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else "(no output)"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module")  # make test's pytest-xdist workers take whole files: started once
 def runs(tmp_path_factory):
     """Start the two cluster processes and the one-process reference at once; wait for all (killing
     every one still running at the deadline); return {name: (output prefix, log path, return code)}."""

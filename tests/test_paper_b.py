@@ -47,10 +47,10 @@ def test_optimal_multistep_gd_special_cases(key):
     more steps never do worse (up to Monte Carlo error)."""
     d, n, s2 = 5, 20, 0.1
     design = IID(d, noise_var=s2)
-    one = theory.optimal_multistep_gd(design, n, 1, key, 100_000)
+    one = theory.optimal_multistep_gd(design, n, 1, key, 40_000)
     assert_close(one.step_sizes[0], n / (n + d + 1 + s2), rtol=2e-2)
     assert_within_se(d + s2 - n * d / (n + d + 1 + s2), one.risk, one.se, name="best 1-step GD")
-    risks = [one] + [theory.optimal_multistep_gd(design, n, L, key, 100_000) for L in (2, 3)]
+    risks = [one] + [theory.optimal_multistep_gd(design, n, L, key, 40_000) for L in (2, 3)]
     for a, b in zip(risks, risks[1:]):
         assert b.risk <= a.risk + 4 * np.hypot(a.se, b.se)
     assert risks[-1].risk < 0.6 * risks[0].risk

@@ -20,7 +20,6 @@ from iclsim import runner
 from iclsim.cache import SweepCache, UncacheableError, persist_compilations
 
 
-
 class _UsageError(Exception):
     pass
 
@@ -53,18 +52,23 @@ def use_all_cpu_cores() -> None:
     """Expose one XLA CPU device per core (unless XLA_FLAGS already sets a count), so that sweeps, whose
     axis ``fit_sweep`` splits over the devices, use every core (XLA CPU otherwise runs a program's
     vmapped points on one device). Must run before JAX starts its backends; no effect on GPUs/TPUs."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={os.cpu_count() or 1}".strip()
+    _xla_flag("xla_force_host_platform_device_count", os.cpu_count() or 1)
 
 
 def quick_compilation() -> None:
     """For --quick runs, whose wall time is mostly XLA compiling small programs: XLA CPU's fusion emitters
     off (unless XLA_FLAGS names them), which shortens compilation (docs/performance.md §2.8). Must run
     before JAX starts its backends; the sweep cache keys cover XLA_FLAGS."""
+    _xla_flag("xla_cpu_use_fusion_emitters", "false")
+
+
+def _xla_flag(name: str, value, replace: bool = False) -> None:
+    """Set --NAME=VALUE in XLA_FLAGS: kept as it is where XLA_FLAGS already names it, unless ``replace``."""
     flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_cpu_use_fusion_emitters" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_use_fusion_emitters=false".strip()
+    if name in flags and not replace:
+        return
+    flags = re.sub(rf"--{name}=\S*", "", flags)
+    os.environ["XLA_FLAGS"] = " ".join(f"{flags} --{name}={value}".split())
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -260,8 +264,7 @@ def _device_count() -> int:
 
 def _worker_init(devices: int) -> None:
     """In a worker, before JAX starts its backend: its share of the CPU devices."""
-    flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={devices}".strip()
+    _xla_flag("xla_force_host_platform_device_count", devices, replace=True)
 
 
 def _compute_in_worker(name, experiments_dir, out, quick, seed, overrides, cache_dir, force):

@@ -593,8 +593,7 @@ def optimal_multistep_gd(design: IID, n: int, steps: int, key, num_draws: int = 
     with jax.enable_x64(True):
         moments = jnp.mean(context_power_traces(fit_key, design.dim, n, num_draws, 2 * steps + 1), axis=0)
         found, values = _minimise_steps(jnp.asarray(_step_starts(steps, one), F64), moments, sigma, tau, s2, n)
-        values = np.where(np.isfinite(np.asarray(values)), np.asarray(values), np.inf)
-        gam = np.sort(np.asarray(found)[int(np.argmin(values))])
+        gam = np.sort(np.asarray(found)[int(np.argmin(np.nan_to_num(np.asarray(values), nan=np.inf)))])
     risk, se = multistep_gd_risk(design, n, gam, test_key, num_draws)
     return MultiStepGD(gam, risk, se)
 

@@ -226,6 +226,10 @@ def _run_points(model, config, n_slots, loss_fn, gram, devices, designs, ns, see
     return layout.gather(outputs, plan, len(ns))
 
 
+# XLA options for a single fit's program on CPU (see _compiled_sweep)
+SMALL_PROGRAM_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled_sweep(model, config: TrainConfig, n_slots: int, loss_fn: Callable, gram: bool, devices: tuple,
                     treedef, shared: tuple, shards: int = 1, one_point: bool = False):
@@ -243,9 +247,6 @@ def _compiled_sweep(model, config: TrainConfig, n_slots: int, loss_fn: Callable,
     options = SMALL_PROGRAM_OPTIONS if one_point and devices[0].platform == "cpu" else None
     return layout.blocked(point, (MEMBER, None, MEMBER, BLOCK), devices, shards, options)
 
-
-# XLA options for a single fit's program on CPU (see _compiled_sweep)
-SMALL_PROGRAM_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 
 def _check_losses(losses, factor, model, points):

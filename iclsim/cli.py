@@ -181,7 +181,7 @@ def _main(argv: list[str], session: _Session) -> int:
             raise _UsageError(f"--set {key}=...: no setting {key!r} in {', '.join(names)}; settings: {', '.join(known)}")
     if args.quick:
         quick_compilation()
-    out = args.out if args.out is not None else Path("results/quick" if args.quick else "figures")
+    out = args.out = args.out if args.out is not None else Path("results/quick" if args.quick else "figures")
     session.out = out
     # everything that can fail before training, for every experiment: settings, output folder, cache folder
     for name in names:

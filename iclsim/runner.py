@@ -294,8 +294,10 @@ def _move_in(pending: Path, folder: Path, names: list[str]) -> None:
 
 @contextlib.contextmanager
 def _interrupts_held():
-    """Hold SIGINT off until the block ends (main thread only), then raise KeyboardInterrupt."""
-    if threading.current_thread() is not threading.main_thread():
+    """Hold SIGINT off until the block ends (main thread only), then raise KeyboardInterrupt. A process
+    that ignores SIGINT (a background job, nohup) keeps ignoring it."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN):
         yield
         return
     caught = []

@@ -224,6 +224,19 @@ def test_jobs_run_experiments_in_workers_after_what_they_read(exps, tmp_path, ca
     assert sorted(p.name for p in parallel.iterdir() if p.name.startswith(".")) == []  # no pending sets, no lock
 
 
+def test_jobs_without_out_write_to_the_default_folder(exps, tmp_path, capsys, monkeypatch):
+    """--jobs without --out: the workers are handed the resolved default folder (results/quick under
+    --quick). Planted bug caught: the workers given None (the run stopped with nothing written)."""
+    (exps / "other.py").write_text(FAKE.replace('name="fake"', 'name="other"'))  # two: the parallel path
+    monkeypatch.chdir(tmp_path)
+    code, _, err = call(capsys, "--experiments", str(exps), "run", "all", "--quick", "--no-cache", "--jobs", "2")
+    assert code == 0, err
+    written = tmp_path / "results" / "quick"
+    for name in ("fake", "other"):
+        assert [r["value"] for r in runner.read_rows(written / f"{name}.csv")] != []
+        assert json.loads((written / f"{name}.json").read_text())["experiment"] == name
+
+
 def test_jobs_failure_in_a_worker_is_one_line(exps, tmp_path, capsys):
     (exps / "broken.py").write_text(FAKE.replace('name="fake"', 'name="broken"').replace(
         "def run(s, seed, progress):", "def run(s, seed, progress):\n    raise FloatingPointError('diverged here')"))

@@ -289,10 +289,20 @@ def test_interrupted_rerun_leaves_the_previous_set_whole(tmp_path):
     assert assert_one_set(tmp_path)["seed"] == 0
 
 
+@pytest.fixture
+def sigint():
+    """A setter of the SIGINT handler; the handler the test started with is restored after it."""
+    previous = signal.getsignal(signal.SIGINT)
+    yield lambda handler: signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.mark.parametrize("at_call", range(1, 8))
-def test_sigint_while_writing_never_mixes_runs(tmp_path, monkeypatch, at_call):
+def test_sigint_while_writing_never_mixes_runs(tmp_path, monkeypatch, sigint, at_call):
     """Finding 9: a real SIGINT at any file operation of the write (each os.replace: the pending files,
-    then the moves) leaves one whole set: the old one, or the new one completed before the interrupt."""
+    then the moves) leaves one whole set: the old one, or the new one completed before the interrupt.
+    Python's own SIGINT handler is installed for the test: a background job starts with SIGINT ignored."""
+    sigint(signal.default_int_handler)
     exp = _fake()
     runner.run_experiment(exp, tmp_path, seed=0, progress=lambda m: None)
     real, calls = os.replace, []
@@ -308,6 +318,24 @@ def test_sigint_while_writing_never_mixes_runs(tmp_path, monkeypatch, at_call):
         runner.run_experiment(exp, tmp_path, seed=1, progress=lambda m: None)
     monkeypatch.setattr(os, "replace", real)
     assert assert_one_set(tmp_path)["seed"] in (0, 1)
+
+
+def test_an_ignored_sigint_stays_ignored_while_writing(tmp_path, monkeypatch, sigint):
+    """A process that ignores SIGINT (nohup, a background job) is not interrupted by the write's hold on
+    SIGINT. Planted bug caught: the hold raising KeyboardInterrupt after a signal the process ignores."""
+    sigint(signal.SIG_IGN)
+    exp = _fake()
+    real = os.replace
+
+    def replace(src, dst):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    runner.run_experiment(exp, tmp_path, seed=1, progress=lambda m: None)
+    monkeypatch.setattr(os, "replace", real)
+    assert assert_one_set(tmp_path)["seed"] == 1
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 def test_a_killed_commit_is_completed_by_the_next_run(tmp_path, monkeypatch):

@@ -147,6 +147,7 @@ def plot(rows, s):
             ax.axhline(c["shallow_minus_deep"], color="C0")
         ax.axhline(0, color="k", lw=0.8)
         ax.set_yscale("symlog", linthresh=0.01)
+        ax.margins(y=0.08)  # symlog autoscaling put the extreme seeds on the frame
         ax.set_xticks(range(len(per_seed)), [str(sd) for sd in seeds])
         ax.set_xlabel("passing seed")
         ax.set_ylabel("shallow - deep (relative change)")

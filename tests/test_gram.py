@@ -99,6 +99,21 @@ def test_standard_gamma_matches_gamma_law(alpha, key):
     assert_distribution(g, lambda x: jax.scipy.special.gammainc(alpha, x), f"gamma({alpha})")
 
 
+@pytest.mark.parametrize("alpha", [1.0, 4.0])
+def test_gamma_redraw_loop_matches_gamma_law(alpha, key):
+    """Every first proposal rejected (z below -1/c, so (1 + c z)^3 <= 0): every value comes from the
+    redraw loop, which the first-pass proposals otherwise leave to a few entries a batch. Planted bugs
+    caught: the loop keeping rejected proposals, or overwriting accepted values."""
+    a = jnp.full((NUM,), alpha, jnp.float32)
+    c = 1.0 / np.sqrt(9.0 * (alpha - 1.0 / 3.0))
+    z = jnp.full((NUM, gram.PROPOSALS), -2.0 / c, jnp.float32)
+    u = jnp.full((NUM, gram.PROPOSALS), 0.5, jnp.float32)
+    g = np.asarray(jax.jit(gram._gamma)(z, u, key, a), np.float64)
+    assert np.all(g > 0)
+    assert_within_se(alpha, g.mean(), g.std() / np.sqrt(NUM), f"gamma({alpha}) from the loop, mean")
+    assert_distribution(g, lambda x: jax.scipy.special.gammainc(alpha, x), f"gamma({alpha}) from the loop")
+
+
 @pytest.mark.parametrize("dof", [0, 1, 2, 5, 12])
 def test_bartlett_factor_is_wishart(dof, key):
     dim = 5

@@ -572,6 +572,7 @@ def multistep_gd_risk(design: IID, n: int, step_sizes, key, num_draws: int = 200
         gam = jnp.asarray(step_sizes, F64)
         if gam.ndim != 1 or gam.shape[0] < 1 or not bool(jnp.all(jnp.isfinite(gam))):
             raise ValueError(f"step_sizes must be a non-empty 1-D array of finite numbers, got {step_sizes!r}")
+        gam = _padded_steps(gam)  # zero steps are no steps: every L up to STEP_SLOTS shares one program
         traces = context_power_traces(key, design.dim, n, num_draws, 2 * gam.shape[0] + 1)
         vals = _multistep_values(gam, traces, sigma, tau, s2, n)
         return float(sq2 + jnp.mean(vals)), float(jnp.std(vals, ddof=1) / np.sqrt(num_draws))
@@ -591,14 +592,25 @@ def optimal_multistep_gd(design: IID, n: int, steps: int, key, num_draws: int = 
     fit_key, test_key = jax.random.split(key)
     one = n / (n + design.dim + 1 + s2 / tau) / sigma  # the optimal single step
     with jax.enable_x64(True):
-        moments = jnp.mean(context_power_traces(fit_key, design.dim, n, num_draws, 2 * steps + 1), axis=0)
-        found, values = _minimise_steps(jnp.asarray(_step_starts(steps, one), F64), moments, sigma, tau, s2, n)
-        gam = np.sort(np.asarray(found)[int(np.argmin(np.nan_to_num(np.asarray(values), nan=np.inf)))])
+        starts = _padded_steps(jnp.asarray(_step_starts(steps, one), F64))
+        moments = jnp.mean(context_power_traces(fit_key, design.dim, n, num_draws, 2 * starts.shape[1] + 1), axis=0)
+        free = jnp.arange(starts.shape[1]) < steps  # the padded steps stay 0 (masked in the objective)
+        found, values = _minimise_steps(starts, free, moments, sigma, tau, s2, n)
+        gam = np.sort(np.asarray(found)[int(np.argmin(np.nan_to_num(np.asarray(values), nan=np.inf))), :steps])
     risk, se = multistep_gd_risk(design, n, gam, test_key, num_draws)
     return MultiStepGD(gam, risk, se)
 
 
 STEP_STARTS = 64  # BFGS starts for the best L-step GD (the risk polynomial has several local minima)
+STEP_SLOTS = 4  # step-size vectors are padded with zero steps to a multiple of this: one program for L <= 4
+
+
+def _padded_steps(steps: jax.Array) -> jax.Array:
+    """``steps`` [..., L] with zero steps appended up to a multiple of ``STEP_SLOTS``: q(l) = prod (1 - gamma l)
+    is unchanged by a zero step, so the risk is too, and every depth up to STEP_SLOTS compiles the same
+    programs (the Wishart power traces, BFGS)."""
+    slots = -(-steps.shape[-1] // STEP_SLOTS) * STEP_SLOTS
+    return jnp.pad(steps, [(0, 0)] * (steps.ndim - 1) + [(0, slots - steps.shape[-1])])
 
 
 def _step_starts(steps: int, one: float) -> np.ndarray:
@@ -613,10 +625,11 @@ def _step_starts(steps: int, one: float) -> np.ndarray:
 
 
 @jax.jit
-def _minimise_steps(starts, moments, sigma, tau, s2, n):
-    """BFGS from every start at once (one compiled program): (step sizes [starts, L], risk [starts])."""
+def _minimise_steps(starts, free, moments, sigma, tau, s2, n):
+    """BFGS from every start at once (one compiled program): (step sizes [starts, slots], risk [starts]).
+    Steps where ``free`` is False are held at 0 (their gradient is 0, so BFGS never moves them)."""
     def objective(g):
-        return _multistep_values(g, moments[None], sigma, tau, s2, n)[0]
+        return _multistep_values(jnp.where(free, g, 0.0), moments[None], sigma, tau, s2, n)[0]
 
     result = jax.vmap(lambda x0: jax.scipy.optimize.minimize(objective, x0, method="BFGS"))(starts)
     return result.x, result.fun

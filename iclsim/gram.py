@@ -28,10 +28,10 @@ SAMPLERS = ("auto", "gram", "tokens")
 def uses_gram(model, designs, n_slots: int, sampler: str = "auto") -> bool:
     """Whether to draw Gram matrices rather than tokens. Exact where the model reads the context
     only through S and every design has a context law (tokens i.i.d. given the latent); "auto"
-    then takes Gram draws from n_slots > d / 2 + 3: tokens cost n_slots (d + 1) random numbers per
-    prompt, the Gram matrix d (d + 1) / 2 + (1 + 2 PROPOSALS)(d + 1), which with one gamma proposal
-    crossed there (with four, a single fit's step costs cross near d / 2 + 9: docs/performance.md §2.9;
-    the rule is kept so that the samplers, and so the trained numbers, stay as they were). "tokens" forces tokens;
+    then takes the draw with fewer random numbers: tokens cost n_slots (d + 1) per prompt, the Gram
+    matrix about d (d + 1) / 2 + (1 + 2 PROPOSALS)(d + 1) (the Bartlett normals, the mean, and a normal
+    and a uniform per gamma proposal), so Gram from n_slots > d / 2 + 1 + 2 PROPOSALS (d / 2 + 9; a
+    single fit's measured crossover, docs/performance.md §2.9). "tokens" forces tokens;
     "gram" forces Gram draws and raises where they would not be exact."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
@@ -42,7 +42,7 @@ def uses_gram(model, designs, n_slots: int, sampler: str = "auto") -> bool:
                          f"PGD, LoRA of them) and designs with i.i.d. pairs given the latent (IID with scalar "
                          f"noise, RAG, TaskFeatureAlignment, TaskPool); got {' '.join(repr(model).split())}")
     if sampler == "auto":
-        return able and n_slots > design_list[0].dim / 2 + 3
+        return able and n_slots > design_list[0].dim / 2 + 1 + 2 * PROPOSALS
     return sampler == "gram"
 
 

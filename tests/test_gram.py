@@ -196,9 +196,11 @@ def test_gram_sampler_refuses_designs_without_a_context_law(key):
 
 
 def test_default_sampler_choice():
-    """Gram draws where exact and cheaper than tokens (n_slots > d / 2 + 3)."""
-    assert train.uses_gram(models.LinearAttention(3), IID(3, noise_var=0.1), 5)
-    assert not train.uses_gram(models.LinearAttention(10), IID(10), 8)  # 88 token normals < ~105 for S
+    """Gram draws where exact and cheaper than tokens (n_slots > d / 2 + 1 + 2 PROPOSALS = d / 2 + 9)."""
+    assert train.uses_gram(models.LinearAttention(3), IID(3, noise_var=0.1), 11)
+    assert not train.uses_gram(models.LinearAttention(3), IID(3, noise_var=0.1), 10)  # 40 token draws < 43 for S
+    assert not train.uses_gram(models.LinearAttention(10), IID(10), 14)  # 154 token draws < 155 for S
+    assert train.uses_gram(models.LinearAttention(10), IID(10), 15)
     assert train.uses_gram(models.LinearAttention(10), IID(10), 8, "gram")
     assert train.uses_gram(models.PGD(3, rank=2), [RAG(3, 0.5), RAG(3, 0.1)], 40)
     assert not train.uses_gram(models.H3(3, 40), IID(3), 40)

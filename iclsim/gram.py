@@ -105,8 +105,9 @@ def _bartlett(below, odd, z, u, key, dim: int, dof, shard: BatchShard | None = N
     chi_dof = jnp.asarray(dof, dtype) - j.astype(dtype)  # degrees of freedom of T_jj^2
     alpha = jnp.broadcast_to(jnp.maximum(chi_dof, 2.0) / 2.0, (batch, dim))
     # columns with fewer than 2 degrees of freedom are not gamma draws (chi^2(1) from odd, or dead): not waited for
-    chi2 = 2.0 * _gamma(z, u, key, alpha, shard, needed=jnp.broadcast_to(chi_dof[None, :] >= 2, (batch, dim)))
-    chi2 = jnp.where(chi_dof[None, :] >= 2, chi2, jnp.where(chi_dof[None, :] == 1, odd[:, None] ** 2, 0.0))
+    drawn = jnp.broadcast_to(chi_dof[None, :] >= 2, (batch, dim))
+    chi2 = 2.0 * _gamma(z, u, key, alpha, shard, needed=drawn)
+    chi2 = jnp.where(drawn, chi2, jnp.where(chi_dof[None, :] == 1, odd[:, None] ** 2, 0.0))
     vals = jnp.concatenate([below * (cols < jnp.asarray(dof)).astype(dtype)[None, :], jnp.sqrt(chi2),
                             jnp.zeros((batch, 1), dtype)], axis=1)
     # a fresh array: JAX caches a constant by its object, whatever x64 setting it was made under

@@ -248,7 +248,6 @@ def _compiled_sweep(model, config: TrainConfig, n_slots: int, loss_fn: Callable,
     return layout.blocked(point, (MEMBER, None, MEMBER, BLOCK), devices, shards, options)
 
 
-
 def _check_losses(losses, factor, model, points):
     """FloatingPointError at the first step whose loss is not finite or above ``factor`` times the
     point's initial loss (skipped where that loss is 0)."""

@@ -324,6 +324,15 @@ def test_fingerprint_is_stable_and_content_based():
     assert cache.fingerprint(CFG) != cache.fingerprint(train.TrainConfig(steps=151, batch_size=64))
 
 
+def test_persisted_compilations_include_a_single_fit(tmp_path):
+    """Under the default threshold a single fit's training program, which compiles in well under JAX's
+    default 1 s, is stored: a cache that skipped it would make every rerun compile again."""
+    folder = tmp_path / "xla"
+    with cache.persist_compilations(folder):
+        train.fit(models.LinearAttention(3), IID(3), 5, 23, 24, 1e-2, seed=0)  # a config no other test uses
+    assert any("jit_" in p.name for p in folder.iterdir()), sorted(p.name for p in folder.iterdir())
+
+
 @pytest.mark.slow  # two fresh interpreters that each import JAX and compile
 def test_compiled_programs_persist_across_processes(tmp_path):
     """A second process that builds the same training program loads it from the persistent

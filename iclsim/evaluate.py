@@ -1,5 +1,5 @@
 """Test risk of trained models on fresh prompts: every point of a sweep (design, n, seed) scored on
-the same prompts (common random numbers), in one compiled program laid out like training
+the same prompts (common random numbers) or each seed on its own, in one compiled program laid out like training
 (``layout``), the squared errors accumulated in float64."""
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from iclsim import layout
 from iclsim._precision import float64
 from iclsim.designs import _check_n, stack
 from iclsim.gram import uses_gram
-from iclsim.layout import MEMBER
+from iclsim.layout import BLOCK, MEMBER
 from iclsim.theory import _chunks, mean_and_se, risk_moments
 
 __all__ = ["evaluate", "evaluate_sweep"]
@@ -36,9 +36,15 @@ def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: 
     """Test risk on fresh prompts of every model of a sweep: (risk, se), each [designs, ns, seeds].
 
     ``params``: leaves with leading axes [designs, ns, seeds] (``FitResult.params`` of ``fit_sweep``
-    over the same designs and ns). All points see the same prompts (common random numbers), with n
-    active pairs in max(ns) slots; Gram draws where ``gram.uses_gram``. The points are laid out in
-    blocks over ``devices`` (default ``jax.devices()``) as training lays out points of one seed.
+    over the same designs and ns). ``key``: one PRNG key, and every point sees the same prompts
+    (common random numbers); or one key per seed, [seeds, 2] uint32 (or typed keys [seeds]), and the
+    points of seed s, all designs and ns, see key s's prompts: each seed its own test set, so that an
+    interval over seeds contains the variation of the test set, while comparisons within a seed stay
+    paired. Points whose keys are equal share one draw. Prompts have n active pairs in max(ns) slots;
+    Gram draws where ``gram.uses_gram``. The points are laid out in blocks over ``devices`` (default
+    ``jax.devices()``) as training lays out points of one seed. The prompts a key gives depend on
+    ``batch_size`` and on how many networks share a device (at most ``MAX_BATCH`` networks x prompts
+    per step), so compare points scored in one call.
     """
     design_list, ns = layout.as_list(designs), check.int_list("n", layout.as_list(ns))
     check.model_for(model, design_list, "evaluate", needs_dtype=True)
@@ -51,16 +57,21 @@ def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: 
     num_seeds = check.sweep_params(params, len(design_list), len(ns))
     shape = (len(design_list), len(ns), num_seeds)
     count = int(np.prod(shape))
+    rows = _key_rows(key, num_seeds)
     devices = tuple(jax.devices() if devices is None else devices)[:count]
-    plan = layout.plan(np.zeros(count, int), devices)  # one random stream: every point in a block shares it
-    members = plan.blocks.shape[1]  # networks vmapped together on one device
-    chunks, batch = _chunks(num_prompts, max(1, min(batch_size, MAX_BATCH // members)))
-    di, nj, _ = np.unravel_index(np.arange(count), shape)
+    di, nj, sk = np.unravel_index(np.arange(count), shape)
+    # points with equal keys form one random stream: a block's members share it and its draw
+    streams = np.zeros(count, int) if rows is None else np.unique(rows, axis=0, return_inverse=True)[1].ravel()[sk]
+    plan = layout.plan(streams, devices)
+    networks = plan.blocks.size // len(plan.devices)  # networks vmapped together on one device
+    chunks, batch = _chunks(num_prompts, max(1, min(batch_size, MAX_BATCH // networks)))
     split = layout.split_design(jax.tree_util.tree_map(lambda a: np.asarray(a)[di], stack(design_list)))
-    program = _compiled_evaluation(model, n_slots, chunks, batch, gram, plan.devices, split.treedef, split.shared)
+    program = _compiled_evaluation(model, n_slots, chunks, batch, gram, plan.devices, split.treedef, split.shared,
+                                   rows is not None)
     b = plan.blocks
     flat = jax.tree_util.tree_map(lambda a: np.asarray(a).reshape((count,) + np.shape(a)[3:])[b], params)
-    sums = program(flat, [a[b] for a in split.varying], split.common, jnp.asarray(np.asarray(ns)[nj][b]), key)
+    keys = key if rows is None else jnp.asarray(rows[sk[b[:, 0]]])
+    sums = program(flat, [a[b] for a in split.varying], split.common, jnp.asarray(np.asarray(ns)[nj][b]), keys)
     total, total_sq = layout.gather(sums, plan, count)
     mean, se = mean_and_se(total, total_sq, chunks * batch)
     return np.reshape(np.asarray(mean), shape), np.reshape(np.asarray(se), shape)
@@ -75,15 +86,30 @@ def evaluate(model, params, design, n: int, key, num_prompts: int = 100_000, bat
     return float(mean[0, 0, 0]), float(se[0, 0, 0])
 
 
+def _key_rows(key, num_seeds: int):
+    """None for one key (shared by every point); else the keys' data, [num_seeds, 2] uint32, a row per seed."""
+    typed = jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key)
+    if typed and str(jax.random.key_impl(key)) != "threefry2x32":
+        raise ValueError(f"key must be a threefry2x32 key (jax.random.PRNGKey), got {jax.random.key_impl(key)}")
+    data = np.asarray(jax.random.key_data(key) if typed else key)
+    if data.shape == (2,):
+        return None
+    if data.shape != (num_seeds, 2) or data.dtype != np.uint32:
+        raise ValueError(f"key must be one PRNG key (shape (2,), as jax.random.PRNGKey gives) or one per seed, "
+                         f"shape (seeds, 2) = ({num_seeds}, 2) uint32; got shape {data.shape}, dtype {data.dtype}")
+    return data
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled_evaluation(model, n_slots: int, chunks: int, batch: int, gram: bool, devices: tuple, treedef,
-                         shared: tuple):
-    """One jitted program per (model, n_slots, prompt count, sampler, devices, shared design leaves):
-    params, designs and ns are arguments, so other sweeps of the same shape never recompile."""
+                         shared: tuple, block_keys: bool = False):
+    """One jitted program per (model, n_slots, prompt count, sampler, devices, shared design leaves, one key
+    or a key per block): params, designs, ns and keys are arguments, so other sweeps of the same shape never
+    recompile."""
 
     def point(params, varying, common, n, key):
         design = layout.merge_design(treedef, shared, varying, common)
         return risk_moments(lambda p: model.apply(params, p), design, n_slots, n, key, chunks, batch, model.dtype,
                             gram)
 
-    return layout.blocked(point, (MEMBER, MEMBER, None, MEMBER, None), devices)
+    return layout.blocked(point, (MEMBER, MEMBER, None, MEMBER, BLOCK if block_keys else None), devices)

@@ -112,15 +112,18 @@ def _apply(params, c: Candidate):
 
 def evaluate_candidates(model, params, design, n: int, candidates: Sequence[Candidate], key, num_prompts: int):
     """Risk and SE [seeds, candidates] of every pruned network of every seed (``params`` with a leading seed
-    axis) on the same fresh prompts (common random numbers: differences between candidates are paired),
-    all stacked along one vmapped axis: one compiled evaluation."""
+    axis), all stacked along one vmapped axis: one compiled evaluation. ``key``: one key, every network on
+    the same fresh prompts; or one per seed ([seeds, 2]), each seed's networks on its own prompts. Either
+    way the candidates of a seed share their prompts (common random numbers: their differences are paired)."""
     seeds = jax.tree_util.tree_leaves(params)[0].shape[0]
     if not candidates:
         raise ValueError("candidates must not be empty")
     per_seed = [jax.tree_util.tree_map(lambda a: a[s], params) for s in range(seeds)]
     stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a)[None, None],
                                      *[_apply(p, c) for p in per_seed for c in candidates])
-    risk, se = evaluate.evaluate_sweep(model, stacked, design, [n], key, num_prompts)
+    rows = evaluate._key_rows(key, seeds)
+    keys = key if rows is None else np.repeat(rows, len(candidates), axis=0)
+    risk, se = evaluate.evaluate_sweep(model, stacked, design, [n], keys, num_prompts)
     return risk[0, 0].reshape(seeds, len(candidates)), se[0, 0].reshape(seeds, len(candidates))
 
 
@@ -146,7 +149,9 @@ def search(model, params, design, n: int, candidates: Sequence[Candidate], val_k
     candidate: list the unpruned one first), and score the choice on separate test prompts, paired
     with the unpruned network. The null control sizes the winner's curse: the same minimum taken over
     the unpruned network scored on len(candidates) independent validation sets, whose apparent gain
-    over the shared validation set is pure selection noise (``null_key``; None skips it: NaN)."""
+    over the validation set is pure selection noise (``null_key``; None skips it: NaN). Each key is one
+    key (every seed on the same prompts) or one per seed ([seeds, 2]: each seed its own validation, test
+    and null sets, so that an interval over seeds contains the variation of the sets)."""
     candidates = [Candidate(*c) for c in candidates]
     if candidates[0].rank is not None:
         raise ValueError("candidates[0] must be the unpruned network (rank None), the reference of the search")
@@ -156,8 +161,19 @@ def search(model, params, design, n: int, candidates: Sequence[Candidate], val_k
     rows = np.arange(val.shape[0])
     null = np.full(val.shape[0], np.nan)
     if null_key is not None:
-        copies = [evaluate_candidates(model, params, design, n, candidates[:1], jax.random.fold_in(null_key, i),
-                                      num_val)[0][:, 0] for i in range(len(candidates))]
-        null = val[:, 0] - np.min(np.stack(copies, axis=1), axis=1)
+        null = val[:, 0] - np.min(_null_control(model, params, design, n, len(candidates), null_key, num_val), axis=1)
     return SearchResult(candidates, val, chosen, val[:, 0], val[rows, chosen], test[:, 0], test[rows, chosen],
                         test_se[rows, chosen], null)
+
+
+def _null_control(model, params, design, n: int, copies: int, key, num_prompts: int) -> np.ndarray:
+    """Risk [seeds, copies] of each seed's unpruned network on ``copies`` independent prompt sets, copy i
+    drawn from fold_in(key, i) (``key`` one key or one per seed): one evaluation of seeds x copies networks."""
+    seeds = jax.tree_util.tree_leaves(params)[0].shape[0]
+    rows = evaluate._key_rows(key, seeds)
+    base = np.broadcast_to(np.asarray(key, np.uint32) if rows is None else rows, (seeds, 2))
+    fold = jax.vmap(jax.vmap(jax.random.fold_in, (None, 0)), (0, None))
+    keys = np.asarray(fold(jnp.asarray(base), jnp.arange(copies))).reshape(seeds * copies, 2)
+    repeated = jax.tree_util.tree_map(lambda a: jnp.repeat(jnp.asarray(a), copies, axis=0)[None, None], params)
+    risk, _ = evaluate.evaluate_sweep(model, repeated, design, [n], keys, num_prompts)
+    return risk[0, 0].reshape(seeds, copies)

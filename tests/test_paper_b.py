@@ -201,6 +201,28 @@ def test_evaluate_candidates_is_paired_and_search_takes_the_validation_minimum(k
         pruning.search(model, params, design, n, cands[1:], key, key)
 
 
+def test_search_with_keys_per_seed_scores_each_seed_on_its_own_sets(key):
+    """With a key per seed, each seed's validation risks, test risks and null control are those of that seed
+    searched alone with its keys; the null control is the minimum over copies i drawn from fold_in(key, i)."""
+    d, n = 3, 6
+    model = models.LinearTransformer(d, 2, dtype=F64)
+    params = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[model.init(jax.random.fold_in(key, s)) for s in range(2)])
+    design = IID(d, noise_var=0.3)
+    cands = [pruning.Candidate(0, "attn", None), pruning.Candidate(0, "attn", 1), pruning.Candidate(1, "attn", 2)]
+    val, test, null = (np.stack([np.asarray(jax.random.fold_in(key, 10 * k + s)) for s in range(2)]) for k in (1, 2, 3))
+    res = pruning.search(model, params, design, n, cands, val, test, 2_000, 2_000, null_key=null)
+    for s in range(2):
+        alone = jax.tree_util.tree_map(lambda a: a[s:s + 1], params)
+        v = pruning.evaluate_candidates(model, alone, design, n, cands, val[s], 2_000)[0][0]
+        t = pruning.evaluate_candidates(model, alone, design, n, cands, test[s], 2_000)[0][0]
+        copies = [pruning.evaluate_candidates(model, alone, design, n, cands[:1], jax.random.fold_in(null[s], i),
+                                              2_000)[0][0, 0] for i in range(len(cands))]
+        assert_close(res.val_risk[s], v, rtol=1e-9)
+        assert_close([res.test_before[s], res.test_after[s]], [t[0], t[res.chosen[s]]], rtol=1e-9)
+        assert_close(res.null_gain[s], v[0] - min(copies), rtol=1e-9, atol=1e-12)
+    assert len(set(np.round(res.val_before, 9))) == 2
+
+
 def test_quality_statistics_known_values():
     iv = quality.seed_interval([1.0, 2.0, 3.0])
     assert_close([iv.mean, iv.high - iv.mean], [2.0, 4.303 / np.sqrt(3)], rtol=1e-12)

@@ -228,6 +228,30 @@ def test_evaluation_of_one_pair_splits_its_seeds_over_devices():
     assert_close(four[1], one[1], rtol=1e-6)
 
 
+def test_evaluation_with_a_key_per_seed_scores_each_seed_on_its_own_prompts():
+    """A key per seed: every point of seed s scores as that seed alone with key s, on 4 devices and on one
+    (seeds 0 and 2 share a key, so they share one draw); typed keys give the same; the seeds' prompts are
+    not the shared key's; a key array of another shape is refused, naming the shapes allowed."""
+    model, designs = models.LinearAttention(3), [IID(3, noise_var=v) for v in (0.0, 0.5)]
+    fitted = train.fit_sweep(model, designs, [2, 7], [0, 1, 2], CFG)
+    keys = np.stack([np.asarray(jax.random.fold_in(jax.random.PRNGKey(7), s)) for s in (0, 1, 0)])
+    four = evaluate_sweep(model, fitted.params, designs, [2, 7], keys, 3000, 500)
+    one = evaluate_sweep(model, fitted.params, designs, [2, 7], keys, 3000, 500, devices=jax.devices()[:1])
+    typed = evaluate_sweep(model, fitted.params, designs, [2, 7], jax.random.wrap_key_data(keys), 3000, 500)
+    for s in range(3):
+        alone = evaluate_sweep(model, jax.tree_util.tree_map(lambda a: a[:, :, s:s + 1], fitted.params), designs,
+                               [2, 7], keys[s], 3000, 500, devices=jax.devices()[:1])
+        for got in (four, one, typed):
+            assert_close(got[0][..., s], alone[0][..., 0], rtol=1e-6)
+            assert_close(got[1][..., s], alone[1][..., 0], rtol=1e-6)
+    shared = evaluate_sweep(model, fitted.params, designs, [2, 7], keys[0], 3000, 500)
+    assert_close(shared[0][..., [0, 2]], four[0][..., [0, 2]], rtol=1e-6)
+    assert np.all(np.abs(shared[0][..., 1] - four[0][..., 1]) > 1e-4)  # seed 1: other prompts
+    for bad in (keys[:2], keys[:, :1], keys.astype(np.int32)):
+        with pytest.raises(ValueError, match=r"one per seed, shape \(seeds, 2\) = \(3, 2\)"):
+            evaluate_sweep(model, fitted.params, designs, [2, 7], bad, 3000, 500)
+
+
 def test_point_is_trained_the_same_whatever_else_is_in_the_sweep():
     """Seed blocks share draws and design settings equal across a sweep are passed once: neither
     changes what a point computes. (design, n = 6, seed 1) alone vs in sweeps where the noise, the

@@ -3,7 +3,8 @@ transformers in the GD form (docs/theory.md §8) trained on every seed with the 
 
 Each network is gated against the best L-step GD (``theory.optimal_multistep_gd``); failures are counted
 and left out of the claims. For every passing seed, each layer's attention (Wq, Wk) is SVD-truncated to
-each kept rank, and the pruned network is scored on the same test prompts as the unpruned one (paired).
+each kept rank, and the pruned network is scored on the same test prompts as the unpruned one (paired);
+each seed has its own test prompts, so the intervals over seeds contain the variation of the prompt set.
 The pre-registered contrast per setting is shallow minus deep: the relative risk change of pruning
 layer 1, minus that of pruning layer L, averaged over the kept ranks below d; claim (ii) predicts it is
 positive. Its t-interval over seeds and a sign test give the verdict. The per-layer term of paper B's
@@ -17,7 +18,7 @@ from iclsim import IID, models, plotting, pruning, quality, sweeps, theory, trai
 from iclsim.runner import Experiment
 from iclsim.train import TrainConfig
 
-TEST_KEY = sweeps.TEST_STREAM - 1  # fold_in(PRNGKey(seed), TEST_KEY): the shared test prompts
+TEST_KEY = sweeps.TEST_STREAM - 1  # fold_in(PRNGKey(seed), TEST_KEY) for each network's seed: its test prompts
 
 
 def settings_of(s):
@@ -42,11 +43,11 @@ def run(s, seed, progress):
     gammas = np.stack([np.asarray(model.preconditioners(jax.tree_util.tree_map(lambda a: a[i], params)))
                        for i in range(len(seeds))])  # [seeds, L, d, d]
     norms = np.linalg.norm(gammas, ord=2, axis=(2, 3))
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), TEST_KEY)
+    keys = sweeps.stream_keys(seeds, TEST_KEY)
     rows, passed = [], None
     for setting, (test_design, test_n) in settings_of(s).items():
         progress(f"  scoring {len(candidates)} pruned networks x {len(seeds)} seeds: {setting}")
-        risk, se = pruning.evaluate_candidates(model, params, test_design, test_n, candidates, key, s["num_test"])
+        risk, se = pruning.evaluate_candidates(model, params, test_design, test_n, candidates, keys, s["num_test"])
         if passed is None:  # the gate: matched test risk against the best L-step GD
             passed = quality.gate(risk[:, 0], ref.risk, se=np.hypot(se[:, 0], ref.se))
         for i, sd in enumerate(seeds):

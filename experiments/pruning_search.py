@@ -2,7 +2,9 @@
 transformers of pruning_depth, same seeds and recipe, so the cache shares them) and each test setting,
 pick (layer, kept rank) on validation prompts, then score the choice on separate test prompts paired
 with the unpruned network. The null control runs the same minimum over the unpruned network scored on
-independent validation sets: its apparent gain is the winner's curse alone."""
+independent validation sets: its apparent gain is the winner's curse alone. Each network has its own
+validation, test and null sets (drawn from its seed), so the interval over seeds contains the variation
+of the prompt sets, which is large where the squared error is heavy-tailed (the shorter context)."""
 
 import jax
 import numpy as np
@@ -11,7 +13,8 @@ from iclsim import IID, models, plotting, pruning, quality, sweeps, theory, trai
 from iclsim.runner import Experiment
 from iclsim.train import TrainConfig
 
-# fold_in(PRNGKey(seed), .): the three independent prompt sets (far from the training streams)
+# fold_in(PRNGKey(seed), .) for each network's seed: its three independent prompt sets (far from the training
+# streams)
 VAL_KEY, TEST_KEY, NULL_KEY = (sweeps.TEST_STREAM - k for k in (3, 4, 5))
 
 
@@ -24,7 +27,7 @@ def run(s, seed, progress):
     fitted = train.fit_sweep(model, design, [n], seeds, TrainConfig(steps=s["steps"]))
     params = jax.tree_util.tree_map(lambda a: a[0, 0], fitted.params)
     ref = theory.optimal_multistep_gd(design, n, L, jax.random.PRNGKey(seed), s["num_reference"])
-    base = jax.random.PRNGKey(seed)
+    val_keys, test_keys, null_keys = (sweeps.stream_keys(seeds, k) for k in (VAL_KEY, TEST_KEY, NULL_KEY))
     candidates = [pruning.Candidate(0, "attn", None)] + [pruning.Candidate(l, "attn", k) for l in range(L)
                                                          for k in s["ranks"]]
     tests = {"matched": (design, n), "noisier test labels": (IID(d, noise_var=s["test_noise_var"]), n),
@@ -32,9 +35,8 @@ def run(s, seed, progress):
     rows, passed = [], None
     for setting, (test_design, test_n) in tests.items():
         progress(f"  search over {len(candidates)} candidates x {len(seeds)} seeds: {setting}")
-        res = pruning.search(model, params, test_design, test_n, candidates, jax.random.fold_in(base, VAL_KEY),
-                             jax.random.fold_in(base, TEST_KEY), s["num_val"], s["num_test"],
-                             null_key=jax.random.fold_in(base, NULL_KEY))
+        res = pruning.search(model, params, test_design, test_n, candidates, val_keys, test_keys, s["num_val"],
+                             s["num_test"], null_key=null_keys)
         if passed is None:
             passed = quality.gate(res.test_before, ref.risk, se=np.hypot(res.test_se, ref.se))
         for i, sd in enumerate(seeds):
@@ -56,8 +58,13 @@ def per_setting(rows) -> dict:
         if len(sub) < 2:
             out[setting] = {"passing_seeds": len(sub), "verdict": "not resolved: fewer than 2 passing seeds"}
             continue
-        change = quality.seed_interval([r["test_change"] for r in sub])
+        changes = [r["test_change"] for r in sub]
+        change, med = quality.seed_interval(changes), quality.robust(changes)
         out[setting] = {"test_change": round(change.mean, 4), "ci95": [round(change.low, 4), round(change.high, 4)],
+                        # heavy-tailed errors (the shorter context) make the mean fragile: the median and a sign test
+                        "median": round(med["median"], 4),
+                        "median_interval": [round(med["median_low"], 4), round(med["median_high"], 4)],
+                        "sign_test_p": round(quality.sign_test(changes), 4),
                         "pruned_seeds": sum(r["layer"] > 0 for r in sub), "passing_seeds": len(sub),
                         "apparent_val_gain": round(float(np.mean([r["apparent_gain"] for r in sub])), 4),
                         "null_val_gain": round(float(np.mean([r["null_gain"] for r in sub])), 4),

@@ -13,12 +13,20 @@ from iclsim import evaluate, quality, train
 from iclsim._precision import float64
 from iclsim.bridge import effective, exact_risk
 
-__all__ = ["TEST_STREAM", "risk_curves", "worst", "worst_exact_gap"]
+__all__ = ["TEST_STREAM", "stream_keys", "risk_curves", "worst", "worst_exact_gap"]
 
 # Experiments score on prompts keyed fold_in(PRNGKey(seed), TEST_STREAM). fold_in(key, i) equals
 # split(key, m)[i], and training splits PRNGKey(seed) into steps + 1 keys, so the stream is an index
 # no training run reaches: test prompts never repeat a training step's.
 TEST_STREAM = 2**32 - 1
+
+
+def stream_keys(seeds: Sequence[int], stream: int = TEST_STREAM) -> np.ndarray:
+    """fold_in(PRNGKey(s), stream) for each seed s, [seeds, 2] uint32: each network's own prompt set, the
+    key per seed ``evaluate.evaluate_sweep`` takes (an interval over seeds then contains the variation
+    of the prompt set)."""
+    fold = jax.vmap(jax.random.fold_in, (0, None))
+    return np.asarray(fold(jnp.asarray(np.stack([np.asarray(jax.random.PRNGKey(int(s))) for s in seeds])), stream))
 
 
 @float64

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iclsim import IID, cache, layout, models, theory, train
+from iclsim import IID, cache, layout, models, sweeps, theory, train
 from iclsim.evaluate import evaluate, evaluate_sweep
 from iclsim.gram import draw
 from tests.tolerance import TRAINED_EXACT_GAP, TRAINED_W_REL_LONG, assert_close, assert_within_se
@@ -229,12 +229,14 @@ def test_evaluation_of_one_pair_splits_its_seeds_over_devices():
 
 
 def test_evaluation_with_a_key_per_seed_scores_each_seed_on_its_own_prompts():
-    """A key per seed: every point of seed s scores as that seed alone with key s, on 4 devices and on one
+    """A key per seed (``sweeps.stream_keys``): every point of seed s scores as that seed alone with key s, on 4 devices and on one
     (seeds 0 and 2 share a key, so they share one draw); typed keys give the same; the seeds' prompts are
     not the shared key's; a key array of another shape is refused, naming the shapes allowed."""
     model, designs = models.LinearAttention(3), [IID(3, noise_var=v) for v in (0.0, 0.5)]
     fitted = train.fit_sweep(model, designs, [2, 7], [0, 1, 2], CFG)
-    keys = np.stack([np.asarray(jax.random.fold_in(jax.random.PRNGKey(7), s)) for s in (0, 1, 0)])
+    keys = sweeps.stream_keys([7, 8, 7], 2**32 - 5)
+    for s, row in zip((7, 8), keys):
+        assert np.array_equal(row, jax.random.fold_in(jax.random.PRNGKey(s), 2**32 - 5))
     four = evaluate_sweep(model, fitted.params, designs, [2, 7], keys, 3000, 500)
     one = evaluate_sweep(model, fitted.params, designs, [2, 7], keys, 3000, 500, devices=jax.devices()[:1])
     typed = evaluate_sweep(model, fitted.params, designs, [2, 7], jax.random.wrap_key_data(keys), 3000, 500)

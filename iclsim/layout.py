@@ -12,6 +12,8 @@ Mesh (``jax.shard_map``), and spare devices split each block's batch along the a
 
 from __future__ import annotations
 
+import functools
+import gc
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -124,13 +126,34 @@ def blocked(point: Callable, kinds: tuple, devices: tuple, shards: int = 1, comp
     members = _map(point, tuple(0 if k == MEMBER else None for k in kinds))
     program = _map(members, tuple(None if k is None else 0 for k in kinds))
     if len(devices) == 1:
-        return jax.jit(program, compiler_options=compiler_options)
+        return _gc_paused(jax.jit(program, compiler_options=compiler_options))
     mesh = jax.sharding.Mesh(np.array(devices).reshape(-1, shards), ("sweep", BATCH_AXIS))
     spec, whole = jax.sharding.PartitionSpec("sweep"), jax.sharding.PartitionSpec()
     # check_vma off: parameters that start as constants (LoRA's B = 0) would otherwise need pcast to
     # become per-device; outputs are equal along "batch" (its pmean is the only collective)
-    return jax.jit(jax.shard_map(program, mesh=mesh, in_specs=tuple(whole if k is None else spec for k in kinds),
-                                 out_specs=spec, check_vma=False), compiler_options=compiler_options)
+    in_specs = tuple(whole if k is None else spec for k in kinds)
+    return _gc_paused(jax.jit(jax.shard_map(program, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False),
+                              compiler_options=compiler_options))
+
+
+def _gc_paused(program: Callable) -> Callable:
+    """``program`` called with Python's cyclic garbage collector paused, and resumed after (left alone if
+    the caller had it off). Tracing and lowering a program allocate many short-lived objects, and the
+    collections they trigger walk every object of the process (hundreds of thousands once JAX is
+    imported): a measured part of a cold fit (docs/performance.md §2.11). Nothing is lost: cyclic garbage
+    made meanwhile is collected by the next collection after the call."""
+
+    @functools.wraps(program)
+    def call(*args):
+        if not gc.isenabled():
+            return program(*args)
+        gc.disable()
+        try:
+            return program(*args)
+        finally:
+            gc.enable()
+
+    return call
 
 
 def gather(outputs, layout: Layout, count: int):

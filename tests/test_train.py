@@ -1,5 +1,6 @@
 """The training engine: shapes, determinism, one compilation per sweep, divergence, float32."""
 
+import gc
 import subprocess
 import sys
 import textwrap
@@ -348,6 +349,39 @@ def test_fingerprint_is_stable_and_content_based():
     assert cache.fingerprint(lora(), IID(3, noise_var=0.1), 4) == cache.fingerprint(lora(), IID(3, noise_var=0.1), 4)
     assert cache.fingerprint(IID(3, noise_var=0.1)) != cache.fingerprint(IID(3, noise_var=0.2))
     assert cache.fingerprint(CFG) != cache.fingerprint(train.TrainConfig(steps=151, batch_size=64))
+
+
+def test_programs_run_with_the_garbage_collector_paused_and_restore_it():
+    """A compiled sweep program is called with Python's cyclic collector paused (no collection while it
+    makes cyclic garbage), and the caller's setting is back after, on success, on error, and when the caller
+    had it off; a fit leaves it as it found it."""
+    events = []
+
+    def churn(fail=False):
+        before = len(events)
+        for _ in range(50_000):
+            a = []
+            a.append(a)
+        if fail:
+            raise RuntimeError("inside")
+        return gc.isenabled(), len(events) - before
+
+    gc.callbacks.append(lambda phase, info: events.append(phase))
+    try:
+        assert churn()[1] > 0, "the churn makes the collector run when it is on"
+        assert layout._gc_paused(churn)() == (False, 0) and gc.isenabled()
+        with pytest.raises(RuntimeError, match="inside"):
+            layout._gc_paused(churn)(True)
+        assert gc.isenabled()
+        gc.disable()
+        layout._gc_paused(churn)()
+        train.fit(models.LinearAttention(3), IID(3), 4, 5, 8, 1e-2, seed=0)
+        assert not gc.isenabled()
+    finally:
+        gc.callbacks.pop()
+        gc.enable()
+    train.fit(models.LinearAttention(3), IID(3), 4, 5, 8, 1e-2, seed=0)
+    assert gc.isenabled()
 
 
 def test_persisted_compilations_include_a_single_fit(tmp_path):

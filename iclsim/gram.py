@@ -46,86 +46,72 @@ def uses_gram(model, designs, n_slots: int, sampler: str = "auto") -> bool:
     return sampler == "gram"
 
 
-# Marsaglia-Tsang proposals per entry and round: with one, a vmapped sweep's rejection loop ran about 2.5
-# rounds per step for all members (it runs until every entry of every member is accepted); with four, a
-# second round is rare (docs/performance.md §2.9)
+# first-pass Marsaglia-Tsang proposals per entry: with one, a vmapped sweep's rejection loop ran about
+# 2.5 rounds per step for all members (it runs until every entry of every member is accepted); with four,
+# it rarely runs (docs/performance.md §2.9)
 PROPOSALS = 4
 
 
-def _with_gamma(draw, alpha, needed=None):
-    """(pieces, Gamma(alpha, 1) draws) for alpha >= 1 (Marsaglia & Tsang 2000, ACM TOMS 26(3)).
-
-    ``draw(r) -> (pieces, z, u)`` is round r of a step's random numbers (``draw_many(..., repeat=r)``):
-    any pieces, and the normals z and uniforms u [alpha.shape + (PROPOSALS,)] of the gamma proposals. Each
-    entry takes the first accepted of its round-0 proposals; while an entry has none accepted (a proposal
-    is rejected about 5% of the time at alpha = 1, 0.5% at 6, 0.1% at 37), the next round is drawn and
-    such entries take the first accepted of their proposals in it. An entry's value is thus the first
-    success of i.i.d. proposals: exact. Everything else comes from round 0, and since the rounds are one
-    loop around the whole draw, the step's threefry and inverse-erf kernels are compiled once, not again for
-    the redraws (no separate redraw kernels, no fresh key). Entries where ``needed`` (boolean, alpha's
-    shape) is False are not waited for (their values are discarded by the caller; they stay 0)."""
-    shape = jnp.shape(alpha)
-    shifted = jnp.reshape(alpha, (-1, 1)) - 1.0 / 3.0
+def _gamma(z, u, key, alpha, shard: BatchShard | None = None, needed=None):
+    """Gamma(alpha, 1) draws for alpha >= 1 (Marsaglia & Tsang 2000, ACM TOMS 26(3)). Each entry takes
+    the first accepted of its ``PROPOSALS`` first proposals (normals z, uniforms u, shape
+    alpha.shape + (PROPOSALS,)): the first success of i.i.d. proposals, so the draw stays exact. While
+    any entry has none accepted (a proposal is rejected about 5% of the time at alpha = 1, 0.5% at 6,
+    0.1% at 37), every entry gets a fresh proposal from ``key`` and the unaccepted ones take it.
+    Redrawing all entries, not only the rejected, keeps the loop free of gathers and scatters, which
+    cost more to compile than the extra draw costs to run. Entries where ``needed`` (boolean, alpha's
+    shape) is False are not waited for: their values are discarded by the caller."""
+    shape, dtype = jnp.shape(alpha), z.dtype
+    shifted = jnp.reshape(alpha, (-1,)) - 1.0 / 3.0
     c = 1.0 / jnp.sqrt(9.0 * shifted)
 
-    def first_accepted(z, u):
-        z, u = z.reshape(-1, PROPOSALS), u.reshape(-1, PROPOSALS)
+    def propose(z, u, shifted=shifted, c=c):
         v = (1.0 + c * z) ** 3
         v_safe = jnp.where(v > 0, v, 1.0)
-        oks = (v > 0) & (jnp.log(u) < 0.5 * z**2 + shifted - shifted * v_safe + shifted * jnp.log(v_safe))
-        values = shifted * v_safe
-        value, ok = values[:, -1], oks[:, -1]
-        for k in range(PROPOSALS - 2, -1, -1):  # a select chain (no gather): the first accepted proposal wins
-            value, ok = jnp.where(oks[:, k], values[:, k], value), ok | oks[:, k]
-        return value, ok
+        ok = (v > 0) & (jnp.log(u) < 0.5 * z**2 + shifted - shifted * v_safe + shifted * jnp.log(v_safe))
+        return shifted * v_safe, ok
 
-    def body(state):
-        r, pieces, value, ok = state
-        new_pieces, z, u = draw(r)
-        new_value, accepted = first_accepted(z, u)
-        pieces = jax.tree_util.tree_map(lambda old, new: jnp.where(r == 0, new, old), pieces, new_pieces)
-        return r + 1, pieces, jnp.where(ok, value, new_value), ok | accepted
+    def redraw(state):
+        key, value, ok = state
+        (z,), (u,), (key,) = draw_many(key, dtype, [shifted.shape], [shifted.shape], keys=1, shard=shard)
+        new, accepted = propose(z, u)
+        return key, jnp.where(ok, value, new), ok | accepted
 
-    pieces, z, _ = jax.eval_shape(draw, 0)
-    pieces = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), pieces)
-    ok = jnp.zeros(shifted.shape[0], bool) if needed is None else ~jnp.reshape(needed, (-1,))
-    state = (jnp.zeros((), jnp.uint32), pieces, jnp.zeros(shifted.shape[0], z.dtype), ok)
-    # at least round 0 (its pieces); then while a needed entry has no accepted proposal
-    _, pieces, value, _ = jax.lax.while_loop(lambda s: (s[0] == 0) | ~jnp.all(s[3]), body, state)
-    return pieces, value.reshape(shape)
+    values, oks = propose(z.reshape(-1, PROPOSALS), u.reshape(-1, PROPOSALS), shifted[:, None], c[:, None])
+    value, ok = values[:, -1], oks[:, -1]
+    for k in range(PROPOSALS - 2, -1, -1):  # a select chain (no gather): the first accepted proposal wins
+        value, ok = jnp.where(oks[:, k], values[:, k], value), ok | oks[:, k]
+    if needed is not None:
+        ok = ok | ~jnp.reshape(needed, (-1,))
+    _, value, _ = jax.lax.while_loop(lambda s: ~jnp.all(s[2]), redraw, (key, value, ok))
+    return value.reshape(shape)
 
 
 def standard_gamma(key, alpha) -> jax.Array:
-    """Exact Gamma(alpha, 1) draws for alpha >= 1 (``_with_gamma``) from one flat draw per round, where
+    """Exact Gamma(alpha, 1) draws for alpha >= 1 (``_gamma``) from one flat draw per round, where
     jax.random.gamma splits a key per entry and per retry."""
     alpha = jnp.asarray(alpha)
-    shapes = [(*alpha.shape, PROPOSALS)]
-
-    def draw(r):
-        (z,), (u,), _ = draw_many(key, alpha.dtype, shapes, shapes, repeat=r)
-        return (), z, u
-
-    return _with_gamma(draw, alpha)[1]
+    first = (*alpha.shape, PROPOSALS)
+    (z,), (u,), (k,) = draw_many(key, alpha.dtype, [first], [first], keys=1)
+    return _gamma(z, u, k, alpha)
 
 
-def _bartlett(draw, dim: int, dof, batch: int, dtype):
-    """(pieces, T): the Bartlett factor T [batch, dim, dim] from ``draw(r) -> ((below, odd, *rest), z, u)``,
-    round r of the step's draws (``_with_gamma``): below [batch, dim (dim - 1) / 2] normals, odd [batch] a
-    normal for chi^2(1), (z, u) [batch, dim, PROPOSALS] the gamma proposals; ``pieces`` is round 0's
-    (below, odd, *rest)."""
+def _bartlett(below, odd, z, u, key, dim: int, dof, shard: BatchShard | None = None) -> jax.Array:
+    """The Bartlett factor from its draws: below [B, dim (dim - 1) / 2] normals, odd [B] a normal for
+    chi^2(1), (z, u) [B, dim, PROPOSALS] the first gamma proposals, key for the redraws."""
+    batch, dtype = below.shape[0], below.dtype
     _, cols = np.tril_indices(dim, -1)
     j = jnp.arange(dim)
     chi_dof = jnp.asarray(dof, dtype) - j.astype(dtype)  # degrees of freedom of T_jj^2
     alpha = jnp.broadcast_to(jnp.maximum(chi_dof, 2.0) / 2.0, (batch, dim))
     # columns with fewer than 2 degrees of freedom are not gamma draws (chi^2(1) from odd, or dead): not waited for
     drawn = jnp.broadcast_to(chi_dof[None, :] >= 2, (batch, dim))
-    pieces, gamma = _with_gamma(draw, alpha, drawn)
-    below, odd = pieces[:2]
-    chi2 = jnp.where(drawn, 2.0 * gamma, jnp.where(chi_dof[None, :] == 1, odd[:, None] ** 2, 0.0))
+    chi2 = 2.0 * _gamma(z, u, key, alpha, shard, needed=drawn)
+    chi2 = jnp.where(drawn, chi2, jnp.where(chi_dof[None, :] == 1, odd[:, None] ** 2, 0.0))
     vals = jnp.concatenate([below * (cols < jnp.asarray(dof)).astype(dtype)[None, :], jnp.sqrt(chi2),
                             jnp.zeros((batch, 1), dtype)], axis=1)
     # a fresh array: JAX caches a constant by its object, whatever x64 setting it was made under
-    return pieces, vals[:, _bartlett_places(dim).copy()].reshape(batch, dim, dim)
+    return vals[:, _bartlett_places(dim).copy()].reshape(batch, dim, dim)
 
 
 @functools.lru_cache(maxsize=None)
@@ -152,12 +138,8 @@ def bartlett_factor(key, batch: int, dim: int, dof, dtype=jnp.float32) -> jax.Ar
     if not check._is_traced(dof):
         check.integer("dof", dof, 0)
     normal_shapes, uniform_shapes = _bartlett_shapes(batch, dim)
-
-    def draw(r):
-        (below, odd, z), (u,), _ = draw_many(key, dtype, normal_shapes, uniform_shapes, repeat=r)
-        return (below, odd), z, u
-
-    return _bartlett(draw, dim, dof, batch, dtype)[1]
+    (below, odd, z), (u,), (k,) = draw_many(key, dtype, normal_shapes, uniform_shapes, keys=1)
+    return _bartlett(below, odd, z, u, k, dim, dof)
 
 
 def sample_gram(design, key, batch: int, n, n_slots: int, dtype=jnp.float32,
@@ -181,17 +163,13 @@ def sample_gram(design, key, batch: int, n, n_slots: int, dtype=jnp.float32,
     D = design.dim + 1
     normal_shapes, uniform_shapes = _bartlett_shapes(batch, D)
     law_normals, law_uniforms = design.law_draws(batch)
-
-    def draw(r):  # round r of the step's draws (only the gamma proposals of rounds after 0 are used)
-        normals_, uniforms, _ = draw_many(key, dtype, [(batch, D), *normal_shapes, *law_normals],
-                                          [*uniform_shapes, *law_uniforms], shard=shard, repeat=r)
-        (gbar, below, odd, z), (u,) = normals_[:4], uniforms[:1]
-        return (below, odd, gbar, normals_[4:], uniforms[1:]), z, u
-
-    (_, _, gbar, law_normals_, law_uniforms_), T = _bartlett(draw, D, n - 1, batch, dtype)
-    law = design.law_from(law_normals_, law_uniforms_)
+    normals_, uniforms, (kg,) = draw_many(key, dtype, [(batch, D), *normal_shapes, *law_normals],
+                                          [*uniform_shapes, *law_uniforms], keys=1, shard=shard)
+    (gbar, below, odd, z), (u,) = normals_[:4], uniforms[:1]
+    law = design.law_from(normals_[4:], uniforms[1:])
     n_arr = jnp.asarray(n, dtype)
     m = law.mean + jnp.einsum("bij,bj->bi", law.factor, gbar) / jnp.sqrt(n_arr)
+    T = _bartlett(below, odd, z, u, kg, D, n - 1, shard)
     return GramPrompts(law.factor, T / np.sqrt(n_slots).astype(dtype), m,
                        jnp.broadcast_to(n_arr / n_slots, (batch,)), law.x, law.y_query)
 

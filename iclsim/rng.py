@@ -89,15 +89,12 @@ def _floats_once(key, counters, split: int, dtype, chunks: int = 2) -> jax.Array
     return jax.lax.fori_loop(0, chunks, piece, jnp.zeros((chunks, size), dtype)).reshape(-1)[:total]
 
 
-def draw_many(key, dtype, normal_shapes=(), uniform_shapes=(), keys: int = 0, shard: BatchShard | None = None,
-              repeat=0):
+def draw_many(key, dtype, normal_shapes=(), uniform_shapes=(), keys: int = 0, shard: BatchShard | None = None):
     """(normals, uniforms in (0, 1), keys): arrays of the given shapes and ``keys`` fresh keys, all
     from one threefry stream (bits to floats as jax.random.uniform does, normals by inversion as
     jax.random.normal does; the bits equal jax.random.bits(key) over the concatenated pieces).
     One flat draw, because XLA compiles every jax.random call inside a step as its own threefry
-    kernel. With ``shard`` each piece is this device's rows of the piece drawn at the full batch.
-    ``repeat`` (an integer, may be traced) r gives the r-th fresh copy of the draw from the same key:
-    the counters after r whole draws (of the full batch), where jax.random.bits(key) would continue."""
+    kernel. With ``shard`` each piece is this device's rows of the piece drawn at the full batch."""
     dtype = jnp.dtype(dtype)
     finfo = jnp.finfo(dtype)
     uint = jnp.dtype(f"uint{finfo.bits}")
@@ -114,9 +111,6 @@ def draw_many(key, dtype, normal_shapes=(), uniform_shapes=(), keys: int = 0, sh
         for end, size in zip(ends[::-1], sizes[::-1]):  # an elementwise select chain, fused into the draw
             shift = jnp.where(counters >= end, shift, np.uint32(shards - 1) * (end - size) + row * np.uint32(size))
         counters = counters + shift
-    if not (isinstance(repeat, int) and repeat == 0):
-        span = total * (1 if shard is None else shard.count) + keys * per_key
-        counters = counters + jnp.asarray(repeat, jnp.uint32) * np.uint32(span)
     flat = _floats_once(key, counters[:total], split, dtype) if total else jnp.zeros((0,), dtype)
     words = _threefry_bits(key, counters[total:], uint).reshape(keys, per_key)
     words = jax.lax.bitcast_convert_type(words.reshape(keys, 2, -1) if finfo.bits < 32 else words,

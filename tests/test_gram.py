@@ -52,25 +52,23 @@ def test_one_flat_draw_gives_jax_normals_uniforms_and_fresh_keys(dtype, key):
 
 def test_batch_shard_draws_the_rows_of_the_full_draw(key):
     """With a rng.BatchShard on the 4 fake devices, each shard's draw of 2 rows is its rows of the
-    same draw of 8 rows, every piece, and its fresh keys are the full draw's, in every repeat of the draw
-    (the gamma rounds): so a batch split over devices trains on exactly the unsplit prompts."""
+    same draw of 8 rows, every piece, and its fresh keys are the full draw's: so a batch split over
+    devices trains on exactly the unsplit prompts."""
     normal_shapes, uniform_shapes = [(8, 3), (8,), (8, 2, 2)], [(8, 5)]
-    for repeat in (0, 2):
-        full = rng.draw_many(key, jnp.float32, normal_shapes, uniform_shapes, keys=2, repeat=repeat)
+    full = rng.draw_many(key, jnp.float32, normal_shapes, uniform_shapes, keys=2)
 
-        def shard(key):
-            z, u, k = rng.draw_many(key, jnp.float32, [(2,) + s[1:] for s in normal_shapes],
-                                    [(2,) + s[1:] for s in uniform_shapes], keys=2, shard=rng.BatchShard("rows", 4),
-                                    repeat=repeat)
-            return z, u, jnp.stack(k)[None]
+    def shard(key):
+        z, u, k = rng.draw_many(key, jnp.float32, [(2,) + s[1:] for s in normal_shapes],
+                                [(2,) + s[1:] for s in uniform_shapes], keys=2, shard=rng.BatchShard("rows", 4))
+        return z, u, jnp.stack(k)[None]
 
-        mesh = jax.sharding.Mesh(np.array(jax.devices()), ("rows",))
-        rows = jax.sharding.PartitionSpec("rows")
-        z, u, k = jax.jit(jax.shard_map(shard, mesh=mesh, in_specs=jax.sharding.PartitionSpec(), out_specs=rows,
-                                        check_vma=False))(key)
-        for got, want in zip([*z, *u], [*full[0], *full[1]]):
-            assert np.array_equal(np.asarray(got), np.asarray(want))
-        assert all(np.array_equal(np.asarray(k)[i], np.stack(full[2])) for i in range(4))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("rows",))
+    rows = jax.sharding.PartitionSpec("rows")
+    z, u, k = jax.jit(jax.shard_map(shard, mesh=mesh, in_specs=jax.sharding.PartitionSpec(), out_specs=rows,
+                                    check_vma=False))(key)
+    for got, want in zip([*z, *u], [*full[0], *full[1]]):
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+    assert all(np.array_equal(np.asarray(k)[i], np.stack(full[2])) for i in range(4))
 
 
 def test_task_pool_draws_its_tasks_uniformly():
@@ -102,40 +100,18 @@ def test_standard_gamma_matches_gamma_law(alpha, key):
 
 
 @pytest.mark.parametrize("alpha", [1.0, 4.0])
-def test_gamma_redraw_rounds_match_gamma_law_and_keep_round_0(alpha, key):
-    """Every round-0 proposal rejected (z below -1/c, so (1 + c z)^3 <= 0), in round 1 those of the even
-    entries, in round 2 those of the odd: every value comes from the later rounds, which round 0's four
-    proposals otherwise leave to a few entries a batch; the other pieces are round 0's. Planted bugs caught:
-    a round overwriting values accepted in an earlier one, or the pieces taken from the last round."""
+def test_gamma_redraw_loop_matches_gamma_law(alpha, key):
+    """Every first proposal rejected (z below -1/c, so (1 + c z)^3 <= 0): every value comes from the
+    redraw loop, which the first-pass proposals otherwise leave to a few entries a batch. Planted bugs
+    caught: the loop keeping rejected proposals, or overwriting accepted values."""
     a = jnp.full((NUM,), alpha, jnp.float32)
     c = 1.0 / np.sqrt(9.0 * (alpha - 1.0 / 3.0))
-    shape = [(NUM, gram.PROPOSALS)]
-
-    def draw(r):
-        (z,), (u,), _ = rng.draw_many(key, jnp.float32, shape, shape, repeat=r)
-        odd = jnp.arange(NUM)[:, None] % 2 == 1
-        rejected = (r == 0) | ((r == 1) & ~odd) | ((r == 2) & odd)
-        return (jnp.full((3,), r, jnp.float32),), jnp.where(rejected, np.float32(-2.0 / c), z), jnp.where(rejected, 0.5, u)
-
-    (piece,), g = jax.jit(lambda: gram._with_gamma(draw, a))()
-    assert np.array_equal(np.asarray(piece), np.zeros(3))
-    g = np.asarray(g, np.float64)
+    z = jnp.full((NUM, gram.PROPOSALS), -2.0 / c, jnp.float32)
+    u = jnp.full((NUM, gram.PROPOSALS), 0.5, jnp.float32)
+    g = np.asarray(jax.jit(gram._gamma)(z, u, key, a), np.float64)
     assert np.all(g > 0)
-    assert_within_se(alpha, g.mean(), g.std() / np.sqrt(NUM), f"gamma({alpha}) from later rounds, mean")
-    assert_distribution(g, lambda x: jax.scipy.special.gammainc(alpha, x), f"gamma({alpha}) from later rounds")
-
-
-def test_repeated_draw_continues_the_stream(key):
-    """draw_many(repeat=r) is the r-th fresh copy of the draw: the counters after r whole draws, where
-    jax.random.normal of the longer flat draw continues (keys included); so every round of the gamma
-    proposals is new."""
-    count, words = 50 * 7 + 3 + NUM, 2
-    flat = np.asarray(jax.random.normal(key, (3 * (count + words),), jnp.float32))
-    for r in (1, 2):
-        (a, b, c), _, _ = jax.jit(lambda r: rng.draw_many(key, jnp.float32, [(50, 7), (3,), (NUM,)], keys=1,
-                                                          repeat=r))(r)
-        got = np.concatenate([np.ravel(a), b, c])
-        assert np.array_equal(got, flat[r * (count + words):r * (count + words) + count])
+    assert_within_se(alpha, g.mean(), g.std() / np.sqrt(NUM), f"gamma({alpha}) from the loop, mean")
+    assert_distribution(g, lambda x: jax.scipy.special.gammainc(alpha, x), f"gamma({alpha}) from the loop")
 
 
 @pytest.mark.parametrize("dof", [0, 1, 2, 5, 12])

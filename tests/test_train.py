@@ -351,6 +351,37 @@ def test_fingerprint_is_stable_and_content_based():
     assert cache.fingerprint(CFG) != cache.fingerprint(train.TrainConfig(steps=151, batch_size=64))
 
 
+def _largest_xor(jaxpr) -> int:
+    """The most elements any xor of the program (threefry's rounds) works on, sub-programs included."""
+    best = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "xor":
+            best = max([best] + [int(np.prod(v.aval.shape)) for v in eqn.invars])
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    best = max(best, _largest_xor(inner))
+    return best
+
+
+def test_a_seed_block_draws_once_for_all_its_members():
+    """The members of a seed block (other n, same key) share one draw per step: the training program's
+    threefry works on as many words for a block of 4 members as for 1. A draw that came to depend on a
+    member's value (say inside a loop whose counter vmap batches per member) would run 4 times as wide;
+    that regression cost the whole re-run of the figures 27% (docs/performance.md §6)."""
+    one_point = train._train_one(models.LinearAttention(3), train.TrainConfig(steps=3, batch_size=64), 12,
+                                 train.squared_loss, True)
+
+    def width(members):
+        program = layout.blocked(lambda n, key: one_point(IID(3), n, key), (layout.MEMBER, layout.BLOCK),
+                                 (jax.devices()[0],))
+        ns = jnp.asarray(np.linspace(6, 12, members).astype(int)[None])
+        return _largest_xor(jax.make_jaxpr(program.__wrapped__)(ns, layout.seed_keys([0])).jaxpr)
+
+    assert width(1) > 0 and width(4) == width(1)
+
+
 def test_programs_run_with_the_garbage_collector_paused_and_restore_it():
     """A compiled sweep program is called with Python's cyclic collector paused (no collection while it
     makes cyclic garbage), and the caller's setting is back after, on success, on error, and when the caller

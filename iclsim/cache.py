@@ -417,6 +417,8 @@ def persist_compilations(directory: str | Path, min_compile_secs: float = 0.1):
     §2.6). The previous settings are restored after."""
     from jax.experimental.compilation_cache import compilation_cache
 
+    if not (np.isfinite(min_compile_secs) and min_compile_secs >= 0):
+        raise ValueError(f"min_compile_secs must be a finite number >= 0, got {min_compile_secs!r}")
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")

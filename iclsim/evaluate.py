@@ -40,7 +40,8 @@ def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: 
     (common random numbers); or one key per seed, [seeds, 2] uint32 (or typed keys [seeds]), and the
     points of seed s, all designs and ns, see key s's prompts: each seed its own test set, so that an
     interval over seeds contains the variation of the test set, while comparisons within a seed stay
-    paired. Points whose keys are equal share one draw. Prompts have n active pairs in max(ns) slots;
+    paired. Points whose keys are equal form one random stream (a block of them shares each draw).
+    Prompts have n active pairs in max(ns) slots;
     Gram draws where ``gram.uses_gram``. The points are laid out in blocks over ``devices`` (default
     ``jax.devices()``) as training lays out points of one seed. The prompts a key gives depend on
     ``batch_size`` and on how many networks share a device (at most ``MAX_BATCH`` networks x prompts
@@ -86,18 +87,26 @@ def evaluate(model, params, design, n: int, key, num_prompts: int = 100_000, bat
     return float(mean[0, 0, 0]), float(se[0, 0, 0])
 
 
-def _key_rows(key, num_seeds: int):
-    """None for one key (shared by every point); else the keys' data, [num_seeds, 2] uint32, a row per seed."""
+def _key_data(key, num_seeds: int, name: str = "key") -> np.ndarray:
+    """The data of one PRNG key, [2] uint32, or of one key per seed, [num_seeds, 2] uint32 (raw or typed
+    threefry keys); a ValueError naming ``name`` and the accepted forms otherwise."""
     typed = jax.dtypes.issubdtype(getattr(key, "dtype", None), jax.dtypes.prng_key)
     if typed and str(jax.random.key_impl(key)) != "threefry2x32":
-        raise ValueError(f"key must be a threefry2x32 key (jax.random.PRNGKey), got {jax.random.key_impl(key)}")
+        raise ValueError(f"{name} must be a threefry2x32 key (jax.random.PRNGKey), got {jax.random.key_impl(key)}")
     data = np.asarray(jax.random.key_data(key) if typed else key)
     if data.shape == (2,):
-        return None
+        return data
     if data.shape != (num_seeds, 2) or data.dtype != np.uint32:
-        raise ValueError(f"key must be one PRNG key (shape (2,), as jax.random.PRNGKey gives) or one per seed, "
-                         f"shape (seeds, 2) = ({num_seeds}, 2) uint32; got shape {data.shape}, dtype {data.dtype}")
+        got = f"typed keys of shape {np.shape(key)}" if typed else f"shape {data.shape}, dtype {data.dtype}"
+        raise ValueError(f"{name} must be one PRNG key (jax.random.PRNGKey: shape (2,)) or one per seed: shape "
+                         f"(seeds, 2) = ({num_seeds}, 2) uint32, or typed keys of shape ({num_seeds},); got {got}")
     return data
+
+
+def _key_rows(key, num_seeds: int, name: str = "key"):
+    """None for one key (shared by every point); else the keys' data, [num_seeds, 2] uint32, a row per seed."""
+    data = _key_data(key, num_seeds, name)
+    return None if data.ndim == 1 else data
 
 
 @functools.lru_cache(maxsize=64)

@@ -1,8 +1,8 @@
 """How a sweep of independent points (design, n, seed) is laid out on devices, shared by training
 (``train``) and evaluation (``evaluate``).
 
-Points that use the same random stream (training: one seed; evaluation: every point, common
-random numbers) are grouped into blocks (``seed_blocks``): a block draws its prompts once and each
+Points that use the same random stream (training: one seed; evaluation: every point under one key,
+common random numbers, or the points of one seed under a key per seed) are grouped into blocks (``seed_blocks``): a block draws its prompts once and each
 member (design, n, parameters) transforms them. A compiled program maps a per-point function over
 [blocks, members] (``blocked``); with several devices the blocks are split over the axis "sweep" of a
 Mesh (``jax.shard_map``), and spare devices split each block's batch along the axis "batch"
@@ -141,7 +141,9 @@ def _gc_paused(program: Callable) -> Callable:
     the caller had it off). Tracing and lowering a program allocate many short-lived objects, and the
     collections they trigger walk every object of the process (hundreds of thousands once JAX is
     imported): a measured part of a cold fit (docs/performance.md §2.11). Nothing is lost: cyclic garbage
-    made meanwhile is collected by the next collection after the call."""
+    made meanwhile is collected by the next collection after the call. The setting is process-wide, so
+    threads calling programs at once may see the collector paused for each other's calls. The jitted
+    function (its ``lower``, ``trace``) is ``__wrapped__``."""
 
     @functools.wraps(program)
     def call(*args):

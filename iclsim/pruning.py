@@ -1,5 +1,5 @@
 """SVD weight pruning (paper B; docs/theory.md §6): truncation to a kept rank (or paper B's clipping rate),
-module-wise pruning, the evaluation of many pruned networks on shared prompts, and the derivative-free
+module-wise pruning, the evaluation of many pruned networks on paired prompts, and the derivative-free
 search that picks (layer, module, rank) on validation prompts and reports the change on test prompts."""
 
 from __future__ import annotations
@@ -118,10 +118,10 @@ def evaluate_candidates(model, params, design, n: int, candidates: Sequence[Cand
     seeds = jax.tree_util.tree_leaves(params)[0].shape[0]
     if not candidates:
         raise ValueError("candidates must not be empty")
+    rows = evaluate._key_rows(key, seeds)  # checked before the SVDs
     per_seed = [jax.tree_util.tree_map(lambda a: a[s], params) for s in range(seeds)]
     stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a)[None, None],
                                      *[_apply(p, c) for p in per_seed for c in candidates])
-    rows = evaluate._key_rows(key, seeds)
     keys = key if rows is None else np.repeat(rows, len(candidates), axis=0)
     risk, se = evaluate.evaluate_sweep(model, stacked, design, [n], keys, num_prompts)
     return risk[0, 0].reshape(seeds, len(candidates)), se[0, 0].reshape(seeds, len(candidates))
@@ -151,10 +151,16 @@ def search(model, params, design, n: int, candidates: Sequence[Candidate], val_k
     the unpruned network scored on len(candidates) independent validation sets, whose apparent gain
     over the validation set is pure selection noise (``null_key``; None skips it: NaN). Each key is one
     key (every seed on the same prompts) or one per seed ([seeds, 2]: each seed its own validation, test
-    and null sets, so that an interval over seeds contains the variation of the sets)."""
+    and null sets, so that an interval over seeds contains the variation of the sets). Each set is
+    num_val (num_test) prompts rounded up to whole evaluation batches, whose size depends on how many
+    networks share a device (``evaluate.evaluate_sweep``)."""
     candidates = [Candidate(*c) for c in candidates]
     if candidates[0].rank is not None:
         raise ValueError("candidates[0] must be the unpruned network (rank None), the reference of the search")
+    seeds = jax.tree_util.tree_leaves(params)[0].shape[0]
+    for name, key in (("val_key", val_key), ("test_key", test_key), ("null_key", null_key)):
+        if key is not None or name != "null_key":
+            evaluate._key_data(key, seeds, name)
     val, _ = evaluate_candidates(model, params, design, n, candidates, val_key, num_val)
     test, test_se = evaluate_candidates(model, params, design, n, candidates, test_key, num_test)
     chosen = np.argmin(val, axis=1)  # first minimum: ties go to the earlier candidate
@@ -170,8 +176,7 @@ def _null_control(model, params, design, n: int, copies: int, key, num_prompts: 
     """Risk [seeds, copies] of each seed's unpruned network on ``copies`` independent prompt sets, copy i
     drawn from fold_in(key, i) (``key`` one key or one per seed): one evaluation of seeds x copies networks."""
     seeds = jax.tree_util.tree_leaves(params)[0].shape[0]
-    rows = evaluate._key_rows(key, seeds)
-    base = np.broadcast_to(np.asarray(key, np.uint32) if rows is None else rows, (seeds, 2))
+    base = np.broadcast_to(evaluate._key_data(key, seeds, "null_key").astype(np.uint32), (seeds, 2))
     fold = jax.vmap(jax.vmap(jax.random.fold_in, (None, 0)), (0, None))
     keys = np.asarray(fold(jnp.asarray(base), jnp.arange(copies))).reshape(seeds * copies, 2)
     repeated = jax.tree_util.tree_map(lambda a: jnp.repeat(jnp.asarray(a), copies, axis=0)[None, None], params)

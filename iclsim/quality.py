@@ -9,7 +9,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["GATE_TOLERANCE", "Interval", "gate", "seed_interval", "sign_test", "robust", "verdict"]
+__all__ = ["GATE_TOLERANCE", "Interval", "gate", "seed_interval", "sign_test", "robust", "finite_or_none", "verdict"]
 
 GATE_TOLERANCE = 0.10  # a network passes when its risk is within 10% of its reference (issue 19's bar)
 
@@ -75,6 +75,12 @@ def robust(values) -> dict:
     low, high = (x[j - 1], x[m - j]) if j >= 1 else (-np.inf, np.inf)
     return {"mean": float(np.mean(x)), "median": float(np.median(x)), "median_low": float(low),
             "median_high": float(high), "trimmed_mean": float(np.mean(x[cut:m - cut]))}
+
+
+def finite_or_none(value, digits: int = 4):
+    """``value`` rounded, or None where it is not finite (a median interval of too few seeds is unbounded):
+    result JSON stays standard (no Infinity)."""
+    return round(float(value), digits) if np.isfinite(value) else None
 
 
 def verdict(interval: Interval, supports_if_positive: bool = True) -> str:

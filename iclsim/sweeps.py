@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iclsim import evaluate, quality, train
+from iclsim import _validate as check
+from iclsim import evaluate, layout, quality, train
 from iclsim._precision import float64
 from iclsim.bridge import effective, exact_risk
 
@@ -25,8 +26,10 @@ def stream_keys(seeds: Sequence[int], stream: int = TEST_STREAM) -> np.ndarray:
     """fold_in(PRNGKey(s), stream) for each seed s, [seeds, 2] uint32: each network's own prompt set, the
     key per seed ``evaluate.evaluate_sweep`` takes (an interval over seeds then contains the variation
     of the prompt set)."""
-    fold = jax.vmap(jax.random.fold_in, (0, None))
-    return np.asarray(fold(jnp.asarray(np.stack([np.asarray(jax.random.PRNGKey(int(s))) for s in seeds])), stream))
+    seeds = check.seed_list("seeds", layout.as_list(seeds))
+    stream = check.integer("stream", stream, 0, 2**32 - 1)
+    fold = jax.vmap(jax.random.fold_in, (0, None))  # keys made on the host as training makes them (any int64 seed)
+    return np.asarray(fold(jnp.asarray(layout.seed_keys(seeds)), np.uint32(stream)))
 
 
 @float64

@@ -220,7 +220,41 @@ def test_search_with_keys_per_seed_scores_each_seed_on_its_own_sets(key):
         assert_close(res.val_risk[s], v, rtol=1e-9)
         assert_close([res.test_before[s], res.test_after[s]], [t[0], t[res.chosen[s]]], rtol=1e-9)
         assert_close(res.null_gain[s], v[0] - min(copies), rtol=1e-9, atol=1e-12)
-    assert len(set(np.round(res.val_before, 9))) == 2
+    other, _ = pruning.evaluate_candidates(model, jax.tree_util.tree_map(lambda a: a[:1], params), design, n,
+                                           cands[:1], val[1], 2_000)
+    assert abs(other[0, 0] - res.val_risk[0, 0]) > 1e-6  # seed 0 was scored on its own set, not seed 1's
+    wrap = jax.random.wrap_key_data
+    typed = pruning.search(model, params, design, n, cands, wrap(val), wrap(test), 2_000, 2_000, null_key=wrap(null))
+    assert_close(typed.val_risk, res.val_risk, rtol=1e-12)
+    assert_close(typed.null_gain, res.null_gain, rtol=1e-12)
+    one = pruning.search(model, params, design, n, cands, wrap(val[0]), test[0], 2_000, 2_000,
+                         null_key=wrap(null[0]))  # single typed keys
+    assert np.all(np.isfinite(one.null_gain))
+    for name in ("val_key", "test_key", "null_key"):
+        keys = {"val_key": val, "test_key": test, "null_key": null, name: val[:1]}
+        with pytest.raises(ValueError, match=f"{name} must be one PRNG key"):
+            pruning.search(model, params, design, n, cands, keys["val_key"], keys["test_key"], 2_000, 2_000,
+                           null_key=keys["null_key"])
+
+
+def test_evaluation_with_keys_per_seed_bounds_networks_per_device(key):
+    """8 seeds x 3 GD-form transformers, each seed its own key, on one device: 24 networks vmapped together,
+    so each step draws at most MAX_BATCH // 24 prompts (the bound that keeps the vmapped scan right); each
+    seed's risks equal that seed's networks scored alone at that batch."""
+    from iclsim import evaluate
+
+    model = models.LinearTransformer(5, 2)
+    nets = [model.init(jax.random.fold_in(key, i)) for i in range(24)]
+    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a)[None, None], *nets)
+    design = IID(5, noise_var=0.1)
+    keys = np.repeat(np.stack([np.asarray(jax.random.fold_in(key, 100 + s)) for s in range(8)]), 3, axis=0)
+    together, _ = evaluate.evaluate_sweep(model, stacked, design, [20], keys, 20_000, batch_size=10_000,
+                                          devices=jax.devices()[:1])
+    per_step = evaluate.MAX_BATCH // len(nets)
+    for s in (0, 5):
+        alone = [evaluate.evaluate(model, p, design, 20, keys[3 * s], 20_000, batch_size=per_step)[0]
+                 for p in nets[3 * s:3 * s + 3]]
+        assert_close(together.ravel()[3 * s:3 * s + 3], alone, rtol=1e-5)
 
 
 def test_quality_statistics_known_values():

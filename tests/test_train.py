@@ -230,14 +230,21 @@ def test_evaluation_of_one_pair_splits_its_seeds_over_devices():
 
 
 def test_evaluation_with_a_key_per_seed_scores_each_seed_on_its_own_prompts():
-    """A key per seed (``sweeps.stream_keys``): every point of seed s scores as that seed alone with key s, on 4 devices and on one
-    (seeds 0 and 2 share a key, so they share one draw); typed keys give the same; the seeds' prompts are
-    not the shared key's; a key array of another shape is refused, naming the shapes allowed."""
+    """A key per seed (``sweeps.stream_keys``): every point of seed s scores as that seed alone with key s,
+    on 4 devices and on one (seeds 0 and 2 share a key, so they share one draw); typed keys give the same;
+    the seeds' prompts are not the shared key's; a key array of another shape is refused, naming the shapes
+    allowed; ``stream_keys`` is fold_in(PRNGKey(seed), stream) for any int64 seed and checks its input."""
     model, designs = models.LinearAttention(3), [IID(3, noise_var=v) for v in (0.0, 0.5)]
     fitted = train.fit_sweep(model, designs, [2, 7], [0, 1, 2], CFG)
     keys = sweeps.stream_keys([7, 8, 7], 2**32 - 5)
-    for s, row in zip((7, 8), keys):
-        assert np.array_equal(row, jax.random.fold_in(jax.random.PRNGKey(s), 2**32 - 5))
+    for s in (7, 8, -3, 2**40):  # the suite runs with x64 on, so PRNGKey takes any int64 seed as training does
+        want = jax.random.fold_in(jax.random.PRNGKey(s), 2**32 - 5)
+        assert np.array_equal(sweeps.stream_keys([s], 2**32 - 5)[0], want)
+    for bad, match in (([], "seeds must hold"), ([1.5], "seeds must be an integer"), ([True], "seeds must be")):
+        with pytest.raises((TypeError, ValueError), match=match):
+            sweeps.stream_keys(bad)
+    with pytest.raises(ValueError, match=r"stream must be an integer in \[0, 4294967295\]"):
+        sweeps.stream_keys([1], 2**32)
     four = evaluate_sweep(model, fitted.params, designs, [2, 7], keys, 3000, 500)
     one = evaluate_sweep(model, fitted.params, designs, [2, 7], keys, 3000, 500, devices=jax.devices()[:1])
     typed = evaluate_sweep(model, fitted.params, designs, [2, 7], jax.random.wrap_key_data(keys), 3000, 500)
@@ -251,8 +258,10 @@ def test_evaluation_with_a_key_per_seed_scores_each_seed_on_its_own_prompts():
     assert_close(shared[0][..., [0, 2]], four[0][..., [0, 2]], rtol=1e-6)
     assert np.all(np.abs(shared[0][..., 1] - four[0][..., 1]) > 1e-4)  # seed 1: other prompts
     for bad in (keys[:2], keys[:, :1], keys.astype(np.int32)):
-        with pytest.raises(ValueError, match=r"one per seed, shape \(seeds, 2\) = \(3, 2\)"):
+        with pytest.raises(ValueError, match=r"key must .* one per seed: shape \(seeds, 2\) = \(3, 2\)"):
             evaluate_sweep(model, fitted.params, designs, [2, 7], bad, 3000, 500)
+    with pytest.raises(ValueError, match=r"typed keys of shape \(3,\); got typed keys of shape \(2,\)"):
+        evaluate_sweep(model, fitted.params, designs, [2, 7], jax.random.wrap_key_data(keys[:2]), 3000, 500)
 
 
 def test_point_is_trained_the_same_whatever_else_is_in_the_sweep():
@@ -413,6 +422,13 @@ def test_programs_run_with_the_garbage_collector_paused_and_restore_it():
         gc.enable()
     train.fit(models.LinearAttention(3), IID(3), 4, 5, 8, 1e-2, seed=0)
     assert gc.isenabled()
+
+
+def test_persisted_compilations_refuse_a_bad_threshold(tmp_path):
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="min_compile_secs must be a finite number >= 0"):
+            with cache.persist_compilations(tmp_path, min_compile_secs=bad):
+                pass
 
 
 def test_persisted_compilations_include_a_single_fit(tmp_path):

@@ -568,14 +568,22 @@ def multistep_gd_risk(design: IID, n: int, step_sizes, key, num_draws: int = 200
     W = gamma I / n (``pgd_risk``)."""
     sigma, tau, s2, sq2 = _isotropic_scales(design, "multistep_gd_risk")
     _check_n(design, n)
+    gam = np.asarray(step_sizes, np.float64)
+    if gam.ndim != 1 or gam.shape[0] < 1 or not np.all(np.isfinite(gam)):
+        raise ValueError(f"step_sizes must be a non-empty 1-D array of finite numbers, got {step_sizes!r}")
+    gam = _padded_steps(gam)  # zero steps are no steps: every L up to STEP_SLOTS shares one program
     with jax.enable_x64(True):
-        gam = jnp.asarray(step_sizes, F64)
-        if gam.ndim != 1 or gam.shape[0] < 1 or not bool(jnp.all(jnp.isfinite(gam))):
-            raise ValueError(f"step_sizes must be a non-empty 1-D array of finite numbers, got {step_sizes!r}")
-        gam = _padded_steps(gam)  # zero steps are no steps: every L up to STEP_SLOTS shares one program
         traces = context_power_traces(key, design.dim, n, num_draws, 2 * gam.shape[0] + 1)
-        vals = _multistep_values(gam, traces, sigma, tau, s2, n)
-        return float(sq2 + jnp.mean(vals)), float(jnp.std(vals, ddof=1) / np.sqrt(num_draws))
+        mean, sd = _multistep_mean_sd(gam, traces, sigma, tau, s2, n)
+        return float(sq2 + mean), float(sd / np.sqrt(num_draws))
+
+
+@jax.jit
+def _multistep_mean_sd(step_sizes, traces, sigma, tau, s2, n):
+    """Mean and standard deviation over the draws of ``_multistep_values``: one compiled program, not a
+    dozen eager operations each compiled on its first call."""
+    vals = _multistep_values(step_sizes, traces, sigma, tau, s2, n)
+    return jnp.mean(vals), jnp.std(vals, ddof=1)
 
 
 @float64
@@ -592,9 +600,9 @@ def optimal_multistep_gd(design: IID, n: int, steps: int, key, num_draws: int = 
     fit_key, test_key = jax.random.split(key)
     one = n / (n + design.dim + 1 + s2 / tau) / sigma  # the optimal single step
     with jax.enable_x64(True):
-        starts = _padded_steps(jnp.asarray(_step_starts(steps, one), F64))
+        starts = _padded_steps(np.asarray(_step_starts(steps, one), np.float64))
         moments = jnp.mean(context_power_traces(fit_key, design.dim, n, num_draws, 2 * starts.shape[1] + 1), axis=0)
-        free = jnp.arange(starts.shape[1]) < steps  # the padded steps stay 0 (masked in the objective)
+        free = np.arange(starts.shape[1]) < steps  # the padded steps stay 0 (masked in the objective)
         found, values = _minimise_steps(starts, free, moments, sigma, tau, s2, n)
         gam = np.sort(np.asarray(found)[int(np.argmin(np.nan_to_num(np.asarray(values), nan=np.inf))), :steps])
     risk, se = multistep_gd_risk(design, n, gam, test_key, num_draws)
@@ -605,12 +613,12 @@ STEP_STARTS = 64  # BFGS starts for the best L-step GD (the risk polynomial has 
 STEP_SLOTS = 4  # step-size vectors are padded with zero steps to a multiple of this: one program for L <= 4
 
 
-def _padded_steps(steps: jax.Array) -> jax.Array:
+def _padded_steps(steps: np.ndarray) -> np.ndarray:
     """``steps`` [..., L] with zero steps appended up to a multiple of ``STEP_SLOTS``: q(l) = prod (1 - gamma l)
     is unchanged by a zero step, so the risk is too, and every depth up to STEP_SLOTS compiles the same
-    programs (the Wishart power traces, BFGS)."""
+    programs (the Wishart power traces, BFGS). On the host: no program to compile for it."""
     slots = -(-steps.shape[-1] // STEP_SLOTS) * STEP_SLOTS
-    return jnp.pad(steps, [(0, 0)] * (steps.ndim - 1) + [(0, slots - steps.shape[-1])])
+    return np.pad(steps, [(0, 0)] * (steps.ndim - 1) + [(0, slots - steps.shape[-1])])
 
 
 def _step_starts(steps: int, one: float) -> np.ndarray:

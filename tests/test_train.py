@@ -378,7 +378,7 @@ def test_a_seed_block_draws_once_for_all_its_members():
     """The members of a seed block (other n, same key) share one draw per step: the training program's
     threefry works on as many words for a block of 4 members as for 1. A draw that came to depend on a
     member's value (say inside a loop whose counter vmap batches per member) would run 4 times as wide;
-    that regression cost the whole re-run of the figures 27% (docs/performance.md §6)."""
+    that regression made alignment's full run 39 s instead of 17 s (docs/performance.md §6)."""
     one_point = train._train_one(models.LinearAttention(3), train.TrainConfig(steps=3, batch_size=64), 12,
                                  train.squared_loss, True)
 

@@ -81,12 +81,8 @@ def contrasts(rows) -> dict:
             out[setting] = {"passing_seeds": len(per_seed), "verdict": "not resolved: fewer than 2 passing seeds"}
             continue
         iv = quality.seed_interval(per_seed)
-        med = quality.robust(per_seed)
         out[setting] = {"shallow_minus_deep": round(iv.mean, 4), "ci95": [round(iv.low, 4), round(iv.high, 4)],
-                        "median": round(med["median"], 4),
-                        "median_interval": [quality.finite_or_none(med["median_low"]),
-                                            quality.finite_or_none(med["median_high"])],
-                        "sign_test_p": round(quality.sign_test(per_seed), 4), "passing_seeds": iv.count,
+                        **quality.median_summary(per_seed), "passing_seeds": iv.count,
                         "verdict": quality.verdict(iv, supports_if_positive=True),
                         "rank_correlation_gamma_norm_vs_harm": round(_spearman_by_seed(sub, seeds), 3)}
     return out

@@ -59,13 +59,10 @@ def per_setting(rows) -> dict:
             out[setting] = {"passing_seeds": len(sub), "verdict": "not resolved: fewer than 2 passing seeds"}
             continue
         changes = [r["test_change"] for r in sub]
-        change, med = quality.seed_interval(changes), quality.robust(changes)
+        change = quality.seed_interval(changes)
         out[setting] = {"test_change": round(change.mean, 4), "ci95": [round(change.low, 4), round(change.high, 4)],
                         # heavy-tailed errors (the shorter context) make the mean fragile: the median and a sign test
-                        "median": round(med["median"], 4),
-                        "median_interval": [quality.finite_or_none(med["median_low"]),
-                                            quality.finite_or_none(med["median_high"])],
-                        "sign_test_p": round(quality.sign_test(changes), 4),
+                        **quality.median_summary(changes),
                         "pruned_seeds": sum(r["layer"] > 0 for r in sub), "passing_seeds": len(sub),
                         "apparent_val_gain": round(float(np.mean([r["apparent_gain"] for r in sub])), 4),
                         "null_val_gain": round(float(np.mean([r["null_gain"] for r in sub])), 4),

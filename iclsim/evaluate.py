@@ -1,6 +1,6 @@
 """Test risk of trained models on fresh prompts: every point of a sweep (design, n, seed) scored on
-the same prompts (common random numbers) or each seed on its own, in one compiled program laid out like training
-(``layout``), the squared errors accumulated in float64."""
+the same prompts (common random numbers) or each seed on its own, in one compiled program laid out
+like training (``layout``), the squared errors accumulated in float64."""
 
 from __future__ import annotations
 
@@ -41,9 +41,8 @@ def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: 
     points of seed s, all designs and ns, see key s's prompts: each seed its own test set, so that an
     interval over seeds contains the variation of the test set, while comparisons within a seed stay
     paired. Points whose keys are equal form one random stream (a block of them shares each draw).
-    Prompts have n active pairs in max(ns) slots;
-    Gram draws where ``gram.uses_gram``. The points are laid out in blocks over ``devices`` (default
-    ``jax.devices()``) as training lays out points of one seed. The prompts a key gives depend on
+    Prompts have n active pairs in max(ns) slots; Gram draws where ``gram.uses_gram``. The points are
+    laid out in blocks over ``devices`` (default ``jax.devices()``) as training lays out points of one seed. The prompts a key gives depend on
     ``batch_size`` and on how many networks share a device (at most ``MAX_BATCH`` networks x prompts
     per step), so compare points scored in one call.
     """

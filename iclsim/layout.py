@@ -2,8 +2,8 @@
 (``train``) and evaluation (``evaluate``).
 
 Points that use the same random stream (training: one seed; evaluation: every point under one key,
-common random numbers, or the points of one seed under a key per seed) are grouped into blocks (``seed_blocks``): a block draws its prompts once and each
-member (design, n, parameters) transforms them. A compiled program maps a per-point function over
+common random numbers, or the points of one seed under a key per seed) are grouped into blocks
+(``seed_blocks``): a block draws its prompts once and each member (design, n, parameters) transforms them. A compiled program maps a per-point function over
 [blocks, members] (``blocked``); with several devices the blocks are split over the axis "sweep" of a
 Mesh (``jax.shard_map``), and spare devices split each block's batch along the axis "batch"
 (``batch_shards``). Design settings equal at every point are passed once, unbatched

@@ -159,7 +159,7 @@ def search(model, params, design, n: int, candidates: Sequence[Candidate], val_k
         raise ValueError("candidates[0] must be the unpruned network (rank None), the reference of the search")
     seeds = jax.tree_util.tree_leaves(params)[0].shape[0]
     for name, key in (("val_key", val_key), ("test_key", test_key), ("null_key", null_key)):
-        if key is not None or name != "null_key":
+        if name != "null_key" or key is not None:  # checked before any evaluation; no null_key: no null control
             evaluate._key_data(key, seeds, name)
     val, _ = evaluate_candidates(model, params, design, n, candidates, val_key, num_val)
     test, test_se = evaluate_candidates(model, params, design, n, candidates, test_key, num_test)

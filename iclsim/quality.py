@@ -9,7 +9,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["GATE_TOLERANCE", "Interval", "gate", "seed_interval", "sign_test", "robust", "finite_or_none", "verdict"]
+__all__ = ["GATE_TOLERANCE", "Interval", "gate", "seed_interval", "sign_test", "robust", "median_summary", "finite_or_none",
+           "verdict"]
 
 GATE_TOLERANCE = 0.10  # a network passes when its risk is within 10% of its reference (issue 19's bar)
 
@@ -75,6 +76,15 @@ def robust(values) -> dict:
     low, high = (x[j - 1], x[m - j]) if j >= 1 else (-np.inf, np.inf)
     return {"mean": float(np.mean(x)), "median": float(np.median(x)), "median_low": float(low),
             "median_high": float(high), "trimmed_mean": float(np.mean(x[cut:m - cut]))}
+
+
+def median_summary(values) -> dict:
+    """The median with its order-statistic 95% interval (``robust``; None for an unbounded end) and the sign
+    test's p-value, rounded to 4 digits: the summary of per-seed values whose tails are heavy."""
+    med = robust(values)
+    return {"median": round(med["median"], 4),
+            "median_interval": [finite_or_none(med["median_low"]), finite_or_none(med["median_high"])],
+            "sign_test_p": round(sign_test(values), 4)}
 
 
 def finite_or_none(value, digits: int = 4):

@@ -268,6 +268,9 @@ def test_quality_statistics_known_values():
     assert quality.verdict(quality.Interval(0.0, -0.1, 0.1, 8)).startswith("not resolved")
     r = quality.robust([1.0, 2.0, 3.0, 4.0, 1e15, 5.0, 6.0, 7.0, 8.0, 9.0])
     assert r["median"] == 5.5 and r["median_high"] < 1e15 and r["trimmed_mean"] < 10
+    assert quality.median_summary([1.0, 2.0, 3.0]) == {"median": 2.0, "median_interval": [None, None],
+                                                       "sign_test_p": 0.25}  # 3 seeds: no 95% order interval
+    assert quality.median_summary(np.arange(1.0, 9.0))["median_interval"] == [1.0, 8.0]
 
 
 def test_vmapped_evaluation_scores_each_network_as_alone(key):

@@ -12,7 +12,6 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import jax.scipy.optimize
 import numpy as np
 
 from iclsim import _validate as check
@@ -544,12 +543,23 @@ def _power_traces(key, dim, n, chunks, batch, max_power):
 
 def _multistep_polynomials(step_sizes):
     """Coefficients (lowest degree first) of q(l)^2 and of l p(l)^2 for q(l) = prod_l (1 - gamma_l l) and
-    l p(l) = 1 - q(l): the risk of L-step GD is linear in the spectral power sums tr S^k."""
+    l p(l) = 1 - q(l): the risk of L-step GD is linear in the spectral power sums tr S^k. Products of
+    polynomials written as shifts and one constant matrix (no convolution op): the minimiser
+    differentiates this twice, and the convolution's derivatives compile to large programs."""
     q = jnp.ones((1,), step_sizes.dtype)
-    for i in range(step_sizes.shape[0]):
-        q = jnp.convolve(q, jnp.stack([jnp.ones_like(step_sizes[i]), -step_sizes[i]]))
+    for i in range(step_sizes.shape[0]):  # times (1 - gamma_i l)
+        zero = jnp.zeros((1,), q.dtype)
+        q = jnp.concatenate([q, zero]) - step_sizes[i] * jnp.concatenate([zero, q])
     p = -q[1:]  # (1 - q(l)) / l
-    return jnp.convolve(q, q), jnp.concatenate([jnp.zeros((1,), p.dtype), jnp.convolve(p, p)])
+    return _squared(q), jnp.concatenate([jnp.zeros((1,), p.dtype), _squared(p)])
+
+
+def _squared(a):
+    """Coefficients of a(l)^2: the sums of a_i a_j over i + j = k, one product by a constant 0/1 matrix."""
+    m = a.shape[0]
+    sums = np.zeros((2 * m - 1, m * m))
+    sums[np.add.outer(np.arange(m), np.arange(m)).ravel(), np.arange(m * m)] = 1.0
+    return jnp.asarray(sums, a.dtype) @ jnp.outer(a, a).ravel()
 
 
 def _multistep_values(step_sizes, traces, sigma, tau, s2, n):
@@ -591,9 +601,10 @@ def optimal_multistep_gd(design: IID, n: int, steps: int, key, num_draws: int = 
     """The best L-step GD (step sizes gamma_1..gamma_L) on an isotropic IID design, docs/theory.md §8.
     The risk is s_q^2 + sigma [tau E tr q(S)^2 + (s^2 / n) E tr S p(S)^2], linear in the moments
     m_k = E tr S^k, k <= 2L + 1: they are estimated once from ``num_draws`` Wishart draws, the
-    polynomial in gamma is minimised by BFGS from ``STEP_STARTS`` starts, and the risk of the chosen steps is
-    re-estimated on as many fresh draws (unbiased, with its standard error). An L-layer linear
-    transformer in the form of Ahn et al. (``models.LinearTransformer``) can represent this predictor."""
+    polynomial in gamma is minimised by damped Newton from ``STEP_STARTS`` starts (``_minimise_steps``; an
+    ArithmeticError if the best start is not stationary), and the risk of the chosen steps is re-estimated
+    on as many fresh draws (unbiased, with its standard error). An L-layer linear transformer in the form
+    of Ahn et al. (``models.LinearTransformer``) can represent this predictor."""
     sigma, tau, s2, _ = _isotropic_scales(design, "optimal_multistep_gd")
     _check_n(design, n)
     check.positive_int("steps", steps)
@@ -603,20 +614,28 @@ def optimal_multistep_gd(design: IID, n: int, steps: int, key, num_draws: int = 
         starts = _padded_steps(np.asarray(_step_starts(steps, one), np.float64))
         moments = jnp.mean(context_power_traces(fit_key, design.dim, n, num_draws, 2 * starts.shape[1] + 1), axis=0)
         free = np.arange(starts.shape[1]) < steps  # the padded steps stay 0 (masked in the objective)
-        found, values = _minimise_steps(starts, free, moments, sigma, tau, s2, n)
-        gam = np.sort(np.asarray(found)[int(np.argmin(np.nan_to_num(np.asarray(values), nan=np.inf))), :steps])
+        found, values, gradients = map(np.asarray, _minimise_steps(starts, free, moments, sigma, tau, s2, n))
+    best = int(np.argmin(np.nan_to_num(values, nan=np.inf)))
+    if not (np.isfinite(values[best]) and gradients[best] <= STEP_TOLERANCE):
+        raise ArithmeticError(f"optimal_multistep_gd: no start reached a stationary point of the risk (best risk "
+                              f"{values[best]:.6g}, relative gradient {gradients[best]:.3g} > {STEP_TOLERANCE:g}) for "
+                              f"steps = {steps}, n = {n}, d = {design.dim}; the moments of {num_draws} draws may be "
+                              "too noisy or too large for float64: use fewer steps or a shorter context")
+    gam = np.sort(found[best, :steps])
     risk, se = multistep_gd_risk(design, n, gam, test_key, num_draws)
     return MultiStepGD(gam, risk, se)
 
 
-STEP_STARTS = 64  # BFGS starts for the best L-step GD (the risk polynomial has several local minima)
+NEWTON_ITERATIONS = 60  # iterations of _minimise_steps from each start
+STEP_TOLERANCE = 1e-6  # largest relative gradient accepted at the chosen steps (docs/performance.md §2.10)
+STEP_STARTS = 64  # starts for the best L-step GD (the risk polynomial has several local minima)
 STEP_SLOTS = 4  # step-size vectors are padded with zero steps to a multiple of this: one program for L <= 4
 
 
 def _padded_steps(steps: np.ndarray) -> np.ndarray:
     """``steps`` [..., L] with zero steps appended up to a multiple of ``STEP_SLOTS``: q(l) = prod (1 - gamma l)
     is unchanged by a zero step, so the risk is too, and every depth up to STEP_SLOTS compiles the same
-    programs (the Wishart power traces, BFGS). On the host: no program to compile for it."""
+    programs (the Wishart power traces, the minimiser). On the host: no program to compile for it."""
     slots = -(-steps.shape[-1] // STEP_SLOTS) * STEP_SLOTS
     return np.pad(steps, [(0, 0)] * (steps.ndim - 1) + [(0, slots - steps.shape[-1])])
 
@@ -634,13 +653,39 @@ def _step_starts(steps: int, one: float) -> np.ndarray:
 
 @jax.jit
 def _minimise_steps(starts, free, moments, sigma, tau, s2, n):
-    """BFGS from every start at once (one compiled program): (step sizes [starts, slots], risk [starts]).
-    Steps where ``free`` is False are held at 0 (their gradient is 0, so BFGS never moves them)."""
+    """Damped Newton (Levenberg-Marquardt) from every start at once, one compiled program: (step sizes
+    [starts, slots], risk [starts], gradient norm [starts] relative to the Hessian's scale). Steps where
+    ``free`` is False are held at 0. Each iteration solves (H + lam |H| I) p = -grad and takes x + p if it
+    lowers the risk (then lam / 4), else keeps x (lam * 4): near a minimum this is Newton's method, far
+    from one a short gradient step. The risk is a polynomial of degree 2 in each step size, so the Hessian
+    is exact and cheap; the fixed ``NEWTON_ITERATIONS`` keep the loop a compiled ``fori_loop``."""
     def objective(g):
         return _multistep_values(jnp.where(free, g, 0.0), moments[None], sigma, tau, s2, n)[0]
 
-    result = jax.vmap(lambda x0: jax.scipy.optimize.minimize(objective, x0, method="BFGS"))(starts)
-    return result.x, result.fun
+    gradient, hessian = jax.grad(objective), jax.hessian(objective)
+    eye = jnp.eye(starts.shape[1], dtype=starts.dtype)
+    both_free = free[:, None] & free[None, :]
+
+    def derivatives(x):
+        H = jnp.where(both_free, hessian(x), eye)
+        return jnp.where(free, gradient(x), 0.0), H, jnp.max(jnp.abs(jnp.diag(H)))
+
+    def iteration(_, state):
+        x, value, damping = state
+        g, H, scale = derivatives(x)
+        trial = x - jnp.where(free, jnp.linalg.solve(H + damping * scale * eye, g), 0.0)
+        trial_value = objective(trial)
+        better = trial_value < value  # False for a NaN trial: it is never taken
+        return (jnp.where(better, trial, x), jnp.where(better, trial_value, value),
+                jnp.where(better, damping / 4, damping * 4))
+
+    def descend(x0):
+        x, value, _ = jax.lax.fori_loop(0, NEWTON_ITERATIONS, iteration,
+                                        (x0, objective(x0), jnp.asarray(1e-3, x0.dtype)))
+        g, _, scale = derivatives(x)
+        return x, value, jnp.max(jnp.abs(g)) / scale
+
+    return jax.vmap(descend)(starts)
 
 
 # --- When SVD truncation of the optimum helps (docs/theory.md §6.1) ------------------------------------

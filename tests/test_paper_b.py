@@ -3,6 +3,7 @@ SVD truncation of the optimum helps, rank-based pruning, and the statistics of t
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.optimize
 import numpy as np
 import pytest
 
@@ -64,6 +65,73 @@ def test_best_four_step_gd_does_not_depend_on_the_key(key):
     a, b = (theory.optimal_multistep_gd(design, 20, 4, k, 50_000) for k in jax.random.split(key))
     assert_close(a.step_sizes, b.step_sizes, rtol=0.1, name="best 4-step GD step sizes")
     assert_within_se(a.risk, b.risk, np.hypot(a.se, b.se), name="best 4-step GD, two keys")
+
+
+def test_multistep_polynomials_are_the_products_numpy_computes():
+    """q(l) = prod (1 - gamma_i l), its square and l p(l)^2 with l p = 1 - q, against numpy's polynomial
+    products. Planted bugs caught: a shift on the wrong side, a wrong anti-diagonal in the squaring matrix."""
+    rng = np.random.default_rng(0)
+    for L in (1, 2, 3, 4, 6):
+        gam = rng.uniform(-0.5, 2.5, L)
+        q = np.polynomial.polynomial.polyfromroots(1 / gam) * np.prod(-gam)  # prod (1 - gamma_i l), low degree first
+        p = -q[1:]
+        with jax.enable_x64(True):
+            qq, lpp = map(np.asarray, theory._multistep_polynomials(jnp.asarray(gam, F64)))
+        assert_close(qq, np.polynomial.polynomial.polymul(q, q), rtol=1e-12, name=f"q^2, L={L}")
+        assert_close(lpp, np.concatenate([[0.0], np.polynomial.polynomial.polymul(p, p)]), rtol=1e-12,
+                     name=f"l p^2, L={L}")
+
+
+def _minimiser_inputs(d, n, s2, L, key, num=20_000):
+    one = n / (n + d + 1 + s2)
+    starts = theory._padded_steps(theory._step_starts(L, one))
+    with jax.enable_x64(True):
+        moments = jnp.mean(theory.context_power_traces(key, d, n, num, 2 * starts.shape[1] + 1), axis=0)
+    return starts, np.arange(starts.shape[1]) < L, moments, 1.0, 1.0, s2, n
+
+
+def test_step_minimiser_finds_the_minimum_bfgs_finds(key):
+    """The damped-Newton minimiser against two independent answers on the same moments: for L = 1 the
+    risk is quadratic in gamma, minimised at gamma = tau m1 / (tau m2 + (s^2 / n) m1) (m_k the scaled
+    moments); for L = 2, 3 jax.scipy's BFGS from the same starts (the minimiser used before) reaches the
+    same best risk. Padded steps stay exactly 0, no start ends above where it began (a start with equal
+    steps may end at a saddle: the risk is symmetric in the steps), and the chosen steps are a minimum. Planted bugs caught: a trial step taken when it raises
+    the risk (Newton then stops at saddles), damping that grows on success (gradient steps stop short)."""
+    with jax.enable_x64(True):
+        for L, (d, n, s2) in ((1, (5, 20, 0.1)), (2, (5, 20, 0.1)), (3, (3, 7, 0.5)), (2, (5, 10, 4.0))):
+            args = _minimiser_inputs(d, n, s2, L, jax.random.fold_in(key, L))
+            starts, free, moments = args[:3]
+            found, values, gradients = map(np.asarray, theory._minimise_steps(*args))
+            best = int(np.argmin(values))
+            assert np.all(found[:, L:] == 0.0), "padded steps moved"
+            initial = jax.vmap(lambda g: theory._multistep_values(g, moments[None], 1.0, 1.0, s2, n)[0])(starts)
+            assert np.all(values <= np.asarray(initial)), "a start ended above where it began"
+            H = np.asarray(jax.hessian(lambda g: theory._multistep_values(g, moments[None], 1.0, 1.0, s2, n)[0])(
+                jnp.asarray(found[best])))[:L, :L]
+            assert np.linalg.eigvalsh(H).min() > 0, "the chosen steps are not a minimum"
+            assert gradients[best] < theory.STEP_TOLERANCE
+            m = np.asarray(moments) * (1.0 / n) ** np.arange(moments.shape[0])
+            if L == 1:
+                assert_close(found[best, 0], m[1] / (m[2] + (s2 / n) * m[1]), rtol=1e-9, name="best single step")
+
+            def objective(g):
+                return theory._multistep_values(jnp.where(free, g, 0.0), moments[None], 1.0, 1.0, s2, n)[0]
+
+            bfgs = jax.vmap(lambda x0: jax.scipy.optimize.minimize(objective, x0, method="BFGS"))(jnp.asarray(starts))
+            assert_close(values[best], np.nanmin(np.asarray(bfgs.fun)), rtol=1e-9, name=f"best risk, L={L}")
+            assert values[best] <= np.nanmin(np.asarray(bfgs.fun)) * (1 + 1e-12)
+
+
+def test_a_minimiser_that_stops_short_is_an_error(key, monkeypatch):
+    """No silent wrong reference: with too few iterations to reach a stationary point,
+    optimal_multistep_gd raises and says why."""
+    monkeypatch.setattr(theory, "NEWTON_ITERATIONS", 1)
+    theory._minimise_steps.clear_cache()
+    try:
+        with pytest.raises(ArithmeticError, match="no start reached a stationary point.*steps = 3, n = 20"):
+            theory.optimal_multistep_gd(IID(5, noise_var=0.1), 20, 3, key, 5_000)
+    finally:
+        theory._minimise_steps.clear_cache()
 
 
 def test_multistep_refuses_non_isotropic_designs(key):

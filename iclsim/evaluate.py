@@ -66,12 +66,13 @@ def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: 
     networks = plan.blocks.size // len(plan.devices)  # networks vmapped together on one device
     chunks, batch = _chunks(num_prompts, max(1, min(batch_size, MAX_BATCH // networks)))
     split = layout.split_design(jax.tree_util.tree_map(lambda a: np.asarray(a)[di], stack(design_list)))
-    program = _compiled_evaluation(model, n_slots, chunks, batch, gram, plan.devices, split.treedef, split.shared,
+    program = _compiled_evaluation(model, n_slots, batch, gram, plan.devices, split.treedef, split.shared,
                                    rows is not None)
     b = plan.blocks
     flat = jax.tree_util.tree_map(lambda a: np.asarray(a).reshape((count,) + np.shape(a)[3:])[b], params)
     keys = key if rows is None else jnp.asarray(rows[sk[b[:, 0]]])
-    sums = program(flat, [a[b] for a in split.varying], split.common, jnp.asarray(np.asarray(ns)[nj][b]), keys)
+    sums = program(flat, [a[b] for a in split.varying], split.common, jnp.asarray(np.asarray(ns)[nj][b]), keys,
+                   jnp.asarray(chunks, jnp.int32))
     total, total_sq = layout.gather(sums, plan, count)
     mean, se = mean_and_se(total, total_sq, chunks * batch)
     return np.reshape(np.asarray(mean), shape), np.reshape(np.asarray(se), shape)
@@ -109,15 +110,16 @@ def _key_rows(key, num_seeds: int, name: str = "key"):
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_evaluation(model, n_slots: int, chunks: int, batch: int, gram: bool, devices: tuple, treedef,
-                         shared: tuple, block_keys: bool = False):
-    """One jitted program per (model, n_slots, prompt count, sampler, devices, shared design leaves, one key
-    or a key per block): params, designs, ns and keys are arguments, so other sweeps of the same shape never
-    recompile."""
+def _compiled_evaluation(model, n_slots: int, batch: int, gram: bool, devices: tuple, treedef, shared: tuple,
+                         block_keys: bool = False):
+    """One jitted program per (model, n_slots, prompts per step, sampler, devices, shared design leaves, one
+    key or a key per block): params, designs, ns, keys and the number of steps are arguments, so other
+    sweeps of the same shape never recompile, whatever their prompt count (a validation set and a test set
+    share the program)."""
 
-    def point(params, varying, common, n, key):
+    def point(params, varying, common, n, key, chunks):
         design = layout.merge_design(treedef, shared, varying, common)
         return risk_moments(lambda p: model.apply(params, p), design, n_slots, n, key, chunks, batch, model.dtype,
                             gram)
 
-    return layout.blocked(point, (MEMBER, MEMBER, None, MEMBER, BLOCK if block_keys else None), devices)
+    return layout.blocked(point, (MEMBER, MEMBER, None, MEMBER, BLOCK if block_keys else None, None), devices)

@@ -439,15 +439,18 @@ def ground_truth(design, n: int, key, num_prompts: int = 200_000, weights=None, 
 def risk_moments(predict: Callable[[Prompts], jax.Array], design, n_slots: int, n, key, chunks: int,
                  batch: int, dtype, gram: bool = False) -> tuple[jax.Array, jax.Array]:
     """Sum and sum of squares of (y - predict)^2 over chunks x batch fresh prompts with n active
-    context pairs in n_slots slots (``gram.draw``; pure and vmappable; n may be traced)."""
+    context pairs in n_slots slots (``gram.draw``; pure and vmappable; n and chunks may be traced).
+    Chunk i draws from ``jax.random.fold_in(key, i)``: under threefry's partitionable scheme (which
+    every draw requires, ``rng``) that is key i of ``jax.random.split(key, chunks)`` whatever chunks is,
+    so a traced chunk count gives the prompts a static split gives, and one program serves every count."""
 
-    def body(carry, k):
-        p = draw(design, k, batch, n, n_slots, dtype, gram)
+    def body(i, carry):
+        p = draw(design, jax.random.fold_in(key, i), batch, n, n_slots, dtype, gram)
         err = ((p.y_query - predict(p)) ** 2).astype(F64)
-        return (carry[0] + jnp.sum(err), carry[1] + jnp.sum(err**2)), None
+        return carry[0] + jnp.sum(err), carry[1] + jnp.sum(err**2)
 
     zero = jnp.zeros((), F64)
-    return jax.lax.scan(body, (zero, zero), jax.random.split(key, chunks))[0]
+    return jax.lax.fori_loop(0, chunks, body, (zero, zero))
 
 
 @float64

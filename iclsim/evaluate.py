@@ -22,11 +22,12 @@ from iclsim.theory import _chunks, mean_and_se, risk_moments
 __all__ = ["evaluate", "evaluate_sweep"]
 
 
-# the most prompts one step of the evaluation scan draws: with jax 0.10.2 on CPU, a vmapped scan over
-# multi-layer GD-form transformers returned the first member's risk for every member at batches of 8000
-# and more (reproduced, cause not found: not the Gram path, not the scalar leaf, not an XLA CPU flag);
-# every batch up to 5000 was right; with 68 networks vmapped, 4096 prompts per step failed too, so the bound
-# is on networks x prompts per step. tests/test_paper_b.py checks vmapped scores against per-network ones.
+# the most prompts one batch of the evaluation loop draws: with jax 0.10.2 on CPU, a vmapped scan (the loop
+# until dc9e2ed) over multi-layer GD-form transformers returned the first member's risk for every member at
+# batches of 8000 and more (reproduced, cause not found: not the Gram path, not the scalar leaf, not an XLA
+# CPU flag); every batch up to 5000 was right; with 68 networks vmapped, 4096 prompts per batch failed too,
+# so the bound is on networks x prompts per batch. tests/test_paper_b.py checks vmapped scores against
+# per-network ones.
 MAX_BATCH = 12_288
 
 
@@ -35,16 +36,16 @@ def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: 
                    batch_size: int = 10_000, sampler: str = "auto", devices: Sequence | None = None):
     """Test risk on fresh prompts of every model of a sweep: (risk, se), each [designs, ns, seeds].
 
-    ``params``: leaves with leading axes [designs, ns, seeds] (``FitResult.params`` of ``fit_sweep``
-    over the same designs and ns). ``key``: one PRNG key, and every point sees the same prompts
-    (common random numbers); or one key per seed, [seeds, 2] uint32 (or typed keys [seeds]), and the
-    points of seed s, all designs and ns, see key s's prompts: each seed its own test set, so that an
-    interval over seeds contains the variation of the test set, while comparisons within a seed stay
-    paired. Points whose keys are equal form one random stream (a block of them shares each draw).
-    Prompts have n active pairs in max(ns) slots; Gram draws where ``gram.uses_gram``. The points are
-    laid out in blocks over ``devices`` (default ``jax.devices()``) as training lays out points of one seed. The prompts a key gives depend on
-    ``batch_size`` and on how many networks share a device (at most ``MAX_BATCH`` networks x prompts
-    per step), so compare points scored in one call.
+    ``params``: leaves with leading axes [designs, ns, seeds] (``FitResult.params`` of ``fit_sweep`` over the
+    same designs and ns). ``key``: one PRNG key, and every point sees the same prompts (common random
+    numbers); or one key per seed, [seeds, 2] uint32 (or typed keys [seeds]), and the points of seed s, all
+    designs and ns, see key s's prompts: each seed its own test set, so that an interval over seeds contains
+    the variation of the test set, while comparisons within a seed stay paired. Points whose keys are equal
+    form one random stream (a block of them shares each draw). Prompts have n active pairs in max(ns) slots;
+    Gram draws where ``gram.uses_gram``. The points are laid out in blocks over ``devices`` (default
+    ``jax.devices()``) as training lays out points of one seed. The prompts a key gives depend on
+    ``batch_size`` and on how many networks share a device (at most ``MAX_BATCH`` networks x prompts per
+    batch), so compare points scored in one call.
     """
     design_list, ns = layout.as_list(designs), check.int_list("n", layout.as_list(ns))
     check.model_for(model, design_list, "evaluate", needs_dtype=True)
@@ -112,8 +113,8 @@ def _key_rows(key, num_seeds: int, name: str = "key"):
 @functools.lru_cache(maxsize=64)
 def _compiled_evaluation(model, n_slots: int, batch: int, gram: bool, devices: tuple, treedef, shared: tuple,
                          block_keys: bool = False):
-    """One jitted program per (model, n_slots, prompts per step, sampler, devices, shared design leaves, one
-    key or a key per block): params, designs, ns, keys and the number of steps are arguments, so other
+    """One jitted program per (model, n_slots, prompts per batch, sampler, devices, shared design leaves, one
+    key or a key per block): params, designs, ns, keys and the number of batches are arguments, so other
     sweeps of the same shape never recompile, whatever their prompt count (a validation set and a test set
     share the program)."""
 

@@ -440,9 +440,10 @@ def risk_moments(predict: Callable[[Prompts], jax.Array], design, n_slots: int, 
                  batch: int, dtype, gram: bool = False) -> tuple[jax.Array, jax.Array]:
     """Sum and sum of squares of (y - predict)^2 over chunks x batch fresh prompts with n active
     context pairs in n_slots slots (``gram.draw``; pure and vmappable; n and chunks may be traced).
-    Chunk i draws from ``jax.random.fold_in(key, i)``: under threefry's partitionable scheme (which
-    every draw requires, ``rng``) that is key i of ``jax.random.split(key, chunks)`` whatever chunks is,
-    so a traced chunk count gives the prompts a static split gives, and one program serves every count."""
+    Chunk i draws from ``jax.random.fold_in(key, i)``: with JAX's default partitionable threefry (which
+    iclsim's own draws require, ``rng``) that is key i of ``jax.random.split(key, chunks)`` whatever chunks
+    is, so a traced chunk count gives the prompts a static split gives, and one program serves every count
+    (a traced count cannot be differentiated in reverse mode; nothing here needs to)."""
 
     def body(i, carry):
         p = draw(design, jax.random.fold_in(key, i), batch, n, n_slots, dtype, gram)
@@ -601,13 +602,13 @@ def _multistep_mean_sd(step_sizes, traces, sigma, tau, s2, n):
 
 @float64
 def optimal_multistep_gd(design: IID, n: int, steps: int, key, num_draws: int = 200_000) -> MultiStepGD:
-    """The best L-step GD (step sizes gamma_1..gamma_L) on an isotropic IID design, docs/theory.md §8.
-    The risk is s_q^2 + sigma [tau E tr q(S)^2 + (s^2 / n) E tr S p(S)^2], linear in the moments
-    m_k = E tr S^k, k <= 2L + 1: they are estimated once from ``num_draws`` Wishart draws, the
-    polynomial in gamma is minimised by damped Newton from ``STEP_STARTS`` starts (``_minimise_steps``; an
-    ArithmeticError if the best start is not stationary), and the risk of the chosen steps is re-estimated
-    on as many fresh draws (unbiased, with its standard error). An L-layer linear transformer in the form
-    of Ahn et al. (``models.LinearTransformer``) can represent this predictor."""
+    """The best L-step GD (step sizes gamma_1..gamma_L) on an isotropic IID design, docs/theory.md §8. The
+    risk is s_q^2 + sigma [tau E tr q(S)^2 + (s^2 / n) E tr S p(S)^2], linear in the moments m_k = E tr S^k, k
+    <= 2L + 1: they are estimated once from ``num_draws`` Wishart draws, the polynomial in gamma is minimised
+    by damped Newton from ``STEP_STARTS`` starts (``_minimise_steps``; an ArithmeticError if the lowest-risk
+    steps found are not a minimum), and the risk of the chosen steps is re-estimated on as many fresh draws
+    (unbiased, with its standard error). An L-layer linear transformer in the form of Ahn et al.
+    (``models.LinearTransformer``) can represent this predictor."""
     sigma, tau, s2, _ = _isotropic_scales(design, "optimal_multistep_gd")
     _check_n(design, n)
     check.positive_int("steps", steps)
@@ -617,20 +618,23 @@ def optimal_multistep_gd(design: IID, n: int, steps: int, key, num_draws: int = 
         starts = _padded_steps(np.asarray(_step_starts(steps, one), np.float64))
         moments = jnp.mean(context_power_traces(fit_key, design.dim, n, num_draws, 2 * starts.shape[1] + 1), axis=0)
         free = np.arange(starts.shape[1]) < steps  # the padded steps stay 0 (masked in the objective)
-        found, values, gradients = map(np.asarray, _minimise_steps(starts, free, moments, sigma, tau, s2, n))
+        found, values, gradients, hessians = map(np.asarray,
+                                                 _minimise_steps(starts, free, moments, sigma, tau, s2, n))
     best = int(np.argmin(np.nan_to_num(values, nan=np.inf)))
-    if not (np.isfinite(values[best]) and gradients[best] <= STEP_TOLERANCE):
-        raise ArithmeticError(f"optimal_multistep_gd: no start reached a stationary point of the risk (best risk "
-                              f"{values[best]:.6g}, relative gradient {gradients[best]:.3g} > {STEP_TOLERANCE:g}) for "
-                              f"steps = {steps}, n = {n}, d = {design.dim}; the moments of {num_draws} draws may be "
-                              "too noisy or too large for float64: use fewer steps or a shorter context")
+    curvature = np.linalg.eigvalsh(hessians[best, :steps, :steps]).min() if np.isfinite(values[best]) else np.nan
+    if not (gradients[best] <= STEP_TOLERANCE and curvature > 0):
+        raise ArithmeticError(f"optimal_multistep_gd: the lowest-risk steps found are not a minimum of the risk "
+                              f"(risk {values[best]:.6g}, relative gradient {gradients[best]:.3g}, at most "
+                              f"{STEP_TOLERANCE:g} allowed; smallest Hessian eigenvalue {curvature:.3g}, > 0 needed) "
+                              f"for steps = {steps}, n = {n}, d = {design.dim}; the moments of {num_draws} draws may "
+                              "be too noisy or too large for float64: use fewer steps or a shorter context")
     gam = np.sort(found[best, :steps])
     risk, se = multistep_gd_risk(design, n, gam, test_key, num_draws)
     return MultiStepGD(gam, risk, se)
 
 
 NEWTON_ITERATIONS = 60  # iterations of _minimise_steps from each start
-STEP_TOLERANCE = 1e-6  # largest relative gradient accepted at the chosen steps (docs/performance.md §2.10)
+STEP_TOLERANCE = 1e-6  # largest relative gradient accepted at the chosen steps (docs/theory.md §8)
 STEP_STARTS = 64  # starts for the best L-step GD (the risk polynomial has several local minima)
 STEP_SLOTS = 4  # step-size vectors are padded with zero steps to a multiple of this: one program for L <= 4
 
@@ -657,11 +661,13 @@ def _step_starts(steps: int, one: float) -> np.ndarray:
 @jax.jit
 def _minimise_steps(starts, free, moments, sigma, tau, s2, n):
     """Damped Newton (Levenberg-Marquardt) from every start at once, one compiled program: (step sizes
-    [starts, slots], risk [starts], gradient norm [starts] relative to the Hessian's scale). Steps where
-    ``free`` is False are held at 0. Each iteration solves (H + lam |H| I) p = -grad and takes x + p if it
-    lowers the risk (then lam / 4), else keeps x (lam * 4): near a minimum this is Newton's method, far
-    from one a short gradient step. The risk is a polynomial of degree 2 in each step size, so the Hessian
-    is exact and cheap; the fixed ``NEWTON_ITERATIONS`` keep the loop a compiled ``fori_loop``."""
+    [starts, slots], risk [starts], relative gradient [starts], Hessian [starts, slots, slots]) at each
+    start's end. Steps where ``free`` is False are held at 0 (their rows of the Hessian are the identity's).
+    Each iteration solves (H + lam h I) p = -grad, h the largest diagonal entry of the free steps' Hessian,
+    and takes x + p if it lowers the risk (then lam / 4), else keeps x (lam * 4): near a minimum this is
+    Newton's method, far from one a short gradient step. The relative gradient is the largest gradient
+    entry over h. The risk is a polynomial of degree 2 in each step size, so the Hessian is exact and
+    cheap; the fixed ``NEWTON_ITERATIONS`` keep the loop a compiled ``fori_loop``."""
     def objective(g):
         return _multistep_values(jnp.where(free, g, 0.0), moments[None], sigma, tau, s2, n)[0]
 
@@ -671,7 +677,7 @@ def _minimise_steps(starts, free, moments, sigma, tau, s2, n):
 
     def derivatives(x):
         H = jnp.where(both_free, hessian(x), eye)
-        return jnp.where(free, gradient(x), 0.0), H, jnp.max(jnp.abs(jnp.diag(H)))
+        return jnp.where(free, gradient(x), 0.0), H, jnp.max(jnp.where(free, jnp.abs(jnp.diag(H)), 0.0))
 
     def iteration(_, state):
         x, value, damping = state
@@ -685,8 +691,8 @@ def _minimise_steps(starts, free, moments, sigma, tau, s2, n):
     def descend(x0):
         x, value, _ = jax.lax.fori_loop(0, NEWTON_ITERATIONS, iteration,
                                         (x0, objective(x0), jnp.asarray(1e-3, x0.dtype)))
-        g, _, scale = derivatives(x)
-        return x, value, jnp.max(jnp.abs(g)) / scale
+        g, H, scale = derivatives(x)
+        return x, value, jnp.max(jnp.abs(g)) / scale, H
 
     return jax.vmap(descend)(starts)
 

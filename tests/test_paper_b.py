@@ -104,21 +104,23 @@ def _bfgs_steps(starts, free, moments, s2, n, ends):
 def test_step_minimiser_finds_the_minimum_bfgs_finds(key):
     """The damped-Newton minimiser against two independent answers on the same moments: for L = 1 the
     risk is quadratic in gamma, minimised at gamma = tau m1 / (tau m2 + (s^2 / n) m1) (m_k the scaled
-    moments); for L = 2, 3 jax.scipy's BFGS from the same starts reaches the same best risk. Padded steps
-    stay exactly 0, no start ends above where it began (a start with equal steps may end at a saddle: the
-    risk is symmetric in the steps), and the chosen steps are a minimum. Planted bugs caught: a trial step
-    taken when it raises the risk (Newton then stops at saddles), damping that grows on success (gradient
-    steps stop short)."""
+    moments); for L = 2, 3, 4 jax.scipy's BFGS from the same starts reaches the same best risk. Padded
+    steps stay exactly 0; no start ends above where it began (the rejection rule guarantees it: only a step
+    taken uphill fails it; a start with equal steps may end at a saddle, the risk being symmetric in the
+    steps); the chosen steps are a minimum, with the Hessian the minimiser returns. Planted bugs caught: a
+    trial step taken when it raises the risk, damping that grows on success (gradient steps stop short).
+    L = 4 fills every slot (no padded step), L = 1-3 do not."""
     with jax.enable_x64(True):
-        for L, (d, n, s2) in ((1, (5, 20, 0.1)), (2, (5, 10, 4.0)), (3, (3, 7, 0.5))):
+        for L, (d, n, s2) in ((1, (5, 20, 0.1)), (2, (5, 10, 4.0)), (3, (3, 7, 0.5)), (4, (5, 20, 0.1))):
             args = _minimiser_inputs(d, n, s2, L, jax.random.fold_in(key, L))
             starts, free, moments = args[:3]
-            found, values, gradients = map(np.asarray, theory._minimise_steps(*args))
+            found, values, gradients, returned = map(np.asarray, theory._minimise_steps(*args))
             best = int(np.argmin(values))
             bfgs_best, initial, hessians = _bfgs_steps(jnp.asarray(starts), free, moments, s2, n, found)
             assert np.all(found[:, L:] == 0.0), "padded steps moved"
-            assert np.all(values <= np.asarray(initial)), "a start ended above where it began"
+            assert np.all(values <= np.asarray(initial) * (1 + 1e-12)), "a start ended above where it began"
             H = np.asarray(hessians)[best, :L, :L]
+            assert_close(returned[best, :L, :L], H, rtol=1e-9, name="the minimiser's Hessian")
             assert np.linalg.eigvalsh(H).min() > 0, "the chosen steps are not a minimum"
             assert gradients[best] < theory.STEP_TOLERANCE
             if L == 1:
@@ -129,12 +131,18 @@ def test_step_minimiser_finds_the_minimum_bfgs_finds(key):
 
 
 def test_a_minimiser_that_stops_short_is_an_error(key, monkeypatch):
-    """No silent wrong reference: with too few iterations to reach a stationary point,
-    optimal_multistep_gd raises and says why."""
+    """No silent wrong reference: with too few iterations to reach a stationary point, and with a NaN
+    risk (moments that overflow), optimal_multistep_gd raises and says why."""
+    iterations, traces = theory.NEWTON_ITERATIONS, theory.context_power_traces
     monkeypatch.setattr(theory, "NEWTON_ITERATIONS", 1)
     theory._minimise_steps.clear_cache()
     try:
-        with pytest.raises(ArithmeticError, match="no start reached a stationary point.*steps = 3, n = 20"):
+        with pytest.raises(ArithmeticError, match="not a minimum of the risk.*relative gradient.*steps = 3, n = 20"):
+            theory.optimal_multistep_gd(IID(5, noise_var=0.1), 20, 3, key, 5_000)
+        monkeypatch.setattr(theory, "NEWTON_ITERATIONS", iterations)
+        theory._minimise_steps.clear_cache()
+        monkeypatch.setattr(theory, "context_power_traces", lambda *a: traces(*a).at[0, 3].set(jnp.inf))
+        with pytest.raises(ArithmeticError, match="risk nan"):
             theory.optimal_multistep_gd(IID(5, noise_var=0.1), 20, 3, key, 5_000)
     finally:
         theory._minimise_steps.clear_cache()

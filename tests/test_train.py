@@ -217,11 +217,11 @@ def test_sharded_evaluation_equals_one_device_evaluation():
 
 
 def test_one_evaluation_program_serves_every_prompt_count():
-    """The number of prompt batches is an argument of the evaluation program, not part of it: scoring
-    the same sweep on 3000 and on 7000 prompts (a validation and a test set) traces and compiles one
-    program, and each count's risks equal those of the prompts drawn with a static split of the key
-    (the scan the program replaced; to float32 rounding: one network alone against two vmapped). Planted bugs caught: the count back in the program's
-    cache key (two programs), batch i drawn from key i + 1 (other prompts)."""
+    """The number of prompt batches is an argument of the evaluation program, not part of it: scoring the same
+    sweep on 3000 and on 7000 prompts (a validation and a test set) traces and compiles one program, and each
+    count's risks equal those of the prompts drawn with a static split of the key (the scan the program
+    replaced; to float32 rounding: one network alone against two vmapped). Planted bugs caught: the count back
+    in the program's cache key (two programs), batch i drawn from key i + 1 (other prompts)."""
     model, design = models.LinearAttention(3), IID(3, noise_var=0.3)
     fitted = train.fit_sweep(model, design, [4], [0, 1], CFG)
     key = jax.random.PRNGKey(8)

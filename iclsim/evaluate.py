@@ -22,12 +22,15 @@ from iclsim.theory import _chunks, mean_and_se, risk_moments
 __all__ = ["evaluate", "evaluate_sweep"]
 
 
-# the most prompts one batch of the evaluation loop draws: with jax 0.10.2 on CPU, a vmapped scan (the loop
-# until dc9e2ed) over multi-layer GD-form transformers returned the first member's risk for every member at
-# batches of 8000 and more (reproduced, cause not found: not the Gram path, not the scalar leaf, not an XLA
-# CPU flag); every batch up to 5000 was right; with 68 networks vmapped, 4096 prompts per batch failed too,
-# so the bound is on networks x prompts per batch. tests/test_paper_b.py checks vmapped scores against
-# per-network ones.
+# the most prompts one batch of the evaluation loop draws, over the networks vmapped on one device: with jax
+# 0.10.2 on CPU, multi-layer GD-form transformers scored vmapped returned the first network's risk for every
+# network at batches of 8000 and more (4096 with 68 networks); every batch up to 5000 was right. The cause is
+# XLA CPU's YNNPACK library fusion (on by default, DebugOptions xla_cpu_experimental_ynn_fusion_type): the
+# smallest case found, a vmap over 24 networks of the float64 sum of float32 squared errors at 10000 prompts,
+# is wrong with it and right with it off (compiler_options={"xla_cpu_experimental_ynn_fusion_type": ""}), and
+# right with the sum in float32; training's float32 losses and gradients vmapped over 24-64 networks at
+# 512-10000 prompts agreed with each network alone. The bound keeps the prompts (and so every committed
+# number) as they were; tests/test_paper_b.py checks vmapped scores against per-network ones at the bound.
 MAX_BATCH = 12_288
 
 

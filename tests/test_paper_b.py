@@ -357,8 +357,9 @@ def test_quality_statistics_known_values():
 
 def test_vmapped_evaluation_scores_each_network_as_alone(key):
     """24 different GD-form transformers scored in one vmapped evaluation: the first three equal each scored
-    alone on the same prompts. Regression: with batches of 10_000 prompts the vmapped scan returned the first
-    network's risk for all three (jax 0.10.2, CPU); evaluate_sweep now draws at most MAX_BATCH per step."""
+    alone on the same prompts. Regression: with batches of 10_000 prompts the vmapped evaluation returned the
+    first network's risk for all three (jax 0.10.2, CPU: XLA's YNNPACK fusion, see evaluate.MAX_BATCH);
+    evaluate_sweep draws at most MAX_BATCH networks x prompts per batch."""
     from iclsim import evaluate
 
     model = models.LinearTransformer(5, 2)

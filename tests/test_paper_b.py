@@ -355,11 +355,12 @@ def test_quality_statistics_known_values():
     assert quality.median_summary(np.arange(1.0, 9.0))["median_interval"] == [1.0, 8.0]
 
 
-def test_vmapped_evaluation_scores_each_network_as_alone(key):
+def test_vmapped_evaluation_scores_each_network_as_alone(key, monkeypatch):
     """24 different GD-form transformers scored in one vmapped evaluation: the first three equal each scored
-    alone on the same prompts. Regression: with batches of 10_000 prompts the vmapped evaluation returned the
-    first network's risk for all three (jax 0.10.2, CPU: XLA's YNNPACK fusion, see evaluate.MAX_BATCH);
-    evaluate_sweep draws at most MAX_BATCH networks x prompts per batch."""
+    alone on the same prompts, at the bound evaluate_sweep keeps (MAX_BATCH networks x prompts per batch) and
+    with the bound lifted to batches of 10_000. Regression: there the vmapped evaluation returned the first
+    network's risk for all three (jax 0.10.2, CPU: XLA's YNNPACK library fusion, now off for the evaluation
+    program, evaluate.NO_LIBRARY_FUSION); the test fails with the fusion back on."""
     from iclsim import evaluate
 
     model = models.LinearTransformer(5, 2)
@@ -372,3 +373,12 @@ def test_vmapped_evaluation_scores_each_network_as_alone(key):
     alone = [evaluate.evaluate(model, p, design, 20, key, 20_000, batch_size=per_step)[0] for p in nets[:3]]
     assert_close(together.ravel()[:3], alone, rtol=1e-5)
     assert len(set(np.round(alone, 6))) == 3
+    monkeypatch.setattr(evaluate, "MAX_BATCH", 10**9)
+    evaluate._compiled_evaluation.cache_clear()
+    try:
+        together, _ = evaluate.evaluate_sweep(model, stacked, design, [20], key, 20_000, batch_size=10_000,
+                                              devices=jax.devices()[:1])
+        alone = [evaluate.evaluate(model, p, design, 20, key, 20_000, batch_size=10_000)[0] for p in nets[:3]]
+    finally:
+        evaluate._compiled_evaluation.cache_clear()
+    assert_close(together.ravel()[:3], alone, rtol=1e-5, name="batches of 10_000, bound lifted")

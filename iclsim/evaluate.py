@@ -113,6 +113,19 @@ def _key_rows(key, num_seeds: int, name: str = "key"):
     return None if data.ndim == 1 else data
 
 
+@functools.cache
+def _library_fusion_off():
+    """NO_LIBRARY_FUSION where this jaxlib knows the option, else None (an XLA without the option has no
+    YNNPACK fusion to turn off). Asked once per process by compiling a one-operation program."""
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=NO_LIBRARY_FUSION).lower(np.float32(0)).compile()
+    except jax.errors.JaxRuntimeError as err:
+        if "No such compile option" in str(err):
+            return None
+        raise
+    return NO_LIBRARY_FUSION
+
+
 @functools.lru_cache(maxsize=64)
 def _compiled_evaluation(model, n_slots: int, batch: int, gram: bool, devices: tuple, treedef, shared: tuple,
                          block_keys: bool = False):
@@ -126,6 +139,6 @@ def _compiled_evaluation(model, n_slots: int, batch: int, gram: bool, devices: t
         return risk_moments(lambda p: model.apply(params, p), design, n_slots, n, key, chunks, batch, model.dtype,
                             gram)
 
-    options = NO_LIBRARY_FUSION if devices[0].platform == "cpu" else None
+    options = _library_fusion_off() if devices[0].platform == "cpu" else None
     return layout.blocked(point, (MEMBER, MEMBER, None, MEMBER, BLOCK if block_keys else None, None), devices,
                           compiler_options=options)

@@ -321,7 +321,7 @@ def test_search_with_keys_per_seed_scores_each_seed_on_its_own_sets(key):
 
 def test_evaluation_with_keys_per_seed_bounds_networks_per_device(key):
     """8 seeds x 3 GD-form transformers, each seed its own key, on one device: 24 networks vmapped together,
-    so each step draws at most MAX_BATCH // 24 prompts (the bound that keeps the vmapped scan right); each
+    so each batch draws at most MAX_BATCH // 24 prompts (the bound that sets the prompts a key gives); each
     seed's risks equal that seed's networks scored alone at that batch."""
     from iclsim import evaluate
 
@@ -355,10 +355,25 @@ def test_quality_statistics_known_values():
     assert quality.median_summary(np.arange(1.0, 9.0))["median_interval"] == [1.0, 8.0]
 
 
+def test_library_fusion_is_turned_off_only_where_jaxlib_knows_the_option(monkeypatch):
+    """The evaluation program's CPU options: NO_LIBRARY_FUSION where this jaxlib has the option, None where
+    it does not (an older jaxlib would otherwise refuse every evaluation program)."""
+    from iclsim import evaluate
+
+    evaluate._library_fusion_off.cache_clear()
+    try:
+        assert evaluate._library_fusion_off() == {"xla_cpu_experimental_ynn_fusion_type": ""}
+        evaluate._library_fusion_off.cache_clear()
+        monkeypatch.setattr(evaluate, "NO_LIBRARY_FUSION", {"xla_cpu_no_such_option_anywhere": ""})
+        assert evaluate._library_fusion_off() is None
+    finally:
+        evaluate._library_fusion_off.cache_clear()
+
+
 def test_vmapped_evaluation_scores_each_network_as_alone(key, monkeypatch):
     """24 different GD-form transformers scored in one vmapped evaluation: the first three equal each scored
-    alone on the same prompts, at the bound evaluate_sweep keeps (MAX_BATCH networks x prompts per batch) and
-    with the bound lifted to batches of 10_000. Regression: there the vmapped evaluation returned the first
+    alone on the same prompts, at the bound evaluate_sweep keeps (at most MAX_BATCH networks x prompts per
+    batch) and with the bound lifted to batches of 10_000. Regression: there the vmapped evaluation returned the first
     network's risk for all three (jax 0.10.2, CPU: XLA's YNNPACK library fusion, now off for the evaluation
     program, evaluate.NO_LIBRARY_FUSION); the test fails with the fusion back on."""
     from iclsim import evaluate
@@ -374,7 +389,7 @@ def test_vmapped_evaluation_scores_each_network_as_alone(key, monkeypatch):
     assert_close(together.ravel()[:3], alone, rtol=1e-5)
     assert len(set(np.round(alone, 6))) == 3
     monkeypatch.setattr(evaluate, "MAX_BATCH", 10**9)
-    evaluate._compiled_evaluation.cache_clear()
+    evaluate._compiled_evaluation.cache_clear()  # programs built afresh, with the options of this run
     try:
         together, _ = evaluate.evaluate_sweep(model, stacked, design, [20], key, 20_000, batch_size=10_000,
                                               devices=jax.devices()[:1])

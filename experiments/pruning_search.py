@@ -61,7 +61,8 @@ def per_setting(rows) -> dict:
         changes = [r["test_change"] for r in sub]
         change = quality.seed_interval(changes)
         out[setting] = {"test_change": round(change.mean, 4), "ci95": [round(change.low, 4), round(change.high, 4)],
-                        # heavy-tailed errors (the shorter context) make the mean fragile: the median and a sign test
+                        # heavy-tailed errors (the shorter context) make the mean fragile:
+                        # the median and a sign test
                         **quality.median_summary(changes),
                         "pruned_seeds": sum(r["layer"] > 0 for r in sub), "passing_seeds": len(sub),
                         "apparent_val_gain": round(float(np.mean([r["apparent_gain"] for r in sub])), 4),

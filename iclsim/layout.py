@@ -3,11 +3,12 @@
 
 Points that use the same random stream (training: one seed; evaluation: every point under one key,
 common random numbers, or the points of one seed under a key per seed) are grouped into blocks
-(``seed_blocks``): a block draws its prompts once and each member (design, n, parameters) transforms them. A compiled program maps a per-point function over
-[blocks, members] (``blocked``); with several devices the blocks are split over the axis "sweep" of a
-Mesh (``jax.shard_map``), and spare devices split each block's batch along the axis "batch"
-(``batch_shards``). Design settings equal at every point are passed once, unbatched
-(``split_design``), so what is computed from them alone is computed once per block.
+(``seed_blocks``): a block draws its prompts once and each member (design, n, parameters) transforms
+them. A compiled program maps a per-point function over [blocks, members] (``blocked``); with several
+devices the blocks are split over the axis "sweep" of a Mesh (``jax.shard_map``), and spare devices
+split each block's batch along the axis "batch" (``batch_shards``). Design settings equal at every point
+are passed once, unbatched (``split_design``), so what is computed from them alone is computed once per
+block.
 """
 
 from __future__ import annotations
@@ -132,8 +133,8 @@ def blocked(point: Callable, kinds: tuple, devices: tuple, shards: int = 1, comp
     # check_vma off: parameters that start as constants (LoRA's B = 0) would otherwise need pcast to
     # become per-device; outputs are equal along "batch" (its pmean is the only collective)
     in_specs = tuple(whole if k is None else spec for k in kinds)
-    return _gc_paused(jax.jit(jax.shard_map(program, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False),
-                              compiler_options=compiler_options))
+    sharded = jax.shard_map(program, mesh=mesh, in_specs=in_specs, out_specs=spec, check_vma=False)
+    return _gc_paused(jax.jit(sharded, compiler_options=compiler_options))
 
 
 def _gc_paused(program: Callable) -> Callable:

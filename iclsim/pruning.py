@@ -167,7 +167,8 @@ def search(model, params, design, n: int, candidates: Sequence[Candidate], val_k
     rows = np.arange(val.shape[0])
     null = np.full(val.shape[0], np.nan)
     if null_key is not None:
-        null = val[:, 0] - np.min(_null_control(model, params, design, n, len(candidates), null_key, num_val), axis=1)
+        copies = _null_control(model, params, design, n, len(candidates), null_key, num_val)
+        null = val[:, 0] - np.min(copies, axis=1)
     return SearchResult(candidates, val, chosen, val[:, 0], val[rows, chosen], test[:, 0], test[rows, chosen],
                         test_se[rows, chosen], null)
 

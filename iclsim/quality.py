@@ -9,8 +9,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["GATE_TOLERANCE", "Interval", "gate", "seed_interval", "sign_test", "robust", "median_summary", "finite_or_none",
-           "verdict"]
+__all__ = ["GATE_TOLERANCE", "Interval", "gate", "seed_interval", "sign_test", "robust", "median_summary",
+           "finite_or_none", "verdict"]
 
 GATE_TOLERANCE = 0.10  # a network passes when its risk is within 10% of its reference (issue 19's bar)
 

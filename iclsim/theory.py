@@ -671,13 +671,14 @@ def _minimise_steps(starts, free, moments, sigma, tau, s2, n):
     def objective(g):
         return _multistep_values(jnp.where(free, g, 0.0), moments[None], sigma, tau, s2, n)[0]
 
-    gradient, hessian = jax.grad(objective), jax.hessian(objective)
+    gradient = jax.grad(objective)
     eye = jnp.eye(starts.shape[1], dtype=starts.dtype)
     both_free = free[:, None] & free[None, :]
 
-    def derivatives(x):
-        H = jnp.where(both_free, hessian(x), eye)
-        return jnp.where(free, gradient(x), 0.0), H, jnp.max(jnp.where(free, jnp.abs(jnp.diag(H)), 0.0))
+    def derivatives(x):  # the gradient and, forward over it, the Hessian's columns: one reverse pass, not two
+        g, H = jax.vmap(lambda v: jax.jvp(gradient, (x,), (v,)), out_axes=(None, 1))(eye)
+        H = jnp.where(both_free, H, eye)
+        return jnp.where(free, g, 0.0), H, jnp.max(jnp.where(free, jnp.abs(jnp.diag(H)), 0.0))
 
     def iteration(_, state):
         x, value, damping = state

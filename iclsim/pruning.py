@@ -13,19 +13,41 @@ import numpy as np
 from iclsim import _validate as _check
 from iclsim import evaluate
 
-__all__ = ["DEFAULT_RATES", "MODULES", "Candidate", "SearchResult", "kept_singular_values", "ranks_for_rates",
+__all__ = ["DEFAULT_RATES", "MODULES", "OPERATIONS", "Candidate", "SearchResult", "apply_candidate", "kept_singular_values", "ranks_for_rates",
            "svd_truncate", "prune", "module_shape", "evaluate_candidates", "search"]
 
 DEFAULT_RATES = (0.0, 0.1, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995)
 MODULES = {"attn": ("Wq", "Wk", "Wv", "Wo"), "mlp": ("W_in", "W_out")}
 
 
+OPERATIONS = ("svd", "delete", "scale", "random", "product_svd")
+
+
 class Candidate(NamedTuple):
-    """One pruned network: the matrices of (layer, module) truncated to ``rank`` (None: not pruned)."""
+    """One edited network: an operation ``op`` on (layer, module).
+
+    - "svd" (paper B's operator): every matrix of the module SVD-truncated to ``rank``; rank None is the
+      unpruned network (list it first in a search).
+    - Controls, the trivial operations that could explain a pruning effect (docs/theory.md §6.2):
+      "delete": the layer's update removed (its value scale w_v or Wv set to 0: the GD step deleted);
+      "scale": the layer's update multiplied by the scalar ``value`` (w_v or Wv times value);
+      "random": every matrix of the module projected on a random subspace of the same ``rank``
+      (W -> W P, P the projection on ``rank`` orthonormal directions drawn from numpy's generator seeded
+      by ``value``, one P shared by the module's matrices of the same width, so Wq Wk^T -> Wq P Wk^T): truncation with directions that carry no information;
+      "product_svd": the query-key product Q = Wq Wk^T truncated to ``rank`` by its own SVD (Wq -> U_k S_k,
+      Wk -> V_k), factorisation-free: in the GD form the layer's step matrix Gamma_l = -w_v Q is truncated
+      itself, whatever singular directions its factors happen to have."""
 
     layer: int
     module: str
     rank: int | None
+    op: str = "svd"
+    value: float | int | None = None
+
+    @property
+    def unpruned(self) -> bool:
+        """True for the network left as trained (op "svd", rank None)."""
+        return self.op == "svd" and self.rank is None
 
 
 def kept_singular_values(shape, clipping_rate: float) -> int:
@@ -106,8 +128,56 @@ def prune(params, layer: int, module: str, clipping_rate: float | None = None, *
     return {**params, "layers": layers}
 
 
-def _apply(params, c: Candidate):
-    return params if c.rank is None else prune(params, c.layer, c.module, rank=c.rank)
+def apply_candidate(params, candidate: Candidate):
+    """The parameters of one candidate (``Candidate``'s operations); the input is untouched."""
+    c = Candidate(*candidate)
+    if c.op not in OPERATIONS:
+        raise ValueError(f"op must be one of {OPERATIONS}, got {c.op!r}")
+    if c.op == "svd":
+        return params if c.rank is None else prune(params, c.layer, c.module, rank=c.rank)
+    target = _module(params, c.layer, c.module)
+    if c.op in ("delete", "scale"):
+        factor = 0.0 if c.op == "delete" else c.value
+        if isinstance(factor, bool) or not isinstance(factor, (int, float, np.floating, np.integer)) \
+                or not np.isfinite(factor):
+            raise ValueError(f"value must be a finite scalar for op 'scale', got {c.value!r}")
+        name = "w_v" if "w_v" in target else "Wv" if "Wv" in target else None
+        if name is None:
+            raise ValueError(f"op {c.op!r} needs a value map (w_v or Wv) in module {c.module!r}; it has "
+                             f"{sorted(target)}")
+        edited = {**target, name: target[name] * jnp.asarray(factor, target[name].dtype)}
+    elif c.op == "random":
+        if isinstance(c.value, bool) or not isinstance(c.value, (int, np.integer)) or c.value < 0:
+            raise ValueError(f"value must be an integer seed >= 0 for op 'random', got {c.value!r}")
+        matrices = {k: w for k, w in target.items() if jnp.ndim(w) == 2}
+        width = min(w.shape[1] for w in matrices.values())
+        rank = _rank(c.rank, width)
+        rng = np.random.default_rng(int(c.value))
+        projections: dict[int, np.ndarray] = {}  # one subspace per width: Wq P (Wk P)^T = Wq P Wk^T
+        edited = dict(target)
+        for k, w in matrices.items():
+            if w.shape[1] not in projections:
+                basis, _ = np.linalg.qr(rng.standard_normal((w.shape[1], rank)))
+                projections[w.shape[1]] = basis @ basis.T
+            edited[k] = w @ jnp.asarray(projections[w.shape[1]], w.dtype)
+    else:  # product_svd
+        if "Wq" not in target or "Wk" not in target:
+            raise ValueError(f"op 'product_svd' needs Wq and Wk in module {c.module!r}; it has {sorted(target)}")
+        Q = target["Wq"] @ target["Wk"].T
+        rank = _rank(c.rank, min(*Q.shape, target["Wq"].shape[1]))
+        U, sv, Vt = jnp.linalg.svd(Q, full_matrices=False)
+        pad = target["Wq"].shape[1] - rank
+        Wq = jnp.pad(U[:, :rank] * sv[None, :rank], ((0, 0), (0, pad)))
+        Wk = jnp.pad(Vt[:rank].T, ((0, 0), (0, pad)))
+        edited = {**target, "Wq": Wq.astype(target["Wq"].dtype), "Wk": Wk.astype(target["Wk"].dtype)}
+    if "layers" not in params:
+        return edited
+    layers = list(params["layers"])
+    layers[c.layer] = {**layers[c.layer], c.module: edited}
+    return {**params, "layers": layers}
+
+
+_apply = apply_candidate
 
 
 def evaluate_candidates(model, params, design, n: int, candidates: Sequence[Candidate], key, num_prompts: int):
@@ -155,8 +225,9 @@ def search(model, params, design, n: int, candidates: Sequence[Candidate], val_k
     num_val (num_test) prompts rounded up to whole evaluation batches, whose size depends on how many
     networks share a device (``evaluate.evaluate_sweep``)."""
     candidates = [Candidate(*c) for c in candidates]
-    if candidates[0].rank is not None:
-        raise ValueError("candidates[0] must be the unpruned network (rank None), the reference of the search")
+    if not candidates or not candidates[0].unpruned:
+        raise ValueError("candidates[0] must be the unpruned network (op 'svd', rank None), the reference of the "
+                         "search")
     seeds = jax.tree_util.tree_leaves(params)[0].shape[0]
     for name, key in (("val_key", val_key), ("test_key", test_key), ("null_key", null_key)):
         if name != "null_key" or key is not None:  # checked before any evaluation; no null_key: no null control

@@ -9,8 +9,11 @@ from typing import NamedTuple
 
 import numpy as np
 
-__all__ = ["GATE_TOLERANCE", "Interval", "gate", "seed_interval", "sign_test", "robust", "median_summary",
-           "finite_or_none", "verdict"]
+__all__ = ["GATE_TOLERANCE", "Interval", "MedianInterval", "gate", "seed_interval", "sign_test", "robust",
+           "median_interval", "median_summary", "finite_or_none", "verdict", "median_verdict", "across_bases",
+           "UNSTABLE"]
+
+UNSTABLE = "unstable across seed bases"
 
 GATE_TOLERANCE = 0.10  # a network passes when its risk is within 10% of its reference (issue 19's bar)
 
@@ -78,13 +81,70 @@ def robust(values) -> dict:
             "median_high": float(high), "trimmed_mean": float(np.mean(x[cut:m - cut]))}
 
 
+class MedianInterval(NamedTuple):
+    """The median of per-seed values with the order-statistic interval [x_(j), x_(m-j+1)] and its exact
+    coverage of the population median, 1 - 2 P(Binomial(m, 1/2) < j) (distribution-free)."""
+
+    median: float
+    low: float
+    high: float
+    coverage: float
+    count: int
+
+
+def median_interval(values, level: float = 0.95) -> MedianInterval:
+    """The narrowest symmetric order-statistic interval whose exact coverage of the median is >= ``level``:
+    the largest j with 2 P(Binomial(m, 1/2) < j) <= 1 - level. With m = 8 seeds that is [min, max]
+    (coverage 0.992); with m = 16, [x_(4), x_(13)] (0.979). Too few seeds for any such interval (m <= 5 at
+    95%) give (-inf, inf) and coverage 1.0. Multimodal per-seed values are summarised by this, never by a
+    t-interval alone (a t-interval over a two-cluster sample is not a summary of either cluster)."""
+    if not 0.0 < float(level) < 1.0:
+        raise ValueError(f"level must be in (0, 1), got {level!r}")
+    x = np.sort(np.asarray(values, np.float64).ravel())
+    m = x.size
+    if m == 0:
+        raise ValueError("median_interval needs at least one value")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("median_interval needs finite values (a failed network is left out, never averaged in)")
+    below = [math.comb(m, i) / 2.0**m for i in range(m + 1)]  # P(Binomial(m, 1/2) = i)
+    j, tail = 0, 0.0
+    while j < m and 2 * (tail + below[j]) <= 1.0 - float(level) + 1e-12:
+        tail += below[j]
+        j += 1
+    if j == 0:
+        return MedianInterval(float(np.median(x)), -math.inf, math.inf, 1.0, m)
+    return MedianInterval(float(np.median(x)), float(x[j - 1]), float(x[m - j]), float(1.0 - 2 * tail), m)
+
+
+def median_verdict(values, supports_if_positive: bool = True, level: float = 0.95) -> str:
+    """'supported' / 'contradicted' when the median's order-statistic interval (``median_interval``, exact
+    coverage >= ``level``) excludes 0 on the side the claim predicts / the other side, else 'not resolved at
+    this sample size'."""
+    iv = median_interval(values, level)
+    return verdict(Interval(iv.median, iv.low, iv.high, iv.count), supports_if_positive)
+
+
+def across_bases(verdicts) -> str:
+    """One verdict from the verdicts of independent seed bases: 'supported' or 'contradicted' only where every
+    base says so, else ``UNSTABLE`` (the claim's outcome depends on which seeds were drawn)."""
+    verdicts = list(verdicts)
+    if len(verdicts) < 2:
+        raise ValueError(f"across_bases needs the verdicts of at least 2 seed bases, got {len(verdicts)}")
+    first = verdicts[0]
+    if first in ("supported", "contradicted") and all(v == first for v in verdicts):
+        return first
+    if all(v == first for v in verdicts):
+        return first  # every base unresolved: say so, not "unstable"
+    return UNSTABLE
+
+
 def median_summary(values) -> dict:
     """The median with its order-statistic 95% interval (``robust``; None for an unbounded end) and the sign
     test's p-value, rounded to 4 digits: the summary of per-seed values whose tails are heavy."""
-    med = robust(values)
-    return {"median": round(med["median"], 4),
-            "median_interval": [finite_or_none(med["median_low"]), finite_or_none(med["median_high"])],
-            "sign_test_p": round(sign_test(values), 4)}
+    med = median_interval(values)
+    return {"median": round(med.median, 4),
+            "median_interval": [finite_or_none(med.low), finite_or_none(med.high)],
+            "median_coverage": round(med.coverage, 4), "sign_test_p": round(sign_test(values), 4)}
 
 
 def finite_or_none(value, digits: int = 4):

@@ -7,7 +7,7 @@ import jax.scipy.optimize
 import numpy as np
 import pytest
 
-from iclsim import IID, models, pruning, quality, theory
+from iclsim import IID, models, pruning, quality, theory, wishart
 from iclsim.designs import GramPrompts, tokens
 from tests.tolerance import assert_close, assert_within_se
 
@@ -25,46 +25,74 @@ def _gd_risk_by_prompts(design, n, steps, key, num=100_000):
 
 
 def test_one_gd_step_is_pgd_with_a_scaled_identity(key):
-    """Planted bug caught: a wrong noise term (s^2/n) l p^2 or a wrong moment scaling moves L = 1 off L(W)."""
+    """Two closed forms of one predictor: the exact one-step GD risk equals PGD's with W = gamma I / n
+    (``pgd_risk``, a different formula) to 1e-12, and the Monte Carlo path agrees within 4 SE. Planted bugs
+    caught: a wrong noise term (s^2/n) l p^2, a wrong moment scaling (sigma^k or n^-k)."""
     d, n = 4, 9
     design = IID(d, noise_var=0.3, cov_x=2.0 * np.eye(d), cov_beta=0.5 * np.eye(d))
     for g in (0.2, 0.4):
+        exact, se = theory.multistep_gd_risk(design, n, [g])
+        assert se == 0.0
+        assert_close(exact, theory.pgd_risk(design, n, g * np.eye(d) / n), rtol=1e-12, name=f"1-step GD gamma={g}")
         mean, se = theory.multistep_gd_risk(design, n, [g], key, 100_000)
-        assert_within_se(theory.pgd_risk(design, n, g * np.eye(d) / n), mean, se, name=f"1-step GD gamma={g}")
+        assert_within_se(exact, mean, se, name=f"1-step GD gamma={g}, Wishart draws")
 
 
-@pytest.mark.parametrize("steps", [(0.5, 1.2), (0.3, 0.6, 1.1)])
+@pytest.mark.parametrize("steps", [(0.5, 1.2), (0.3, 0.6, 1.1), (0.36, 0.52, 0.9, 2.08)])
 def test_multistep_gd_risk_matches_monte_carlo_on_prompts(steps, key):
-    """The spectral formula against GD run on sampled prompts (two independent estimates, 4 combined SE)."""
-    d, n = 3, 7
-    design = IID(d, noise_var=0.5, cov_x=1.5 * np.eye(d), cov_beta=0.8 * np.eye(d))
-    a, sa = theory.multistep_gd_risk(design, n, steps, key, 100_000)
-    b, sb = _gd_risk_by_prompts(design, n, steps, jax.random.fold_in(key, 1))
-    assert_within_se(a, b, np.hypot(sa, sb), name=f"{len(steps)}-step GD")
+    """The exact spectral formula against GD run on sampled prompts (within 4 SE), on an anisotropic-scale
+    design (sigma, tau != 1) and at the best 4-step GD's setting (d = 5, n = 20, s^2 = 0.1). Planted bugs
+    caught: a wrong Wishart moment of degree <= 2L + 1, a wrong p(S) recursion."""
+    if len(steps) == 4:
+        d, n, design = 5, 20, IID(5, noise_var=0.1)
+    else:
+        d, n = 3, 7
+        design = IID(d, noise_var=0.5, cov_x=1.5 * np.eye(d), cov_beta=0.8 * np.eye(d))
+    exact, se = theory.multistep_gd_risk(design, n, steps)
+    assert se == 0.0
+    b, sb = _gd_risk_by_prompts(design, n, steps, jax.random.fold_in(key, 1), 200_000)
+    assert_within_se(exact, b, sb, name=f"{len(steps)}-step GD, exact vs prompts")
 
 
-def test_optimal_multistep_gd_special_cases(key):
-    """L = 1: the step n / (n + d + 1 + s^2) and the isotropic optimum d + s^2 - n d / (n + d + 1 + s^2);
-    more steps never do worse (up to Monte Carlo error)."""
+def test_optimal_multistep_gd_special_cases():
+    """L = 1: the step n / (n + d + 1 + s^2) and the isotropic optimum d + s^2 - n d / (n + d + 1 + s^2),
+    both exact now (1e-9); more steps strictly lower the exact risk. Planted bug caught: the exact risk
+    reported without the query noise s_q^2, a step minimiser that stops at the start."""
     d, n, s2 = 5, 20, 0.1
     design = IID(d, noise_var=s2)
-    one = theory.optimal_multistep_gd(design, n, 1, key, 40_000)
-    assert_close(one.step_sizes[0], n / (n + d + 1 + s2), rtol=2e-2)
-    assert_within_se(d + s2 - n * d / (n + d + 1 + s2), one.risk, one.se, name="best 1-step GD")
-    risks = [one] + [theory.optimal_multistep_gd(design, n, L, key, 40_000) for L in (2, 3)]
-    for a, b in zip(risks, risks[1:]):
-        assert b.risk <= a.risk + 4 * np.hypot(a.se, b.se)
-    assert risks[-1].risk < 0.6 * risks[0].risk
+    one = theory.optimal_multistep_gd(design, n, 1)
+    assert one.se == 0.0
+    assert_close(one.step_sizes[0], n / (n + d + 1 + s2), rtol=1e-9)
+    assert_close(one.risk, d + s2 - n * d / (n + d + 1 + s2), rtol=1e-10, name="best 1-step GD")
+    risks = [theory.optimal_multistep_gd(design, n, L).risk for L in (1, 2, 3)]
+    assert risks[0] > risks[1] > risks[2]
 
 
-def test_best_four_step_gd_does_not_depend_on_the_key(key):
-    """Two keys (two sets of moment draws) give the same best 4-step GD. Regression: BFGS from five starts
-    stopped at a local minimum for one of these keys (steps 0.35, 0.49, 1.04, 1.59, risk 0.203 against
-    0.188), which made the trajectory figure's L = 4 gate loose."""
+def test_best_l_step_gd_matches_its_independently_derived_values():
+    """The exact best L-step GD at d = 5, n = 20, s^2 = 0.1 (values derived outside this code): risks
+    1.268582, 0.485932, 0.263451, 0.187391 for L = 1..4, steps L = 2: 0.516, 1.237; L = 3: 0.422, 0.693,
+    1.682; L = 4: 0.362, 0.518, 0.901, 2.077. Regression: from five starts one key's Monte Carlo moments led
+    the earlier BFGS to 0.35, 0.49, 1.04, 1.59 (risk 0.203); the Monte Carlo moments put the L = 4 steps at
+    0.37 / 0.52 / 0.91 / 2.09. Steps to 1e-3 (the quoted 1.237 is 1.23635 rounded up). Planted bugs caught:
+    any wrong moment, a local minimum, unsorted steps."""
     design = IID(5, noise_var=0.1)
-    a, b = (theory.optimal_multistep_gd(design, 20, 4, k, 50_000) for k in jax.random.split(key))
-    assert_close(a.step_sizes, b.step_sizes, rtol=0.1, name="best 4-step GD step sizes")
-    assert_within_se(a.risk, b.risk, np.hypot(a.se, b.se), name="best 4-step GD, two keys")
+    risks = (1.268582, 0.485932, 0.263451, 0.187391)
+    steps = {2: (0.516, 1.237), 3: (0.422, 0.693, 1.682), 4: (0.362, 0.518, 0.901, 2.077)}
+    for L in (1, 2, 3, 4):
+        ref = theory.optimal_multistep_gd(design, 20, L)
+        assert_close(ref.risk, risks[L - 1], rtol=0, atol=6e-7, name=f"best {L}-step GD risk")
+        if L > 1:
+            assert_close(ref.step_sizes, steps[L], rtol=0, atol=1e-3, name=f"best {L}-step GD steps")
+
+
+def test_optimal_multistep_gd_takes_and_ignores_the_old_monte_carlo_arguments(key):
+    """Backward compatibility: callers that still pass (key, num_draws) get the same exact reference bit
+    for bit, whatever the key. Planted bug caught: the arguments silently switching to a Monte Carlo fit."""
+    design = IID(5, noise_var=0.1)
+    exact = theory.optimal_multistep_gd(design, 20, 3)
+    for k in jax.random.split(key):
+        old = theory.optimal_multistep_gd(design, 20, 3, k, 20_000)
+        assert old.risk == exact.risk and old.se == 0.0 and np.array_equal(old.step_sizes, exact.step_sizes)
 
 
 def test_multistep_polynomials_are_the_products_numpy_computes():
@@ -82,11 +110,11 @@ def test_multistep_polynomials_are_the_products_numpy_computes():
                      name=f"l p^2, L={L}")
 
 
-def _minimiser_inputs(d, n, s2, L, key, num=20_000):
+def _minimiser_inputs(d, n, s2, L):
     one = n / (n + d + 1 + s2)
     starts = theory._padded_steps(theory._step_starts(L, one))
     with jax.enable_x64(True):
-        moments = jnp.mean(theory.context_power_traces(key, d, n, num, 2 * starts.shape[1] + 1), axis=0)
+        moments = jnp.asarray(wishart.sample_covariance_moments(n, d, 2 * starts.shape[1] + 1))
     return starts, np.arange(starts.shape[1]) < L, moments, 1.0, 1.0, s2, n
 
 
@@ -101,7 +129,7 @@ def _bfgs_steps(starts, free, moments, s2, n, ends):
     return bfgs.fun, jax.vmap(objective)(starts), jax.vmap(jax.hessian(objective))(ends)
 
 
-def test_step_minimiser_finds_the_minimum_bfgs_finds(key):
+def test_step_minimiser_finds_the_minimum_bfgs_finds():
     """The damped-Newton minimiser against two independent answers on the same moments: for L = 1 the
     risk is quadratic in gamma, minimised at gamma = tau m1 / (tau m2 + (s^2 / n) m1) (m_k the scaled
     moments); for L = 2, 3, 4 jax.scipy's BFGS from the same starts reaches the same best risk. Padded
@@ -112,7 +140,7 @@ def test_step_minimiser_finds_the_minimum_bfgs_finds(key):
     L = 4 fills every slot (no padded step), L = 1-3 do not."""
     with jax.enable_x64(True):
         for L, (d, n, s2) in ((1, (5, 20, 0.1)), (2, (5, 10, 4.0)), (3, (3, 7, 0.5)), (4, (5, 20, 0.1))):
-            args = _minimiser_inputs(d, n, s2, L, jax.random.fold_in(key, L))
+            args = _minimiser_inputs(d, n, s2, L)
             starts, free, moments = args[:3]
             found, values, gradients, returned = map(np.asarray, theory._minimise_steps(*args))
             best = int(np.argmin(values))
@@ -124,26 +152,26 @@ def test_step_minimiser_finds_the_minimum_bfgs_finds(key):
             assert np.linalg.eigvalsh(H).min() > 0, "the chosen steps are not a minimum"
             assert gradients[best] < theory.STEP_TOLERANCE
             if L == 1:
-                m = np.asarray(moments) * (1.0 / n) ** np.arange(moments.shape[0])
+                m = np.asarray(moments)
                 assert_close(found[best, 0], m[1] / (m[2] + (s2 / n) * m[1]), rtol=1e-9, name="best single step")
             assert_close(values[best], np.nanmin(np.asarray(bfgs_best)), rtol=1e-9, name=f"best risk, L={L}")
             assert values[best] <= np.nanmin(np.asarray(bfgs_best)) * (1 + 1e-12)
 
 
-def test_a_minimiser_that_stops_short_is_an_error(key, monkeypatch):
+def test_a_minimiser_that_stops_short_is_an_error(monkeypatch):
     """No silent wrong reference: with too few iterations to reach a stationary point, and with a NaN
     risk (moments that overflow), optimal_multistep_gd raises and says why."""
-    iterations, traces = theory.NEWTON_ITERATIONS, theory.context_power_traces
+    iterations, exact = theory.NEWTON_ITERATIONS, theory._exact_moments
     monkeypatch.setattr(theory, "NEWTON_ITERATIONS", 1)
     theory._minimise_steps.clear_cache()
     try:
         with pytest.raises(ArithmeticError, match="not a minimum of the risk.*relative gradient.*steps = 3, n = 20"):
-            theory.optimal_multistep_gd(IID(5, noise_var=0.1), 20, 3, key, 5_000)
+            theory.optimal_multistep_gd(IID(5, noise_var=0.1), 20, 3)
         monkeypatch.setattr(theory, "NEWTON_ITERATIONS", iterations)
         theory._minimise_steps.clear_cache()
-        monkeypatch.setattr(theory, "context_power_traces", lambda *a: traces(*a).at[0, 3].set(jnp.inf))
+        monkeypatch.setattr(theory, "_exact_moments", lambda *a: np.where(np.arange(10) == 3, np.inf, exact(*a)))
         with pytest.raises(ArithmeticError, match="risk nan"):
-            theory.optimal_multistep_gd(IID(5, noise_var=0.1), 20, 3, key, 5_000)
+            theory.optimal_multistep_gd(IID(5, noise_var=0.1), 20, 3)
     finally:
         theory._minimise_steps.clear_cache()
 
@@ -153,6 +181,12 @@ def test_multistep_refuses_non_isotropic_designs(key):
         theory.optimal_multistep_gd(IID(3, cov_beta=np.diag([1.0, 2.0, 3.0])), 5, 2, key)
     with pytest.raises(ValueError, match="step_sizes"):
         theory.multistep_gd_risk(IID(3), 5, [np.nan], key)
+    with pytest.raises(ValueError, match="step_sizes must be a 1-D array of 1 to 24"):
+        theory.multistep_gd_risk(IID(3), 5, np.ones(25))
+    with pytest.raises(ValueError, match="steps must be an integer in \\[1, 24\\]"):
+        theory.optimal_multistep_gd(IID(3), 5, 25)
+    with pytest.raises(ValueError, match="needs a key"):
+        theory.multistep_gd_risk(IID(3), 5, [0.5], None, 1000)
 
 
 def _token_network(params, prompts):

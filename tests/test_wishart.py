@@ -85,7 +85,7 @@ def test_trace_product_moments_match_the_sum_over_all_wick_pairings(powers):
 
 def test_sixth_power_matches_the_wick_sum():
     """Degree 6 (10395 pairings) against the Wick sum, and E (tr W)^2 = (nd)^2 + 2nd, the chi-squared second
-    moment. Planted bug caught: the r-sum's terms (r + 1, m - 1 - r) shifted to (r, m - r)."""
+    moment. Planted bug caught: the r-sum stopped one term short (the d tr W^m term, r = m - 1, lost)."""
     assert wishart.power_moment(6, 2, 3) == _wick_moment((6,), 2, 3)
     assert wishart.trace_product_moment((1, 1), 20, 5) == 100**2 + 2 * 100
 

@@ -431,3 +431,50 @@ def test_vmapped_evaluation_scores_each_network_as_alone(key, monkeypatch):
     finally:
         evaluate._compiled_evaluation.cache_clear()
     assert_close(together.ravel()[:3], alone, rtol=1e-5, name="batches of 10_000, bound lifted")
+
+
+def test_steps_params_is_gd_with_those_steps(key):
+    """The GD-form network from ``steps_params`` has preconditioners gamma_l I and predicts as L-step GD
+    written from its definition on the same prompts. Planted bugs caught: Wq = gamma I (Gamma = gamma^2 I),
+    w_v = +1 (the sign of every step flipped)."""
+    steps = np.array([0.3, 0.8, 1.4])
+    model = models.LinearTransformer(4, 3, dtype=F64)
+    params = model.steps_params(steps)
+    assert_close(model.preconditioners(params), steps[:, None, None] * np.eye(4), rtol=1e-12)
+    with jax.enable_x64(True):
+        p = IID(4, noise_var=0.2).sample(key, 64, 9, F64)
+        w = jnp.zeros_like(p.x)
+        for g in steps:
+            w = w + g * jnp.einsum("bnd,bn->bd", p.X, p.y - jnp.einsum("bnd,bd->bn", p.X, w)) / 9
+        assert_close(model.apply(params, p), jnp.sum(p.x * w, axis=-1), rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="step_sizes must be 3 finite numbers >= 0"):
+        model.steps_params([0.3, 0.8])
+
+
+def test_paired_risks_resolve_the_exact_difference_of_two_gd_networks(key):
+    """Two GD-form networks (steps 5% apart) scored on each seed's shared prompts: per seed the mean
+    per-prompt difference is within 4 of its SEs of the exact risk difference (``multistep_gd_risk``, a
+    0.4% gap) and that SE is at most a fifth of either risk's, each risk within 4 SE of its exact value,
+    and seeds see different prompts. Planted bugs caught: the two predictors on different prompts (the
+    difference's SE would be as large as the risks'), every seed on seed 0's prompts, the difference
+    formed as reference - network."""
+    from iclsim import evaluate, sweeps
+
+    design, n, seeds = IID(5, noise_var=0.1), 20, [3, 4, 5]
+    model = models.LinearTransformer(5, 2)
+    a_steps, b_steps = np.array([0.5163, 1.2364]), np.array([0.5163, 1.2364 * 1.05])
+    stack = lambda p: jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (len(seeds),) + x.shape), p)
+    pr = evaluate.paired_risks(model, stack(model.steps_params(b_steps)), stack(model.steps_params(a_steps)),
+                               design, n, sweeps.stream_keys(seeds, 7), 100_000)
+    exact_a = theory.multistep_gd_risk(design, n, a_steps)[0]
+    exact_b = theory.multistep_gd_risk(design, n, b_steps)[0]
+    assert len(set(pr.reference.tolist())) == len(seeds)
+    for k in range(len(seeds)):
+        assert_within_se(exact_b - exact_a, pr.difference[k], pr.difference_se[k], name=f"paired difference, seed {k}")
+        assert_within_se(exact_a, pr.reference[k], pr.reference_se[k], name=f"reference risk, seed {k}")
+        assert_within_se(exact_b, pr.risk[k], pr.risk_se[k], name=f"network risk, seed {k}")
+        assert pr.difference_se[k] < 0.2 * min(pr.risk_se[k], pr.reference_se[k])
+        assert_close(pr.difference[k], pr.risk[k] - pr.reference[k], rtol=1e-9)
+    with pytest.raises(ValueError, match="keys must be one key per seed"):
+        evaluate.paired_risks(model, stack(model.steps_params(b_steps)), stack(model.steps_params(a_steps)),
+                              design, n, key, 1000)

@@ -25,7 +25,7 @@ __all__ = ["F64", "Optimum", "WeightedOptimum", "Moments", "pgd_moments", "pgd_r
            "lowrank_optimal_pgd", "lowrank_optimal_risk", "lora_optimal_pgd", "lora_optimal_risk", "ground_truth",
            "risk_moments", "mean_and_se", "monte_carlo_risk", "pgd_predict", "MultiStepGD", "MAX_STEPS", "context_power_traces",
            "multistep_gd_risk", "optimal_multistep_gd", "DirectionGains", "truncated_optimum_risk", "direction_gains",
-           "noise_threshold", "BayesRisk", "bayes_risk"]
+           "noise_threshold", "predict_zero_risk", "BayesRisk", "bayes_risk"]
 
 F64 = jnp.float64
 
@@ -784,6 +784,16 @@ def direction_gains(train_design: IID, n_train: int, test_design: IID, n_test: i
     change = n_test * w * sigma**2 * (2 * l_te - w * ((n_test + 1) * sigma * l_te + c_te))
     order = np.argsort(-w, kind="stable")
     return DirectionGains(U[:, order], w[order], change[order])
+
+
+def predict_zero_risk(design: IID) -> float:
+    """Risk of the predictor yhat = 0: E y^2 = tr(Sx Sb) + s_q^2 (x independent of beta, the query's noise
+    s_q^2). docs/theory.md §6.1: for an isotropic design and an isotropic W = w I (one-layer PGD) every
+    eigendirection adds the same Delta to the risk, L(W) - L(0) = d Delta, so dropping any set of k
+    directions changes the risk by k (L(0) - L(W)) / d: truncation helps iff L(W) exceeds this level."""
+    _require(design, (IID,), "predict_zero_risk")
+    return float(np.trace(np.asarray(design.cov_x, np.float64) @ np.asarray(design.cov_beta, np.float64))
+                 + float(design.query_noise_var))
 
 
 @float64

@@ -478,3 +478,44 @@ def test_paired_risks_resolve_the_exact_difference_of_two_gd_networks(key):
     with pytest.raises(ValueError, match="keys must be one key per seed"):
         evaluate.paired_risks(model, stack(model.steps_params(b_steps)), stack(model.steps_params(a_steps)),
                               design, n, key, 1000)
+
+
+def _random_projection(rng, d, keep):
+    """Projection onto a random ``keep``-dimensional subspace of R^d."""
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    return q[:, :keep] @ q[:, :keep].T
+
+
+def test_isotropic_truncation_helps_iff_worse_than_predicting_zero():
+    """The isotropic equivalence, on exact risks (``pgd_risk``) on both sides of its boundary: on an
+    isotropic design (Sx = sigma I, Sb = tau I) with W = w I, dropping any k of the d directions (a random
+    subspace) changes the risk by exactly k (L(0) - L(W)) / d, L(0) = ``predict_zero_risk`` = d sigma tau +
+    s^2; so it helps iff L(W) > L(0). At the boundary test noise, derived here per direction,
+    s*^2 = 2 tau / w - (n + 1 + d) sigma tau, L(W) = L(0); 2% either side flips both L(W) > L(0) and the
+    sign of every truncation's change. The equivalence needs isotropy: a W with one long and one short direction can gain
+    from dropping the long one while L(W) < L(0). Planted bugs caught: predict_zero_risk without the query
+    noise or with tr(Sx) + tr(Sb) (the boundary moves), a statement with the inequality reversed."""
+    d, n, sigma, tau = 5, 12, 1.5, 0.7
+    rng = np.random.default_rng(3)
+    for w in (0.02, 0.05):
+        # per direction, L(W) - L(0) = d n w sigma^2 (w ((n + 1) sigma tau + d sigma tau + s^2) - 2 tau)
+        boundary = 2 * tau / w - (n + 1) * sigma * tau - d * sigma * tau
+        assert boundary > 0
+        for s2, side in ((boundary * 0.98, -1), (boundary, 0), (boundary * 1.02, +1)):
+            design = IID(d, noise_var=s2, cov_x=sigma * np.eye(d), cov_beta=tau * np.eye(d))
+            zero = theory.predict_zero_risk(design)
+            assert_close(zero, d * sigma * tau + s2, rtol=1e-12)
+            full = float(theory.pgd_risk(design, n, w * np.eye(d)))
+            if side == 0:
+                assert_close(full, zero, rtol=1e-10, name="L(W) = L(0) at the boundary")
+                continue
+            assert np.sign(full - zero) == side
+            for keep in range(d):
+                pruned = float(theory.pgd_risk(design, n, w * _random_projection(rng, d, keep)))
+                assert_close(pruned - full, (d - keep) / d * (zero - full), rtol=1e-8, atol=1e-12,
+                             name=f"drop {d - keep} directions")
+                assert np.sign(full - pruned) == side  # helps (pruned < full) iff L(W) > L(0)
+    design = IID(d, noise_var=1.0, cov_x=sigma * np.eye(d), cov_beta=tau * np.eye(d))
+    W = np.diag([0.09, 0.02, 0.02, 0.02, 0.02])
+    full, zero = float(theory.pgd_risk(design, n, W)), theory.predict_zero_risk(design)
+    assert full < zero and float(theory.pgd_risk(design, n, np.diag([0, 0.02, 0.02, 0.02, 0.02]))) < full

@@ -3,6 +3,7 @@ pruning phase boundary."""
 
 import numpy as np
 
+from iclsim import quality
 from tests.quick import run_quick
 from tests.tolerance import report
 
@@ -10,15 +11,36 @@ from tests.tolerance import report
 def test_pruning_one_layer_quick(tmp_path):
     """The trained one-layer models' pruning curves: Monte Carlo within 4 SE of the exact risk of each
     pruned attention (``theory.attention_risk``, no slack for the non-PGD part of the weights); above the
-    §6.1 noise threshold truncation lowers the exact risk, on the training noise it never does.
-    Planted bugs caught: a pruned model scored unpruned, a wrong threshold, a gate that fails good nets."""
+    §6.1 noise threshold truncation lowers the exact risk, on the training noise it never does. The
+    predict-zero level is d + s_test^2 (Sx = Sb = I), and on every seed truncation helps exactly when the
+    unpruned attention is worse than it (the isotropic equivalence, far from its boundary here). The
+    summary's per-rank changes are seed means with their t-intervals, recomputed here from the rows.
+    Planted bugs caught: a pruned model scored unpruned, a wrong threshold, a gate that fails good nets,
+    the best seed reported instead of the seed mean, a predict-zero level without the label noise."""
     meta, rows = run_quick("pruning_one_layer", tmp_path)
+    summary = meta["summary"]
     ok = [r for r in rows if r["passed"]]
-    assert meta["summary"]["networks_failed"] == 0
+    assert summary["networks_failed"] == 0
     for r in ok:
         assert abs(r["risk"] - r["theory"]) <= 4 * r["se"], r
     assert all(r["theory"] >= r["unpruned_theory"] - 1e-9 for r in ok if r["design"].startswith("matched"))
     assert any(r["theory"] < r["unpruned_theory"] for r in ok if "above threshold" in r["design"])
+    noise = {"matched (s^2 = 0.1)": 0.1, "noisier, below threshold (s^2 = 4)": 4.0,
+             "noisier, above threshold (s^2 = 40)": 40.0}
+    assert set(noise) == {r["design"] for r in rows}
+    for design, s2 in noise.items():
+        sub = [r for r in ok if r["design"] == design]
+        assert all(abs(r["predict_zero"] - (4 + s2)) < 1e-12 for r in sub)
+        part = summary[design]
+        assert part["isotropic_equivalence_holds_on_seeds"] == part["seeds"] == 3
+        for q in (3, 1):
+            changes = [r["exact_change"] for r in sub if r["rank"] == q]
+            assert len(changes) == 3
+            iv = quality.seed_interval(changes)
+            got = part["per_rank"][f"rank {q}"]
+            assert abs(got["exact_change_mean"] - iv.mean) < 1e-5 and abs(got["exact_ci95"][0] - iv.low) < 1e-5, got
+    assert summary["noisier, above threshold (s^2 = 40)"]["seeds_where_truncation_helps"] == 3
+    assert summary["matched (s^2 = 0.1)"]["seeds_where_truncation_helps"] == 0
     report(f"pruning_one_layer quick: max |MC - exact| / SE = {max(abs(r['risk'] - r['theory']) / r['se'] for r in ok):.2f}")
 
 

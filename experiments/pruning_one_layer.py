@@ -67,6 +67,11 @@ def _interval(values) -> quality.Interval:
     return quality.Interval(v, v, v, 1)
 
 
+def _bars(intervals):
+    """Error bars [[below], [above]] of intervals around their means."""
+    return [[iv.mean - iv.low for iv in intervals], [iv.high - iv.mean for iv in intervals]]
+
+
 def plot(rows, s):
     designs = _designs(rows)
     ok = [r for r in rows if r["passed"]]
@@ -78,7 +83,7 @@ def plot(rows, s):
         colour = f"C{k}"
         sub = [r for r in ok if r["design"] == design]
         mc = [_interval([r["risk"] for r in sub if r["rank"] == q]) for q in ranks]
-        ax.errorbar(ranks, [iv.mean for iv in mc], yerr=[[iv.mean - iv.low for iv in mc], [iv.high - iv.mean for iv in mc]],
+        ax.errorbar(ranks, [iv.mean for iv in mc], yerr=_bars(mc),
                     fmt="o-", color=colour, ms=4, capsize=3, label=f"{design}: Monte Carlo, 95% interval over seeds")
         ax.plot(ranks, [np.mean([r["theory"] for r in sub if r["rank"] == q]) for q in ranks], ":", color=colour, lw=2,
                 label="exact risk of the pruned attention (seed mean)" if k == 0 else None)
@@ -90,7 +95,7 @@ def plot(rows, s):
             cax.plot([r["rank"] for r in mine], [100 * r["exact_change"] for r in mine], "-", color=colour, lw=0.6,
                      alpha=0.4, label="one seed (exact)" if sd == sub[0]["seed"] else None)
         ex = [_interval([100 * r["exact_change"] for r in sub if r["rank"] == q]) for q in ranks]
-        cax.errorbar(ranks, [iv.mean for iv in ex], yerr=[[iv.mean - iv.low for iv in ex], [iv.high - iv.mean for iv in ex]],
+        cax.errorbar(ranks, [iv.mean for iv in ex], yerr=_bars(ex),
                      fmt="s", color=colour, ms=4, capsize=3, label="seed mean, 95% interval")
         zero_change = [100 * (r["predict_zero"] - r["unpruned_theory"]) / r["unpruned_theory"]
                        for r in sub if r["rank"] == ranks[-1]]
@@ -128,7 +133,8 @@ def summary(rows):
         for q in ranks:
             ex = _interval([r["exact_change"] for r in sub if r["rank"] == q])
             mc = _interval([r["mc_change"] for r in sub if r["rank"] == q])
-            per_rank[f"rank {q}"] = {"exact_change_mean": round(ex.mean, 5), "exact_ci95": [round(ex.low, 5), round(ex.high, 5)],
+            per_rank[f"rank {q}"] = {"exact_change_mean": round(ex.mean, 5),
+                                     "exact_ci95": [round(ex.low, 5), round(ex.high, 5)],
                                      "mc_change_mean": round(mc.mean, 5), "mc_ci95": [round(mc.low, 5), round(mc.high, 5)]}
         best = min(ranks, key=lambda q: per_rank[f"rank {q}"]["exact_change_mean"])
         un = _interval(list(unpruned.values()))

@@ -476,7 +476,8 @@ class LinearTransformer:
             raise ValueError("steps_params is defined for form='gd'")
         gam = np.asarray(step_sizes, np.float64)
         if gam.shape != (self.layers,) or not np.all(np.isfinite(gam)) or np.any(gam < 0):
-            raise ValueError(f"step_sizes must be {self.layers} finite numbers >= 0 (one per layer), got {step_sizes!r}")
+            raise ValueError(f"step_sizes must be {self.layers} finite numbers >= 0 (one per layer), "
+                             f"got {step_sizes!r}")
         eye = np.eye(self.dim)
         return {"layers": [{"attn": {"Wq": jnp.asarray(np.sqrt(g) * eye, self.dtype),
                                      "Wk": jnp.asarray(np.sqrt(g) * eye, self.dtype),

@@ -23,7 +23,8 @@ from iclsim.gram import draw
 __all__ = ["F64", "Optimum", "WeightedOptimum", "Moments", "pgd_moments", "pgd_risk", "attention_risk",
            "optimal_pgd", "rag_effective_risk", "effective_sample_multiplier", "iid_effective_n", "optimal_wpgd",
            "lowrank_optimal_pgd", "lowrank_optimal_risk", "lora_optimal_pgd", "lora_optimal_risk", "ground_truth",
-           "risk_moments", "mean_and_se", "monte_carlo_risk", "pgd_predict", "MultiStepGD", "MAX_STEPS", "context_power_traces",
+           "risk_moments", "mean_and_se", "monte_carlo_risk", "pgd_predict", "MultiStepGD", "MAX_STEPS",
+           "context_power_traces",
            "multistep_gd_risk", "optimal_multistep_gd", "DirectionGains", "truncated_optimum_risk", "direction_gains",
            "noise_threshold", "predict_zero_risk", "BayesRisk", "bayes_risk"]
 
@@ -594,7 +595,8 @@ def multistep_gd_risk(design: IID, n: int, step_sizes, key=None, num_draws: int 
     L = 1 is PGD with W = gamma I / n (``pgd_risk``)."""
     sigma, tau, s2, sq2 = _isotropic_scales(design, "multistep_gd_risk")
     _check_n(design, n)
-    gam = _padded_steps(_checked_steps(step_sizes))  # zero steps are no steps: every L up to STEP_SLOTS shares one program
+    # zero steps are no steps: every L up to STEP_SLOTS shares one program
+    gam = _padded_steps(_checked_steps(step_sizes))
     powers = 2 * gam.shape[0] + 1
     with jax.enable_x64(True):
         if num_draws is None:

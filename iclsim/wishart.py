@@ -23,7 +23,8 @@ from iclsim import _validate as check
 
 __all__ = ["MAX_DEGREE", "trace_product_moment", "power_moment", "sample_covariance_moments"]
 
-MAX_DEGREE = 49  # largest total degree sum(powers) accepted (2L + 1 for up to 24 GD steps): the states are its partitions
+# the largest total degree sum(powers) accepted (2L + 1 for up to 24 GD steps); the memoised states are its partitions
+MAX_DEGREE = 49
 
 
 def trace_product_moment(powers, n: int, d: int) -> int:

@@ -7,7 +7,7 @@ import jax.scipy.optimize
 import numpy as np
 import pytest
 
-from iclsim import IID, models, pruning, quality, theory, wishart
+from iclsim import IID, evaluate, models, pruning, quality, sweeps, theory, wishart
 from iclsim.designs import GramPrompts, tokens
 from tests.tolerance import assert_close, assert_within_se
 
@@ -458,8 +458,6 @@ def test_paired_risks_resolve_the_exact_difference_of_two_gd_networks(key):
     and seeds see different prompts. Planted bugs caught: the two predictors on different prompts (the
     difference's SE would be as large as the risks'), every seed on seed 0's prompts, the difference
     formed as reference - network."""
-    from iclsim import evaluate, sweeps
-
     design, n, seeds = IID(5, noise_var=0.1), 20, [3, 4, 5]
     model = models.LinearTransformer(5, 2)
     a_steps, b_steps = np.array([0.5163, 1.2364]), np.array([0.5163, 1.2364 * 1.05])
@@ -492,8 +490,8 @@ def test_isotropic_truncation_helps_iff_worse_than_predicting_zero():
     subspace) changes the risk by exactly k (L(0) - L(W)) / d, L(0) = ``predict_zero_risk`` = d sigma tau +
     s^2; so it helps iff L(W) > L(0). At the boundary test noise, derived here per direction,
     s*^2 = 2 tau / w - (n + 1 + d) sigma tau, L(W) = L(0); 2% either side flips both L(W) > L(0) and the
-    sign of every truncation's change. The equivalence needs isotropy: a W with one long and one short direction can gain
-    from dropping the long one while L(W) < L(0). Planted bugs caught: predict_zero_risk without the query
+    sign of every truncation's change. The equivalence needs isotropy: a W with one long and one short
+    direction can gain from dropping the long one while L(W) < L(0). Planted bugs caught: predict_zero_risk without the query
     noise or with tr(Sx) + tr(Sb) (the boundary moves), a statement with the inequality reversed."""
     d, n, sigma, tau = 5, 12, 1.5, 0.7
     rng = np.random.default_rng(3)

@@ -41,7 +41,8 @@ def test_pruning_one_layer_quick(tmp_path):
             assert abs(got["exact_change_mean"] - iv.mean) < 1e-5 and abs(got["exact_ci95"][0] - iv.low) < 1e-5, got
     assert summary["noisier, above threshold (s^2 = 40)"]["seeds_where_truncation_helps"] == 3
     assert summary["matched (s^2 = 0.1)"]["seeds_where_truncation_helps"] == 0
-    report(f"pruning_one_layer quick: max |MC - exact| / SE = {max(abs(r['risk'] - r['theory']) / r['se'] for r in ok):.2f}")
+    z = max(abs(r["risk"] - r["theory"]) / r["se"] for r in ok)
+    report(f"pruning_one_layer quick: max |MC - exact| / SE = {z:.2f}")
 
 
 def test_pruning_phase_quick_trained_boundary_on_the_closed_form(tmp_path):

@@ -33,12 +33,9 @@ def trace_product_moment(powers, n: int, d: int) -> int:
     ``MAX_DEGREE``. E.g. E (tr W)^2 = (nd)^2 + 2nd (tr W is chi-squared with nd degrees of freedom)."""
     n = check.positive_int("n", n)
     d = check.positive_int("d", d)
-    try:
-        powers = [check.integer("powers", p, minimum=0) for p in powers]
-    except TypeError:
-        if isinstance(powers, (list, tuple, np.ndarray)):
-            raise
-        raise TypeError(f"powers must be an iterable of non-negative integers, got {powers!r}") from None
+    if isinstance(powers, (str, bytes)) or not hasattr(powers, "__iter__"):
+        raise TypeError(f"powers must be a sequence of non-negative integers, got {powers!r}")
+    powers = [check.integer("powers", p, minimum=0) for p in powers]
     if sum(powers) > MAX_DEGREE:
         raise ValueError(f"powers must sum to at most MAX_DEGREE = {MAX_DEGREE}, got {sum(powers)}")
     return _expectation(powers, n, d)

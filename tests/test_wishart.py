@@ -1,14 +1,12 @@
 """Exact Wishart moments (iclsim.wishart) against independent answers: closed forms derived by hand, a
 brute-force sum over all Wick pairings written here without the recursion, Monte Carlo, and symmetry."""
 
-import itertools
-
 import jax
 import numpy as np
 import pytest
 
 from iclsim import theory, wishart
-from tests.tolerance import assert_close, assert_within_se
+from tests.tolerance import assert_within_se
 
 
 def _closed_forms(n, d):
@@ -139,3 +137,5 @@ def test_wishart_arguments_are_checked():
         wishart.trace_product_moment((30, 30), 3, 3)
     with pytest.raises(ValueError, match="k must be an integer in"):
         wishart.power_moment(wishart.MAX_DEGREE + 1, 3, 3)
+    with pytest.raises(TypeError, match="powers must be a sequence"):
+        wishart.trace_product_moment(3, 3, 3)

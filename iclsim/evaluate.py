@@ -5,7 +5,7 @@ like training (``layout``), the squared errors accumulated in float64."""
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,7 @@ from iclsim.gram import uses_gram
 from iclsim.layout import BLOCK, MEMBER
 from iclsim.theory import _chunks, mean_and_se, risk_moments
 
-__all__ = ["evaluate", "evaluate_sweep"]
+__all__ = ["evaluate", "evaluate_sweep", "PairedRisks", "paired_risks"]
 
 
 # the most prompts one batch of the evaluation loop draws, over the networks vmapped on one device: with jax
@@ -89,6 +89,64 @@ def evaluate(model, params, design, n: int, key, num_prompts: int = 100_000, bat
     expanded = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None, None, None], params)
     mean, se = evaluate_sweep(model, expanded, design, [n], key, num_prompts, batch_size, sampler)
     return float(mean[0, 0, 0]), float(se[0, 0, 0])
+
+
+class PairedRisks(NamedTuple):
+    """Per seed, [seeds] each: the risks of a network and of a reference predictor on the same prompts, the
+    mean per-prompt difference of their squared errors and the standard errors; the difference's SE is that
+    of the per-prompt differences, far below either risk's when the two predict alike."""
+
+    risk: np.ndarray
+    risk_se: np.ndarray
+    reference: np.ndarray
+    reference_se: np.ndarray
+    difference: np.ndarray     # mean of (y - f)^2 - (y - g)^2 = risk - reference on these prompts
+    difference_se: np.ndarray
+
+
+@float64
+def paired_risks(model, params, reference_params, design, n: int, keys, num_prompts: int = 100_000,
+                 batch_size: int = 10_000) -> PairedRisks:
+    """Score networks against a reference on shared prompts, seed by seed (docs/theory.md §7: paired
+    comparisons). ``params`` and ``reference_params``: two parameter sets of ``model`` with a leading seed
+    axis [seeds, ...]; ``keys``: one per seed, [seeds, 2] uint32 (``sweeps.stream_keys``), and seed s's two
+    predictors see the ``num_prompts`` prompts of key s (``design.sample`` in ``model.dtype``, rounded up to
+    whole batches), the squared errors and their per-prompt differences summed in float64. One compiled
+    program, vmapped over seeds (for small models: the whole batch of every seed is in memory at once)."""
+    n = check.positive_int("n", n)
+    _check_n(design, n)
+    counts = {name: {np.shape(a)[0] if np.ndim(a) else None for a in jax.tree_util.tree_leaves(tree)}
+              for name, tree in (("params", params), ("reference_params", reference_params))}
+    seeds = next(iter(counts["params"]))
+    for name, found in counts.items():
+        if len(found) != 1 or None in found or found != {seeds}:
+            raise ValueError(f"{name} must have one leading seed axis on every leaf, the same in params and "
+                             f"reference_params; got leading sizes {sorted(found, key=str)} ({name}) and "
+                             f"{sorted(counts['params'], key=str)} (params)")
+    rows = _key_data(keys, seeds, "keys")
+    if rows.ndim != 2:
+        raise ValueError(f"keys must be one key per seed, shape ({seeds}, 2) uint32 (sweeps.stream_keys); got one key")
+    chunks, batch = _chunks(num_prompts, batch_size)
+    dtype = getattr(model, "dtype", jnp.float32)
+
+    @jax.jit
+    def sums(params, reference_params, keys):
+        def one(p, r, key):
+            def body(carry, k):
+                prompts = design.sample(k, batch, n, dtype)
+                ea = jnp.square(prompts.y_query - model.apply(p, prompts)).astype(jnp.float64)
+                eb = jnp.square(prompts.y_query - model.apply(r, prompts)).astype(jnp.float64)
+                dd = ea - eb
+                return carry + jnp.stack([jnp.sum(ea), jnp.sum(ea**2), jnp.sum(eb), jnp.sum(eb**2), jnp.sum(dd),
+                                          jnp.sum(dd**2)]), None
+
+            return jax.lax.scan(body, jnp.zeros(6, jnp.float64), jax.random.split(key, chunks))[0]
+
+        return jax.vmap(one)(params, reference_params, keys)
+
+    out = np.asarray(sums(params, reference_params, jnp.asarray(rows)))
+    parts = [mean_and_se(out[:, 2 * i], out[:, 2 * i + 1], chunks * batch) for i in range(3)]
+    return PairedRisks(*(np.asarray(a, np.float64) for part in parts for a in part))
 
 
 def _key_data(key, num_seeds: int, name: str = "key") -> np.ndarray:

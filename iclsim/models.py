@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from iclsim import _validate as check
 from iclsim.designs import GramPrompts, Prompts, tokens
@@ -466,6 +467,21 @@ class LinearTransformer:
         if self.form != "gd":
             raise ValueError("preconditioners are defined for form='gd'")
         return jnp.stack([-a["attn"]["w_v"] * a["attn"]["Wq"] @ a["attn"]["Wk"].T for a in params["layers"]])
+
+    def steps_params(self, step_sizes) -> Params:
+        """Params of the "gd" form that compute L-step GD with scalar steps gamma_l (docs/theory.md §8): layer l
+        has Wq = Wk = sqrt(gamma_l) I and w_v = -1, so Gamma_l = gamma_l I; e.g. the best L-step GD of
+        ``theory.optimal_multistep_gd`` as a network, scored on the same prompts as trained ones."""
+        if self.form != "gd":
+            raise ValueError("steps_params is defined for form='gd'")
+        gam = np.asarray(step_sizes, np.float64)
+        if gam.shape != (self.layers,) or not np.all(np.isfinite(gam)) or np.any(gam < 0):
+            raise ValueError(f"step_sizes must be {self.layers} finite numbers >= 0 (one per layer), "
+                             f"got {step_sizes!r}")
+        eye = np.eye(self.dim)
+        return {"layers": [{"attn": {"Wq": jnp.asarray(np.sqrt(g) * eye, self.dtype),
+                                     "Wk": jnp.asarray(np.sqrt(g) * eye, self.dtype),
+                                     "w_v": jnp.asarray(-1.0, self.dtype)}} for g in gam]}
 
     def gd_iterates(self, params: Params, prompts: Prompts | GramPrompts) -> list[jax.Array]:
         """The "gd" form's implicit weights w_1..w_L [B, d] (prediction after layer l: x^T w_l)."""

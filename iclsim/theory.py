@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iclsim import _validate as check
+from iclsim import wishart
 from iclsim._precision import float64
 from iclsim.designs import IID, RAG, Drift, Prompts, TaskFeatureAlignment, _check_n
 from iclsim.gram import draw
@@ -22,9 +23,10 @@ from iclsim.gram import draw
 __all__ = ["F64", "Optimum", "WeightedOptimum", "Moments", "pgd_moments", "pgd_risk", "attention_risk",
            "optimal_pgd", "rag_effective_risk", "effective_sample_multiplier", "iid_effective_n", "optimal_wpgd",
            "lowrank_optimal_pgd", "lowrank_optimal_risk", "lora_optimal_pgd", "lora_optimal_risk", "ground_truth",
-           "risk_moments", "mean_and_se", "monte_carlo_risk", "pgd_predict", "MultiStepGD", "context_power_traces",
+           "risk_moments", "mean_and_se", "monte_carlo_risk", "pgd_predict", "MultiStepGD", "MAX_STEPS",
+           "context_power_traces",
            "multistep_gd_risk", "optimal_multistep_gd", "DirectionGains", "truncated_optimum_risk", "direction_gains",
-           "noise_threshold", "BayesRisk", "bayes_risk"]
+           "noise_threshold", "predict_zero_risk", "BayesRisk", "bayes_risk"]
 
 F64 = jnp.float64
 
@@ -499,8 +501,8 @@ class MultiStepGD(NamedTuple):
     """L steps of gradient descent w_{l+1} = w_l + gamma_l (X^T y - X^T X w_l) / n from w_0 = 0."""
 
     step_sizes: np.ndarray  # [L] gamma_l
-    risk: float             # Monte Carlo over Wishart draws not used to choose the steps
-    se: float               # its standard error
+    risk: float             # exact: the risk polynomial at the exact Wishart moments (``wishart``)
+    se: float               # 0.0 (kept so the reference reads like a Monte Carlo estimate)
 
 
 def _isotropic_scales(design: IID, what: str):
@@ -566,57 +568,76 @@ def _squared(a):
     return jnp.asarray(sums, a.dtype) @ jnp.outer(a, a).ravel()
 
 
-def _multistep_values(step_sizes, traces, sigma, tau, s2, n):
-    """Per draw: sigma [tau tr q(S)^2 + (s^2 / n) tr S p(S)^2], S = sigma X^T X / n, from tr (X^T X)^k."""
+def _multistep_values(step_sizes, moments, sigma, tau, s2, n):
+    """Per row of ``moments`` ([rows, K], column k = tr S^k of S = X^T X / n, one draw's or the expectation):
+    sigma [tau tr q(sigma S)^2 + (s^2 / n) tr sigma S p(sigma S)^2], the covariance sigma I scaling S^k by
+    sigma^k."""
     qq, lpp = _multistep_polynomials(step_sizes)
-    t = traces * ((sigma / n) ** jnp.arange(traces.shape[1], dtype=F64))[None, :]
+    t = moments * (sigma ** jnp.arange(moments.shape[1], dtype=F64))[None, :]
     return sigma * (tau * t[:, :qq.shape[0]] @ qq + (s2 / n) * t[:, :lpp.shape[0]] @ lpp)
 
 
+def _checked_steps(step_sizes) -> np.ndarray:
+    gam = np.asarray(step_sizes, np.float64)
+    if gam.ndim != 1 or not 1 <= gam.shape[0] <= MAX_STEPS or not np.all(np.isfinite(gam)):
+        raise ValueError(f"step_sizes must be a 1-D array of 1 to {MAX_STEPS} finite numbers, got {step_sizes!r}")
+    return gam
+
+
 @float64
-def multistep_gd_risk(design: IID, n: int, step_sizes, key, num_draws: int = 200_000):
+def multistep_gd_risk(design: IID, n: int, step_sizes, key=None, num_draws: int | None = None):
     """Risk (mean, se) of L-step GD w_{l+1} = w_l + gamma_l X^T (y - X w_l) / n, w_0 = 0, on an isotropic IID
     design (docs/theory.md §8): with e_l = beta - w_l, e_L = q(S) beta - p(S) X^T eps / n for
     S = X^T X / n, q(S) = prod_l (I - gamma_l S), so L = s_q^2 + sigma E[tau tr q(S)^2 + (s^2/n) tr S p(S)^2],
-    averaged over ``num_draws`` Wishart draws (``context_power_traces``). L = 1 is PGD with
-    W = gamma I / n (``pgd_risk``)."""
+    linear in m_k = E tr S^k. By default exact: the m_k from ``wishart.sample_covariance_moments`` and se =
+    0.0. With ``num_draws`` (and ``key``) given, a Monte Carlo estimate over that many Wishart draws instead
+    (``context_power_traces``), with its standard error: an independent check of the exact moments.
+    L = 1 is PGD with W = gamma I / n (``pgd_risk``)."""
     sigma, tau, s2, sq2 = _isotropic_scales(design, "multistep_gd_risk")
     _check_n(design, n)
-    gam = np.asarray(step_sizes, np.float64)
-    if gam.ndim != 1 or gam.shape[0] < 1 or not np.all(np.isfinite(gam)):
-        raise ValueError(f"step_sizes must be a non-empty 1-D array of finite numbers, got {step_sizes!r}")
-    gam = _padded_steps(gam)  # zero steps are no steps: every L up to STEP_SLOTS shares one program
+    # zero steps are no steps: every L up to STEP_SLOTS shares one program
+    gam = _padded_steps(_checked_steps(step_sizes))
+    powers = 2 * gam.shape[0] + 1
     with jax.enable_x64(True):
-        traces = context_power_traces(key, design.dim, n, num_draws, 2 * gam.shape[0] + 1)
+        if num_draws is None:
+            moments = jnp.asarray(wishart.sample_covariance_moments(n, design.dim, powers))[None]
+            return float(sq2 + _multistep_mean_sd(gam, moments, sigma, tau, s2, n)[0]), 0.0
+        check.positive_int("num_draws", num_draws, minimum=2)
+        if key is None:
+            raise ValueError("multistep_gd_risk: a Monte Carlo estimate (num_draws given) needs a key")
+        traces = context_power_traces(key, design.dim, n, num_draws, powers)
+        traces = traces * (1.0 / n) ** jnp.arange(powers + 1, dtype=F64)[None, :]
         mean, sd = _multistep_mean_sd(gam, traces, sigma, tau, s2, n)
         return float(sq2 + mean), float(sd / np.sqrt(num_draws))
 
 
 @jax.jit
-def _multistep_mean_sd(step_sizes, traces, sigma, tau, s2, n):
-    """Mean and standard deviation over the draws of ``_multistep_values``: one compiled program, not a
-    dozen eager operations each compiled on its first call."""
-    vals = _multistep_values(step_sizes, traces, sigma, tau, s2, n)
-    return jnp.mean(vals), jnp.std(vals, ddof=1)
+def _multistep_mean_sd(step_sizes, moments, sigma, tau, s2, n):
+    """Mean and standard deviation (0 for one row) over the rows of ``_multistep_values``: one compiled
+    program, not a dozen eager operations each compiled on its first call."""
+    vals = _multistep_values(step_sizes, moments, sigma, tau, s2, n)
+    sd = jnp.std(vals, ddof=1) if vals.shape[0] > 1 else jnp.zeros((), vals.dtype)
+    return jnp.mean(vals), sd
 
 
 @float64
-def optimal_multistep_gd(design: IID, n: int, steps: int, key, num_draws: int = 200_000) -> MultiStepGD:
+def optimal_multistep_gd(design: IID, n: int, steps: int, key=None, num_draws: int | None = None) -> MultiStepGD:
     """The best L-step GD (step sizes gamma_1..gamma_L) on an isotropic IID design, docs/theory.md §8. The
-    risk is s_q^2 + sigma [tau E tr q(S)^2 + (s^2 / n) E tr S p(S)^2], linear in the moments m_k = E tr S^k, k
-    <= 2L + 1: they are estimated once from ``num_draws`` Wishart draws, the polynomial in gamma is minimised
-    by damped Newton from ``STEP_STARTS`` starts (``_minimise_steps``; an ArithmeticError if the lowest-risk
-    steps found are not a minimum), and the risk of the chosen steps is re-estimated on as many fresh draws
-    (unbiased, with its standard error). An L-layer linear transformer in the form of Ahn et al.
-    (``models.LinearTransformer``) can represent this predictor."""
-    sigma, tau, s2, _ = _isotropic_scales(design, "optimal_multistep_gd")
+    risk is s_q^2 + sigma [tau E tr q(S)^2 + (s^2 / n) E tr S p(S)^2], linear in the moments m_k = E tr S^k,
+    k <= 2L + 1, which are exact (``wishart.sample_covariance_moments``); the polynomial in gamma is
+    minimised by damped Newton from ``STEP_STARTS`` starts (``_minimise_steps``; an ArithmeticError if the
+    lowest-risk steps found are not a minimum) and its value there is the exact risk (se = 0.0). ``key`` and
+    ``num_draws`` are accepted for callers written when the moments were Monte Carlo and are not used. An
+    L-layer linear transformer in the form of Ahn et al. (``models.LinearTransformer``) can represent this
+    predictor."""
+    del key, num_draws  # the moments are exact
+    sigma, tau, s2, sq2 = _isotropic_scales(design, "optimal_multistep_gd")
     _check_n(design, n)
-    check.positive_int("steps", steps)
-    fit_key, test_key = jax.random.split(key)
+    check.integer("steps", steps, minimum=1, maximum=MAX_STEPS)
     one = n / (n + design.dim + 1 + s2 / tau) / sigma  # the optimal single step
     with jax.enable_x64(True):
         starts = _padded_steps(np.asarray(_step_starts(steps, one), np.float64))
-        moments = jnp.mean(context_power_traces(fit_key, design.dim, n, num_draws, 2 * starts.shape[1] + 1), axis=0)
+        moments = jnp.asarray(_exact_moments(n, design.dim, 2 * starts.shape[1] + 1))
         free = np.arange(starts.shape[1]) < steps  # the padded steps stay 0 (masked in the objective)
         found, values, gradients, hessians = map(np.asarray,
                                                  _minimise_steps(starts, free, moments, sigma, tau, s2, n))
@@ -626,17 +647,22 @@ def optimal_multistep_gd(design: IID, n: int, steps: int, key, num_draws: int = 
         raise ArithmeticError(f"optimal_multistep_gd: the lowest-risk steps found are not a minimum of the risk "
                               f"(risk {values[best]:.6g}, relative gradient {gradients[best]:.3g}, at most "
                               f"{STEP_TOLERANCE:g} allowed; smallest Hessian eigenvalue {curvature:.3g}, > 0 needed) "
-                              f"for steps = {steps}, n = {n}, d = {design.dim}; the moments of {num_draws} draws may "
-                              "be too noisy or too large for float64: use fewer steps or a shorter context")
-    gam = np.sort(found[best, :steps])
-    risk, se = multistep_gd_risk(design, n, gam, test_key, num_draws)
-    return MultiStepGD(gam, risk, se)
+                              f"for steps = {steps}, n = {n}, d = {design.dim}; the moments may be too large for "
+                              "float64: use fewer steps or a shorter context")
+    return MultiStepGD(np.sort(found[best, :steps]), float(sq2 + values[best]), 0.0)
+
+
+def _exact_moments(n: int, d: int, max_power: int) -> np.ndarray:
+    """The exact m_k = E tr S^k, k = 0..max_power (the one place the minimiser takes its moments from)."""
+    return wishart.sample_covariance_moments(n, d, max_power)
 
 
 NEWTON_ITERATIONS = 60  # iterations of _minimise_steps from each start
 STEP_TOLERANCE = 1e-6  # largest relative gradient accepted at the chosen steps (docs/theory.md §8)
 STEP_STARTS = 64  # starts for the best L-step GD (the risk polynomial has several local minima)
 STEP_SLOTS = 4  # step-size vectors are padded with zero steps to a multiple of this: one program for L <= 4
+# the most GD steps: the risk of L padded steps needs Wishart powers up to 2 L + 1 <= wishart.MAX_DEGREE
+MAX_STEPS = (wishart.MAX_DEGREE - 1) // 2 // STEP_SLOTS * STEP_SLOTS
 
 
 def _padded_steps(steps: np.ndarray) -> np.ndarray:
@@ -760,6 +786,16 @@ def direction_gains(train_design: IID, n_train: int, test_design: IID, n_test: i
     change = n_test * w * sigma**2 * (2 * l_te - w * ((n_test + 1) * sigma * l_te + c_te))
     order = np.argsort(-w, kind="stable")
     return DirectionGains(U[:, order], w[order], change[order])
+
+
+def predict_zero_risk(design: IID) -> float:
+    """Risk of the predictor yhat = 0: E y^2 = tr(Sx Sb) + s_q^2 (x independent of beta, the query's noise
+    s_q^2). docs/theory.md §6.1: for an isotropic design and an isotropic W = w I (one-layer PGD) every
+    eigendirection adds the same Delta to the risk, L(W) - L(0) = d Delta, so dropping any set of k
+    directions changes the risk by k (L(0) - L(W)) / d: truncation helps iff L(W) exceeds this level."""
+    _require(design, (IID,), "predict_zero_risk")
+    return float(np.trace(np.asarray(design.cov_x, np.float64) @ np.asarray(design.cov_beta, np.float64))
+                 + float(design.query_noise_var))
 
 
 @float64

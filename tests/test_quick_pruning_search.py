@@ -71,9 +71,9 @@ def test_quick_no_edit_beats_the_unpruned_network_on_matched(quick_run):
 def test_quick_oracle_is_the_floor_on_shifted_settings(quick_run):
     """Under noisier labels and a shorter context, the best L-step GD re-tuned for the test distribution is
     at or below every other option's test risk, up to 4 SE. Planted bugs caught: an oracle network with the
-    wrong step convention (Wq = gamma I, a step gamma^2) or sign (w_v = +1), or scored on other prompts than
-    the options (its 4-SE slack is unpaired, so an oracle tuned for the training design is caught only where
-    re-tuning gains more than that: not asserted here)."""
+    wrong step convention (Wq = gamma I, a step gamma^2) or sign (w_v = +1). Its 4-SE slack is unpaired, so
+    an oracle tuned for the training design is caught only where re-tuning gains more than that (not
+    claimed here)."""
     _, rows = quick_run
     for setting in ("noisier test labels", "shorter context"):
         for opts in _by_seed(rows, setting).values():

@@ -22,6 +22,11 @@ options share their prompts), and each protocol picks on validation and is judge
 (d) the null control: the same minimum over the unpruned network scored on as many independent
     validation sets as (b) has options: the winner's curse alone.
 
+Verdict names in the summary: claim_i_* and claim_iv_* are "supported" where the change is negative
+(pruning helped); X_minus_Y "supported" where X's change is below Y's (X beats Y); worst_change_layerL
+"supported" where the worst rate of the layer's grid raises the test risk; stability_shallow_minus_deep_worst
+"supported" where layer 1's worst change exceeds layer L's (paper B's "deep pruning is more stable").
+
 Summaries per setting and seed base: medians with their exact order-statistic interval and coverage
 (``quality.median_interval``; means beside them), the verdicts per base and across bases
 (``quality.across_bases``), and for the joint search's choice a robust per-prompt summary
@@ -256,7 +261,12 @@ def claims(rows) -> dict:
                 "robust_winsorised_change_median": _median([r["robust_winsorised_change"] for r in seed_rows]),
                 "robust_median_difference_median": _median([r["robust_median_difference"] for r in seed_rows]),
                 "robust_top_share_median": _median([r["robust_top_share"] for r in seed_rows
-                                                    if r.get("robust_top_share") not in (None, "")])}
+                                                    if r.get("robust_top_share") not in (None, "")]),
+                # the mechanism: the step rank (1 = shortest) of the layer the joint search pruned, counted
+                "joint_pruned_step_rank_counts": {
+                    str(k): sum(1 for r in recs[b] if r["joint_layer"] not in (None, "")
+                                and int(r["seed_row"][f"step_order{int(r['joint_layer'])}"]) == k)
+                    for k in range(1, len(layers) + 1)}}
         out[setting] = entry
     return out
 

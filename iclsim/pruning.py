@@ -4,6 +4,7 @@ search that picks (layer, module, rank) on validation prompts and reports the ch
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Sequence
 
 import jax
@@ -14,7 +15,9 @@ from iclsim import _validate as _check
 from iclsim import evaluate
 
 __all__ = ["DEFAULT_RATES", "MODULES", "OPERATIONS", "Candidate", "SearchResult", "apply_candidate", "kept_singular_values", "ranks_for_rates",
-           "svd_truncate", "prune", "module_shape", "evaluate_candidates", "search"]
+           "svd_truncate", "prune", "module_shape", "evaluate_candidates", "search", "rate_options",
+           "select_on_validation", "multistep_gd_params", "evaluate_networks", "prompt_errors", "RobustChange",
+           "robust_change", "paired_prompt_change"]
 
 DEFAULT_RATES = (0.0, 0.1, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995)
 MODULES = {"attn": ("Wq", "Wk", "Wv", "Wo"), "mlp": ("W_in", "W_out")}
@@ -254,3 +257,140 @@ def _null_control(model, params, design, n: int, copies: int, key, num_prompts: 
     repeated = jax.tree_util.tree_map(lambda a: jnp.repeat(jnp.asarray(a), copies, axis=0)[None, None], params)
     risk, _ = evaluate.evaluate_sweep(model, repeated, design, [n], keys, num_prompts)
     return risk[0, 0].reshape(seeds, copies)
+
+
+def rate_options(shape, rates: Sequence[float] = DEFAULT_RATES) -> list[tuple[float, int | None]]:
+    """Paper B's clipping-rate grid on a matrix of ``shape`` as the distinct networks it gives: (rate, kept
+    rank) in increasing rate, each kept rank once with the smallest rate that reaches it, the full rank as
+    None (rate 0 keeps every singular value: the unpruned network). Paper B's code (LASER's
+    ``do_low_rank``) keeps int(min(m, n) (1 - rate)) values; ``kept_singular_values`` keeps at least 1 where
+    that reaches 0, so on d = 5 the grid {0, 0.1, 0.5, 0.75, 0.9, 0.95, 0.99, 0.995} is ranks 5, 4, 2, 1
+    (0.75 and above all keep rank 1): four distinct networks, one of them unpruned."""
+    rates = [float(r) for r in rates]
+    if not rates or any(b <= a for a, b in zip(rates, rates[1:])):
+        raise ValueError(f"rates must be a non-empty increasing sequence of clipping rates, got {rates!r}")
+    full = min(shape)
+    out: list[tuple[float, int | None]] = []
+    for rate, k in zip(rates, ranks_for_rates(shape, rates, distinct=False)):
+        rank = None if k == full else k
+        if all(rank != r for _, r in out):
+            out.append((rate, rank))
+    return out
+
+
+def select_on_validation(val_risk) -> np.ndarray:
+    """Paper B's choice: per row (a seed), the index of the option with the lowest validation risk, ties to the
+    earlier option (list options in increasing clipping rate, the unpruned first: a tie keeps the smaller
+    rate, as the authors' ``torch.argmax`` over accuracies in rate order does). NaN risks are never chosen
+    (a row of NaNs is a ValueError)."""
+    val = np.asarray(val_risk, np.float64)
+    if val.ndim != 2 or val.shape[1] == 0:
+        raise ValueError(f"val_risk must be [seeds, options] with at least one option, got shape {val.shape}")
+    if np.any(np.all(np.isnan(val), axis=1)):
+        raise ValueError("val_risk has a row with no finite risk: no option can be chosen")
+    return np.argmin(np.where(np.isnan(val), np.inf, val), axis=1)  # first minimum: ties to the earlier option
+
+
+def multistep_gd_params(dim: int, step_sizes, dtype=jnp.float32):
+    """Parameters of a GD-form ``models.LinearTransformer(dim, L)`` that computes L-step GD with the given
+    steps: Wq_l = Wk_l = sqrt(|gamma_l|) I, w_v = -sign(gamma_l), so Gamma_l = -w_v Wq Wk^T = gamma_l I
+    (docs/theory.md §8). With ``theory.optimal_multistep_gd``'s steps for a test distribution this is the
+    oracle: the best L-step GD re-tuned for the test design and context length."""
+    _check.positive_int("dim", dim)
+    steps = np.asarray(step_sizes, np.float64)
+    if steps.ndim != 1 or steps.size == 0 or not np.all(np.isfinite(steps)):
+        raise ValueError(f"step_sizes must be a non-empty 1-D array of finite numbers, got {step_sizes!r}")
+    eye = np.eye(dim)
+    return {"layers": [{"attn": {"Wq": jnp.asarray(np.sqrt(abs(g)) * eye, dtype),
+                                 "Wk": jnp.asarray(np.sqrt(abs(g)) * eye, dtype),
+                                 "w_v": jnp.asarray(-1.0 if g >= 0 else 1.0, dtype)}} for g in steps]}
+
+
+def evaluate_networks(model, networks, design, n: int, key, num_prompts: int):
+    """Risk and SE [seeds, k] of networks with leading axes [seeds, k] (seed s's k networks: its edits, an
+    oracle, ...), in one vmapped program. ``key``: one key, or one per seed ([seeds, 2]): seed s's k
+    networks see the same prompts (paired) and other seeds other prompts (``evaluate_candidates`` for
+    networks that are not all edits of one trained network)."""
+    leaves = jax.tree_util.tree_leaves(networks)
+    if not leaves or np.ndim(leaves[0]) < 2:
+        raise ValueError("networks must have leading axes [seeds, k]")
+    seeds, k = np.shape(leaves[0])[:2]
+    rows = evaluate._key_rows(key, seeds)
+    stacked = jax.tree_util.tree_map(lambda a: jnp.reshape(jnp.asarray(a), (1, 1, seeds * k) + np.shape(a)[2:]),
+                                     networks)
+    keys = key if rows is None else np.repeat(rows, k, axis=0)
+    risk, se = evaluate.evaluate_sweep(model, stacked, design, [n], keys, num_prompts)
+    return risk[0, 0].reshape(seeds, k), se[0, 0].reshape(seeds, k)
+
+
+def prompt_errors(model, networks, design, n: int, key, num_prompts: int, batch: int = 10_000) -> np.ndarray:
+    """Per-prompt squared errors (y_query - prediction)^2, [k, prompts] (float64 from the model's dtype), of k
+    networks (leading axis k) on the same ``num_prompts`` prompts (rounded up to whole batches; batch i drawn
+    by ``design.sample`` from fold_in(key, i)): the paired per-prompt changes whose tails a mean hides
+    (``robust_change``)."""
+    _check.positive_int("num_prompts", num_prompts)
+    _check.positive_int("batch", batch)
+    _check.positive_int("n", n)
+    batch = min(batch, num_prompts)
+    key = jnp.asarray(evaluate._key_data(key, 1, "key"))
+    return np.concatenate([np.asarray(_prompt_batch_errors(model, networks, design, key, i, n, batch), np.float64)
+                           for i in range(-(-num_prompts // batch))], axis=1)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "n", "batch"))
+def _prompt_batch_errors(model, networks, design, key, i, n: int, batch: int):
+    """Squared errors [k, batch] of k networks on batch i of ``prompt_errors``'s prompts (one compiled program
+    per model, context length and batch size)."""
+    p = design.sample(jax.random.fold_in(key, i), batch, n, model.dtype)
+    return (p.y_query[None] - jax.vmap(lambda q: model.apply(q, p))(networks)) ** 2
+
+
+class RobustChange(NamedTuple):
+    """The change of the risk from ``before`` to ``after`` (per-prompt squared errors of two networks on the
+    same prompts), as the mean and as robust summaries beside it.
+
+    - mean_change: (mean after - mean before) / mean before, the change every risk table reports;
+    - winsorised_change: the same with every squared error above c = the ``quantile``-quantile of the
+      before-errors counted as c (one threshold for both networks);
+    - median_difference: the median of the per-prompt differences after - before, divided by mean before;
+    - top_share: the share of the total change sum(after - before) carried by the 1 - ``quantile``
+      fraction of prompts with the largest |after - before| (near 1: a few contexts carry the mean)."""
+
+    mean_change: float
+    winsorised_change: float
+    median_difference: float
+    top_share: float
+    quantile: float
+    count: int
+
+
+def robust_change(before, after, quantile: float = 0.999) -> RobustChange:
+    """``RobustChange`` of paired per-prompt squared errors ``before`` and ``after`` (same prompts, same order)."""
+    a, b = (np.asarray(x, np.float64).ravel() for x in (before, after))
+    if a.shape != b.shape or a.size < 2:
+        raise ValueError(f"before and after must be paired arrays of at least 2 errors, got sizes {a.size}, {b.size}")
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))) or np.any(a < 0) or np.any(b < 0):
+        raise ValueError("before and after must be finite squared errors (>= 0)")
+    if not 0.0 < float(quantile) < 1.0:
+        raise ValueError(f"quantile must be in (0, 1), got {quantile!r}")
+    base = float(np.mean(a))
+    if base <= 0:
+        raise ValueError("before must have a positive mean squared error")
+    c = float(np.quantile(a, quantile))
+    ca, cb = np.minimum(a, c), np.minimum(b, c)
+    diff = b - a
+    top = max(1, int(round((1.0 - float(quantile)) * diff.size)))
+    largest = np.argsort(-np.abs(diff), kind="stable")[:top]
+    total = float(np.sum(diff))
+    return RobustChange(float((np.mean(b) - base) / base), float((np.mean(cb) - np.mean(ca)) / np.mean(ca)),
+                        float(np.median(diff) / base), float(np.sum(diff[largest]) / total) if total != 0 else np.nan,
+                        float(quantile), int(diff.size))
+
+
+def paired_prompt_change(model, params, edited, design, n: int, key, num_prompts: int,
+                         quantile: float = 0.999) -> RobustChange:
+    """``robust_change`` from ``params`` to ``edited`` (two networks of ``model``) on one seed's prompts
+    (``prompt_errors`` keyed by ``key``)."""
+    both = jax.tree_util.tree_map(lambda a, b: jnp.stack([jnp.asarray(a), jnp.asarray(b)]), params, edited)
+    err = prompt_errors(model, both, design, n, key, num_prompts)
+    return robust_change(err[0], err[1], quantile)

@@ -1,4 +1,4 @@
-"""Paper B's quick pruning studies: depth (claim ii) and the derivative-free search (claim i)."""
+"""Paper B's quick pruning study of depth (claim ii); the search (claims i and iv) is tests/test_quick_pruning_search.py."""
 
 from tests.quick import EXPERIMENTS, run_quick
 
@@ -14,10 +14,3 @@ def test_pruning_depth_quick(tmp_path):
     allowed = {"supported", "contradicted", "not resolved at this sample size"}
     assert {c["verdict"] for c in meta["summary"]["claim_ii"].values()} <= allowed
 
-
-def test_pruning_search_quick(tmp_path):
-    """Search: its choice never looks worse on validation than no pruning, and on the training
-    distribution it does not claim that pruning helps."""
-    meta, rows = run_quick("pruning_search", tmp_path)
-    assert all(r["val_after"] <= r["val_before"] for r in rows)
-    assert meta["summary"]["claim_i"]["matched"]["verdict"] != "supported"

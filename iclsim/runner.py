@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import errno
 import functools
 import hashlib
 import importlib.metadata
@@ -34,6 +35,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -49,7 +51,7 @@ from iclsim.cache import active as active_cache
 
 __all__ = ["PLUGIN_GROUP", "Experiment", "RunError", "Computed", "discover", "run_experiment", "compute", "commit", "rows_to_csv", "read_rows", "read_results",
            "versions", "git_state", "results_lock", "check_output", "parse_setting", "apply_overrides",
-           "format_number", "format_summary", "EXPERIMENTS_DIR", "LOCK_NAME"]
+           "format_number", "format_summary", "EXPERIMENTS_DIR", "LOCK_NAME", "check_name"]
 
 def _shipped_experiments() -> Path:
     """The experiments that ship with iclsim: the installed package ``iclsim.experiments`` (pyproject maps
@@ -81,6 +83,29 @@ class Experiment:
     summary: Callable[[list[dict]], dict]
     quick: dict = dataclasses.field(default_factory=dict)
     after: tuple[str, ...] = ()  # experiments whose results this one reads (run them first)
+
+    def __post_init__(self):
+        check_name("experiment name", self.name)
+
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def check_name(what: str, name) -> str:
+    """A file-name part that stays inside its folder: letters, digits, ``_``, ``-`` and ``.`` (not first),
+    no path separator, no ``..``; RunError otherwise (an experiment named ``../x`` would write outside --out)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise RunError(f"{what} {name!r} is not a plain name: use letters, digits, '_', '-' and '.' (not first), "
+                       "with no path separator and no '..'")
+    return name
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """folder / name, refused (RunError) unless ``name`` is a plain file name that stays in ``folder``."""
+    path = folder / name
+    if not name or "/" in name or os.sep in name or name in (".", "..") or path.parent != folder:
+        raise RunError(f"{name!r} would be written outside {folder}")
+    return path
 
 
 def discover(directory: Path = EXPERIMENTS_DIR, plugins: bool = True) -> dict[str, Experiment]:
@@ -249,7 +274,7 @@ def results_lock(out: Path):
 def _acquire(folder: Path, fcntl) -> int:
     path = folder / LOCK_NAME
     for _ in range(20):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = _open_lock(path, folder)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -273,21 +298,76 @@ def _acquire(folder: Path, fcntl) -> int:
     raise RunError(f"could not lock {folder} (its lock file keeps changing)")
 
 
+def _open_lock(path: Path, folder: Path) -> int:
+    """The lock file, never through a symlink (O_NOFOLLOW) and only a regular file owned by this user:
+    a planted symlink or other file is refused (RunError), never truncated or written through."""
+    planted = (f"{path} is not a lock file of iclsim (a symlink, or not a regular file of this user): remove it if "
+               "no run is writing into the folder, or choose another --out")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.EMLINK, errno.EISDIR, errno.ENXIO):
+            raise RunError(planted) from None
+        raise RunError(f"cannot open the lock file {path} ({err.strerror or err})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_nlink != 1:
+        os.close(fd)
+        raise RunError(planted)
+    return fd
+
+
 def _recover(folder: Path) -> None:
     """Complete the pending result sets that a killed run had fully written; discard the others
     (call while holding ``results_lock``)."""
     for pending in sorted(folder.glob(_PENDING + "*")):
+        if pending.is_symlink() or not pending.is_dir():
+            raise RunError(f"{pending} is not a pending result set of iclsim (a symlink or a file): remove it, or "
+                           "choose another --out")
         ready = pending / "READY"
-        if ready.exists():
-            _move_in(pending, folder, ready.read_text().split())
+        if ready.is_file() and not ready.is_symlink():
+            names = ready.read_text().split()
+            bad = [n for n in names if not _NAME.fullmatch(n) or ".." in n]
+            if bad:
+                raise RunError(f"{ready} lists {bad[0]!r}, not a plain file name: a pending set may only move "
+                               f"files into {folder}; remove {pending.name} and rerun")
+            _move_in(pending, folder, names)
         else:
             shutil.rmtree(pending, ignore_errors=True)
 
 
+_OLD = ".replaced"  # inside a pending folder: the files a commit replaces, kept until every move has succeeded
+
+
 def _move_in(pending: Path, folder: Path, names: list[str]) -> None:
-    for name in names:
-        if (pending / name).exists():
-            os.replace(pending / name, folder / name)
+    """Move the set's files from ``pending`` into ``folder``. A move that fails (OSError: a folder in the
+    way, no permission) puts every file back as it was and raises RunError: never a mixed set. A process
+    killed here leaves READY, and the next run completes the moves (``_recover``)."""
+    old = pending / _OLD
+    moved: list[str] = []
+    try:
+        for name in names:
+            src, dst = _inside(pending, name), _inside(folder, name)
+            if not src.exists():
+                continue
+            if os.path.lexists(dst) and not dst.is_dir():
+                old.mkdir(exist_ok=True)
+                os.replace(dst, old / name)
+            os.replace(src, dst)
+            moved.append(name)
+    except OSError as err:
+        for name in reversed(moved):  # put the previous set back
+            with contextlib.suppress(OSError):
+                os.replace(folder / name, pending / name)
+            if (old / name).exists():
+                with contextlib.suppress(OSError):
+                    os.replace(old / name, folder / name)
+        for name in names:
+            if name not in moved and (old / name).exists():
+                with contextlib.suppress(OSError):
+                    os.replace(old / name, folder / name)
+        shutil.rmtree(pending, ignore_errors=True)
+        raise RunError(f"could not move the results into {folder} ({err.strerror or err}: "
+                       f"{getattr(err, 'filename', '') or ''}); the previous results there are unchanged") from None
     (pending / "READY").unlink(missing_ok=True)
     shutil.rmtree(pending, ignore_errors=True)
 
@@ -312,11 +392,11 @@ def _interrupts_held():
 
 def _commit(folder: Path, run_id: str, files: dict[str, bytes]) -> None:
     """Write ``files`` (name -> bytes, the JSON last) into a pending folder, then move them in."""
-    pending = folder / f"{_PENDING}{run_id}"
+    pending = _inside(folder, f"{_PENDING}{run_id}")
     pending.mkdir()
     try:
         for name, data in files.items():
-            atomic_write(pending / name, data)
+            atomic_write(_inside(pending, name), data)
         atomic_write(pending / "READY", " ".join(files).encode())
     except BaseException:
         shutil.rmtree(pending, ignore_errors=True)
@@ -519,6 +599,7 @@ def commit(exp: Experiment, out: Path, computed: Computed, quick: bool, seed: in
     """Write a computed experiment into ``out`` as one set (the JSON names the run and the files'
     sha256) and return its JSON object; holds the folder's lock (re-entrant) while it writes."""
     progress = progress or _stderr
+    check_name("experiment name", exp.name)
     with results_lock(Path(out)) as folder:
         _recover(folder)
         run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"

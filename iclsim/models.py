@@ -14,6 +14,7 @@ No model has biases, so zero (padded) context tokens are inert: see ``truncate_c
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -46,7 +47,9 @@ def _normal_init(key, dtype, **specs) -> Params:
 
 
 def _check_rank(rank, dim):
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= dim):
+    # numpy integers too, as theory takes them (numbers.Integral); a bool is not a rank
+    if rank is not None and (isinstance(rank, bool) or type(rank).__name__ == "bool_"
+                             or not isinstance(rank, numbers.Integral) or not 1 <= rank <= dim):
         raise ValueError(f"rank must be an integer in [1, {dim}] (at most dim) or None, got {rank!r}")
 
 
@@ -96,6 +99,7 @@ class LinearAttention:
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
+        check.float_dtype("dtype", self.dtype)
         _check_rank(self.rank, self.dim + 1)
 
     def init(self, key) -> Params:
@@ -151,6 +155,7 @@ class H3:
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
+        check.float_dtype("dtype", self.dtype)
         check.positive_int("context", self.context)
         if self.channels is not None:
             check.positive_int("channels", self.channels)
@@ -223,6 +228,7 @@ class PGD:
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
+        check.float_dtype("dtype", self.dtype)
         _check_rank(self.rank, self.dim)
 
     def init(self, key) -> Params:
@@ -257,6 +263,7 @@ class WPGD:
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
+        check.float_dtype("dtype", self.dtype)
         check.positive_int("context", self.context)
 
     def init(self, key) -> Params:
@@ -284,8 +291,8 @@ class Ridge:
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
-        if not self.penalty >= 0:
-            raise ValueError(f"penalty must be >= 0, got {self.penalty!r}")
+        check.float_dtype("dtype", self.dtype)
+        check.real("penalty", self.penalty, 0.0)  # finite: penalty = inf predicts 0 with a NaN-prone pinv
 
     def init(self, key) -> Params:
         return {}
@@ -314,6 +321,7 @@ class GD:
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
+        check.float_dtype("dtype", self.dtype)
         check.positive_int("steps", self.steps)
 
     def init(self, key) -> Params:
@@ -356,6 +364,7 @@ class LoRA:
 
     def __post_init__(self):
         check.positive_int("rank", self.rank)
+        check.float_dtype("dtype", self.dtype)
         missing = [t for t in self.targets if t not in self.base_params.tree]
         if missing or not self.targets:
             raise ValueError(f"targets must name matrices of the base model ({sorted(self.base_params.tree)}), "
@@ -425,6 +434,7 @@ class LinearTransformer:
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
+        check.float_dtype("dtype", self.dtype)
         check.positive_int("layers", self.layers)
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")

@@ -292,7 +292,9 @@ class Ridge:
     def __post_init__(self):
         check.positive_int("dim", self.dim)
         check.float_dtype("dtype", self.dtype)
-        check.real("penalty", self.penalty, 0.0)  # finite: penalty = inf predicts 0 with a NaN-prone pinv
+        if isinstance(self.penalty, bool) or not (isinstance(self.penalty, (int, float)) or hasattr(self.penalty, "dtype")) \
+                or not float(self.penalty) >= 0 or not float(self.penalty) < float("inf"):  # inf: a NaN-prone pinv
+            raise ValueError(f"penalty must be >= 0 and finite, got {self.penalty!r}")
 
     def init(self, key) -> Params:
         return {}

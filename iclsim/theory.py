@@ -400,7 +400,11 @@ def _chunks(num_prompts, batch_size):
     check.positive_int("num_prompts", num_prompts)
     check.positive_int("batch_size", batch_size)
     batch = min(batch_size, num_prompts)
-    return -(-num_prompts // batch), batch
+    chunks = -(-num_prompts // batch)
+    if chunks > 2**31 - 1:  # the batch loop counts in int32
+        raise ValueError(f"num_prompts = {num_prompts} is {chunks} batches of {batch}: at most {2**31 - 1} batches; "
+                         "use fewer prompts or a larger batch_size")
+    return chunks, batch
 
 
 @float64

@@ -67,7 +67,9 @@ class TrainConfig:
         check.positive_int("steps", self.steps)
         check.positive_int("batch_size", self.batch_size)
         check.positive_int("warmup_steps", self.warmup_steps, minimum=0)
-        check.real("learning_rate", self.learning_rate, 0.0, low_open=True)
+        lr = self.learning_rate
+        if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating, np.integer)) or not 0 < lr < np.inf:
+            raise ValueError(f"learning_rate must be > 0 and finite (a number, not a bool), got {lr!r}")
         check.float_dtype("dtype", self.dtype)
         check.in_range("final_lr_fraction", self.final_lr_fraction, 0.0, 1.0)
         if self.divergence_factor is not None and not (np.isfinite(self.divergence_factor)

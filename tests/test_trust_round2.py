@@ -348,8 +348,8 @@ def test_theory_returns_numpy_float64_that_user_arithmetic_keeps():
 
 @pytest.mark.parametrize("call, exc, message", [
     (lambda: IID(2, cov_x=np.eye(2) * (1 + 1j)), TypeError, "cov_x must be real"),
-    (lambda: models.Ridge(2, penalty=np.inf), ValueError, "penalty must be a number >= 0.0"),
-    (lambda: train.TrainConfig(learning_rate=True), TypeError, "learning_rate must be"),
+    (lambda: models.Ridge(2, penalty=np.inf), ValueError, "penalty must be >= 0 and finite"),
+    (lambda: train.TrainConfig(learning_rate=True), ValueError, "learning_rate must be > 0 and finite"),
     (lambda: train.TrainConfig(dtype="float16"), ValueError, "dtype must be float32 or float64"),
     (lambda: models.PGD(2, dtype="float16"), ValueError, "dtype must be float32 or float64"),
     (lambda: train.fit(models.PGD(2), [IID(2), IID(2, noise_var=1.0)], 3, steps=2), TypeError, "use fit_sweep"),
@@ -375,3 +375,162 @@ def test_svd_truncate_of_nan_and_effective_n_and_numpy_ranks():
     assert n_eff[0] == 0.0 and n_eff[1] > 0
     assert models.PGD(3, rank=np.int64(2)) == models.PGD(3, rank=2)
     assert models.LinearAttention(3, rank=np.int64(2)).rank == 2
+
+
+# ---- findings 5, 6, 7 (all failed), 10 (processes), 12: the command line ----
+
+EXPS = '''
+import os, time
+import jax
+import matplotlib.pyplot as plt
+from iclsim import IID, theory
+from iclsim.runner import Experiment
+
+def run(s, seed, progress):
+    if s["sleep"]:
+        with open(os.path.join(s["out"], f"pid-{s['tag']}"), "w") as f:
+            f.write(str(os.getpid()))
+        time.sleep(s["sleep"])
+    if s["num_test"] != 100:
+        theory.monte_carlo_risk(lambda p: p.x[:, 0], IID(2), 2, jax.random.PRNGKey(0), num_prompts=s["num_test"])
+    return [{"k": k, "devices": jax.device_count(), "passed": s["pass"]} for k in range(s["points"])]
+
+def plot(rows, s):
+    fig, ax = plt.subplots(figsize=(2, 2))
+    ax.plot([r["k"] for r in rows])
+    return fig
+
+EXPERIMENT = Experiment(name="{name}", title="{name}", run=run, plot=plot, summary=lambda rows: {{"rows": len(rows)}},
+                        settings={{"points": 2, "sleep": 0.0, "tag": "{name}", "pass": True, "num_test": 100}})
+'''
+
+
+@pytest.fixture
+def two_exps(tmp_path):
+    folder = tmp_path / "exps"
+    folder.mkdir()
+    for name in ("alpha", "beta"):
+        (folder / f"{name}.py").write_text(EXPS.replace("{name}", name).replace("{{", "{").replace("}}", "}"))
+    return folder
+
+
+def _cli(*args):
+    from iclsim import cli
+    return cli.main([str(a) for a in args])
+
+
+def test_runs_with_overrides_never_write_the_committed_figures(two_exps, tmp_path, monkeypatch, capsys):
+    """Finding 5: `iclsim run rag --set steps=5` from the repository root replaced figures/rag.* (17 of 24
+    networks failing) and fig1 then drew from it. Now a run with --set goes to results/overrides by default,
+    is labelled, refuses a folder of committed results unless --force, and readers (fig1) refuse it."""
+    monkeypatch.chdir(tmp_path)
+    assert _cli("--experiments", two_exps, "run", "alpha", "--no-cache") == 0  # the committed run
+    committed = (tmp_path / "figures" / "alpha.json").read_bytes()
+    assert _cli("--experiments", two_exps, "run", "alpha", "--no-cache", "--set", "points=5") == 0
+    assert (tmp_path / "figures" / "alpha.json").read_bytes() == committed
+    meta = json.loads((tmp_path / "results" / "overrides" / "alpha.json").read_text())
+    assert meta["label"] == "overrides points=5" and meta["overrides"] == {"points": 5}
+    capsys.readouterr()
+    assert _cli("--experiments", two_exps, "run", "alpha", "--no-cache", "--set", "points=5", "--out", "figures") == 1
+    assert "holds full-fidelity results" in capsys.readouterr().err
+    assert (tmp_path / "figures" / "alpha.json").read_bytes() == committed
+    with pytest.raises(runner.RunError, match="made with --set overrides \\(points=5\\)"):
+        runner.read_results(tmp_path / "results" / "overrides", "alpha", quick=False, seed=0, reader="fig1")
+
+
+def test_a_run_whose_networks_all_fail_exits_non_zero(two_exps, tmp_path, capsys):
+    """Finding 7: `trajectory --set num_reference=1` exited 0 with every network failed. Now the command
+    exits 1 saying every network failed its gate (the results are still written, for inspection)."""
+    code = _cli("--experiments", two_exps, "run", "alpha", "--no-cache", "--out", tmp_path / "o", "--set", "pass=false")
+    assert code == 1
+    assert "every network (2) failed its quality gate" in capsys.readouterr().err
+    assert (tmp_path / "o" / "alpha.json").exists()
+
+
+def test_broken_experiment_files_and_plugins_do_not_disable_the_others(two_exps, tmp_path, monkeypatch, capsys):
+    """Finding 12: a broken experiment file and a broken installed plugin sent raw tracebacks to the command
+    line and disabled every command. Now each is one warning line and the other experiments run."""
+    import importlib.metadata
+    (two_exps / "broken.py").write_text("def oops(:\n")
+    plugin = importlib.metadata.EntryPoint(name="bad", value="no_such_module_r2:EXPERIMENT", group=runner.PLUGIN_GROUP)
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None: [plugin] if group == runner.PLUGIN_GROUP else [])
+    assert _cli("--experiments", two_exps, "list") == 0
+    captured = capsys.readouterr()
+    assert "alpha" in captured.out and "beta" in captured.out
+    warnings = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(warnings) == 2 and all(line.startswith("iclsim: warning:") for line in warnings)
+    assert "broken.py failed to load: SyntaxError" in warnings[0] and "'bad'" in warnings[1]
+    assert _cli("--experiments", two_exps, "run", "alpha", "--no-cache", "--out", tmp_path / "o") == 0
+    with pytest.raises(runner.RunError, match="broken.py failed to load"):
+        runner.discover(two_exps)  # the library call stays strict
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["--seed", "100000000000000000000"], 2, "--seed must be an integer in [0, "),
+    (["--set", "num_test=1000000000000000"], 1, "num_prompts = 1000000000000000 is"),
+])
+def test_huge_numbers_on_the_command_line_are_one_line(two_exps, tmp_path, capsys, args, code, message):
+    """Finding 12: --seed 1e20 (as an integer) and --set num_test=1e15 sent raw tracebacks (an OverflowError
+    deep in numpy, an int32 batch count) to the command line. Now one line naming the value."""
+    assert _cli("--experiments", two_exps, "run", "alpha", "--no-cache", "--out", tmp_path / "o", *args) == code
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("iclsim: error")]
+    assert "Traceback" not in err and len(errors) == 1 and message in errors[0], err
+
+
+def _popen_cli(two_exps, out, *args):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    return subprocess.Popen([sys.executable, "-m", "iclsim", "--experiments", str(two_exps), "run", "alpha", "beta",
+                             "--no-cache", "--out", str(out), *args], env=env, cwd=str(ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_jobs_give_the_numbers_and_devices_of_a_sequential_run(two_exps, tmp_path):
+    """Finding 6: rag's gap was 0.0335 or 0.02 depending on --jobs: the workers got a share of the parent's
+    devices (4 // 2 = 2), which changes how networks share a device and so the evaluation's batches; the
+    JSON recorded the parent's devices. Now workers have the parent's device count, and the JSON records
+    the devices of the process that computed the numbers."""
+    for out, jobs in ((tmp_path / "seq", "1"), (tmp_path / "par", "2")):
+        proc = _popen_cli(two_exps, out, "--jobs", jobs)
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err
+    for name in ("alpha", "beta"):
+        seq, par = (runner.read_rows(tmp_path / kind / f"{name}.csv") for kind in ("seq", "par"))
+        assert seq == par and {r["devices"] for r in par} == {4}
+        meta = json.loads((tmp_path / "par" / f"{name}.json").read_text())
+        assert len(meta["versions"]["devices"]) == 4
+
+
+def test_killing_a_jobs_parent_ends_its_workers(two_exps, tmp_path):
+    """Finding 10: kill -9 of an `iclsim run --jobs` parent left its workers running indefinitely. Now each
+    worker watches its parent and exits within about a second of its death."""
+    out = tmp_path / "o"
+    out.mkdir()
+    proc = _popen_cli(two_exps, out, "--jobs", "2", "--set", "sleep=300")
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and len(list(out.glob("pid-*"))) < 2:
+            assert proc.poll() is None, proc.stderr.read()
+            time.sleep(0.2)
+        workers = [int(p.read_text()) for p in out.glob("pid-*")]
+        assert len(workers) == 2
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 20
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.2)
+        alive = [pid for pid in workers if _alive(pid)]
+    for pid in alive:  # do not leave them behind when the test fails
+        os.kill(pid, 9)
+    assert not alive, f"workers {alive} outlived their killed parent"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

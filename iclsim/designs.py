@@ -138,8 +138,28 @@ def _pytree_design(static=("dim",)):
 
 
 def stack(designs) -> object:
-    """Stack designs of one type and structure along a new leading axis, for ``jax.vmap``."""
+    """Stack designs of one type and structure along a new leading axis, for ``jax.vmap``. Designs of
+    different types, or whose fields differ in shape (another dim, per-position noise beside a scalar),
+    are a ValueError naming the first that differs."""
+    designs = list(designs)
+    if not designs:
+        raise ValueError("designs must hold at least one design")
+    first = designs[0]
+    for i, other in enumerate(designs[1:], 1):
+        if type(other) is not type(first):
+            raise ValueError(f"designs of one sweep must be of one type: design 0 is a {type(first).__name__}, design "
+                             f"{i} a {type(other).__name__}; run one sweep per design type")
+        shapes = [np.shape(a) for a in jax.tree_util.tree_leaves(first)], \
+            [np.shape(a) for a in jax.tree_util.tree_leaves(other)]
+        if jax.tree_util.tree_structure(first) != jax.tree_util.tree_structure(other) or shapes[0] != shapes[1]:
+            raise ValueError(f"designs of one sweep must have fields of one shape: design {i} ({_brief(other)}) "
+                             f"differs from design 0 ({_brief(first)}) (another dim, or per-position noise beside a "
+                             "scalar?); run them as separate sweeps")
     return jax.tree_util.tree_map(lambda *a: np.stack(a), *designs)
+
+
+def _brief(design) -> str:
+    return " ".join(repr(design).split())[:120]
 
 
 def _set(obj, **fields):

@@ -534,3 +534,14 @@ def _alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_designs_of_a_sweep_that_cannot_stack_are_named():
+    """Finding 12: a sweep over designs of two types, or of per-position noise beside a scalar, failed deep
+    inside JAX's tree_map ('the prefix pytree ... has a subtree of type'); now a ValueError names them."""
+    from iclsim import RAG, designs
+    with pytest.raises(ValueError, match="one type: design 0 is a IID, design 1 a RAG"):
+        designs.stack([IID(2), RAG(2, 0.3)])
+    with pytest.raises(ValueError, match="fields of one shape: design 1"):
+        train.fit_sweep(models.PGD(2), [IID(2, noise_var=0.1), IID(2, noise_var=[0.1, 0.2, 0.3], query_noise_var=0.1)],
+                        [3], [0], train.TrainConfig(steps=2))

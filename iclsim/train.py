@@ -160,6 +160,7 @@ def _fit_sweep(model, designs, ns, seeds, config, loss_fn, devices, cache) -> Fi
                       "GradientTransformation as TrainConfig.optimizer to cache it", stacklevel=3)
         cache = None
     points = [(i, j, k) for i in range(len(design_list)) for j in range(len(ns)) for k in range(len(seeds))]
+    _fits(model, config, len(points), n_slots, design_list[0].dim, cache)
     stacked = stack(design_list)
     # a single fit's program gets SMALL_PROGRAM_OPTIONS: decided by the sweep, not by how many of its points
     # a cache left to train, so a point's numbers are those its key names
@@ -289,6 +290,17 @@ def _check_losses(losses, factor, model, points):
         raise FloatingPointError(
             f"training diverged: {what} for model {_short(model)} on design {_short(design)} with n = {n}, "
             f"seed = {seed}; lower learning_rate (or raise TrainConfig.divergence_factor)")
+
+
+def _fits(model, config, points: int, n_slots: int, dim: int, cache) -> None:
+    """Refuse (MemoryError) a sweep whose arrays cannot fit in memory, before compiling: each network in a
+    call holds its parameters, gradients and two Adam moments (4 copies), and a step's batch of prompts."""
+    size = sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+               for leaf in jax.tree_util.tree_leaves(jax.eval_shape(model.init, jax.random.PRNGKey(0))))
+    at_once = points if cache is None else min(points, cache.chunk)
+    batch = config.batch_size * (n_slots + 1) * (dim + 1) * np.dtype(config.dtype).itemsize
+    check.memory(f"fit_sweep of {at_once} network(s) of {size / 2**20:.3g} MiB of parameters each",
+                 float(at_once) * (4 * size + batch), "use a smaller dim, batch_size or sweep")
 
 
 def _check_params(params, model, points):

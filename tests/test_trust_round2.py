@@ -241,12 +241,17 @@ def test_predictions_of_shape_b_by_1_are_refused_by_fit_evaluate_and_monte_carlo
 # ---- finding 7: bounds before work; overflow, NaN and one-draw SEs raise ----
 
 def test_sizes_that_cannot_fit_in_memory_are_refused_before_allocating():
-    """Finding 7: bayes_risk(IID(2, noise_var=1), 10**6) built an 8 TB matrix and aborted the interpreter.
-    Now a MemoryError names the sizes before anything is allocated (the test would abort otherwise)."""
+    """Finding 7: bayes_risk(IID(2, noise_var=1), 10**6) built an 8 TB matrix and aborted the interpreter, as
+    did --set dim=100000. Now a MemoryError names the sizes before anything is allocated (the test would
+    abort otherwise; the bound is the machine's physical memory; these sizes exceed any machine's)."""
     with pytest.raises(MemoryError, match=r"bayes_risk at n = 1000000.*GiB"):
         theory.bayes_risk(IID(2, noise_var=1.0), 10**6)
     with pytest.raises(MemoryError, match=r"ground_truth at dim = 400"):
         theory.ground_truth(IID(400), 1, jax.random.PRNGKey(0), num_prompts=200_000)
+    with pytest.raises(MemoryError, match=r"IID\(dim=1000000\) \(its dim x dim covariances\)"):
+        IID(10**6)  # --set dim=100000 aborted the interpreter (here 10**6: too large for any machine)
+    with pytest.raises(MemoryError, match=r"fit_sweep of 1 network\(s\)"):
+        train.fit(models.PGD(2), IID(2), 2, steps=2, batch_size=10**13)
 
 
 @pytest.mark.parametrize("design", [IID(3, cov_x=np.eye(3) * 1e154), IID(3, cov_x=np.eye(3) * 1e-160),

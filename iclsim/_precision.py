@@ -8,8 +8,9 @@ training program is the same program whatever that flag says.
 What a ``@float64`` function returns is numpy (float64 arrays, 0-d results as numpy scalars), not JAX
 float64 arrays: with x64 off outside the call, the user's own arithmetic on a JAX float64 array
 (``risk + 1e-12``, passing it to a jitted function) would truncate it to float32 with a warning. And a
-result that is not finite (NaN or inf: an overflow or underflow of float64 at an extreme scale) raises
-FloatingPointError naming the function, instead of passing a wrong number on.
+closed form (``iclsim.theory``) whose result is not finite (NaN or inf: an overflow or underflow of
+float64 at an extreme scale, a NaN predictor) raises FloatingPointError naming the function, instead of
+passing a wrong number on.
 """
 
 from __future__ import annotations
@@ -22,19 +23,21 @@ import numpy as np
 
 def float64(f):
     """Decorate ``f`` so it runs (and traces) with float64 available; concrete JAX arrays in its result
-    become numpy arrays of the same dtype (0-d ones numpy scalars), and a non-finite float result raises
-    FloatingPointError. Traced results (``f`` called inside jit) pass through unchanged."""
+    become numpy arrays of the same dtype (0-d ones numpy scalars). For the closed forms of
+    ``iclsim.theory`` a non-finite float result raises FloatingPointError (elsewhere, say an evaluation's
+    rows, NaN may be a value). Traced results (``f`` called inside jit) pass through unchanged."""
+    finite = f.__module__ == "iclsim.theory"
 
     @functools.wraps(f)
     def wrapped(*args, **kwargs):
         with jax.enable_x64(True):
             result = f(*args, **kwargs)
-        return _concrete(result, f.__qualname__)
+        return _concrete(result, f.__qualname__, finite)
 
     return wrapped
 
 
-def _concrete(result, name: str):
+def _concrete(result, name: str, finite: bool = True):
     def convert(leaf):
         if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, (jax.Array, np.ndarray, np.generic, float)):
             return leaf
@@ -43,7 +46,7 @@ def _concrete(result, name: str):
                 return leaf
             leaf = np.asarray(leaf)
             leaf = leaf[()] if leaf.ndim == 0 else leaf
-        if np.issubdtype(np.asarray(leaf).dtype, np.inexact) and not np.all(np.isfinite(leaf)):
+        if finite and np.issubdtype(np.asarray(leaf).dtype, np.inexact) and not np.all(np.isfinite(leaf)):
             raise FloatingPointError(
                 f"{name} gave a non-finite result (NaN or inf): a predictor or input gave NaN, or the computation "
                 "overflowed or underflowed float64 at these inputs (a covariance, noise variance or step size of "

@@ -50,7 +50,7 @@ from iclsim import _validate as check
 from iclsim._files import atomic_write, check_writable_dir
 
 __all__ = ["FORMAT", "SweepCache", "UncacheableError", "CacheWarning", "fingerprint", "environment", "current",
-           "active", "persist_compilations", "secret", "secret_path"]
+           "active", "persist_compilations", "secret", "secret_path", "check_folder"]
 
 # bump when the numbers of a stored point change (2: one-draw initialisation and prompts; 3: flat Adam;
 # 4: a draw's floats computed once; 5: keys cover sources, package and versions; entries carry a checksum;

@@ -5,6 +5,7 @@ what it accepts."""
 from __future__ import annotations
 
 import numbers
+import os
 
 import numpy as np
 
@@ -22,6 +23,18 @@ def _scalar(value):
     if hasattr(value, "__array__") and hasattr(value, "shape") and not _is_traced(value) and np.ndim(value) == 0:
         return np.asarray(value)[()]
     return value
+
+
+def memory(what: str, nbytes: float, advice: str) -> None:
+    """Refuse (MemoryError naming ``what``) a computation whose arrays need more than this machine's
+    physical memory, before any is allocated: the allocation would otherwise abort the interpreter."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover (no sysconf)
+        total = 2**40
+    if nbytes > total:
+        raise MemoryError(f"{what} needs about {nbytes / 2**30:.3g} GiB, more than this machine's "
+                          f"{total / 2**30:.3g} GiB of memory; {advice}")
 
 
 def integer(name: str, value, minimum: int | None = None, maximum: int | None = None) -> int:
@@ -79,8 +92,14 @@ def real_array(name: str, value, ndim: int | tuple[int, ...] | None = None, fini
     if isinstance(value, (str, bytes, dict, set)) or value is None:
         raise TypeError(f"{name} must be an array of numbers, got {value!r} (a {type(value).__name__})")
     try:
+        if np.iscomplexobj(np.asarray(value)):
+            raise TypeError(f"{name} must be real: a complex array would lose its imaginary part, got {value!r}")
         arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
+    except (ValueError,):
+        raise TypeError(f"{name} must be an array of numbers, got {value!r}") from None
+    except TypeError as err:
+        if "must be real" in str(err):
+            raise
         raise TypeError(f"{name} must be an array of numbers, got {value!r}") from None
     if ndim is not None and arr.ndim not in np.atleast_1d(ndim):
         raise ValueError(f"{name} must have {ndim} dimension(s), got shape {arr.shape}")
@@ -144,12 +163,30 @@ def int_list(name: str, values, minimum: int = 1) -> list[int]:
     return [positive_int(name, value, minimum) for value in values]
 
 
+# seeds are 64-bit signed integers: 2**63 and above would wrap onto negative seeds (another stream's)
+SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
+
+
 def seed_list(name: str, values) -> list[int]:
-    """Integer seeds (any sign; Python or numpy integers, not bool or float), at least one."""
+    """Integer seeds (any sign, in [SEED_MIN, SEED_MAX]; Python or numpy integers, not bool or float), at
+    least one."""
     values = list(values)
     if not values:
         raise ValueError(f"{name} must hold at least one integer")
-    return [integer(name, value) for value in values]
+    return [integer(name, value, SEED_MIN, SEED_MAX) for value in values]
+
+
+def float_dtype(name: str, dtype):
+    """A dtype iclsim computes in: float32 or float64 (as jnp.float32, np.float64, "float32", ...).
+    float16 / bfloat16 lose the digits the checks rely on and integers are not floats: ValueError."""
+    try:
+        kind = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be a float dtype (jnp.float32 or jnp.float64), got {dtype!r}") from None
+    if kind not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ValueError(f"{name} must be float32 or float64, got {kind} ({dtype!r}): half precision loses the "
+                         "digits training and the checks rely on")
+    return dtype
 
 
 def model_for(model, designs, where: str, needs_dtype: bool = False) -> None:
@@ -196,3 +233,14 @@ def sweep_params(params, designs: int, ns: int) -> int:
     if len(seeds) > 1:
         raise ValueError(f"params leaves disagree on the seed axis (sizes {sorted(seeds)})")
     return seeds.pop() if seeds else 1
+
+
+def predictions(pred, y_query, where: str):
+    """Predictions of one batch must have the shape of the labels, [B]: a model returning [B, 1] would
+    broadcast (y - pred)^2 to [B, B] and score a different, confidently wrong number. Checked on shapes,
+    which are static under jit. Returns ``pred``."""
+    if np.shape(pred) != np.shape(y_query):
+        raise ValueError(f"{where}: the model's predictions have shape {tuple(np.shape(pred))}, but the labels have "
+                         f"shape {tuple(np.shape(y_query))} (one prediction per prompt, [B]); a [B, 1] output would "
+                         "broadcast the squared error to [B, B]: return preds[..., 0] or reshape to [B]")
+    return pred

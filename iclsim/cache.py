@@ -1,21 +1,25 @@
 """Resumable sweeps: every trained sweep point (model, design, n, seed, training settings) is
 stored on disk under a hash of everything that can change its numbers, so a sweep re-run after an
 interruption trains only the points that are missing. Files are written atomically (temporary file,
-then rename) and carry a checksum; a corrupt or non-finite entry is reported, deleted and retrained.
+then rename) and carry an HMAC under a key private to the user (``secret``), so an entry damaged or
+forged by anyone without that key is refused; a corrupt, forged or non-finite entry is reported,
+deleted and retrained. A cache folder owned by another user or writable by others is refused.
 ``persist_compilations`` keeps the compiled XLA programs on disk too, so a later run loads them.
 
-    with cache.active(cache.SweepCache(".cache/iclsim")):
-        train.fit_sweep(...)          # loads finished points, trains and stores the others
+    train.fit_sweep(..., cache=cache.SweepCache(".cache/iclsim"))   # loads finished points, trains the others
 
-What the key covers (``fingerprint``): the source of every function and class involved (the model's
-and design's classes, the loss function, an optimizer given as a function, and what they reference:
-module-level helpers and constants, closure values, defaults), a hash of the whole iclsim package
-source, the iclsim, JAX, jaxlib, optax, numpy and Python versions, the JAX backend, device count,
-numeric flags and XLA_FLAGS, and every field of the settings (arrays by dtype, shape and bytes). What cannot be
-hashed safely is refused with ``UncacheableError`` saying how to make it cacheable, never guessed:
-a lambda sharing its source statement with another lambda, a closure or global over an array, a
-function or class without source (defined interactively), an optax GradientTransformation passed as
-an object, an object whose state cannot be read field by field.
+What the key covers (``fingerprint``): the code that runs, as it is in memory (never the source file on
+disk, which may have been edited since the import): the bytecode, constants and names of every function
+involved (the model's and design's classes and their methods, the loss function, an optimizer given as a
+function, the training engine itself) and, recursively, what they reach (module-level helpers and
+constants, helpers reached through a module attribute such as ``userlib.scale``, closure values,
+defaults); the iclsim, JAX, jaxlib, optax, numpy and Python versions (``importlib.metadata``); the JAX
+backend, device count, numeric flags, XLA_FLAGS and the XLA compiler options the engine applies; and
+every field of the settings (arrays by dtype, shape and bytes). What cannot be hashed safely is refused
+with ``UncacheableError`` saying how to make it cacheable, never guessed: a closure or global over an
+array, an optax GradientTransformation passed as an object, an object whose state cannot be read field
+by field. Libraries (JAX, numpy, optax, the standard library) are hashed by name, their versions being
+in the key.
 """
 
 from __future__ import annotations
@@ -24,13 +28,16 @@ import contextlib
 import contextvars
 import dataclasses
 import enum
+import errno
 import functools
 import hashlib
+import hmac
+import importlib.metadata
 import io
 import os
-import re
+import secrets
+import stat
 import sys
-import tokenize
 import types
 import warnings
 from pathlib import Path
@@ -41,20 +48,22 @@ import numpy as np
 
 from iclsim import _validate as check
 from iclsim._files import atomic_write, check_writable_dir
-from iclsim.models import Frozen
 
 __all__ = ["FORMAT", "SweepCache", "UncacheableError", "CacheWarning", "fingerprint", "environment", "current",
-           "active", "persist_compilations"]
+           "active", "persist_compilations", "secret", "secret_path", "check_folder"]
 
 # bump when the numbers of a stored point change (2: one-draw initialisation and prompts; 3: flat Adam;
-# 4: a draw's floats computed once; 5: keys cover sources, package and versions; entries carry a checksum)
-FORMAT = 5
+# 4: a draw's floats computed once; 5: keys cover sources, package and versions; entries carry a checksum;
+# 6: keys hash the code that ran (bytecode), entries carry an HMAC under the user's secret)
+FORMAT = 6
 _ACTIVE: contextvars.ContextVar["SweepCache | None"] = contextvars.ContextVar("iclsim_sweep_cache", default=None)
 
-# packages whose objects are hashed by qualified name: their versions (or iclsim's source hash) are in the key
-_LIBRARIES = frozenset({"iclsim", "jax", "jaxlib", "numpy", "optax", "chex", "ml_dtypes", "scipy", "matplotlib",
+# packages whose objects are hashed by qualified name: their versions are in the key (iclsim is not one:
+# its code is hashed as it runs, like the user's)
+_LIBRARIES = frozenset({"jax", "jaxlib", "numpy", "optax", "chex", "ml_dtypes", "scipy", "matplotlib",
                         "builtins"}) | frozenset(sys.stdlib_module_names)
-_HOW = ("to make it cacheable, define it as a module-level function or class in a file (hashed by its source), "
+_VERSIONED = ("iclsim", "jax", "jaxlib", "optax", "numpy")
+_HOW = ("to make it cacheable, define it as a module-level function or class (hashed by its code), "
         "pass arrays as fields of a dataclass model or design (hashed by value), or run without a cache "
         "(cache=None, or --no-cache on the command line)")
 
@@ -64,15 +73,16 @@ class UncacheableError(TypeError):
 
 
 class CacheWarning(UserWarning):
-    """A cache entry was unreadable, failed its checksum or held non-finite numbers: deleted, retrained."""
+    """A cache entry was unreadable, failed its authentication or held non-finite numbers: deleted, retrained."""
 
 
 def fingerprint(*objs) -> str:
     """A stable hash of the settings of a sweep point and of the environment (``environment``):
-    dataclasses by their class's source and field by field, arrays by dtype, shape and bytes,
-    functions by their source, defaults, closure values and the module-level names they use,
-    containers element-wise, never by object identity. Raises ``UncacheableError`` for what cannot be
-    hashed safely (the message says how to make it cacheable)."""
+    dataclasses by their class's code and field by field, arrays by dtype, shape and bytes,
+    functions by their code objects (bytecode, constants, names), defaults, closure values and the
+    module-level names they use (following module attributes), containers element-wise, never by
+    object identity. Raises ``UncacheableError`` for what cannot be hashed safely (the message says
+    how to make it cacheable)."""
     h = hashlib.sha256(f"iclsim-cache-{FORMAT}".encode())
     h.update(repr(sorted(environment().items())).encode())
     h.update(repr(_runtime()).encode())
@@ -83,15 +93,16 @@ def fingerprint(*objs) -> str:
 
 @functools.lru_cache(maxsize=None)
 def environment() -> dict:
-    """What, besides the settings, can move a trained point's numbers (computed once per process):
-    the versions of iclsim and its numerical dependencies and a hash of the iclsim package source."""
-    import jaxlib
-    import optax
-
-    import iclsim
-    return {"iclsim": iclsim.__version__, "iclsim_source": package_source_hash(), "jax": jax.__version__,
-            "jaxlib": jaxlib.__version__, "optax": optax.__version__, "numpy": np.__version__,
-            "python": "%d.%d" % sys.version_info[:2]}
+    """What, besides the settings and the code, can move a trained point's numbers (once per process):
+    the versions of iclsim and its numerical dependencies, read with ``importlib.metadata`` (the iclsim
+    package root is not imported), and Python's."""
+    found = {}
+    for name in _VERSIONED:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = getattr(sys.modules.get(name), "__version__", None)
+    return {**found, "python": "%d.%d" % sys.version_info[:2]}
 
 
 def _runtime() -> tuple:
@@ -108,18 +119,13 @@ def _xla_flags() -> str:
     return " ".join(sorted(os.environ.get("XLA_FLAGS", "").split()))
 
 
-@functools.lru_cache(maxsize=None)
-def package_source_hash() -> str:
-    """sha256 over the relative path and bytes of every .py file of the iclsim package (once per process)."""
-    root = Path(__file__).resolve().parent
-    h = hashlib.sha256()
-    for path in sorted(root.rglob("*.py")):
-        h.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
 def _refuse(path: str, what: str):
     raise UncacheableError(f"cannot cache this sweep: {path} is {what}; {_HOW}")
+
+
+def _is_frozen(obj) -> bool:
+    """models.Frozen (checked by name: the cache does not import the models)."""
+    return type(obj).__name__ == "Frozen" and type(obj).__module__ == "iclsim.models"
 
 
 def _feed(h, obj, path: str, seen: set):
@@ -127,10 +133,12 @@ def _feed(h, obj, path: str, seen: set):
 
     if obj is None or isinstance(obj, (bool, int, float, complex, str, bytes, np.generic)):
         h.update(f"{type(obj).__name__}:{obj!r}".encode())
+    elif type(obj) is object:  # a bare object() (a "not given" sentinel) has no state: all are alike
+        h.update(b"sentinel")
     elif isinstance(obj, optax.GradientTransformation):  # a NamedTuple of closures: check before tuples
         _refuse(path, "an optax GradientTransformation object (its closures cannot be hashed); pass a module-level "
                       "function of the schedule instead, e.g. def sgd(schedule): return optax.sgd(schedule)")
-    elif isinstance(obj, Frozen):
+    elif _is_frozen(obj):
         h.update(b"Frozen")
         _feed(h, obj.tree, path, seen)
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -145,8 +153,14 @@ def _feed(h, obj, path: str, seen: set):
             _feed(h, obj[k], f"{path}[{k!r}]", seen)
     elif isinstance(obj, (list, tuple)):
         h.update(f"{type(obj).__qualname__}[{len(obj)}".encode())
+        if type(obj) not in (list, tuple) and not _is_library(type(obj)):  # a NamedTuple: its class's code too
+            _feed_class(h, type(obj), path, seen)
         for i, item in enumerate(obj):
             _feed(h, item, f"{path}[{i}]", seen)
+    elif isinstance(obj, (set, frozenset)):
+        h.update(f"set[{len(obj)}".encode())
+        for item in sorted(obj, key=repr):
+            _feed(h, item, f"{path}{{{item!r}}}", seen)
     elif isinstance(obj, jax.core.Tracer):
         _refuse(path, "a traced value (fingerprint is not usable inside jit)")
     elif isinstance(obj, (np.ndarray, jax.Array)):
@@ -173,9 +187,14 @@ def _feed(h, obj, path: str, seen: set):
     elif isinstance(obj, types.FunctionType):
         _feed_function(h, obj, path, seen)
     elif isinstance(obj, types.ModuleType):
-        h.update(f"module:{obj.__name__}:{getattr(obj, '__version__', '')}".encode())
+        h.update(f"module:{obj.__name__}".encode())  # what the code reads from it is hashed by _feed_globals
+    elif isinstance(obj, (staticmethod, classmethod)):
+        _feed(h, obj.__func__, path, seen)
+    elif isinstance(obj, property):
+        for part in (obj.fget, obj.fset, obj.fdel):
+            _feed(h, part, path, seen)
     elif callable(obj) and callable(getattr(obj, "__wrapped__", None)) and not _is_library(obj):
-        _feed(h, obj.__wrapped__, path, seen)  # jax.jit, functools.wraps: the function inside
+        _feed(h, obj.__wrapped__, path, seen)  # jax.jit, functools.wraps, lru_cache: the function inside
     elif callable(obj) and _is_library(obj):  # builtins, ufuncs, jax primitives: versions are in the key
         h.update(f"lib:{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', type(obj).__qualname__)}".encode())
     elif _is_library(obj) and " at 0x" not in repr(obj):  # library constants (typing.Any, ...)
@@ -188,51 +207,61 @@ def _feed(h, obj, path: str, seen: set):
 def _is_library(obj) -> bool:
     """Whether obj comes from a library hashed by name and version (functions and classes by their own
     module; a function without a module, say made by exec, is user code)."""
-    if isinstance(obj, (types.FunctionType, type)):
+    if isinstance(obj, types.ModuleType):
+        module = obj.__name__
+    elif isinstance(obj, (types.FunctionType, type)):
         module = getattr(obj, "__module__", None) or ""
     else:
         module = getattr(obj, "__module__", None) or getattr(type(obj), "__module__", "") or ""
-    return module.split(".")[0] in _LIBRARIES
+    return isinstance(module, str) and module.split(".")[0] in _LIBRARIES
 
 
-def _source(obj, path: str) -> str:
-    import inspect
-
-    try:
-        return inspect.getsource(obj)
-    except (OSError, TypeError):
-        kind = "class" if isinstance(obj, type) else "function"
-        _refuse(path, f"the {kind} {getattr(obj, '__qualname__', obj)!r}, whose source cannot be read (defined "
-                      "interactively or generated)")
-
-
-@functools.lru_cache(maxsize=4096)
-def _class_digest(cls) -> tuple[str, tuple]:
-    """(sha256 of the class's source and its user base classes' sources, its methods' code objects)."""
-    import inspect
-
+def _code_digest(code: types.CodeType) -> bytes:
+    """What a code object executes: its bytecode, names, argument layout, flags and constants (nested
+    code objects recursively; sets sorted, their order varying with string hashing). Not its file name
+    or line numbers, which move no number."""
     h = hashlib.sha256()
-    codes = []
-    for klass in inspect.getmro(cls):
-        if klass is object or _is_library(klass):
-            continue
-        h.update(_source(klass, f"class {cls.__qualname__}").encode())
-        for attr in vars(klass).values():
-            fn = attr.fget if isinstance(attr, property) else getattr(attr, "__func__", attr)
-            if isinstance(fn, types.FunctionType):
-                codes.append(fn)
-    return h.hexdigest(), tuple(codes)
+    for part in (code.co_code, code.co_names, code.co_varnames, code.co_freevars, code.co_cellvars,
+                 (code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount, code.co_flags)):
+        h.update(repr(part).encode() if not isinstance(part, bytes) else part)
+        h.update(b"|")
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            h.update(b"code:" + _code_digest(const))
+        elif isinstance(const, frozenset):
+            h.update(f"frozenset:{sorted(map(repr, const))}".encode())
+        else:
+            h.update(f"{type(const).__name__}:{const!r}".encode())
+        h.update(b"|")
+    return h.digest()
 
 
 def _feed_class(h, cls, path: str, seen: set):
+    """A class by what its instances run: for it and each non-library base, every attribute defined in
+    the class body (methods by code, with what they reach; class-level constants by value)."""
+    import inspect
+
     h.update(f"class:{cls.__module__}.{cls.__qualname__}".encode())
     if _is_library(cls) or cls in seen:
         return
     seen.add(cls)
-    digest, methods = _class_digest(cls)
-    h.update(digest.encode())
-    for fn in methods:  # what the methods use at module level (helpers, constants)
-        _feed_globals(h, fn, f"{path} ({cls.__qualname__}.{fn.__name__})", seen)
+    for klass in inspect.getmro(cls):
+        if klass is object or _is_library(klass):
+            continue
+        h.update(f"base:{klass.__qualname__}".encode())
+        for name, attr in sorted(vars(klass).items()):
+            if name in _CLASS_SKIP or (name.startswith("__") and name.endswith("__")
+                                       and not isinstance(attr, (types.FunctionType, staticmethod, classmethod,
+                                                                 property))):
+                continue
+            h.update(f"attr:{name}".encode())
+            _feed(h, attr, f"{path} ({klass.__qualname__}.{name})", seen)
+
+
+# class attributes that describe, not compute (dataclass fields are hashed on the instance)
+_CLASS_SKIP = frozenset({"__doc__", "__module__", "__dict__", "__weakref__", "__annotations__", "__dataclass_fields__",
+                         "__dataclass_params__", "__match_args__", "__slots__", "__orig_bases__", "__parameters__",
+                         "_fields", "_field_defaults", "__firstlineno__", "__static_attributes__"})
 
 
 def _feed_function(h, fn, path: str, seen: set):
@@ -240,13 +269,7 @@ def _feed_function(h, fn, path: str, seen: set):
     if _is_library(fn) or fn in seen:
         return
     seen.add(fn)
-    source = _SOURCES.get(fn.__code__) or _SOURCES.setdefault(fn.__code__, _source(fn, path))
-    if fn.__name__ == "<lambda>":
-        lambdas = _count_lambdas(source)
-        if lambdas != 1:
-            _refuse(path, f"a lambda written in one statement with {lambdas - 1} other lambda(s) (its source is "
-                          "ambiguous)")
-    h.update(source.encode())
+    h.update(_code_digest(fn.__code__))
     _feed(h, fn.__defaults__, f"{path} (defaults)", seen)
     _feed(h, fn.__kwdefaults__, f"{path} (keyword defaults)", seen)
     for name, cell in zip(fn.__code__.co_freevars, fn.__closure__ or ()):
@@ -260,19 +283,6 @@ def _feed_function(h, fn, path: str, seen: set):
     _feed_globals(h, fn, path, seen)
 
 
-_SOURCES: dict = {}  # code object -> its source (read once per process)
-
-
-def _count_lambdas(source: str) -> int:
-    """Lambdas in a statement's source (the keyword as a token; as a word where the excerpt does not
-    tokenize, counting any in strings or comments too: refusing more, never less)."""
-    try:
-        return sum(tok.type == tokenize.NAME and tok.string == "lambda"
-                   for tok in tokenize.generate_tokens(io.StringIO(source).readline))
-    except (tokenize.TokenError, SyntaxError):
-        return len(re.findall(r"\blambda\b", source))
-
-
 def _names(code) -> set[str]:
     names = set(code.co_names)
     for const in code.co_consts:
@@ -282,18 +292,96 @@ def _names(code) -> set[str]:
 
 
 def _feed_globals(h, fn, path: str, seen: set):
-    """The module-level names the function's code uses (helpers, constants, classes), by value."""
+    """The module-level names the function's code uses (helpers, constants, classes), by value; through a
+    module that is not a library (``userlib.scale()``, ``layout.plan``), the attributes the code names."""
+    names = _names(fn.__code__)
     scope = fn.__globals__
-    for name in sorted(_names(fn.__code__)):
+    for name in sorted(names):
         if name not in scope:
             continue
-        value = scope[name]
-        if isinstance(value, types.ModuleType):
-            continue  # a module: its functions are hashed where the code names them
-        if isinstance(value, (np.ndarray, jax.Array)):
-            _refuse(path, f"a function that reads the module-level array {name!r}")
-        h.update(f"global:{name}".encode())  # by content, or refused: never left out of the key
-        _feed(h, value, f"{path} (global {name!r})", seen)
+        _feed_global(h, name, scope[name], names, f"{path} (global {name!r})", seen)
+
+
+def _feed_global(h, name, value, names, path, seen):
+    if isinstance(value, types.ModuleType):
+        h.update(f"global:{name}=module:{value.__name__}".encode())
+        if _is_library(value):
+            return
+        for attr in sorted(names):  # the attribute names the code uses, where this module has them
+            if attr in vars(value) and (value.__name__, attr) not in seen:
+                seen.add((value.__name__, attr))
+                _feed_global(h, f"{name}.{attr}", vars(value)[attr], names, f"{path}.{attr}", seen)
+        return
+    if isinstance(value, (np.ndarray, jax.Array)):
+        _refuse(path, f"a function that reads the module-level array {name!r}")
+    if isinstance(value, contextvars.ContextVar) or type(value).__module__ == "_thread":
+        h.update(f"global:{name}=state".encode())  # run-time state (a context variable, a lock): no number
+        return
+    h.update(f"global:{name}".encode())  # by content, or refused: never left out of the key
+    _feed(h, value, path, seen)
+
+
+# ---- entries authenticated with a key private to the user ----
+
+def secret_path() -> Path:
+    """Where the user's cache secret lives: $XDG_CONFIG_HOME/iclsim/cache-secret (default ~/.config)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "iclsim" / "cache-secret"
+
+
+def secret() -> bytes:
+    """The user's cache secret (32 random bytes, created on first use with mode 0600 in a 0700 folder):
+    entries are authenticated with an HMAC under it, so a file written by anyone who cannot read it is
+    refused. ValueError (with advice) where the file is a symlink, not this user's, or readable by others."""
+    return _secret_at(str(secret_path()))
+
+
+@functools.lru_cache(maxsize=8)
+def _secret_at(where: str) -> bytes:
+    path = Path(where)
+    advice = f"remove it (a new one is made; entries stored under the old one are retrained) or set XDG_CONFIG_HOME"
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, secrets.token_bytes(32))
+        finally:
+            os.close(fd)
+    except FileExistsError:
+        pass
+    except OSError as err:
+        raise ValueError(f"cannot create the cache secret {path} ({err.strerror or err}); make its folder "
+                         "writable, set XDG_CONFIG_HOME, or run without a cache (--no-cache)") from None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise ValueError(f"the cache secret {path} is a symlink; {advice}") from None
+        raise ValueError(f"cannot read the cache secret {path} ({err.strerror or err}); {advice}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o077:
+            raise ValueError(f"the cache secret {path} must be a regular file of this user with mode 0600 (it has "
+                             f"owner uid {info.st_uid}, mode {stat.S_IMODE(info.st_mode):04o}); {advice}")
+        data = os.read(fd, 4096)
+    finally:
+        os.close(fd)
+    if len(data) < 32:
+        raise ValueError(f"the cache secret {path} is shorter than 32 bytes; {advice}")
+    return data
+
+
+def check_folder(directory: Path) -> None:
+    """A cache folder must be this user's and not writable by others (anyone who can write there can plant
+    entries, or delete them): ValueError with advice otherwise."""
+    info = os.stat(directory)
+    if info.st_uid != os.getuid():
+        raise ValueError(f"cache folder {str(directory)!r} belongs to another user (uid {info.st_uid}): use a folder "
+                         "of your own (--cache DIR), or run without a cache (--no-cache)")
+    if info.st_mode & 0o002:
+        raise ValueError(f"cache folder {str(directory)!r} is writable by other users (mode "
+                         f"{stat.S_IMODE(info.st_mode):04o}): `chmod o-w {directory}`, or use a folder of your own "
+                         "(--cache DIR)")
 
 
 @dataclasses.dataclass
@@ -321,8 +409,14 @@ class SweepCache:
         self.chunk = check.positive_int("chunk", self.chunk)
 
     def check(self) -> None:
-        """Create the folder and check that it can be written (before any training): ValueError otherwise."""
+        """Create the folder and check that it can be written, is this user's and is not writable by others,
+        and that the user's secret can be read (before any training): ValueError otherwise."""
         check_writable_dir(self.directory, "cache folder")
+        check_folder(self.directory)
+        secret()
+        self._checked = True
+
+    _checked = False
 
     def path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.npz"
@@ -330,6 +424,8 @@ class SweepCache:
     def load(self, key: str, template):
         """(params, losses) stored under key, params in the structure of ``template``; or None
         (missing, forced, or corrupt: then warned about and deleted)."""
+        if not self._checked:
+            self.check()
         path = self.path(key)
         if self.force or not path.exists():
             self.missing += 1
@@ -355,8 +451,8 @@ class SweepCache:
         names = ["losses"] + [f"p{i}" for i in range(len(specs))]
         if set(arrays) != set(names) | {"checksum"}:
             raise _Corrupt(f"not an entry of this model (arrays {sorted(arrays)})")
-        if str(arrays["checksum"]) != _checksum(key, [arrays[n] for n in names]):
-            raise _Corrupt("damaged (checksum mismatch)")
+        if not hmac.compare_digest(str(arrays["checksum"]), _checksum(key, [arrays[n] for n in names])):
+            raise _Corrupt("damaged or not written by this user's iclsim (authentication failed)")
         leaves = [arrays[f"p{i}"] for i in range(len(specs))]
         for leaf, spec in zip(leaves, specs):
             if tuple(leaf.shape) != tuple(spec.shape):
@@ -366,6 +462,8 @@ class SweepCache:
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves), arrays["losses"]
 
     def save(self, key: str, params, losses) -> None:
+        if not self._checked:
+            self.check()
         leaves = [np.asarray(a) for a in jax.tree_util.tree_leaves(params)]
         losses = np.asarray(losses)
         if not all(np.all(np.isfinite(a)) for a in [losses, *leaves] if np.issubdtype(a.dtype, np.inexact)):
@@ -384,8 +482,9 @@ class _Corrupt(Exception):
 
 
 def _checksum(key: str, arrays) -> str:
-    """sha256 of the entry's key and arrays (dtype, shape, bytes): a file damaged or moved is detected."""
-    h = hashlib.sha256(key.encode())
+    """HMAC-sha256 under the user's ``secret`` of the entry's key and arrays (dtype, shape, bytes): a file
+    damaged, moved, or written by anyone without the secret is detected."""
+    h = hmac.new(secret(), key.encode(), hashlib.sha256)
     for a in arrays:
         a = np.asarray(a)
         h.update(f"{a.dtype}{a.shape}".encode())

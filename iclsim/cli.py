@@ -131,10 +131,11 @@ def main(argv=None) -> int:
             raise
         print(f"iclsim: error{_where(session)}: {err}", file=sys.stderr)
         return 1
-    except (UncacheableError, FloatingPointError, ValueError, TypeError, OSError) as err:
+    except Exception as err:  # anything else (a failed training, a bad setting found deep in JAX): one line
         if traceback:
             raise
-        print(f"iclsim: error{_where(session)}: {type(err).__name__}: {' '.join(str(err).split())} "
+        message = " ".join(str(err).split("-" * 20)[0].split())  # without JAX's note on filtered frames
+        print(f"iclsim: error{_where(session)}: {type(err).__name__}: {message} "
               "(rerun with --traceback for details)", file=sys.stderr)
         return 1
 
@@ -156,7 +157,13 @@ def _saved(session: _Session) -> str:
 
 def _main(argv: list[str], session: _Session) -> int:
     args = _parser().parse_args(argv)
-    experiments = runner.discover(args.experiments)
+    broken: list[str] = []
+
+    def warn(message):  # a broken experiment file or plugin: said once, the others still run
+        broken.append(message)
+        print(f"iclsim: warning: {message}", file=sys.stderr)
+
+    experiments = runner.discover(args.experiments, on_broken=warn)
     if args.command == "list":
         for name, exp in experiments.items():
             print(f"{name:16s} {exp.title}")
@@ -164,9 +171,10 @@ def _main(argv: list[str], session: _Session) -> int:
     names = list(experiments) if args.names == ["all"] else args.names
     unknown = [n for n in names if n not in experiments]
     if unknown:
-        raise _UsageError(f"unknown experiment(s): {', '.join(unknown)}; known: {', '.join(experiments)}")
-    if args.seed < 0:
-        raise _UsageError(f"--seed must be >= 0, got {args.seed}")
+        raise _UsageError(f"unknown experiment(s): {', '.join(unknown)}; known: {', '.join(experiments)}"
+                          + (f" ({len(broken)} failed to load, see the warnings above)" if broken else ""))
+    if not 0 <= args.seed <= runner.MAX_SEED:
+        raise _UsageError(f"--seed must be an integer in [0, {runner.MAX_SEED}], got {args.seed}")
     overrides = {}
     for item in args.overrides:
         key, sep, value = item.partition("=")
@@ -181,13 +189,17 @@ def _main(argv: list[str], session: _Session) -> int:
             raise _UsageError(f"--set {key}=...: no setting {key!r} in {', '.join(names)}; settings: {', '.join(known)}")
     if args.quick:
         quick_compilation()
-    out = args.out = args.out if args.out is not None else Path("results/quick" if args.quick else "figures")
-    session.out = out
     # everything that can fail before training, for every experiment: settings, output folder, cache folder
+    applied = False
     for name in names:
         exp = experiments[name]
-        runner.apply_overrides(exp, {**exp.settings, **(exp.quick if args.quick else {})}, overrides)
-    folder = runner.check_output(out, args.quick, args.force)
+        applied |= bool(runner.apply_overrides(exp, {**exp.settings, **(exp.quick if args.quick else {})}, overrides))
+    # committed figures come only from full runs with the experiments' own settings: quick runs and runs with
+    # --set go elsewhere by default (and a folder of committed results refuses them unless --force)
+    default = "results/quick" if args.quick else "results/overrides" if applied else "figures"
+    out = args.out = args.out if args.out is not None else Path(default)
+    session.out = out
+    folder = runner.check_output(out, args.quick, args.force, overrides=applied)
     if not args.no_cache:
         try:
             SweepCache(args.cache).check()
@@ -203,7 +215,7 @@ def _main(argv: list[str], session: _Session) -> int:
             results = _run_parallel(experiments, names, args, overrides, jobs, session)
         session.current = None
         _table(results)
-        return 0
+        return _all_failed(results)
     with runner.results_lock(folder), (contextlib.nullcontext() if args.no_cache
                                        else persist_compilations(args.cache / "xla")):
         for name in _order(experiments, names):
@@ -217,21 +229,34 @@ def _main(argv: list[str], session: _Session) -> int:
             results.append((name, time.perf_counter() - start, meta["summary"]))
         session.current = None
     _table(results)
-    return 0
+    return _all_failed(results)
+
+
+def _all_failed(results) -> int:
+    """1 (with a line) where an experiment's networks all failed their quality gate: its numbers describe
+    no trained network, whatever its table says; else 0."""
+    failed = [(name, summary["networks_failed"]) for name, _, summary in results
+              if summary.get("networks_passed") == 0 and summary.get("networks_failed", 0) > 0]
+    for name, count in failed:
+        print(f"iclsim: error in experiment {name}: every network ({count}) failed its quality gate; its results "
+              "are written for inspection, not use (too few steps, or a changed setting?)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _run_parallel(experiments, names, args, overrides, jobs, session) -> list:
     """``jobs`` experiments at once, each computed in a spawned worker process (``runner.compute``) with
-    the CPU devices shared out among the workers; this process writes each result set as it arrives
-    (``runner.commit``, under the folder's lock), and starts an experiment once those it reads are written."""
+    as many CPU devices as this process has (the device count sets how networks share a device and so the
+    evaluation's batches: sharing the devices out made rag's numbers depend on --jobs); this process writes
+    each result set as it arrives (``runner.commit``, under the folder's lock), and starts an experiment
+    once those it reads are written. A worker exits when this process dies (even by kill -9)."""
     import concurrent.futures as futures
     import multiprocessing
 
     order = _order(experiments, names)
-    devices = max(1, _device_count() // jobs)
+    devices = _device_count()
     cache_dir = None if args.no_cache else str(args.cache)
     pool = futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                       initializer=_worker_init, initargs=(devices,))
+                                       initializer=_worker_init, initargs=(devices, os.getpid()))
     running, written, results = {}, set(), []
     try:
         while len(written) < len(order):
@@ -262,9 +287,19 @@ def _device_count() -> int:
     return int(found.group(1)) if found else 1
 
 
-def _worker_init(devices: int) -> None:
-    """In a worker, before JAX starts its backend: its share of the CPU devices."""
+def _worker_init(devices: int, parent: int | None = None) -> None:
+    """In a worker, before JAX starts its backend: the parent's CPU device count; and a watchdog that ends
+    the worker once its parent is gone (a parent killed with SIGKILL cannot stop its workers itself)."""
     _xla_flag("xla_force_host_platform_device_count", devices, replace=True)
+    if parent is not None:
+        import threading
+
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(0.5)
+            os._exit(1)
+
+        threading.Thread(target=watch, name="iclsim-parent-watchdog", daemon=True).start()
 
 
 def _compute_in_worker(name, experiments_dir, out, quick, seed, overrides, cache_dir, force):

@@ -137,9 +137,37 @@ def _pytree_design(static=("dim",)):
     return wrap
 
 
+def _dim_fits(design) -> None:
+    """A design holds (and its checks and samplers build) a few dim x dim float64 matrices: refuse a dim whose
+    matrices cannot fit in memory (MemoryError naming it) before allocating one (--set dim=100000 aborted)."""
+    d = design.dim
+    check.memory(f"{type(design).__name__}(dim={d}) (its dim x dim covariances)", 8.0 * 4 * d * d,
+                 "use a smaller dim")
+
+
 def stack(designs) -> object:
-    """Stack designs of one type and structure along a new leading axis, for ``jax.vmap``."""
+    """Stack designs of one type and structure along a new leading axis, for ``jax.vmap``. Designs of
+    different types, or whose fields differ in shape (another dim, per-position noise beside a scalar),
+    are a ValueError naming the first that differs."""
+    designs = list(designs)
+    if not designs:
+        raise ValueError("designs must hold at least one design")
+    first = designs[0]
+    for i, other in enumerate(designs[1:], 1):
+        if type(other) is not type(first):
+            raise ValueError(f"designs of one sweep must be of one type: design 0 is a {type(first).__name__}, design "
+                             f"{i} a {type(other).__name__}; run one sweep per design type")
+        shapes = [np.shape(a) for a in jax.tree_util.tree_leaves(first)], \
+            [np.shape(a) for a in jax.tree_util.tree_leaves(other)]
+        if jax.tree_util.tree_structure(first) != jax.tree_util.tree_structure(other) or shapes[0] != shapes[1]:
+            raise ValueError(f"designs of one sweep must have fields of one shape: design {i} ({_brief(other)}) "
+                             f"differs from design 0 ({_brief(first)}) (another dim, or per-position noise beside a "
+                             "scalar?); run them as separate sweeps")
     return jax.tree_util.tree_map(lambda *a: np.stack(a), *designs)
+
+
+def _brief(design) -> str:
+    return " ".join(repr(design).split())[:120]
 
 
 def _set(obj, **fields):
@@ -217,6 +245,7 @@ class IID(_Design):
 
     def __post_init__(self):
         d = check.positive_int("dim", self.dim)
+        _dim_fits(self)
         noise = check.nonneg_variance("noise_var", self.noise_var)
         if self.query_noise_var is None:
             if noise.ndim:
@@ -275,6 +304,7 @@ class RAG(_Design):
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
+        _dim_fits(self)
         alpha = check.in_range("alpha", self.alpha, -1.0, 1.0)
         gamma = check.real("gamma", self.gamma)
         if gamma <= 0:
@@ -320,6 +350,7 @@ class TaskFeatureAlignment(_Design):
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
+        _dim_fits(self)
         alpha = check.in_range("alpha", self.alpha, -1.0, 1.0)
         noise = check.nonneg_variance("noise_var", self.noise_var)
         if noise.ndim:
@@ -365,6 +396,7 @@ class Drift(_Design):
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
+        _dim_fits(self)
         rho = check.real_array("rho", self.rho, finite=False)
         if rho.ndim != 1 or rho.shape[0] < 1:
             raise ValueError(f"rho must be a 1-D array with one entry per context position, got shape {rho.shape}")
@@ -432,6 +464,7 @@ class TaskPool(_Design):
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
+        _dim_fits(self)
         check.positive_int("num_tasks", self.num_tasks)
         check.integer("pool_seed", self.pool_seed, 0)
         noise = check.nonneg_variance("noise_var", self.noise_var)

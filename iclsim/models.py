@@ -14,6 +14,7 @@ No model has biases, so zero (padded) context tokens are inert: see ``truncate_c
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -47,7 +48,9 @@ def _normal_init(key, dtype, **specs) -> Params:
 
 
 def _check_rank(rank, dim):
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= dim):
+    # numpy integers too, as theory takes them (numbers.Integral); a bool is not a rank
+    if rank is not None and (isinstance(rank, bool) or type(rank).__name__ == "bool_"
+                             or not isinstance(rank, numbers.Integral) or not 1 <= rank <= dim):
         raise ValueError(f"rank must be an integer in [1, {dim}] (at most dim) or None, got {rank!r}")
 
 
@@ -97,6 +100,7 @@ class LinearAttention:
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
+        check.float_dtype("dtype", self.dtype)
         _check_rank(self.rank, self.dim + 1)
 
     def init(self, key) -> Params:
@@ -152,6 +156,7 @@ class H3:
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
+        check.float_dtype("dtype", self.dtype)
         check.positive_int("context", self.context)
         if self.channels is not None:
             check.positive_int("channels", self.channels)
@@ -224,6 +229,7 @@ class PGD:
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
+        check.float_dtype("dtype", self.dtype)
         _check_rank(self.rank, self.dim)
 
     def init(self, key) -> Params:
@@ -258,6 +264,7 @@ class WPGD:
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
+        check.float_dtype("dtype", self.dtype)
         check.positive_int("context", self.context)
 
     def init(self, key) -> Params:
@@ -285,8 +292,10 @@ class Ridge:
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
-        if not self.penalty >= 0:
-            raise ValueError(f"penalty must be >= 0, got {self.penalty!r}")
+        check.float_dtype("dtype", self.dtype)
+        if isinstance(self.penalty, bool) or not (isinstance(self.penalty, (int, float)) or hasattr(self.penalty, "dtype")) \
+                or not float(self.penalty) >= 0 or not float(self.penalty) < float("inf"):  # inf: a NaN-prone pinv
+            raise ValueError(f"penalty must be >= 0 and finite, got {self.penalty!r}")
 
     def init(self, key) -> Params:
         return {}
@@ -315,6 +324,7 @@ class GD:
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
+        check.float_dtype("dtype", self.dtype)
         check.positive_int("steps", self.steps)
 
     def init(self, key) -> Params:
@@ -357,6 +367,7 @@ class LoRA:
 
     def __post_init__(self):
         check.positive_int("rank", self.rank)
+        check.float_dtype("dtype", self.dtype)
         missing = [t for t in self.targets if t not in self.base_params.tree]
         if missing or not self.targets:
             raise ValueError(f"targets must name matrices of the base model ({sorted(self.base_params.tree)}), "
@@ -426,6 +437,7 @@ class LinearTransformer:
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
+        check.float_dtype("dtype", self.dtype)
         check.positive_int("layers", self.layers)
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")

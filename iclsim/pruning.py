@@ -80,6 +80,8 @@ def svd_truncate(W, clipping_rate: float | None = None, *, rank: int | None = No
     W = jnp.asarray(W)
     if W.ndim != 2:
         raise ValueError(f"W must be a matrix, got shape {W.shape}")
+    if not isinstance(W, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(W))):
+        raise ValueError("W must be finite (the SVD of a matrix holding NaN or inf is NaN)")
     if (clipping_rate is None) == (rank is None):
         raise ValueError("give exactly one of clipping_rate and rank")
     k = kept_singular_values(W.shape, clipping_rate) if rank is None else _rank(rank, min(W.shape))

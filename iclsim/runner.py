@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import errno
 import functools
 import hashlib
 import importlib.metadata
@@ -34,6 +35,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
@@ -49,7 +51,8 @@ from iclsim.cache import active as active_cache
 
 __all__ = ["PLUGIN_GROUP", "Experiment", "RunError", "Computed", "discover", "run_experiment", "compute", "commit", "rows_to_csv", "read_rows", "read_results",
            "versions", "git_state", "results_lock", "check_output", "parse_setting", "apply_overrides",
-           "format_number", "format_summary", "EXPERIMENTS_DIR", "LOCK_NAME"]
+           "format_number", "format_summary", "EXPERIMENTS_DIR", "LOCK_NAME", "check_name", "label",
+           "MAX_SEED"]
 
 def _shipped_experiments() -> Path:
     """The experiments that ship with iclsim: the installed package ``iclsim.experiments`` (pyproject maps
@@ -63,6 +66,7 @@ def _shipped_experiments() -> Path:
 EXPERIMENTS_DIR = _shipped_experiments()
 PLUGIN_GROUP = "iclsim.experiments"  # entry points of other packages: an Experiment, or a module holding EXPERIMENT
 LOCK_NAME = ".iclsim.lock"
+MAX_SEED = 2**62  # experiments add seed offsets; seeds are 64-bit signed integers
 _PENDING = ".iclsim-pending-"
 
 
@@ -82,12 +86,38 @@ class Experiment:
     quick: dict = dataclasses.field(default_factory=dict)
     after: tuple[str, ...] = ()  # experiments whose results this one reads (run them first)
 
+    def __post_init__(self):
+        check_name("experiment name", self.name)
 
-def discover(directory: Path = EXPERIMENTS_DIR, plugins: bool = True) -> dict[str, Experiment]:
+
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+
+
+def check_name(what: str, name) -> str:
+    """A file-name part that stays inside its folder: letters, digits, ``_``, ``-`` and ``.`` (not first),
+    no path separator, no ``..``; RunError otherwise (an experiment named ``../x`` would write outside --out)."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise RunError(f"{what} {name!r} is not a plain name: use letters, digits, '_', '-' and '.' (not first), "
+                       "with no path separator and no '..'")
+    return name
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """folder / name, refused (RunError) unless ``name`` is a plain file name that stays in ``folder``."""
+    path = folder / name
+    if not name or "/" in name or os.sep in name or name in (".", "..") or path.parent != folder:
+        raise RunError(f"{name!r} would be written outside {folder}")
+    return path
+
+
+def discover(directory: Path = EXPERIMENTS_DIR, plugins: bool = True,
+             on_broken: Callable[[str], None] | None = None) -> dict[str, Experiment]:
     """All experiments defined in ``directory`` (one module per figure or study; default: the shipped
     ones) and, with ``plugins``, those other installed packages register under the entry-point group
     ``iclsim.experiments`` (``PLUGIN_GROUP``); RunError if the folder does not exist. Each module is registered as ``iclsim_experiments.NAME`` (so the sweep
-    cache can read the source of classes defined there)."""
+    cache can hash the code of classes defined there). A file or plugin that fails to load is a RunError
+    naming it; with ``on_broken`` it is reported there (one line) and skipped, so one broken plugin does
+    not disable the other experiments."""
     directory = Path(directory)
     if not directory.is_dir():
         raise RunError(f"experiments folder {str(directory)!r} does not exist or is not a folder")
@@ -99,23 +129,45 @@ def discover(directory: Path = EXPERIMENTS_DIR, plugins: bool = True) -> dict[st
         if path.name.startswith("_"):
             continue
         name = f"iclsim_experiments.{path.stem}"
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+        try:
+            spec = importlib.util.spec_from_file_location(name, path)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        except Exception as err:  # a syntax error, a failed import, a bad Experiment
+            sys.modules.pop(name, None)
+            _broken(on_broken, f"experiment file {path} failed to load: {_one_line(err)}")
+            continue
         if isinstance(getattr(module, "EXPERIMENT", None), Experiment):
             found[module.EXPERIMENT.name] = module.EXPERIMENT
     if plugins:
         for entry in importlib.metadata.entry_points(group=PLUGIN_GROUP):
-            obj = entry.load()
+            try:
+                obj = entry.load()
+            except Exception as err:
+                _broken(on_broken, f"plugin {entry.name!r} ({entry.value}) of group {PLUGIN_GROUP!r} failed to load: "
+                                   f"{_one_line(err)}")
+                continue
             exp = obj if isinstance(obj, Experiment) else getattr(obj, "EXPERIMENT", None)
             if not isinstance(exp, Experiment):
-                raise RunError(f"entry point {entry.name!r} of group {PLUGIN_GROUP!r} ({entry.value}) is neither an "
-                               "Experiment nor a module with an EXPERIMENT")
+                _broken(on_broken, f"entry point {entry.name!r} of group {PLUGIN_GROUP!r} ({entry.value}) is neither an "
+                                   "Experiment nor a module with an EXPERIMENT")
+                continue
             if exp.name in found:
-                raise RunError(f"experiment {exp.name!r} of entry point {entry.value} clashes with one already found")
+                _broken(on_broken, f"experiment {exp.name!r} of entry point {entry.value} clashes with one already found")
+                continue
             found[exp.name] = exp
     return found
+
+
+def _one_line(err: BaseException) -> str:
+    return f"{type(err).__name__}: {' '.join(str(err).split())}"
+
+
+def _broken(on_broken, message: str) -> None:
+    if on_broken is None:
+        raise RunError(message)
+    on_broken(message)
 
 
 def rows_to_csv(rows: list[dict]) -> bytes:
@@ -145,7 +197,7 @@ def read_rows(path: Path) -> list[dict]:
 def read_results(out: Path, name: str, *, quick: bool, seed: int, reader: str = "this experiment") -> list[dict]:
     """Rows of experiment ``name``'s results in ``out``, after checking their provenance: the JSON
     beside the CSV must say the same fidelity (quick or not), seed and iclsim version as the reading
-    run, and the CSV must be the one that JSON names (its sha256). RunError otherwise."""
+    run, no --set overrides, and the CSV must be the one that JSON names (its sha256). RunError otherwise."""
     import iclsim
 
     out = Path(out)
@@ -163,6 +215,10 @@ def read_results(out: Path, name: str, *, quick: bool, seed: int, reader: str = 
                         f"{'quick' if quick else 'full-fidelity'}")
     if meta.get("seed") != seed:
         problems.append(f"they used seed {meta.get('seed')}, this run seed {seed}")
+    if meta.get("overrides"):
+        problems.append("they were made with --set overrides ("
+                        + ", ".join(f"{k}={v}" for k, v in meta["overrides"].items())
+                        + "), not the experiment's own settings")
     theirs = meta.get("versions", {}).get("iclsim")
     if theirs != iclsim.__version__:
         problems.append(f"they were made by iclsim {theirs}, this is {iclsim.__version__}")
@@ -249,7 +305,7 @@ def results_lock(out: Path):
 def _acquire(folder: Path, fcntl) -> int:
     path = folder / LOCK_NAME
     for _ in range(20):
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = _open_lock(path, folder)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -273,21 +329,76 @@ def _acquire(folder: Path, fcntl) -> int:
     raise RunError(f"could not lock {folder} (its lock file keeps changing)")
 
 
+def _open_lock(path: Path, folder: Path) -> int:
+    """The lock file, never through a symlink (O_NOFOLLOW) and only a regular file owned by this user:
+    a planted symlink or other file is refused (RunError), never truncated or written through."""
+    planted = (f"{path} is not a lock file of iclsim (a symlink, or not a regular file of this user): remove it if "
+               "no run is writing into the folder, or choose another --out")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o666)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.EMLINK, errno.EISDIR, errno.ENXIO):
+            raise RunError(planted) from None
+        raise RunError(f"cannot open the lock file {path} ({err.strerror or err})") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid() or info.st_nlink != 1:
+        os.close(fd)
+        raise RunError(planted)
+    return fd
+
+
 def _recover(folder: Path) -> None:
     """Complete the pending result sets that a killed run had fully written; discard the others
     (call while holding ``results_lock``)."""
     for pending in sorted(folder.glob(_PENDING + "*")):
+        if pending.is_symlink() or not pending.is_dir():
+            raise RunError(f"{pending} is not a pending result set of iclsim (a symlink or a file): remove it, or "
+                           "choose another --out")
         ready = pending / "READY"
-        if ready.exists():
-            _move_in(pending, folder, ready.read_text().split())
+        if ready.is_file() and not ready.is_symlink():
+            names = ready.read_text().split()
+            bad = [n for n in names if not _NAME.fullmatch(n) or ".." in n]
+            if bad:
+                raise RunError(f"{ready} lists {bad[0]!r}, not a plain file name: a pending set may only move "
+                               f"files into {folder}; remove {pending.name} and rerun")
+            _move_in(pending, folder, names)
         else:
             shutil.rmtree(pending, ignore_errors=True)
 
 
+_OLD = ".replaced"  # inside a pending folder: the files a commit replaces, kept until every move has succeeded
+
+
 def _move_in(pending: Path, folder: Path, names: list[str]) -> None:
-    for name in names:
-        if (pending / name).exists():
-            os.replace(pending / name, folder / name)
+    """Move the set's files from ``pending`` into ``folder``. A move that fails (OSError: a folder in the
+    way, no permission) puts every file back as it was and raises RunError: never a mixed set. A process
+    killed here leaves READY, and the next run completes the moves (``_recover``)."""
+    old = pending / _OLD
+    moved: list[str] = []
+    try:
+        for name in names:
+            src, dst = _inside(pending, name), _inside(folder, name)
+            if not src.exists():
+                continue
+            if os.path.lexists(dst) and not dst.is_dir():
+                old.mkdir(exist_ok=True)
+                os.replace(dst, old / name)
+            os.replace(src, dst)
+            moved.append(name)
+    except OSError as err:
+        for name in reversed(moved):  # put the previous set back
+            with contextlib.suppress(OSError):
+                os.replace(folder / name, pending / name)
+            if (old / name).exists():
+                with contextlib.suppress(OSError):
+                    os.replace(old / name, folder / name)
+        for name in names:
+            if name not in moved and (old / name).exists():
+                with contextlib.suppress(OSError):
+                    os.replace(old / name, folder / name)
+        shutil.rmtree(pending, ignore_errors=True)
+        raise RunError(f"could not move the results into {folder} ({err.strerror or err}: "
+                       f"{getattr(err, 'filename', '') or ''}); the previous results there are unchanged") from None
     (pending / "READY").unlink(missing_ok=True)
     shutil.rmtree(pending, ignore_errors=True)
 
@@ -312,11 +423,11 @@ def _interrupts_held():
 
 def _commit(folder: Path, run_id: str, files: dict[str, bytes]) -> None:
     """Write ``files`` (name -> bytes, the JSON last) into a pending folder, then move them in."""
-    pending = folder / f"{_PENDING}{run_id}"
+    pending = _inside(folder, f"{_PENDING}{run_id}")
     pending.mkdir()
     try:
         for name, data in files.items():
-            atomic_write(pending / name, data)
+            atomic_write(_inside(pending, name), data)
         atomic_write(pending / "READY", " ".join(files).encode())
     except BaseException:
         shutil.rmtree(pending, ignore_errors=True)
@@ -325,23 +436,35 @@ def _commit(folder: Path, run_id: str, files: dict[str, bytes]) -> None:
         _move_in(pending, folder, list(files))
 
 
-def check_output(out: Path, quick: bool, force: bool = False) -> Path:
-    """Before any training: ``out`` must be (or be creatable as) a writable folder, and a quick run
-    must not write into a folder holding full-fidelity results unless ``force``. RunError otherwise."""
+def check_output(out: Path, quick: bool, force: bool = False, overrides: bool = False) -> Path:
+    """Before any training: ``out`` must be (or be creatable as) a writable folder, and a quick run or a
+    run with --set ``overrides`` must not write into a folder holding full-fidelity, override-free results
+    (committed figures) unless ``force``. RunError otherwise."""
     try:
         folder = check_writable_dir(Path(out), "output folder")
     except ValueError as err:
         raise RunError(str(err)) from None
-    if quick and not force:
+    if (quick or overrides) and not force:
         for meta_path in sorted(folder.glob("*.json")):
             try:
                 meta = json.loads(meta_path.read_text())
             except (OSError, ValueError):
                 continue
-            if isinstance(meta, dict) and meta.get("quick") is False and "experiment" in meta:
-                raise RunError(f"{folder} holds full-fidelity results ({meta_path.name}); quick results go to "
-                               "results/quick by default: choose another --out, or pass --force to write there")
+            if isinstance(meta, dict) and meta.get("quick") is False and "experiment" in meta \
+                    and not meta.get("overrides"):
+                kind = "quick results go to results/quick" if quick else "results of runs with --set go to results/overrides"
+                raise RunError(f"{folder} holds full-fidelity results ({meta_path.name}); {kind} by default: choose "
+                               "another --out, or pass --force to write there")
     return folder
+
+
+def label(quick: bool, applied: dict) -> str:
+    """What a result set is: "full" (the experiment's own settings: a committed figure), "quick", or the
+    overrides it was run with."""
+    parts = ["quick"] if quick else []
+    if applied:
+        parts.append("overrides " + ", ".join(f"{k}={format_number(v)}" for k, v in applied.items()))
+    return "; ".join(parts) or "full"
 
 
 # ---- settings from the command line ----
@@ -453,6 +576,7 @@ class Computed(NamedTuple):
     files: dict
     wall: float
     cache: dict | None
+    environment: dict | None = None  # versions and devices of the process that computed it (``versions``)
 
 
 def run_experiment(exp: Experiment, out: Path, quick: bool = False, seed: int = 0,
@@ -464,7 +588,7 @@ def run_experiment(exp: Experiment, out: Path, quick: bool = False, seed: int = 
     runs). The output folder and the cache folder are checked, and the folder locked, before any
     training; a quick run refuses a folder of full-fidelity results unless ``force``."""
     progress = progress or _stderr
-    folder = check_output(out, quick, force)
+    folder = check_output(out, quick, force, overrides=bool(overrides))
     with results_lock(folder):
         computed = compute(exp, out, quick, seed, progress, cache, overrides)
         return commit(exp, folder, computed, quick, seed, progress)
@@ -479,8 +603,8 @@ def compute(exp: Experiment, out: Path, quick: bool = False, seed: int = 0,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise RunError(f"seed must be an integer >= 0, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise RunError(f"seed must be an integer in [0, {MAX_SEED}], got {seed!r}")
     progress = progress or _stderr
     settings = {**exp.settings, **(exp.quick if quick else {})}
     applied = apply_overrides(exp, settings, overrides or {})
@@ -511,7 +635,7 @@ def compute(exp: Experiment, out: Path, quick: bool = False, seed: int = 0,
     files = {f"{exp.name}.csv": rows_to_csv(rows), f"{exp.name}.png": buf.getvalue()}
     counts = None if cache is None else {"directory": str(cache.directory), "points_loaded": cache.hits,
                                          "points_trained": cache.trained, "corrupt_entries_replaced": cache.corrupt}
-    return Computed(settings, applied, rows, summary, files, wall, counts)
+    return Computed(settings, applied, rows, summary, files, wall, counts, versions())
 
 
 def commit(exp: Experiment, out: Path, computed: Computed, quick: bool, seed: int,
@@ -519,16 +643,18 @@ def commit(exp: Experiment, out: Path, computed: Computed, quick: bool, seed: in
     """Write a computed experiment into ``out`` as one set (the JSON names the run and the files'
     sha256) and return its JSON object; holds the folder's lock (re-entrant) while it writes."""
     progress = progress or _stderr
+    check_name("experiment name", exp.name)
     with results_lock(Path(out)) as folder:
         _recover(folder)
         run_id = f"{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:8]}"
         files = dict(computed.files)
         meta = {"experiment": exp.name, "title": exp.title, "run_id": run_id, "quick": quick, "seed": seed,
+                "label": label(quick, computed.applied),
                 "settings": computed.settings, "overrides": computed.applied, "wall_time_s": round(computed.wall, 2),
                 "summary": computed.summary,
                 "files": {kind: {"name": name, "sha256": hashlib.sha256(data).hexdigest()}
                           for kind, (name, data) in zip(("csv", "png"), files.items())},
-                "versions": versions(), "git": git_state(), "command": " ".join(sys.argv)}
+                "versions": computed.environment or versions(), "git": git_state(), "command": " ".join(sys.argv)}
         if computed.cache is not None:
             meta["cache"] = computed.cache
         files[f"{exp.name}.json"] = (json.dumps(meta, indent=2, default=str) + "\n").encode()

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from hypothesis import strategies as st
 
+from iclsim import _validate as _check
 from iclsim.designs import IID, RAG, Drift, TaskFeatureAlignment, TaskPool
 
 __all__ = ["SIGMAS", "DesignCase", "MonteCarloCheck", "spd_covariances", "spiked_covariances",
@@ -172,7 +173,13 @@ class MonteCarloCheck(NamedTuple):
 
 
 def _as_predict(predictor) -> tuple[Callable, Any]:
-    """(prompts -> yhat, the dtype to draw prompts in) from a function or a (model, params) pair."""
+    """(prompts -> yhat, the dtype to draw prompts in) from a function or a (model, params) pair; the
+    predictions are checked to be [B] (``_validate.predictions``)."""
+    predict, dtype = _unchecked_predict(predictor)
+    return (lambda p: _check.predictions(predict(p), p.y_query, "predictor")), dtype
+
+
+def _unchecked_predict(predictor) -> tuple[Callable, Any]:
     if isinstance(predictor, tuple):
         if len(predictor) != 2 or not callable(getattr(predictor[0], "apply", None)):
             raise TypeError("predictor must be a function prompts -> yhat or a (model, params) pair whose model "
@@ -189,6 +196,12 @@ def monte_carlo(statistic: Callable, design, n: int, key=None, num_prompts: int 
                 batch_size: int = 10_000, dtype=jnp.float64) -> tuple[float, float]:
     """(mean, standard error) of a per-prompt statistic(prompts) -> [B] over num_prompts fresh
     prompts (rounded up to whole batches) drawn with ``design.sample`` in ``dtype``; sums in float64."""
+    mean, se, _ = _monte_carlo(statistic, design, n, key, num_prompts, batch_size, dtype)
+    return mean, se
+
+
+def _monte_carlo(statistic, design, n, key, num_prompts, batch_size, dtype) -> tuple[float, float, int]:
+    """``monte_carlo`` and the number of prompts drawn (num_prompts rounded up to whole batches)."""
     if isinstance(num_prompts, bool) or not isinstance(num_prompts, (int, np.integer)) or num_prompts < 2:
         raise ValueError(f"num_prompts must be an integer >= 2, got {num_prompts!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
@@ -198,7 +211,11 @@ def monte_carlo(statistic: Callable, design, n: int, key=None, num_prompts: int 
     chunks = -(-num_prompts // batch)
     with jax.enable_x64(True):
         def body(carry, k):
-            s = statistic(design.sample(k, batch, n, dtype)).astype(jnp.float64)
+            s = statistic(design.sample(k, batch, n, dtype))
+            if jnp.shape(s) != (batch,):
+                raise ValueError(f"the statistic must give one value per prompt, shape ({batch},), got shape "
+                                 f"{tuple(jnp.shape(s))} (a predictor returning [B, 1] broadcasts to [B, B])")
+            s = s.astype(jnp.float64)
             return (carry[0] + jnp.sum(s), carry[1] + jnp.sum(s**2)), None
 
         zero = jnp.zeros((), jnp.float64)
@@ -206,7 +223,7 @@ def monte_carlo(statistic: Callable, design, n: int, key=None, num_prompts: int 
         count = chunks * batch
         mean = float(total) / count
         var = max(float(total_sq) / count - mean**2, 0.0) * count / (count - 1)
-    return mean, math.sqrt(var / count)
+    return mean, math.sqrt(var / count), count
 
 
 def _expected(expected) -> tuple[float, float]:
@@ -221,6 +238,9 @@ def _judge(what: str, estimate: float, se: float, expected, sigmas: float, count
     value, value_se = _expected(expected)
     if not sigmas > 0:
         raise ValueError(f"sigmas must be > 0, got {sigmas!r}")
+    if not all(map(math.isfinite, (estimate, se, value, value_se))):
+        raise AssertionError(f"{name + ': ' if name else ''}Monte Carlo {what} {estimate!r} +- {se!r} vs expected "
+                             f"{value!r} +- {value_se!r}: not all are finite numbers")
     total_se = math.hypot(se, value_se)
     diff = estimate - value
     if total_se > 0:
@@ -251,8 +271,9 @@ def assert_matches_theory(predictor, design, n: int, expected, sigmas: float = S
     """
     predict, model_dtype = _as_predict(predictor)
     dtype = dtype or model_dtype or jnp.float64
-    mean, se = monte_carlo(lambda p: (p.y_query - predict(p)) ** 2, design, n, key, num_prompts, batch_size, dtype)
-    return _judge("risk", mean, se, expected, sigmas, num_prompts, name)
+    mean, se, count = _monte_carlo(lambda p: (p.y_query - predict(p)) ** 2, design, n, key, num_prompts, batch_size,
+                                   dtype)
+    return _judge("risk", mean, se, expected, sigmas, count, name)
 
 
 def assert_paired_difference(predictor, reference, design, n: int, expected_difference, sigmas: float = SIGMAS,
@@ -270,15 +291,19 @@ def assert_paired_difference(predictor, reference, design, n: int, expected_diff
     def statistic(p):
         return (p.y_query - f(p)) ** 2 - (p.y_query - g(p)) ** 2
 
-    mean, se = monte_carlo(statistic, design, n, key, num_prompts, batch_size, dtype)
-    return _judge("risk difference", mean, se, expected_difference, sigmas, num_prompts, name)
+    mean, se, count = _monte_carlo(statistic, design, n, key, num_prompts, batch_size, dtype)
+    return _judge("risk difference", mean, se, expected_difference, sigmas, count, name)
 
 
 def assert_not_below(value, bound, sigmas: float = SIGMAS, name: str = ""):
     """One-sided check of an inequality value >= bound where the bound is a Monte Carlo estimate
-    (value, se) (``theory.bayes_risk``): fails when value < bound - sigmas * se."""
+    (value, se) (``theory.bayes_risk``): fails when value < bound - sigmas * se, or when any of them is
+    not a number (NaN compares false with everything, so it would pass every inequality)."""
     lower, se = _expected(bound)
     value = float(value)
+    if not all(map(math.isfinite, (value, lower, se))):
+        prefix = f"{name}: " if name else ""
+        raise AssertionError(f"{prefix}cannot check {value!r} >= {lower!r} +- {se!r}: not all are finite numbers")
     if value < lower - sigmas * se - 1e-12 * max(1.0, abs(lower)):
         prefix = f"{name}: " if name else ""
         z = (value - lower) / se if se > 0 else -math.inf

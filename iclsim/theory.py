@@ -259,13 +259,15 @@ def effective_sample_multiplier(design: RAG) -> float:
 
 def iid_effective_n(dim: int, noise_var: float, risk):
     """Effective sample size: the n at which the isotropic IID optimum d + s^2 - n d / (n + d + 1 + s^2)
-    equals ``risk`` (inverse of that formula, real-valued): n = r (d + 1 + s^2) / (d - r), r = d + s^2 - L."""
+    equals ``risk`` (inverse of that formula, real-valued): n = r (d + 1 + s^2) / (d - r), r = d + s^2 - L.
+    A risk at or above the zero predictor's, d + s^2 (r <= 0: no better than ignoring the context), gives
+    0, never a negative sample size."""
     dim = check.positive_int("dim", dim)
     noise_var = check.real("noise_var", noise_var, 0.0)
     risk = check.real_array("risk", risk)
     if np.any(risk <= noise_var):
         raise ValueError(f"risk must be > noise_var = {noise_var:g} (no predictor beats the label noise), got {risk!r}")
-    r = dim + noise_var - risk
+    r = np.maximum(dim + noise_var - risk, 0.0)
     return r * (dim + 1 + noise_var) / (dim - r)
 
 
@@ -400,7 +402,11 @@ def _chunks(num_prompts, batch_size):
     check.positive_int("num_prompts", num_prompts)
     check.positive_int("batch_size", batch_size)
     batch = min(batch_size, num_prompts)
-    return -(-num_prompts // batch), batch
+    chunks = -(-num_prompts // batch)
+    if chunks > 2**31 - 1:  # the batch loop counts in int32
+        raise ValueError(f"num_prompts = {num_prompts} is {chunks} batches of {batch}: at most {2**31 - 1} batches; "
+                         "use fewer prompts or a larger batch_size")
+    return chunks, batch
 
 
 @float64
@@ -419,6 +425,11 @@ def ground_truth(design, n: int, key, num_prompts: int = 200_000, weights=None, 
     chunks, batch = _chunks(num_prompts, batch_size)
     w = _weights(weights, n)
     d = design.dim
+    if chunks * batch <= d * d:  # A = E[F F^T] is d^2 x d^2: fewer prompts leave it singular
+        raise ValueError(f"num_prompts must be > dim^2 = {d * d} for ground_truth (it fits {d * d} coefficients), "
+                         f"got {num_prompts}")
+    check.memory(f"ground_truth at dim = {d}", 8.0 * (2 * d**4 + batch * (d * d + n * d)),
+                 "use a smaller dim or batch_size")
 
     @jax.jit
     def accumulate(keys):
@@ -449,7 +460,7 @@ def risk_moments(predict: Callable[[Prompts], jax.Array], design, n_slots: int, 
 
     def body(i, carry):
         p = draw(design, jax.random.fold_in(key, i), batch, n, n_slots, dtype, gram)
-        err = ((p.y_query - predict(p)) ** 2).astype(F64)
+        err = ((p.y_query - check.predictions(predict(p), p.y_query, "risk")) ** 2).astype(F64)
         return carry[0] + jnp.sum(err), carry[1] + jnp.sum(err**2)
 
     zero = jnp.zeros((), F64)
@@ -845,6 +856,10 @@ def bayes_risk(design: IID, n: int, key=None, num_draws: int = 20_000, batch_siz
     if n >= d and not np.any(noise):
         return BayesRisk(sq2, 0.0)
     chunks, batch = _chunks(num_draws, batch_size)
+    if chunks * batch < 2:
+        raise ValueError(f"num_draws must be >= 2 for bayes_risk (one draw has no standard error), got {num_draws}")
+    check.memory(f"bayes_risk at n = {n}, dim = {d} ({batch} draws per batch)",
+                 8.0 * batch * (4 * n * n + 3 * n * d), "use a smaller n or batch_size")
     key = jax.random.PRNGKey(0) if key is None else key
     with jax.enable_x64(True):
         lx = jnp.linalg.cholesky(jnp.asarray(Sx))

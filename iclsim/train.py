@@ -67,8 +67,10 @@ class TrainConfig:
         check.positive_int("steps", self.steps)
         check.positive_int("batch_size", self.batch_size)
         check.positive_int("warmup_steps", self.warmup_steps, minimum=0)
-        if not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        lr = self.learning_rate
+        if isinstance(lr, bool) or not isinstance(lr, (int, float, np.floating, np.integer)) or not 0 < lr < np.inf:
+            raise ValueError(f"learning_rate must be > 0 and finite (a number, not a bool), got {lr!r}")
+        check.float_dtype("dtype", self.dtype)
         check.in_range("final_lr_fraction", self.final_lr_fraction, 0.0, 1.0)
         if self.divergence_factor is not None and not (np.isfinite(self.divergence_factor)
                                                        and self.divergence_factor > 1):
@@ -105,14 +107,20 @@ class FitResult(NamedTuple):
 
 
 def squared_loss(model, params, prompts: Prompts | GramPrompts) -> jax.Array:
-    return jnp.mean((prompts.y_query - model.apply(params, prompts)) ** 2)
+    """Mean of (y - model(prompts))^2 over the batch; predictions must be [B] (``_validate.predictions``)."""
+    pred = check.predictions(model.apply(params, prompts), prompts.y_query, "training loss")
+    return jnp.mean((prompts.y_query - pred) ** 2)
 
 
 def fit(model, design, n: int, steps: int = 4000, batch_size: int = 512, learning_rate: float = 1e-2,
         seed: int = 0, **config) -> FitResult:
     """Train one model (see ``fit_sweep``); params and losses without sweep axes."""
+    if isinstance(design, (list, tuple)):
+        raise TypeError(f"fit trains one model on one design, got a {type(design).__name__} of "
+                        f"{len(design)}: use fit_sweep for several designs")
     cfg = TrainConfig(steps=steps, batch_size=batch_size, learning_rate=learning_rate, **config)
-    result = fit_sweep(model, design, [check.positive_int("n", n)], [check.integer("seed", seed)], cfg)
+    seed = check.integer("seed", seed, check.SEED_MIN, check.SEED_MAX)
+    result = fit_sweep(model, design, [check.positive_int("n", n)], [seed], cfg)
     return FitResult(jax.tree_util.tree_map(lambda a: a[0, 0, 0], result.params), result.losses[0, 0, 0])
 
 
@@ -152,23 +160,33 @@ def _fit_sweep(model, designs, ns, seeds, config, loss_fn, devices, cache) -> Fi
                       "GradientTransformation as TrainConfig.optimizer to cache it", stacklevel=3)
         cache = None
     points = [(i, j, k) for i in range(len(design_list)) for j in range(len(ns)) for k in range(len(seeds))]
+    _fits(model, config, len(points), n_slots, design_list[0].dim, cache)
     stacked = stack(design_list)
+    # a single fit's program gets SMALL_PROGRAM_OPTIONS: decided by the sweep, not by how many of its points
+    # a cache left to train, so a point's numbers are those its key names
+    small = len(points) == 1
 
     def run(batch):
         idx = np.array([p[0] for p in batch])
         params, losses = _run_points(model, config, n_slots, loss_fn, gram, devices,
                                      jax.tree_util.tree_map(lambda a: np.asarray(a)[idx], stacked),
-                                     np.array([ns[p[1]] for p in batch]), np.array([seeds[p[2]] for p in batch]))
-        _check_losses(losses, config.divergence_factor, model,
-                      [(design_list[i], ns[j], seeds[k]) for i, j, k in batch])
+                                     np.array([ns[p[1]] for p in batch]), np.array([seeds[p[2]] for p in batch]),
+                                     small)
+        where = [(design_list[i], ns[j], seeds[k]) for i, j, k in batch]
+        _check_losses(losses, config.divergence_factor, model, where)
+        _check_params(params, model, where)
         return params, losses
 
     if cache is None:
         params, losses = run(points)
     else:
+        # the key: what every point shares (the model, settings, loss, the engine's code and the XLA options
+        # its programs get) hashed once, then each point's design, n and seed
+        shared = _cache.fingerprint(model, n_slots, config, loss_fn, gram, _fit_sweep,
+                                    compiler_options(small, devices))
         params, losses = layout.load_or_run(
             cache, run, points, jax.eval_shape(model.init, layout.seed_keys([0])[0]),
-            lambda p: (model, design_list[p[0]], ns[p[1]], seeds[p[2]], n_slots, config, loss_fn, gram))
+            lambda p: (shared, design_list[p[0]], ns[p[1]], seeds[p[2]]))
     shape = (len(design_list), len(ns), len(seeds))
     params = jax.tree_util.tree_map(lambda a: jnp.reshape(a, shape + a.shape[1:]), params)
     return FitResult(params, np.reshape(losses, shape + losses.shape[1:]))
@@ -213,12 +231,13 @@ def _train_one(model, config: TrainConfig, n_slots: int, loss_fn: Callable, gram
     return train
 
 
-def _run_points(model, config, n_slots, loss_fn, gram, devices, designs, ns, seeds):
-    """Train a flat batch of sweep points laid out in seed blocks (``layout.plan``)."""
+def _run_points(model, config, n_slots, loss_fn, gram, devices, designs, ns, seeds, small=None):
+    """Train a flat batch of sweep points laid out in seed blocks (``layout.plan``); ``small``: compile
+    with SMALL_PROGRAM_OPTIONS (default: where the batch is one point)."""
     plan = layout.plan(seeds, devices, config.batch_size)
     split = layout.split_design(designs)
     keys = layout.seed_keys(seeds[plan.blocks[:, 0]])
-    one_point = len(np.unique(plan.blocks)) == 1  # a single fit
+    one_point = len(np.unique(plan.blocks)) == 1 if small is None else bool(small)  # a single fit
     program = _compiled_sweep(model, config, n_slots, loss_fn, gram, plan.devices, split.treedef, split.shared,
                               plan.shards, one_point)
     b = plan.blocks
@@ -228,6 +247,12 @@ def _run_points(model, config, n_slots, loss_fn, gram, devices, designs, ns, see
 
 # XLA options for a single fit's program on CPU (see _compiled_sweep)
 SMALL_PROGRAM_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+
+
+def compiler_options(one_point: bool, devices) -> dict | None:
+    """The XLA options a training program is compiled with (in the cache key: they move numbers at float
+    level): SMALL_PROGRAM_OPTIONS for a single fit on CPU, else none."""
+    return SMALL_PROGRAM_OPTIONS if one_point and tuple(devices)[0].platform == "cpu" else None
 
 
 @functools.lru_cache(maxsize=64)
@@ -244,7 +269,7 @@ def _compiled_sweep(model, config: TrainConfig, n_slots: int, loss_fn: Callable,
     def point(varying, common, n, key):
         return train(layout.merge_design(treedef, shared, varying, common), n, key)
 
-    options = SMALL_PROGRAM_OPTIONS if one_point and devices[0].platform == "cpu" else None
+    options = compiler_options(one_point, devices)
     return layout.blocked(point, (MEMBER, None, MEMBER, BLOCK), devices, shards, options)
 
 
@@ -265,6 +290,31 @@ def _check_losses(losses, factor, model, points):
         raise FloatingPointError(
             f"training diverged: {what} for model {_short(model)} on design {_short(design)} with n = {n}, "
             f"seed = {seed}; lower learning_rate (or raise TrainConfig.divergence_factor)")
+
+
+def _fits(model, config, points: int, n_slots: int, dim: int, cache) -> None:
+    """Refuse (MemoryError) a sweep whose arrays cannot fit in memory, before compiling: each network in a
+    call holds its parameters, gradients and two Adam moments (4 copies), and a step's batch of prompts."""
+    size = sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
+               for leaf in jax.tree_util.tree_leaves(jax.eval_shape(model.init, jax.random.PRNGKey(0))))
+    at_once = points if cache is None else min(points, cache.chunk)
+    batch = config.batch_size * (n_slots + 1) * (dim + 1) * np.dtype(config.dtype).itemsize
+    check.memory(f"fit_sweep of {at_once} network(s) of {size / 2**20:.3g} MiB of parameters each",
+                 float(at_once) * (4 * size + batch), "use a smaller dim, batch_size or sweep")
+
+
+def _check_params(params, model, points):
+    """FloatingPointError where a point's parameters are not finite although every loss was: the last
+    optimizer update (after the last loss) overflowed."""
+    bad = np.zeros(len(points), bool)
+    for leaf in jax.tree_util.tree_leaves(params):
+        leaf = np.asarray(leaf)
+        bad |= ~np.isfinite(leaf.reshape(leaf.shape[0], -1)).all(axis=1)
+    if bad.any():
+        design, n, seed = points[int(np.argmax(bad))]
+        raise FloatingPointError(
+            f"training diverged: the last optimizer update made the parameters non-finite for model {_short(model)} "
+            f"on design {_short(design)} with n = {n}, seed = {seed}; lower learning_rate")
 
 
 def _short(obj) -> str:

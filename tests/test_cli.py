@@ -70,7 +70,7 @@ def one_line(text):
 @pytest.mark.parametrize("args, expected", [
     (["run"], "the following arguments are required: names"),
     (["run", "fake", "--seed", "x"], "invalid int value"),
-    (["run", "fake", "--seed", "-1"], "--seed must be >= 0"),
+    (["run", "fake", "--seed", "-1"], "--seed must be an integer in [0, "),
     (["run", "nope"], "unknown experiment(s): nope; known: fake"),
     (["frobnicate"], "invalid choice"),
     (["run", "fake", "--set", "scale"], "--set takes KEY=VALUE"),

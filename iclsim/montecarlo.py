@@ -12,7 +12,7 @@ A smaller count is a prefix of a larger one (the first N draws of the same key).
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from iclsim import _validate as check
 from iclsim._precision import float64
 from iclsim.gram import draw
+from iclsim.protocols import Estimate
 
 __all__ = ["DRAW_BLOCK", "Estimate", "blocks", "group_size", "block_sums", "risk_sums", "estimate", "mean",
            "risk"]
@@ -30,13 +31,6 @@ F64 = jnp.float64
 # of every Monte Carlo number, so never tie it to memory: change it and every estimate moves (at the Monte
 # Carlo level).
 DRAW_BLOCK = 250
-
-
-class Estimate(NamedTuple):
-    """A Monte Carlo estimate: the sample mean and its standard error (arrays for a batch of points)."""
-
-    mean: float | jax.Array
-    se: float | jax.Array
 
 
 def blocks(count):

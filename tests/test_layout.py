@@ -166,3 +166,34 @@ def test_bayes_risk_does_not_depend_on_the_batch():
     Catches its draws keyed by batch."""
     design = IID(D, noise_var=0.5)
     assert theory.bayes_risk(design, 4, KEY, 2_000, 250) == theory.bayes_risk(design, 4, KEY, 2_000, 5_000)
+
+
+# ---- named random streams (rng.Stream): the experiments' keys are unchanged ----
+
+# the offsets below 2**32 - 1 the experiments used before the names (experiments/*.py at fd749e7)
+OLD_OFFSETS = {"TEST": 0, "DEPTH_TEST": 1, "TRAJECTORY_TEST": 2, "VALIDATION": 3, "SEARCH_TEST": 4, "NULL": 5,
+               "ONE_LAYER_TEST": 6, "REFERENCE": 11}
+
+
+def test_named_streams_keep_the_experiments_keys():
+    """Each named stream is the integer its experiment folded in before (2**32 - 1 - offset), and
+    ``stream_keys`` gives fold_in(PRNGKey(seed), stream) made with jax.random itself, for negative and
+    large seeds too; the L-step reference stream is 2**32 - 11 - L. Catches a renumbered stream (every
+    committed figure's test prompts would move) and host-made seed keys that differ from PRNGKey."""
+    from iclsim import rng, sweeps
+
+    assert {s.name: 2**32 - 1 - int(s) for s in rng.Stream} == OLD_OFFSETS
+    assert sweeps.TEST_STREAM == 2**32 - 1
+    seeds = [0, 7, -3, 2**40]
+    for stream in rng.Stream:
+        direct = np.stack([np.asarray(jax.random.fold_in(jax.random.PRNGKey(s), np.uint32(2**32 - 1 - OLD_OFFSETS[
+            stream.name]))) for s in seeds])
+        np.testing.assert_array_equal(rng.stream_keys(seeds, stream), direct)
+        np.testing.assert_array_equal(sweeps.stream_keys(seeds, stream), direct)
+        np.testing.assert_array_equal(rng.stream_key(seeds[1], stream), direct[1])
+    assert [rng.reference_stream(L) for L in (1, 2, 3, 4)] == [2**32 - 11 - L for L in (1, 2, 3, 4)]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=r"steps must be an integer in \[1, "):
+            rng.reference_stream(bad)
+    with pytest.raises(ValueError, match=r"stream must be an integer in \[0, 4294967295\]"):
+        rng.stream_keys([0], 2**32)

@@ -55,7 +55,7 @@ def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: 
     gets the same numbers, and a smaller ``num_prompts`` scores a prefix of a larger one's prompts.
     """
     design_list, ns = layout.as_list(designs), check.int_list("n", layout.as_list(ns))
-    protocols.check_sweep(model, design_list, "evaluate_sweep")  # the door: named errors
+    protocols.check_sweep(model, design_list, "evaluate")  # the door: named errors
     n_slots = max(ns)
     for d in design_list:
         _check_n(d, n_slots)
@@ -141,8 +141,8 @@ def _compiled_evaluation(model, n_slots: int, group: int, gram: bool, devices: t
 
     def point(params, varying, common, n, key, count):
         design = layout.merge_design(treedef, shared, varying, common)
-        return montecarlo.risk_sums(lambda p: protocols.predict(model, params, p), design, n_slots, n, key, count, group,
-                                    model.dtype, gram)
+        return montecarlo.risk_sums(lambda p: protocols.predict(model, params, p), design, n_slots, n, key, count,
+                                    group, model.dtype, gram)
 
     options = _library_fusion_off() if devices[0].platform == "cpu" else None
     return layout.blocked(point, (MEMBER, MEMBER, None, MEMBER, BLOCK if block_keys else None, None), devices,

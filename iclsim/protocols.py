@@ -305,10 +305,10 @@ def check_sweep(model, designs, where: str, dtype=None) -> None:
     and ``dtype`` (``TrainConfig.dtype``), where given, equals ``model.dtype``, the one dtype (ValueError)."""
     from iclsim import _validate as check
 
-    check_model(model)
     for design in designs:
         check_design(design)
-    check.model_for(model, designs, where)
+    check.model_for(model, designs, where, needs_dtype=True)
+    check_model(model)
     if dtype is not None and jnp.dtype(dtype) != jnp.dtype(model.dtype):
         raise ValueError(f"TrainConfig.dtype ({jnp.dtype(dtype)}) must equal model.dtype ({jnp.dtype(model.dtype)}) "
                          f"in {where}: model.dtype is the one dtype prompts are drawn in for training and "

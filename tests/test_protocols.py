@@ -189,8 +189,10 @@ def test_the_door_of_fit_sweep_and_evaluate_sweep_names_what_is_missing():
     """fit_sweep and evaluate_sweep check the model and the designs before anything is traced: a model
     without dtype and a design that is not a pytree get the protocol's named TypeErrors. Catches a sweep
     that fails deep inside tracing with an unrelated message."""
-    with pytest.raises(TypeError, match="model NoDtype is missing dtype"):
+    with pytest.raises(TypeError, match="fit_sweep needs model.dtype"):
         train.fit_sweep(NoDtype(D), IID(D), [4], [0], train.TrainConfig(steps=2))
+    with pytest.raises(TypeError, match="model NoInit is missing init"):
+        train.fit_sweep(type("NoInit", (), {"dtype": jnp.float32, "apply": NoDtype.apply})(), IID(D), [4], [0])
     PlainDesign.fixed_n = None
     try:
         with pytest.raises(TypeError, match="design PlainDesign is not a pytree"):

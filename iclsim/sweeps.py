@@ -9,8 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iclsim import _validate as check
-from iclsim import evaluate, layout, protocols, quality, train
+from iclsim import evaluate, protocols, quality, train
 from iclsim._precision import float64
 from iclsim.bridge import effective, exact_risk
 from iclsim.rng import Stream

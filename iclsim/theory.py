@@ -18,7 +18,6 @@ from iclsim import _validate as check
 from iclsim import montecarlo
 from iclsim._precision import float64
 from iclsim.designs import IID, RAG, Drift, Prompts, TaskFeatureAlignment, _check_n
-from iclsim.gram import draw
 
 __all__ = ["F64", "Optimum", "WeightedOptimum", "Moments", "pgd_moments", "pgd_risk", "attention_risk",
            "optimal_pgd", "rag_effective_risk", "effective_sample_multiplier", "iid_effective_n", "optimal_wpgd",

@@ -231,8 +231,7 @@ def test_one_evaluation_program_serves_every_prompt_count():
               for num in (3000, 7000)}
     assert evaluation._compiled_evaluation.cache_info().currsize == 1
     group = 1000 // montecarlo.DRAW_BLOCK  # draw blocks per round at batch_size 1000
-    program = evaluation._compiled_evaluation(model, 4, group, False, tuple(jax.devices()[:1]), *_split_of(design),
-                                              False)
+    evaluation._compiled_evaluation(model, 4, group, False, tuple(jax.devices()[:1]), *_split_of(design), False)
     assert evaluation._compiled_evaluation.cache_info().currsize == 1  # the program both calls used
     with jax.enable_x64(True):
         for num, (risk, _) in scores.items():

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test reproduce quick bench clean
+.PHONY: test test-fast reproduce quick bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,6 +15,16 @@ $(STAMP): pyproject.toml
 # module's shared fixture (the fig1 sources' quick runs, the two-process cluster) runs once
 test: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile
+
+# the inner loop's tier, under a minute: the contract (protocols), the designs, the precision rules and the
+# Monte Carlo referee's draw blocks and named streams; no training, no experiment. `make test` runs everything.
+FAST := tests/test_precision.py tests/test_designs.py tests/test_protocols.py \
+	tests/test_layout.py::test_block_sums_are_the_first_count_draws_of_the_block_stream \
+	tests/test_layout.py::test_named_streams_keep_the_experiments_keys \
+	tests/test_layout.py::test_bayes_risk_does_not_depend_on_the_batch
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile $(FAST)
 
 reproduce: $(STAMP)
 	$(VENV)/bin/iclsim run all

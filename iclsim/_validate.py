@@ -206,7 +206,9 @@ def padding(model, ns, gram: bool, where: str) -> None:
     """A multi-n sweep shares max(ns) slots: shorter contexts are padded with zero tokens, so on token
     prompts the model must declare ``inert_padding = True`` (a zero context token changes nothing: sums
     of products of tokens, or a mask). Gram draws are exact for any n and need no declaration."""
-    if len(set(ns)) > 1 and not gram and not getattr(model, "inert_padding", False):
+    from iclsim.protocols import inert_padding  # here, not above: protocols imports designs, which imports this
+
+    if len(set(ns)) > 1 and not gram and not inert_padding(model):
         raise ValueError(f"ns = {list(ns)} in {where}: shorter contexts are padded with zero tokens to {max(ns)} slots, "
                          f"and {type(model).__name__} does not declare inert_padding = True. Declare it if a zero "
                          "context token leaves the prediction unchanged (mask them, as a softmax must), or run "

@@ -1,6 +1,6 @@
 """The bridge from a trained model to the theory: the (W, omega) of weighted PGD a trained model
 implements on prompts of n active pairs in n_slots slots, and its closed-form risk (docs/theory.md §3
-to §5), both in float64."""
+to §5), both in float64. ``effective`` is ``protocols.effective``, the one reading of a PGD-form model."""
 
 from __future__ import annotations
 
@@ -11,20 +11,10 @@ import numpy as np
 from iclsim import theory
 from iclsim._precision import float64
 from iclsim.designs import IID
-from iclsim.models import Effective, LinearAttention, LoRA, normalise_omega
+from iclsim.models import LinearAttention, LoRA
+from iclsim.protocols import Effective, effective
 
 __all__ = ["Effective", "effective", "exact_risk"]
-
-
-@float64
-def effective(model, params, n: int, n_slots: int) -> Effective:
-    """The ``Effective`` (W, omega or None) a trained model implements on prompts of n active pairs
-    padded to n_slots, in theory's convention (omega over the n active positions)."""
-    W, omega = model.effective_pgd(params, n_slots)
-    if omega is None:
-        return Effective(jnp.asarray(W, jnp.float64), None)
-    # re-normalise omega over the n active positions (padded ones are untrained)
-    return Effective(*normalise_omega(jnp.asarray(W, jnp.float64), jnp.asarray(omega, jnp.float64)[n_slots - n:]))
 
 
 @float64

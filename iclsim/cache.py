@@ -339,7 +339,7 @@ def secret() -> bytes:
 @functools.lru_cache(maxsize=8)
 def _secret_at(where: str) -> bytes:
     path = Path(where)
-    advice = f"remove it (a new one is made; entries stored under the old one are retrained) or set XDG_CONFIG_HOME"
+    advice = "remove it (a new one is made; entries stored under the old one are retrained) or set XDG_CONFIG_HOME"
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

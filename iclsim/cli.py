@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from iclsim import runner
-from iclsim.cache import SweepCache, UncacheableError, persist_compilations
+from iclsim.cache import SweepCache, persist_compilations
 
 
 class _UsageError(Exception):

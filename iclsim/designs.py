@@ -220,6 +220,10 @@ class _Design:
         """Context length the design's per-position arrays fix, or None."""
         return None
 
+    def sample_shard(self, key, batch: int, n: int, dtype, shard: BatchShard) -> Prompts:
+        """This device's rows of the batch of ``batch * shard.count`` prompts (``protocols.draws_shards``)."""
+        return self.sample(key, batch, n, dtype, shard=shard)
+
     def context_law(self, key, batch: int, dtype=jnp.float32, shard: BatchShard | None = None) -> ContextLaw:
         """The law of the context pairs given each prompt's latent, with the query and its label,
         drawn from ``key``: ``law_from`` of the draws of the shapes ``law_draws`` names (designs with

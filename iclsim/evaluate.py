@@ -12,23 +12,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from iclsim import _validate as check
-from iclsim import layout
+from iclsim import layout, montecarlo, protocols
 from iclsim._precision import float64
 from iclsim.designs import _check_n, stack
-from iclsim.gram import uses_gram
+from iclsim.gram import draw, uses_gram
 from iclsim.layout import BLOCK, MEMBER
-from iclsim.theory import _chunks, mean_and_se, risk_moments
 
 __all__ = ["evaluate", "evaluate_sweep", "PairedRisks", "paired_risks"]
 
 
-# the most prompts one batch of the evaluation loop draws, over the networks vmapped on one device: with jax
-# 0.10.2 on CPU, multi-layer GD-form transformers scored vmapped returned the first network's risk for every
-# network at batches of 8000 and more (4096 with 68 networks); every batch up to 5000 was right. The cause is
-# XLA CPU's YNNPACK library fusion (on by default): the smallest case found, a vmap over 24 networks of the
-# float64 sum of float32 squared errors at 10000 prompts, is wrong with it, right without it and right with
-# the sum in float32. The evaluation program is now compiled without it (NO_LIBRARY_FUSION); the bound stays
-# because it sets the prompts a key gives, and so every committed number.
+# the most prompts one round of the evaluation loop draws, over the networks vmapped on one device: a memory
+# bound only. It groups whole draw blocks (``montecarlo.DRAW_BLOCK``; at least one block per round, so more
+# than MAX_BATCH // DRAW_BLOCK networks on one device exceed it) and never changes the prompts a key gives.
+# History: with jax 0.10.2 on CPU, multi-layer GD-form transformers scored vmapped returned the first network's
+# risk for every network at batches of 8000 and more (4096 with 68 networks); every batch up to 5000 was right.
+# The cause is XLA CPU's YNNPACK library fusion (on by default): the smallest case found, a vmap over 24
+# networks of the float64 sum of float32 squared errors at 10000 prompts, is wrong with it, right without it
+# and right with the sum in float32. The evaluation program is compiled without it (NO_LIBRARY_FUSION).
 MAX_BATCH = 12_288
 # XLA options of the evaluation program on CPU: no YNNPACK library fusion (see MAX_BATCH)
 NO_LIBRARY_FUSION = {"xla_cpu_experimental_ynn_fusion_type": ""}
@@ -46,15 +46,20 @@ def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: 
     the variation of the test set, while comparisons within a seed stay paired. Points whose keys are equal
     form one random stream (a block of them shares each draw). Prompts have n active pairs in max(ns) slots;
     Gram draws where ``gram.uses_gram``. The points are laid out in blocks over ``devices`` (default
-    ``jax.devices()``) as training lays out points of one seed. The prompts a key gives depend on
-    ``batch_size`` and on how many networks share a device (at most ``MAX_BATCH`` networks x prompts per
-    batch), so compare points scored in one call.
+    ``jax.devices()``) as training lays out points of one seed.
+
+    The prompts a key gives are the first ``num_prompts`` of its fixed draw blocks (``montecarlo``: block b
+    from fold_in(key, b), the last block masked): they do not depend on ``batch_size``, on how many
+    networks share a device (at most ``MAX_BATCH`` networks x prompts per round, in whole blocks), on the
+    device count or the process count, so a network scored alone, inside a sweep or on another machine
+    gets the same numbers, and a smaller ``num_prompts`` scores a prefix of a larger one's prompts.
     """
     design_list, ns = layout.as_list(designs), check.int_list("n", layout.as_list(ns))
-    check.model_for(model, design_list, "evaluate", needs_dtype=True)
+    protocols.check_sweep(model, design_list, "evaluate")  # the door: named errors
     n_slots = max(ns)
     for d in design_list:
         _check_n(d, n_slots)
+    num_prompts = check.positive_int("num_prompts", num_prompts)
     check.positive_int("batch_size", batch_size)
     gram = uses_gram(model, design_list, n_slots, sampler)
     check.padding(model, ns, gram, "evaluate_sweep")
@@ -68,17 +73,17 @@ def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: 
     streams = np.zeros(count, int) if rows is None else np.unique(rows, axis=0, return_inverse=True)[1].ravel()[sk]
     plan = layout.plan(streams, devices)
     networks = plan.blocks.size // len(plan.devices)  # networks vmapped together on one device
-    chunks, batch = _chunks(num_prompts, max(1, min(batch_size, MAX_BATCH // networks)))
+    group = montecarlo.group_size(num_prompts, min(batch_size, MAX_BATCH // networks))  # memory only
     split = layout.split_design(jax.tree_util.tree_map(lambda a: np.asarray(a)[di], stack(design_list)))
-    program = _compiled_evaluation(model, n_slots, batch, gram, plan.devices, split.treedef, split.shared,
+    program = _compiled_evaluation(model, n_slots, group, gram, plan.devices, split.treedef, split.shared,
                                    rows is not None)
     b = plan.blocks
     flat = jax.tree_util.tree_map(lambda a: np.asarray(a).reshape((count,) + np.shape(a)[3:])[b], params)
     keys = key if rows is None else jnp.asarray(rows[sk[b[:, 0]]])
     sums = program(flat, [a[b] for a in split.varying], split.common, jnp.asarray(np.asarray(ns)[nj][b]), keys,
-                   jnp.asarray(chunks, jnp.int32))
+                   jnp.asarray(num_prompts, jnp.int32))
     total, total_sq = layout.gather(sums, plan, count)
-    mean, se = mean_and_se(total, total_sq, chunks * batch)
+    mean, se = montecarlo.estimate(total, total_sq, num_prompts)
     return np.reshape(np.asarray(mean), shape), np.reshape(np.asarray(se), shape)
 
 
@@ -110,8 +115,9 @@ def paired_risks(model, params, reference_params, design, n: int, keys, num_prom
     """Score networks against a reference on shared prompts, seed by seed (docs/theory.md §7: paired
     comparisons). ``params`` and ``reference_params``: two parameter sets of ``model`` with a leading seed
     axis [seeds, ...]; ``keys``: one per seed, [seeds, 2] uint32 (``sweeps.stream_keys``), and seed s's two
-    predictors see the ``num_prompts`` prompts of key s (``design.sample`` in ``model.dtype``, rounded up to
-    whole batches), the squared errors and their per-prompt differences summed in float64. One compiled
+    predictors see the same ``num_prompts`` prompts of key s (the referee's draw blocks, ``montecarlo``, in
+    ``model.dtype``; ``batch_size`` only groups blocks), the squared errors and their per-prompt differences
+    summed in float64. One compiled
     program, vmapped over seeds (for small models: the whole batch of every seed is in memory at once)."""
     n = check.positive_int("n", n)
     _check_n(design, n)
@@ -126,26 +132,30 @@ def paired_risks(model, params, reference_params, design, n: int, keys, num_prom
     rows = _key_data(keys, seeds, "keys")
     if rows.ndim != 2:
         raise ValueError(f"keys must be one key per seed, shape ({seeds}, 2) uint32 (sweeps.stream_keys); got one key")
-    chunks, batch = _chunks(num_prompts, batch_size)
-    dtype = getattr(model, "dtype", jnp.float32)
+    count = check.positive_int("num_prompts", num_prompts)
+    group = montecarlo.group_size(count, check.positive_int("batch_size", batch_size))
+    dtype = model.dtype
 
     @jax.jit
     def sums(params, reference_params, keys):
         def one(p, r, key):
-            def body(carry, k):
-                prompts = design.sample(k, batch, n, dtype)
-                ea = jnp.square(prompts.y_query - model.apply(p, prompts)).astype(jnp.float64)
-                eb = jnp.square(prompts.y_query - model.apply(r, prompts)).astype(jnp.float64)
-                dd = ea - eb
-                return carry + jnp.stack([jnp.sum(ea), jnp.sum(ea**2), jnp.sum(eb), jnp.sum(eb**2), jnp.sum(dd),
-                                          jnp.sum(dd**2)]), None
+            def errors(k):  # the referee's draw block of key k: the same prompts for both predictors
+                prompts = draw(design, k, montecarlo.DRAW_BLOCK, n, n, dtype, False)
+                ea = jnp.square(prompts.y_query - check.predictions(protocols.predict(model, p, prompts),
+                                                                      prompts.y_query, "paired_risks"))
+                eb = jnp.square(prompts.y_query - check.predictions(protocols.predict(model, r, prompts),
+                                                                      prompts.y_query, "paired_risks"))
+                return ea.astype(jnp.float64), eb.astype(jnp.float64)
 
-            return jax.lax.scan(body, jnp.zeros(6, jnp.float64), jax.random.split(key, chunks))[0]
+            out = []
+            for pick in (lambda a, b: a, lambda a, b: b, lambda a, b: a - b):
+                out.extend(montecarlo.block_sums(lambda k, pick=pick: pick(*errors(k)), key, count, group))
+            return jnp.stack(out)
 
         return jax.vmap(one)(params, reference_params, keys)
 
     out = np.asarray(sums(params, reference_params, jnp.asarray(rows)))
-    parts = [mean_and_se(out[:, 2 * i], out[:, 2 * i + 1], chunks * batch) for i in range(3)]
+    parts = [montecarlo.estimate(out[:, 2 * i], out[:, 2 * i + 1], count) for i in range(3)]
     return PairedRisks(*(np.asarray(a, np.float64) for part in parts for a in part))
 
 
@@ -185,17 +195,17 @@ def _library_fusion_off():
 
 
 @functools.lru_cache(maxsize=64)
-def _compiled_evaluation(model, n_slots: int, batch: int, gram: bool, devices: tuple, treedef, shared: tuple,
+def _compiled_evaluation(model, n_slots: int, group: int, gram: bool, devices: tuple, treedef, shared: tuple,
                          block_keys: bool = False):
-    """One jitted program per (model, n_slots, prompts per batch, sampler, devices, shared design leaves, one
-    key or a key per block): params, designs, ns, keys and the number of batches are arguments, so other
+    """One jitted program per (model, n_slots, draw blocks per round, sampler, devices, shared design leaves,
+    one key or a key per block): params, designs, ns, keys and the prompt count are arguments, so other
     sweeps of the same shape never recompile, whatever their prompt count (a validation set and a test set
-    share the program)."""
+    share the program where they group alike)."""
 
-    def point(params, varying, common, n, key, chunks):
+    def point(params, varying, common, n, key, count):
         design = layout.merge_design(treedef, shared, varying, common)
-        return risk_moments(lambda p: model.apply(params, p), design, n_slots, n, key, chunks, batch, model.dtype,
-                            gram)
+        return montecarlo.risk_sums(lambda p: protocols.predict(model, params, p), design, n_slots, n, key, count,
+                                    group, model.dtype, gram)
 
     options = _library_fusion_off() if devices[0].platform == "cpu" else None
     return layout.blocked(point, (MEMBER, MEMBER, None, MEMBER, BLOCK if block_keys else None, None), devices,

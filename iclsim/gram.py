@@ -10,13 +10,13 @@ engine uses: Gram prompts, or tokens drawn at n_slots and truncated to the last 
 from __future__ import annotations
 
 import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from iclsim import _validate as check
+from iclsim import protocols
 from iclsim.designs import GramPrompts, truncate_context
 from iclsim.rng import BatchShard, draw_many
 
@@ -36,7 +36,7 @@ def uses_gram(model, designs, n_slots: int, sampler: str = "auto") -> bool:
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
     design_list = list(designs) if isinstance(designs, (list, tuple, np.ndarray)) else [designs]
-    able = getattr(model, "reads_gram", False) and all(getattr(d, "has_context_law", False) for d in design_list)
+    able = protocols.reads_gram(model) and all(protocols.has_context_law(d) for d in design_list)
     if sampler == "gram" and not able:
         raise ValueError(f"sampler='gram' needs a model that reads only the context Gram matrix (LinearAttention, "
                          f"PGD, LoRA of them) and designs with i.i.d. pairs given the latent (IID with scalar "
@@ -153,7 +153,7 @@ def sample_gram(design, key, batch: int, n, n_slots: int, dtype=jnp.float32,
     factored (``GramPrompts``): L, the Bartlett factor / sqrt(n_slots), m and c = n / n_slots.
     With ``shard`` the batch is this device's rows of the batch of ``batch * shard.count``.
     """
-    if not getattr(design, "has_context_law", False):
+    if not protocols.has_context_law(design):
         raise ValueError(f"design {type(design).__name__} has no context law: its context pairs are not "
                          "i.i.d. given the latent (per-position noise or drift); draw tokens instead")
     check.positive_int("batch", batch)
@@ -178,14 +178,14 @@ def draw(design, key, batch: int, n, n_slots: int, dtype=jnp.float32, gram: bool
          shard: BatchShard | None = None):
     """A batch of prompts with n active context pairs in n_slots slots: GramPrompts when ``gram``,
     else tokens drawn at n_slots and truncated to the last n (``truncate_context``). With ``shard``
-    the batch is this device's rows of the batch of ``batch * shard.count`` (a design whose
-    ``sample`` takes no ``shard`` draws the whole batch and keeps its rows)."""
+    the batch is this device's rows of the batch of ``batch * shard.count`` (a design without
+    ``sample_shard``, ``protocols.draws_shards``, draws the whole batch and keeps its rows)."""
     if gram:
         return sample_gram(design, key, batch, n, n_slots, dtype, shard)
     if shard is None or shard.count == 1:
         prompts = design.sample(key, batch, n_slots, dtype)
-    elif "shard" in inspect.signature(design.sample).parameters:
-        prompts = design.sample(key, batch, n_slots, dtype, shard=shard)
+    elif protocols.draws_shards(design):
+        prompts = design.sample_shard(key, batch, n_slots, dtype, shard)
     else:
         full = design.sample(key, batch * shard.count, n_slots, dtype)
         start = jax.lax.axis_index(shard.axis_name) * batch

@@ -9,34 +9,30 @@ yhat = x^T W X^T y and, for H3 and WPGD, the per-position weights omega normalis
 |omega| = 1 (None for the uniform-weight models), that the weights implement on prompts with
 n_slots context slots (in a padded sweep, the padded length).
 No model has biases, so zero (padded) context tokens are inert: see ``truncate_context``.
+The models that read the context only through its Gram matrix implement ``apply_gram`` (the
+capability of ``protocols.GramModel``); ``Effective`` and ``normalise_omega`` live in ``protocols``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from iclsim import _validate as check
+from iclsim import protocols
 from iclsim.designs import GramPrompts, Prompts, tokens
+from iclsim.protocols import Effective, normalise_omega
 from iclsim.rng import normals
 
 __all__ = ["Params", "Effective", "normalise_omega", "context_gram", "LinearAttention", "H3", "PGD", "WPGD",
            "Ridge", "OLS", "GD", "Frozen", "LoRA", "LinearTransformer"]
 
 Params = dict[str, Any]
-
-
-class Effective(NamedTuple):
-    """What ``effective_pgd`` returns: the weighted-PGD predictor x^T W X^T (omega * y) a model
-    implements, W [d, d] and omega [n] per context position, or None where the weighting is uniform."""
-
-    W: jax.Array
-    omega: jax.Array | None
 
 
 def _normal_init(key, dtype, **specs) -> Params:
@@ -52,13 +48,6 @@ def _check_rank(rank, dim):
     if rank is not None and (isinstance(rank, bool) or type(rank).__name__ == "bool_"
                              or not isinstance(rank, numbers.Integral) or not 1 <= rank <= dim):
         raise ValueError(f"rank must be an integer in [1, {dim}] (at most dim) or None, got {rank!r}")
-
-
-def normalise_omega(W, omega):
-    """Move the scale of omega into W so that mean |omega| = 1."""
-    scale = jnp.mean(jnp.abs(omega))
-    scale = jnp.where(scale > 0, scale, 1.0)
-    return W * scale, omega / scale
 
 
 def _pgd_subspace_init(params: Params, d: int, output_column: bool) -> Params:
@@ -95,7 +84,6 @@ class LinearAttention:
     dim: int
     rank: int | None = None
     dtype: Any = jnp.float32
-    reads_gram = True  # sees the context only through S: trains on GramPrompts
     inert_padding = True  # no biases: a zero context token adds nothing to S
 
     def __post_init__(self):
@@ -114,6 +102,10 @@ class LinearAttention:
         """a = Wk Wq^T z_q [B, d+1], z_q = [x; 0]: the attention score of token z_i is a^T z_i."""
         zq = jnp.concatenate([x, jnp.zeros_like(x[:, :1])], axis=-1)
         return (zq @ params["Wq"]) @ params["Wk"].T
+
+    def apply_gram(self, params: Params, prompts: GramPrompts) -> jax.Array:
+        """``apply`` on GramPrompts: the model reads the context only through S (``protocols.GramModel``)."""
+        return self.apply(params, prompts)
 
     def apply(self, params: Params, prompts: Prompts | GramPrompts) -> jax.Array:
         if isinstance(prompts, GramPrompts):  # a^T S v from S's factors
@@ -225,7 +217,6 @@ class PGD:
     rank: int | None = None
     dtype: Any = jnp.float32
     inert_padding = True  # no biases: zero context tokens add nothing
-    reads_gram = True
 
     def __post_init__(self):
         check.positive_int("dim", self.dim)
@@ -243,6 +234,10 @@ class PGD:
 
     def effective_pgd(self, params: Params, n: int) -> Effective:
         return Effective(self.weight(params) / n, None)
+
+    def apply_gram(self, params: Params, prompts: GramPrompts) -> jax.Array:
+        """``apply`` on GramPrompts: the model reads the context only through S (``protocols.GramModel``)."""
+        return self.apply(params, prompts)
 
     def apply(self, params: Params, prompts: Prompts | GramPrompts) -> jax.Array:
         if isinstance(prompts, GramPrompts):
@@ -378,11 +373,12 @@ class LoRA:
 
     @property
     def inert_padding(self) -> bool:
-        return getattr(self.base, "inert_padding", False)
+        return protocols.inert_padding(self.base)
 
     @property
-    def reads_gram(self) -> bool:
-        return getattr(self.base, "reads_gram", False)
+    def apply_gram(self):
+        """``apply`` on GramPrompts where the base model reads only the Gram matrix, else None."""
+        return self.apply if protocols.reads_gram(self.base) else None
 
     def init(self, key) -> Params:
         shapes = {t: self.base_params.tree[t].shape for t in self.targets}
@@ -396,7 +392,7 @@ class LoRA:
         return merged
 
     def apply(self, params: Params, prompts: Prompts | GramPrompts) -> jax.Array:
-        return self.base.apply(self.merged(params), prompts)
+        return protocols.predict(self.base, self.merged(params), prompts)
 
     def effective_pgd(self, params: Params, n: int) -> Effective:
         return self.base.effective_pgd(self.merged(params), n)
@@ -451,8 +447,9 @@ class LinearTransformer:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
     @property
-    def reads_gram(self) -> bool:
-        return self.form == "gd"
+    def apply_gram(self):
+        """``apply`` on GramPrompts in the "gd" form (it reads the context only through S), else None."""
+        return self.apply if self.form == "gd" else None
 
     def init(self, key) -> Params:
         if self.form == "gd":

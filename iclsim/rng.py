@@ -6,17 +6,74 @@ normals by inversion as ``jax.random.normal``, uniforms as ``jax.random.uniform`
 step to one random-number kernel instead of one per ``jax.random`` call. With a ``BatchShard`` a
 draw of B rows is one device's rows of the draw of B * count rows (a batch split over devices sees
 exactly the prompts of the unsplit run).
+
+Named random streams: an experiment's prompt sets are keyed fold_in(PRNGKey(seed), stream) with a
+``Stream`` (``stream_key``, ``stream_keys``). Training splits PRNGKey(seed) into steps + 1 keys and
+fold_in(key, i) equals split(key, m)[i], so streams sit at the top of the uint32 range, where no
+training run reaches: test prompts never repeat a training step's.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import enum
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["BatchShard", "draw_many", "normals"]
+__all__ = ["BatchShard", "draw_many", "normals", "Stream", "reference_stream", "seed_keys", "stream_key",
+           "stream_keys"]
+
+
+@enum.unique
+class Stream(enum.IntEnum):
+    """The named random streams of fold_in(PRNGKey(seed), stream). The values are the offsets below
+    2**32 - 1 that the experiments used before the names, so every existing experiment key is unchanged."""
+
+    TEST = 2**32 - 1  # the test prompts of the risk-curve figures (fig2, lowrank, lora, h3_weighting, RAG/TFA)
+    DEPTH_TEST = 2**32 - 2  # pruning_depth: each network's test prompts
+    TRAJECTORY_TEST = 2**32 - 3  # trajectory: the test prompts shared by every depth
+    VALIDATION = 2**32 - 4  # pruning_search: the validation prompts that choose a pruning
+    SEARCH_TEST = 2**32 - 5  # pruning_search: the test prompts that score the chosen pruning
+    NULL = 2**32 - 6  # pruning_search: the prompts of the null (untuned) comparison
+    ONE_LAYER_TEST = 2**32 - 7  # pruning_one_layer: the test prompts
+    REFERENCE = 2**32 - 12  # trajectory: the 1-step GD reference; L steps use REFERENCE - L + 1 (``reference_stream``)
+
+
+# the most steps a reference stream may count down: far below REFERENCE, far above any training step index
+MAX_REFERENCE_STEPS = 2**16
+
+
+def reference_stream(steps: int) -> int:
+    """The stream of the multi-step GD reference of ``steps`` steps (trajectory's theory line):
+    TEST - 10 - steps = 2**32 - 11 - steps, as before the names (``Stream.REFERENCE`` is steps = 1)."""
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or not 1 <= steps <= MAX_REFERENCE_STEPS:
+        raise ValueError(f"steps must be an integer in [1, {MAX_REFERENCE_STEPS}], got {steps!r}")
+    return int(Stream.REFERENCE) - int(steps) + 1
+
+
+def seed_keys(seeds) -> np.ndarray:
+    """jax.random.PRNGKey(s) for each seed, [len(seeds), 2] uint32, made on the host (threefry's seeding:
+    the high and low words of the int64 seed), so no seeding program is compiled."""
+    words = np.asarray(seeds, np.int64).astype(np.uint64)
+    return np.stack([words >> np.uint64(32), words & np.uint64(0xFFFFFFFF)], axis=-1).astype(np.uint32)
+
+
+def stream_keys(seeds: Sequence[int], stream: int = Stream.TEST) -> np.ndarray:
+    """fold_in(PRNGKey(s), stream) for each seed s, [seeds, 2] uint32: each network's own prompt set in the
+    named ``stream`` (a ``Stream``, or an integer in [0, 2**32 - 1])."""
+    from iclsim import _validate as check
+
+    seeds = check.seed_list("seeds", list(seeds) if isinstance(seeds, (list, tuple, np.ndarray)) else [seeds])
+    stream = check.integer("stream", int(stream) if isinstance(stream, Stream) else stream, 0, 2**32 - 1)
+    fold = jax.vmap(jax.random.fold_in, (0, None))  # keys made on the host as training makes them (any int64 seed)
+    return np.asarray(fold(jnp.asarray(seed_keys(seeds)), np.uint32(stream)))
+
+
+def stream_key(seed: int, stream: int = Stream.TEST) -> np.ndarray:
+    """fold_in(PRNGKey(seed), stream), [2] uint32: one seed's key in the named ``stream``."""
+    return stream_keys([seed], stream)[0]
 
 
 class BatchShard(NamedTuple):

@@ -9,27 +9,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iclsim import _validate as check
-from iclsim import evaluate, layout, quality, train
+from iclsim import evaluate, protocols, quality, train
 from iclsim._precision import float64
 from iclsim.bridge import effective, exact_risk
+from iclsim.rng import Stream
+from iclsim.rng import stream_keys as rng_stream_keys
 
 __all__ = ["TEST_STREAM", "stream_keys", "risk_curves", "worst", "worst_exact_gap"]
 
-# Experiments score on prompts keyed fold_in(PRNGKey(seed), TEST_STREAM). fold_in(key, i) equals
-# split(key, m)[i], and training splits PRNGKey(seed) into steps + 1 keys, so the stream is an index
-# no training run reaches: test prompts never repeat a training step's.
-TEST_STREAM = 2**32 - 1
+# Experiments score on prompts keyed fold_in(PRNGKey(seed), TEST_STREAM): the named stream ``rng.Stream.TEST``
+# (see ``rng``: no training run reaches it, so test prompts never repeat a training step's).
+TEST_STREAM = Stream.TEST
 
 
 def stream_keys(seeds: Sequence[int], stream: int = TEST_STREAM) -> np.ndarray:
-    """fold_in(PRNGKey(s), stream) for each seed s, [seeds, 2] uint32: each network's own prompt set, the
-    key per seed ``evaluate.evaluate_sweep`` takes (an interval over seeds then contains the variation
-    of the prompt set)."""
-    seeds = check.seed_list("seeds", layout.as_list(seeds))
-    stream = check.integer("stream", stream, 0, 2**32 - 1)
-    fold = jax.vmap(jax.random.fold_in, (0, None))  # keys made on the host as training makes them (any int64 seed)
-    return np.asarray(fold(jnp.asarray(layout.seed_keys(seeds)), np.uint32(stream)))
+    """fold_in(PRNGKey(s), stream) for each seed s, [seeds, 2] uint32 (``rng.stream_keys``): each network's own
+    prompt set, the key per seed ``evaluate.evaluate_sweep`` takes (an interval over seeds then contains the
+    variation of the prompt set)."""
+    return rng_stream_keys(seeds, stream)
 
 
 @float64
@@ -64,7 +61,7 @@ def risk_curves(models: Mapping[str, tuple], designs: Mapping[str, object], ns: 
                            "final_loss": float(np.mean(fitted.losses[i, j, k, -100:])),
                            # the quality gate: within 10% (+ 4 Monte Carlo SE) of the closed-form reference
                            "passed": bool(quality.gate(float(risk[i, j, k]), L, se=float(se[i, j, k])))}
-                    if hasattr(model, "effective_pgd"):
+                    if protocols.implements_pgd(model):
                         p = jax.tree_util.tree_map(lambda a: a[i, j, k], fitted.params)
                         W, omega = effective(model, p, n, n_slots)
                         if optimum is not None:

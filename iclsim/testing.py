@@ -194,36 +194,23 @@ def _unchecked_predict(predictor) -> tuple[Callable, Any]:
 
 def monte_carlo(statistic: Callable, design, n: int, key=None, num_prompts: int = 100_000,
                 batch_size: int = 10_000, dtype=jnp.float64) -> tuple[float, float]:
-    """(mean, standard error) of a per-prompt statistic(prompts) -> [B] over num_prompts fresh
-    prompts (rounded up to whole batches) drawn with ``design.sample`` in ``dtype``; sums in float64."""
+    """(mean, standard error) of a per-prompt statistic(prompts) -> [B] over exactly num_prompts fresh
+    prompts drawn with ``design.sample`` in ``dtype`` (``montecarlo.mean``); sums in float64."""
     mean, se, _ = _monte_carlo(statistic, design, n, key, num_prompts, batch_size, dtype)
     return mean, se
 
 
 def _monte_carlo(statistic, design, n, key, num_prompts, batch_size, dtype) -> tuple[float, float, int]:
-    """``monte_carlo`` and the number of prompts drawn (num_prompts rounded up to whole batches)."""
+    """``monte_carlo`` and the number of prompts drawn (exactly num_prompts: the referee masks the tail)."""
     if isinstance(num_prompts, bool) or not isinstance(num_prompts, (int, np.integer)) or num_prompts < 2:
         raise ValueError(f"num_prompts must be an integer >= 2, got {num_prompts!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
     key = jax.random.PRNGKey(0) if key is None else key
-    batch = min(batch_size, num_prompts)
-    chunks = -(-num_prompts // batch)
-    with jax.enable_x64(True):
-        def body(carry, k):
-            s = statistic(design.sample(k, batch, n, dtype))
-            if jnp.shape(s) != (batch,):
-                raise ValueError(f"the statistic must give one value per prompt, shape ({batch},), got shape "
-                                 f"{tuple(jnp.shape(s))} (a predictor returning [B, 1] broadcasts to [B, B])")
-            s = s.astype(jnp.float64)
-            return (carry[0] + jnp.sum(s), carry[1] + jnp.sum(s**2)), None
+    from iclsim import montecarlo  # the one referee: fixed draw blocks, batch_size bounds memory only
 
-        zero = jnp.zeros((), jnp.float64)
-        total, total_sq = jax.jit(lambda k: jax.lax.scan(body, (zero, zero), jax.random.split(k, chunks))[0])(key)
-        count = chunks * batch
-        mean = float(total) / count
-        var = max(float(total_sq) / count - mean**2, 0.0) * count / (count - 1)
-    return mean, math.sqrt(var / count), count
+    mean, se = montecarlo.mean(statistic, design, n, key, int(num_prompts), int(batch_size), dtype)
+    return mean, se, int(num_prompts)
 
 
 def _expected(expected) -> tuple[float, float]:

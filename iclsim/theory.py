@@ -15,10 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from iclsim import _validate as check
-from iclsim import wishart
+from iclsim import montecarlo, wishart
 from iclsim._precision import float64
 from iclsim.designs import IID, RAG, Drift, Prompts, TaskFeatureAlignment, _check_n
-from iclsim.gram import draw
 
 __all__ = ["F64", "Optimum", "WeightedOptimum", "Moments", "pgd_moments", "pgd_risk", "attention_risk",
            "optimal_pgd", "rag_effective_risk", "effective_sample_multiplier", "iid_effective_n", "optimal_wpgd",
@@ -451,43 +450,28 @@ def ground_truth(design, n: int, key, num_prompts: int = 200_000, weights=None, 
 @float64
 def risk_moments(predict: Callable[[Prompts], jax.Array], design, n_slots: int, n, key, chunks: int,
                  batch: int, dtype, gram: bool = False) -> tuple[jax.Array, jax.Array]:
-    """Sum and sum of squares of (y - predict)^2 over chunks x batch fresh prompts with n active
-    context pairs in n_slots slots (``gram.draw``; pure and vmappable; n and chunks may be traced).
-    Chunk i draws from ``jax.random.fold_in(key, i)``: with JAX's default partitionable threefry (which
-    iclsim's own draws require, ``rng``) that is key i of ``jax.random.split(key, chunks)`` whatever chunks
-    is, so a traced chunk count gives the prompts a static split gives, and one program serves every count
-    (a traced count cannot be differentiated in reverse mode; nothing here needs to)."""
-
-    def body(i, carry):
-        p = draw(design, jax.random.fold_in(key, i), batch, n, n_slots, dtype, gram)
-        err = ((p.y_query - check.predictions(predict(p), p.y_query, "risk")) ** 2).astype(F64)
-        return carry[0] + jnp.sum(err), carry[1] + jnp.sum(err**2)
-
-    zero = jnp.zeros((), F64)
-    return jax.lax.fori_loop(0, chunks, body, (zero, zero))
+    """Sum and sum of squares of (y - predict)^2 over the first chunks x batch fresh prompts of ``key``
+    with n active context pairs in n_slots slots (``montecarlo.risk_sums``: fixed draw blocks, block b
+    from fold_in(key, b); ``batch`` only groups whole blocks, so the prompts do not depend on it). Pure and
+    vmappable; n and chunks may be traced (a traced count cannot be differentiated in reverse mode)."""
+    return montecarlo.risk_sums(predict, design, n_slots, n, key, chunks * batch,
+                                max(1, batch // montecarlo.DRAW_BLOCK), dtype, gram)
 
 
-@float64
 def mean_and_se(total, total_sq, count: int):
-    """Mean and standard error from a sum and a sum of squares over count samples."""
-    check.positive_int("count", count)
-    mean = total / count
-    var = (total_sq / count - mean**2) * count / max(count - 1, 1)
-    return mean, jnp.sqrt(jnp.clip(var, 0.0, None) / count)
+    """Mean and standard error from a sum and a sum of squares over count samples (``montecarlo.estimate``)."""
+    return montecarlo.estimate(total, total_sq, count)
 
 
 @float64
 def monte_carlo_risk(predict: Callable[[Prompts], jax.Array], design, n: int, key, num_prompts: int = 100_000,
                      batch_size: int = 10_000, dtype=F64):
-    """Monte Carlo risk of a predictor: (mean, standard error) of (y - predict(prompts))^2 over
-    num_prompts fresh prompts (rounded up to whole batches), sampled in ``dtype``."""
+    """Monte Carlo risk of a predictor: (mean, standard error) of (y - predict(prompts))^2 over exactly
+    num_prompts fresh prompts sampled in ``dtype`` (``montecarlo.risk``; ``batch_size`` bounds memory only)."""
     if not callable(predict):
         raise TypeError(f"predict must be a function of a Prompts batch, got {type(predict).__name__}")
     n = _sampled(design, n, "monte_carlo_risk")
-    chunks, batch = _chunks(num_prompts, batch_size)
-    total, total_sq = jax.jit(lambda k: risk_moments(predict, design, n, n, k, chunks, batch, dtype))(key)
-    mean, se = mean_and_se(total, total_sq, chunks * batch)
-    return float(mean), float(se)
+    return montecarlo.risk(predict, design, n, key, num_prompts, batch_size, dtype)
 
 
 def pgd_predict(W, weights=None) -> Callable[[Prompts], jax.Array]:
@@ -838,8 +822,8 @@ def bayes_risk(design: IID, n: int, key=None, num_draws: int = 20_000, batch_siz
     since x is independent of the context, L_Bayes = s_q^2 + E_X[tr(Sx Sigma_post(X))].
     Exact cases (se = 0): n = 0 gives s_q^2 + tr(Sx Sb); noiseless labels with n >= d give s_q^2
     (X has rank d almost surely, so beta is recovered). Otherwise the expectation over X has no
-    closed form and is a Monte Carlo average over num_draws draws of X (rounded up to whole
-    batches), returned with its standard error; float64 throughout.
+    closed form and is a Monte Carlo average over exactly num_draws draws of X (``montecarlo.block_sums``;
+    ``batch_size`` bounds memory only), returned with its standard error; float64 throughout.
     """
     if not isinstance(design, IID):
         raise TypeError(f"bayes_risk has a form for IID (Gaussian) designs, not {type(design).__name__}; "
@@ -855,30 +839,25 @@ def bayes_risk(design: IID, n: int, key=None, num_draws: int = 20_000, batch_siz
         return BayesRisk(sq2 + float(np.trace(Sx @ Sb)), 0.0)
     if n >= d and not np.any(noise):
         return BayesRisk(sq2, 0.0)
-    chunks, batch = _chunks(num_draws, batch_size)
-    if chunks * batch < 2:
+    num_draws = check.positive_int("num_draws", num_draws)
+    if num_draws < 2:
         raise ValueError(f"num_draws must be >= 2 for bayes_risk (one draw has no standard error), got {num_draws}")
-    check.memory(f"bayes_risk at n = {n}, dim = {d} ({batch} draws per batch)",
-                 8.0 * batch * (4 * n * n + 3 * n * d), "use a smaller n or batch_size")
+    group = montecarlo.group_size(num_draws, check.positive_int("batch_size", batch_size))
+    check.memory(f"bayes_risk at n = {n}, dim = {d} ({group * montecarlo.DRAW_BLOCK} draws per batch)",
+                 8.0 * group * montecarlo.DRAW_BLOCK * (4 * n * n + 3 * n * d), "use a smaller n or batch_size")
     key = jax.random.PRNGKey(0) if key is None else key
     with jax.enable_x64(True):
         lx = jnp.linalg.cholesky(jnp.asarray(Sx))
         Sb_j, Sx_j, D = jnp.asarray(Sb), jnp.asarray(Sx), jnp.diag(jnp.asarray(noise))
 
-        @jax.jit
-        def excess(keys):
-            def body(carry, k):
-                X = jax.random.normal(k, (batch, n, d), F64) @ lx.T
-                XSb = X @ Sb_j  # [B, n, d]
-                K = jnp.einsum("bnd,bmd->bnm", XSb, X) + D[None]
-                # tr(Sx Sigma_post) = tr(Sx Sb) - tr(Sx Sb X^T K^+ X Sb)
-                explained = jnp.einsum("bnd,bnm,bme,ed->b", XSb, jnp.linalg.pinv(K, hermitian=True), XSb, Sx_j)
-                r = jnp.trace(Sx_j @ Sb_j) - explained
-                return (carry[0] + jnp.sum(r), carry[1] + jnp.sum(r**2)), None
+        def excess(k):  # tr(Sx Sigma_post) of one draw block of X
+            X = jax.random.normal(k, (montecarlo.DRAW_BLOCK, n, d), F64) @ lx.T
+            XSb = X @ Sb_j  # [B, n, d]
+            K = jnp.einsum("bnd,bmd->bnm", XSb, X) + D[None]
+            # tr(Sx Sigma_post) = tr(Sx Sb) - tr(Sx Sb X^T K^+ X Sb)
+            explained = jnp.einsum("bnd,bnm,bme,ed->b", XSb, jnp.linalg.pinv(K, hermitian=True), XSb, Sx_j)
+            return jnp.trace(Sx_j @ Sb_j) - explained
 
-            zero = jnp.zeros((), F64)
-            return jax.lax.scan(body, (zero, zero), jax.random.split(keys, chunks))[0]
-
-        total, total_sq = excess(key)
-        mean, se = mean_and_se(total, total_sq, chunks * batch)
+        total, total_sq = jax.jit(lambda k: montecarlo.block_sums(excess, k, num_draws, group))(key)
+        mean, se = montecarlo.estimate(total, total_sq, num_draws)
         return BayesRisk(sq2 + float(mean), float(se))

@@ -26,7 +26,7 @@ import optax
 
 from iclsim import _validate as check
 from iclsim import cache as _cache
-from iclsim import layout
+from iclsim import layout, protocols
 from iclsim.designs import GramPrompts, Prompts, _check_n, stack
 from iclsim.gram import SAMPLERS, draw, uses_gram
 from iclsim.layout import BLOCK, MEMBER
@@ -49,6 +49,7 @@ class TrainConfig:
     multiple of the point's initial loss (for iclsim's small initialisations, about the risk of the
     zero predictor) or is not finite; None checks only finiteness.
     sampler: "auto", "gram" or "tokens" (``gram.uses_gram``).
+    dtype: must equal model.dtype, the one dtype prompts are drawn in (``fit_sweep`` raises ValueError otherwise).
     """
 
     steps: int = 4000
@@ -108,7 +109,7 @@ class FitResult(NamedTuple):
 
 def squared_loss(model, params, prompts: Prompts | GramPrompts) -> jax.Array:
     """Mean of (y - model(prompts))^2 over the batch; predictions must be [B] (``_validate.predictions``)."""
-    pred = check.predictions(model.apply(params, prompts), prompts.y_query, "training loss")
+    pred = check.predictions(protocols.predict(model, params, prompts), prompts.y_query, "training loss")
     return jnp.mean((prompts.y_query - pred) ** 2)
 
 
@@ -146,7 +147,7 @@ def fit_sweep(model, designs, ns: Sequence[int], seeds: Sequence[int], config: T
 def _fit_sweep(model, designs, ns, seeds, config, loss_fn, devices, cache) -> FitResult:
     design_list = layout.as_list(designs)
     ns, seeds = check.int_list("n", layout.as_list(ns)), check.seed_list("seeds", layout.as_list(seeds))
-    check.model_for(model, design_list, "fit_sweep")
+    protocols.check_sweep(model, design_list, "fit_sweep", config.dtype)  # the door; model.dtype is the one dtype
     n_slots = max(ns)
     for d in design_list:
         _check_n(d, n_slots)

@@ -23,8 +23,10 @@ def test_linear_attention_is_pgd_with_hand_built_weights(prompts):
     rng = np.random.default_rng(0)
     A = rng.normal(size=(D, D))
     model = models.LinearAttention(D, dtype=F64)
-    Wq = np.zeros((D + 1, D + 1)); Wq[:D, :D] = A
-    Wv = np.zeros((D + 1, D + 1)); Wv[D, D] = 2.5
+    Wq = np.zeros((D + 1, D + 1))
+    Wq[:D, :D] = A
+    Wv = np.zeros((D + 1, D + 1))
+    Wv[D, D] = 2.5
     params = {"Wq": jnp.asarray(Wq), "Wk": jnp.eye(D + 1, dtype=F64), "Wv": jnp.asarray(Wv)}
     W, omega = model.effective_pgd(params, N)
     assert omega is None  # uniform weights
@@ -37,8 +39,10 @@ def test_linear_attention_rank_and_label_key_path(prompts, key):
     model = models.LinearAttention(D, dtype=F64)
     rng = np.random.default_rng(1)
     q12, p_x = rng.normal(size=D), rng.normal(size=D)
-    Q = np.zeros((D + 1, D + 1)); Q[:D, D] = q12
-    Wv = np.zeros((D + 1, D + 1)); Wv[:D, D] = p_x
+    Q = np.zeros((D + 1, D + 1))
+    Q[:D, D] = q12
+    Wv = np.zeros((D + 1, D + 1))
+    Wv[:D, D] = p_x
     params = {"Wq": jnp.asarray(Q), "Wk": jnp.eye(D + 1, dtype=F64), "Wv": jnp.asarray(Wv)}
     assert_close(model.apply(params, prompts), theory.pgd_predict(model.effective_pgd(params, N).W)(prompts),
                  rtol=1e-11, atol=1e-12)
@@ -53,10 +57,14 @@ def test_h3_is_wpgd_with_hand_built_weights(filter_kind, key):
     model = models.H3(D, N, channels=4, filter=filter_kind, dtype=F64)
     rng = np.random.default_rng(2)
     params = model.init(key)
-    Wq = np.zeros((D + 1, 4)); Wq[:D] = rng.normal(size=(D, 4))
-    Wk = np.zeros((D + 1, 4)); Wk[:D] = rng.normal(size=(D, 4))
-    Wv = np.zeros((D + 1, 4)); Wv[D] = 1.0  # v_i = y_i in every channel
-    shift = np.zeros((4, model.shift_size)); shift[:, 0] = 1.0
+    Wq = np.zeros((D + 1, 4))
+    Wq[:D] = rng.normal(size=(D, 4))
+    Wk = np.zeros((D + 1, 4))
+    Wk[:D] = rng.normal(size=(D, 4))
+    Wv = np.zeros((D + 1, 4))
+    Wv[D] = 1.0  # v_i = y_i in every channel
+    shift = np.zeros((4, model.shift_size))
+    shift[:, 0] = 1.0
     params.update(Wq=jnp.asarray(Wq), Wk=jnp.asarray(Wk), Wv=jnp.asarray(Wv), shift=jnp.asarray(shift),
                   w_o=jnp.asarray(rng.normal(size=4)))
     if filter_kind == "free":

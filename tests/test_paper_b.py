@@ -545,7 +545,8 @@ def test_paired_risks_resolve_the_exact_difference_of_two_gd_networks(key):
     design, n, seeds = IID(5, noise_var=0.1), 20, [3, 4, 5]
     model = models.LinearTransformer(5, 2)
     a_steps, b_steps = np.array([0.5163, 1.2364]), np.array([0.5163, 1.2364 * 1.05])
-    stack = lambda p: jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (len(seeds),) + x.shape), p)
+    def stack(p):
+        return jax.tree_util.tree_map(lambda x: jnp.broadcast_to(x, (len(seeds),) + x.shape), p)
     pr = evaluate.paired_risks(model, stack(model.steps_params(b_steps)), stack(model.steps_params(a_steps)),
                                design, n, sweeps.stream_keys(seeds, 7), 100_000)
     exact_a = theory.multistep_gd_risk(design, n, a_steps)[0]

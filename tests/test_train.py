@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import iclsim.evaluate as evaluation
-from iclsim import IID, cache, layout, models, sweeps, theory, train
+from iclsim import IID, cache, layout, models, montecarlo, sweeps, theory, train
 from iclsim.evaluate import evaluate, evaluate_sweep
 from iclsim.gram import draw
 from tests.tolerance import TRAINED_EXACT_GAP, TRAINED_W_REL_LONG, assert_close, assert_within_se
@@ -217,11 +217,12 @@ def test_sharded_evaluation_equals_one_device_evaluation():
 
 
 def test_one_evaluation_program_serves_every_prompt_count():
-    """The number of prompt batches is an argument of the evaluation program, not part of it: scoring the same
-    sweep on 3000 and on 7000 prompts (a validation and a test set) traces and compiles one program, and each
-    count's risks equal those of the prompts drawn with a static split of the key (the scan the program
-    replaced; to float32 rounding: one network alone against two vmapped). Planted bugs caught: the count back
-    in the program's cache key (two programs), batch i drawn from key i + 1 (other prompts)."""
+    """The prompt count is an argument of the evaluation program, not part of it: scoring the same sweep on
+    3000 and on 7000 prompts (a validation and a test set) traces and compiles one program, and each count's
+    risks equal those of the key's fixed draw blocks (``montecarlo``: block b from fold_in(key, b)) computed
+    here one block at a time (to float32 rounding: one network alone against two vmapped). Planted bugs
+    caught: the count back in the program's cache key (two programs), block b drawn from key b + 1 (other
+    prompts)."""
     model, design = models.LinearAttention(3), IID(3, noise_var=0.3)
     fitted = train.fit_sweep(model, design, [4], [0, 1], CFG)
     key = jax.random.PRNGKey(8)
@@ -229,23 +230,23 @@ def test_one_evaluation_program_serves_every_prompt_count():
     scores = {num: evaluate_sweep(model, fitted.params, design, [4], key, num, 1000, devices=jax.devices()[:1])
               for num in (3000, 7000)}
     assert evaluation._compiled_evaluation.cache_info().currsize == 1
-    program = evaluation._compiled_evaluation(model, 4, 1000, False, tuple(jax.devices()[:1]), *_split_of(design),
-                                              False)
+    group = 1000 // montecarlo.DRAW_BLOCK  # draw blocks per round at batch_size 1000
+    evaluation._compiled_evaluation(model, 4, group, False, tuple(jax.devices()[:1]), *_split_of(design), False)
     assert evaluation._compiled_evaluation.cache_info().currsize == 1  # the program both calls used
-    assert program.__wrapped__._cache_size() == 1  # traced and compiled once
     with jax.enable_x64(True):
         for num, (risk, _) in scores.items():
             for s in range(2):
                 params = jax.tree_util.tree_map(lambda a: a[0, 0, s], fitted.params)
 
-                def static_scan(k):
-                    def body(carry, kk):
-                        p = draw(design, kk, 1000, 4, 4, jnp.float32, False)
+                def block_by_block(k):
+                    def body(carry, b):
+                        p = draw(design, jax.random.fold_in(k, b), montecarlo.DRAW_BLOCK, 4, 4, jnp.float32, False)
                         err = ((p.y_query - model.apply(params, p)) ** 2).astype(jnp.float64)
                         return carry + jnp.sum(err), None
-                    return jax.lax.scan(body, jnp.zeros((), jnp.float64), jax.random.split(k, num // 1000))[0]
+                    blocks = jnp.arange(num // montecarlo.DRAW_BLOCK)
+                    return jax.lax.scan(body, jnp.zeros((), jnp.float64), blocks)[0]
 
-                assert_close(risk[0, 0, s], float(jax.jit(static_scan)(key)) / num, rtol=1e-6, name=f"{num} prompts")
+                assert_close(risk[0, 0, s], float(jax.jit(block_by_block)(key)) / num, rtol=1e-6, name=f"{num} prompts")
 
 
 def _split_of(design):

@@ -1,0 +1,141 @@
+"""The Monte Carlo referee: the one place where fresh prompts (or other draws) are made from a key and
+a per-draw statistic is summed into an ``Estimate(mean, se)`` (docs/theory.md §7).
+
+Draws come in fixed draw blocks of ``DRAW_BLOCK``: block b is drawn from ``jax.random.fold_in(key, b)``
+and a count of N draws is the first N draws of blocks 0, 1, ... (the tail of the last block is masked
+out). Memory batching only groups whole blocks (``group`` blocks per loop round, vmapped), and the
+sums are accumulated block by block in block order, so the draws a key gives and the float64 sums
+over them do not depend on the batch size, on how many networks share a device, on the device count
+or on the process count: the same network scored alone or inside a sweep sees the same prompts.
+A smaller count is a prefix of a larger one (the first N draws of the same key).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from iclsim import _validate as check
+from iclsim._precision import float64
+from iclsim.gram import draw
+from iclsim.protocols import Estimate
+
+__all__ = ["DRAW_BLOCK", "Estimate", "blocks", "group_size", "block_sums", "risk_sums", "estimate", "mean",
+           "risk"]
+
+F64 = jnp.float64
+
+# draws per block: the unit a key's stream is cut into (block b from fold_in(key, b)). Part of the definition
+# of every Monte Carlo number, so never tie it to memory: change it and every estimate moves (at the Monte
+# Carlo level).
+DRAW_BLOCK = 250
+
+
+def blocks(count):
+    """Draw blocks holding ``count`` draws: ceil(count / DRAW_BLOCK) (count may be traced)."""
+    return (count + DRAW_BLOCK - 1) // DRAW_BLOCK
+
+
+def group_size(count: int, batch_size: int) -> int:
+    """Blocks per loop round for at most ``batch_size`` draws per round: floor(batch_size / DRAW_BLOCK),
+    at least one and at most the blocks ``count`` needs. Grouping changes memory and speed only."""
+    return max(1, min(int(batch_size) // DRAW_BLOCK, int(blocks(int(count)))))
+
+
+def block_sums(values: Callable, key, count, group: int = 1):
+    """(sum, sum of squares) in float64 of the first ``count`` draws of the block stream of ``key``:
+    ``values(key_b) -> [DRAW_BLOCK]`` is the statistic of block b's draws, key_b = fold_in(key, b).
+
+    ``group`` blocks are drawn per loop round (vmapped over their keys); each block is summed on its own
+    and the block sums are added in block order, so the result is the same for every ``group``. Pure,
+    vmappable; ``count`` may be traced (a traced loop bound: not reverse-differentiable)."""
+    group = check.positive_int("group", group)
+    count = jnp.asarray(count)
+    index = count.dtype  # one integer type throughout (strict dtype promotion)
+    rounds = (blocks(count) + group - 1) // group
+    offsets = jnp.arange(DRAW_BLOCK, dtype=index)
+
+    def round_(r, carry):
+        ids = r * group + jnp.arange(group, dtype=index)
+        vals = jax.vmap(lambda b: values(jax.random.fold_in(key, b)))(ids).astype(F64)  # [group, DRAW_BLOCK]
+        vals = jnp.where(ids[:, None] * DRAW_BLOCK + offsets[None, :] < count, vals, 0.0)
+        # the squares materialised before they are added: fused, a square and an add may become one
+        # fused multiply-add in some groupings and not others (measured: sums of squares one ulp apart)
+        sums, squares = _pairwise_sum(vals), _pairwise_sum(jax.lax.optimization_barrier(vals**2))
+        # block by block, in order: the same additions whatever the grouping
+        return jax.lax.fori_loop(0, group, lambda j, c: (c[0] + sums[j], c[1] + squares[j]), carry)
+
+    zero = jnp.zeros((), F64)
+    return jax.lax.fori_loop(0, rounds, round_, (zero, zero))
+
+
+def _pairwise_sum(vals):
+    """Sums over the last axis as a fixed tree of elementwise additions (zero-padded to a power of two,
+    halved until one column is left): the same additions whatever the leading shape, where XLA's
+    reductions may vectorise a [group, DRAW_BLOCK] sum differently for different groups (measured: one
+    ulp apart)."""
+    width = 1 << (vals.shape[-1] - 1).bit_length()
+    vals = jnp.pad(vals, [(0, 0)] * (vals.ndim - 1) + [(0, width - vals.shape[-1])])
+    while width > 1:
+        width //= 2
+        vals = vals[..., :width] + vals[..., width:]
+    return vals[..., 0]
+
+
+def risk_sums(predict: Callable, design, n_slots: int, n, key, count, group: int, dtype, gram: bool = False):
+    """``block_sums`` of the squared error (y - predict(prompts))^2 on prompts with n active context pairs
+    in n_slots slots (``gram.draw``: Gram draws where ``gram``), drawn in ``dtype``. n may be traced."""
+
+    def values(k):
+        p = draw(design, k, DRAW_BLOCK, n, n_slots, dtype, gram)
+        return (p.y_query - check.predictions(predict(p), p.y_query, "risk")) ** 2
+
+    return block_sums(values, key, count, group)
+
+
+@float64
+def estimate(total, total_sq, count) -> Estimate:
+    """The Estimate from a sum and a sum of squares over ``count`` draws: the mean and the standard error
+    sqrt(s^2 / count) with the unbiased sample variance s^2."""
+    count = check.positive_int("count", count)
+    mean_ = total / count
+    var = (total_sq / count - mean_**2) * count / max(count - 1, 1)
+    return Estimate(mean_, jnp.sqrt(jnp.clip(var, 0.0, None) / count))
+
+
+@float64
+def mean(statistic: Callable, design, n: int, key, num_prompts: int = 100_000, batch_size: int = 10_000,
+         dtype=F64, n_slots: int | None = None, gram: bool = False) -> Estimate:
+    """Estimate of E[statistic(prompts)] from ``num_prompts`` fresh prompts of ``design`` with n context
+    pairs (in n_slots slots, default n; ``gram.draw``) drawn in ``dtype``; statistic maps a Prompts batch
+    to one value per prompt [B]. Exactly ``num_prompts`` prompts (the last block masked), at most
+    ``batch_size`` per round (rounded down to whole blocks, at least one); sums in float64."""
+    num_prompts = check.positive_int("num_prompts", num_prompts)
+    check.positive_int("batch_size", batch_size)
+    if not callable(statistic):
+        raise TypeError(f"statistic must be a function of a Prompts batch, got {type(statistic).__name__}")
+    n_slots = n if n_slots is None else n_slots
+    group = group_size(num_prompts, batch_size)
+
+    def values(k):
+        s = statistic(draw(design, k, DRAW_BLOCK, n, n_slots, dtype, gram))
+        if jnp.shape(s) != (DRAW_BLOCK,):
+            raise ValueError(f"the statistic must give one value per prompt, shape ({DRAW_BLOCK},) for a block of "
+                             f"{DRAW_BLOCK}, got shape {tuple(jnp.shape(s))} (a predictor returning [B, 1] "
+                             "broadcasts to [B, B])")
+        return s
+
+    total, total_sq = jax.jit(lambda k: block_sums(values, k, num_prompts, group))(key)
+    m, se = estimate(total, total_sq, num_prompts)
+    return Estimate(float(m), float(se))
+
+
+def risk(predict: Callable, design, n: int, key, num_prompts: int = 100_000, batch_size: int = 10_000,
+         dtype=F64) -> Estimate:
+    """Estimate of the risk E[(y - predict(prompts))^2] on fresh prompts (``mean``)."""
+    if not callable(predict):
+        raise TypeError(f"predict must be a function of a Prompts batch, got {type(predict).__name__}")
+    return mean(lambda p: (p.y_query - predict(p)) ** 2, design, n, key, num_prompts, batch_size, dtype)
+

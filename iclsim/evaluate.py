@@ -59,7 +59,7 @@ def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: 
     n_slots = max(ns)
     for d in design_list:
         _check_n(d, n_slots)
-    num_prompts = check.positive_int("num_prompts", num_prompts)
+    num_prompts = montecarlo.check_count("num_prompts", num_prompts)
     check.positive_int("batch_size", batch_size)
     gram = uses_gram(model, design_list, n_slots, sampler)
     check.padding(model, ns, gram, "evaluate_sweep")
@@ -132,7 +132,7 @@ def paired_risks(model, params, reference_params, design, n: int, keys, num_prom
     rows = _key_data(keys, seeds, "keys")
     if rows.ndim != 2:
         raise ValueError(f"keys must be one key per seed, shape ({seeds}, 2) uint32 (sweeps.stream_keys); got one key")
-    count = check.positive_int("num_prompts", num_prompts)
+    count = montecarlo.check_count("num_prompts", num_prompts)
     group = montecarlo.group_size(count, check.positive_int("batch_size", batch_size))
     dtype = model.dtype
 

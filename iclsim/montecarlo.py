@@ -22,7 +22,7 @@ from iclsim._precision import float64
 from iclsim.gram import draw
 from iclsim.protocols import Estimate
 
-__all__ = ["DRAW_BLOCK", "Estimate", "blocks", "group_size", "block_sums", "risk_sums", "estimate", "mean",
+__all__ = ["DRAW_BLOCK", "MAX_BLOCKS", "Estimate", "check_count", "blocks", "group_size", "block_sums", "risk_sums", "estimate", "mean",
            "risk"]
 
 F64 = jnp.float64
@@ -31,6 +31,19 @@ F64 = jnp.float64
 # of every Monte Carlo number, so never tie it to memory: change it and every estimate moves (at the Monte
 # Carlo level).
 DRAW_BLOCK = 250
+
+
+MAX_BLOCKS = 2**31 - 1  # the block index is an int32 loop counter
+
+
+def check_count(name: str, count) -> int:
+    """``count`` as a positive int whose draw blocks fit the int32 block index; a ValueError naming
+    ``name`` otherwise (a count of 1e15 would otherwise run, effectively forever, or wrap)."""
+    count = check.positive_int(name, count)
+    if blocks(count) > MAX_BLOCKS:
+        raise ValueError(f"{name} = {count} is {blocks(count)} draw blocks of {DRAW_BLOCK}: at most {MAX_BLOCKS} "
+                         f"blocks ({MAX_BLOCKS * DRAW_BLOCK} draws); use fewer")
+    return count
 
 
 def blocks(count):
@@ -112,7 +125,7 @@ def mean(statistic: Callable, design, n: int, key, num_prompts: int = 100_000, b
     pairs (in n_slots slots, default n; ``gram.draw``) drawn in ``dtype``; statistic maps a Prompts batch
     to one value per prompt [B]. Exactly ``num_prompts`` prompts (the last block masked), at most
     ``batch_size`` per round (rounded down to whole blocks, at least one); sums in float64."""
-    num_prompts = check.positive_int("num_prompts", num_prompts)
+    num_prompts = check_count("num_prompts", num_prompts)
     check.positive_int("batch_size", batch_size)
     if not callable(statistic):
         raise TypeError(f"statistic must be a function of a Prompts batch, got {type(statistic).__name__}")
@@ -137,5 +150,6 @@ def risk(predict: Callable, design, n: int, key, num_prompts: int = 100_000, bat
     """Estimate of the risk E[(y - predict(prompts))^2] on fresh prompts (``mean``)."""
     if not callable(predict):
         raise TypeError(f"predict must be a function of a Prompts batch, got {type(predict).__name__}")
-    return mean(lambda p: (p.y_query - predict(p)) ** 2, design, n, key, num_prompts, batch_size, dtype)
+    return mean(lambda p: (p.y_query - check.predictions(predict(p), p.y_query, "risk")) ** 2, design, n, key,
+                num_prompts, batch_size, dtype)
 

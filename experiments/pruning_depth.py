@@ -151,6 +151,10 @@ def _by_base(rows, setting, values_of, supports_if_positive=True) -> dict:
     return out
 
 
+def _median_or_none(values):
+    return round(float(np.median(values)), 4) if values else None
+
+
 def _correlation(x, y) -> float | None:
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if x.size < 3 or np.std(x) == 0 or np.std(y) == 0:
@@ -168,6 +172,13 @@ def summary(rows):
                        for st in settings}
     out["controls"] = {st: {op: _by_base(rows, st, lambda b, st=st, op=op: per_seed_contrast(rows, st, b, op).values())
                             for op in OPS if op != "svd"} for st in settings}
+    # the relative change of every operation per layer and kept rank: [median base A, median base B]
+    out["per_layer_median_A_B"] = {
+        st: {op: {f"layer {l}": {("all" if k is None else f"rank {k}"): [
+            _median_or_none([r["relative_change"] for r in _passing(rows, st, b)
+                             if r["op"] == op and r["layer"] == l and r.get("rank") == k]) for b in ("A", "B")]
+            for k in sorted({r.get("rank") for r in rows if r["op"] == op}, key=lambda k: -1 if k is None else k)}
+            for l in sorted({r["layer"] for r in rows if r["op"] == op})} for op in OPS} for st in settings}
     # the oracle against the unpruned network (negative: re-tuned steps do better)
     out["oracle_relative_change"] = {
         st: {b: _median([r["relative_change"] for r in _passing(rows, st, b) if r["op"] == "oracle"])

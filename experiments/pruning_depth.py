@@ -209,12 +209,20 @@ def _short(verdict: str) -> str:
 
 
 def _plain_ticks(axis):
-    """Log axis ticks as plain numbers (1.5, 2, 3), not 2 x 10^0."""
-    from matplotlib.ticker import ScalarFormatter
-    for setter in (axis.set_major_formatter, axis.set_minor_formatter):
-        fmt = ScalarFormatter()
-        fmt.set_scientific(False)
-        setter(fmt)
+    """Log axis ticks as plain numbers (1.5, 2, 3), not 2 x 10^0; over more than a factor 10, majors at 1, 2, 5
+    times powers of 10 and unlabelled minors (call after the data are drawn: it reads the axis limits)."""
+    from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
+    low, high = axis.get_view_interval()
+    wide = high / max(low, 1e-300) > 10
+    if wide:
+        axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    for setter, labelled in ((axis.set_major_formatter, True), (axis.set_minor_formatter, not wide)):
+        if labelled:
+            fmt = ScalarFormatter()
+            fmt.set_scientific(False)
+            setter(fmt)
+        else:
+            setter(NullFormatter())
 
 
 def _point_colours(orders, L):
@@ -257,7 +265,7 @@ def plot(rows, s):
         ax.set_xticks(layers)
         ax.set_xlabel("operated layer")
         ax.set_ylabel("risk / unpruned risk (log)")
-        ax.set_title(f"{st}: median over passing seeds, order-statistic intervals", fontsize=9)
+        ax.set_title(f"{st}: median over passing seeds of both bases", fontsize=9)
         ax.legend(fontsize=7)
         # row 2: per-seed shallow - deep contrast of svd and each control, coloured by the step layer 1 holds
         ax = axes[1, j]
@@ -307,5 +315,5 @@ EXPERIMENT = Experiment(
     name="pruning_depth", title="Paper B (ii): pruning deep vs shallow layers, with controls and mechanism",
     settings={**_paper_b.RECIPE, **_paper_b.SHIFTS, "seeds": _paper_b.SEEDS_PER_BASE, "ranks": [1, 2, 3, 4],
               "num_val": 10_000, "num_test": 20_000, "num_reference": 200_000},
-    quick={**_paper_b.QUICK, "num_val": 4_000, "num_test": 8_000, "num_reference": 20_000},
+    quick={**_paper_b.QUICK, "num_val": 2_000, "num_test": 5_000, "num_reference": 20_000},
     run=run, plot=plot, summary=summary)

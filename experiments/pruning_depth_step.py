@@ -35,12 +35,16 @@ PARTS = ("depth_effect", "step_effect", "trained_order_contrast", "contrast_dept
 
 
 def _pruned_orders(params, L, ranks, op="svd", value=None):
-    """[unpruned, then (position, rank) pruned] for every order of the layers, flattened: L! (1 + L |ranks|)."""
+    """[unpruned, then (position, rank) pruned] for every order of the layers, flattened: L! (1 + L |ranks|).
+    Each layer is pruned once per rank (on the host) and placed at every position."""
+    params = jax.tree_util.tree_map(np.asarray, params)
+    pruned = {(l, k): jax.tree_util.tree_map(np.asarray, pruning.apply_candidate(
+        params, pruning.Candidate(l, "attn", k, op, value))["layers"][l]) for l in range(L) for k in ranks}
     out = []
     for order in itertools.permutations(range(L)):
-        net = depth.permute_layers(params, order)
-        out.append(net)
-        out += [pruning.apply_candidate(net, pruning.Candidate(p, "attn", k, op, value)) for p in range(L) for k in ranks]
+        layers = [params["layers"][i] for i in order]
+        out.append({**params, "layers": layers})
+        out += [{**params, "layers": layers[:p] + [pruned[order[p], k]] + layers[p + 1:]} for p in range(L) for k in ranks]
     return out
 
 
@@ -222,6 +226,6 @@ def plot(rows, s):
 EXPERIMENT = Experiment(
     name="pruning_depth_step", title="Paper B (ii): depth against step (all layer orders pruned)",
     settings={**_paper_b.RECIPE, **_paper_b.SHIFTS, "seeds": _paper_b.SEEDS_PER_BASE, "ranks": [1, 2],
-              "num_test": 10_000, "reference_sets": 4, "num_reference": 200_000},
+              "num_test": 6_000, "reference_sets": 6, "num_reference": 200_000},
     quick={**_paper_b.QUICK, "num_test": 4_000, "reference_sets": 2, "num_reference": 20_000},
     run=run, plot=plot, summary=summary)

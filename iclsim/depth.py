@@ -34,7 +34,8 @@ def evaluate_networks(model, networks: Sequence[Sequence], design, n: int, keys,
     if rows.shape != (seeds, 2) or rows.dtype != np.uint32:
         raise ValueError(f"keys must be one key per seed, shape ({seeds}, 2) uint32; got shape {rows.shape}, "
                          f"dtype {rows.dtype}")
-    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack([jnp.asarray(x) for x in a])[None, None],
+    # stacked on the host: jnp.stack of thousands of operands compiles one concatenation per count (minutes)
+    stacked = jax.tree_util.tree_map(lambda *a: np.stack([np.asarray(x) for x in a])[None, None],
                                      *[p for row in networks for p in row])
     risk, se = evaluate.evaluate_sweep(model, stacked, design, [n], np.repeat(rows, k, axis=0), num_prompts)
     return risk[0, 0].reshape(seeds, k), se[0, 0].reshape(seeds, k)

@@ -137,7 +137,8 @@ def _median(values, supports_if_positive=True) -> dict:
     if len(values) < 1:
         return {"passing_seeds": 0, "verdict": "not resolved: no passing seed"}
     iv = quality.median_interval(values)
-    return {"median": round(iv.median, 4), "interval": [quality.finite_or_none(iv.low), quality.finite_or_none(iv.high)],
+    return {"median": round(iv.median, 4),
+            "interval": [quality.finite_or_none(iv.low), quality.finite_or_none(iv.high)],
             "coverage": round(iv.coverage, 4), "passing_seeds": iv.count,
             "sign_test_p": round(quality.sign_test(values), 4),
             "verdict": quality.median_verdict(values, supports_if_positive)}
@@ -191,7 +192,8 @@ def summary(rows):
                             "overlap_random_subspaces": round(k / (max(r["rank"] for r in svd) + 1), 4),
                             "trace_ratio_median": round(float(np.median([r["trace_ratio"] for r in mine])), 4)}
     mech["correlation_svd_vs_delete"] = {
-        st: {f"rank{k}": {b: _correlation(*zip(*[(r["relative_change"], r["delete_change"]) for r in _passing(rows, st, b)
+        st: {f"rank{k}": {b: _correlation(*zip(*[(r["relative_change"], r["delete_change"])
+                                                  for r in _passing(rows, st, b)
                                                   if r["op"] == "svd" and r["rank"] == k]))
                           for b in ("A", "B")} for k in (1, 2) if any(r["rank"] == k for r in svd)}
         for st in settings}
@@ -278,7 +280,8 @@ def plot(rows, s):
                            edgecolors="none")
                 if vals:
                     iv = quality.median_interval(list(vals.values()))
-                    lo, hi = (iv.low if np.isfinite(iv.low) else iv.median), (iv.high if np.isfinite(iv.high) else iv.median)
+                    lo = iv.low if np.isfinite(iv.low) else iv.median
+                    hi = iv.high if np.isfinite(iv.high) else iv.median
                     ax.plot([m + dx - 0.12, m + dx + 0.12], [iv.median] * 2, color="k", lw=1.5)
                     ax.plot([m + dx] * 2, [lo, hi], color="k", lw=0.8)
         ax.axhline(0, color="k", lw=0.8)
@@ -306,7 +309,8 @@ def plot(rows, s):
     sm = plotting.plt.cm.ScalarMappable(cmap=cmap, norm=plotting.plt.Normalize(1, L))
     fig.colorbar(sm, ax=axes[1:, -1], label="step rank held (1 = shortest)", ticks=range(1, L + 1))
     fig.suptitle(f"Pruning one layer of a {L}-layer GD-form transformer (d = {d}, n = {s['n']}), two seed bases x "
-                 f"{s['seeds']} seeds; {summ['networks_failed']} networks failed the gate (A {summ['failed_by_base']['A']}, "
+                 f"{s['seeds']} seeds; {summ['networks_failed']} networks failed the gate "
+                 f"(A {summ['failed_by_base']['A']}, "
                  f"B {summ['failed_by_base']['B']}) and are left out")
     return fig
 

@@ -19,6 +19,7 @@ longest step). The trained order's shallow-minus-deep contrast H[1, r(layer 1)] 
 the depth effect + the step part b_r(1) - b_r(L) + an interaction part, which says what drives it."""
 
 import itertools
+import math
 
 import jax
 import numpy as np
@@ -44,7 +45,8 @@ def _pruned_orders(params, L, ranks, op="svd", value=None):
     for order in itertools.permutations(range(L)):
         layers = [params["layers"][i] for i in order]
         out.append({**params, "layers": layers})
-        out += [{**params, "layers": layers[:p] + [pruned[order[p], k]] + layers[p + 1:]} for p in range(L) for k in ranks]
+        out += [{**params, "layers": layers[:p] + [pruned[order[p], k]] + layers[p + 1:]}
+                for p in range(L) for k in ranks]
     return out
 
 
@@ -82,7 +84,8 @@ def run(s, seed, progress):
                 for p in range(L):
                     for m, k in enumerate(ranks):
                         j = o * block + 1 + p * len(ranks) + m
-                        rows.append({"setting": setting, "kind": "trained" if trained else "best GD", "base": base_of[sd],
+                        rows.append({"setting": setting, "kind": "trained" if trained else "best GD",
+                                     "base": base_of[sd],
                                      "seed": sd, "passed": ok, "order": "".join(str(x + 1) for x in order),
                                      "position": p + 1, "layer": order[p] + 1, "step": float(step[order[p]]),
                                      "step_order": int(held[order[p]]), "layer1_step_order": int(held[0]),
@@ -133,7 +136,8 @@ def summary(rows):
         tr, gd = parts(rows, setting, "trained"), parts(rows, setting, "best GD")
         entry = {}
         for name in PARTS:
-            entry[name] = _by_base(rows, setting, lambda b, name=name: [v[name] for (bb, _), v in tr.items() if bb == b])
+            entry[name] = _by_base(rows, setting,
+                                   lambda b, name=name: [v[name] for (bb, _), v in tr.items() if bb == b])
         entry["best_GD_reference"] = {name: _by_base(rows, setting, lambda b, name=name: [v[name] for (bb, _), v in
                                                                                        gd.items() if bb == b])
                                       for name in ("depth_effect", "step_effect")}
@@ -198,7 +202,8 @@ def plot(rows, s):
                 keys = [k for k in tr if k[0] == b]
                 vals = [tr[k][name] for k in keys]
                 x = m + dx + np.linspace(-0.09, 0.09, max(len(vals), 1))[:len(vals)]
-                ax.scatter(x, vals, c=_point_colours([held[k] for k in keys], L), marker=marker, s=16, edgecolors="none")
+                ax.scatter(x, vals, c=_point_colours([held[k] for k in keys], L), marker=marker, s=16,
+                           edgecolors="none")
                 if vals:
                     iv = quality.median_interval(vals)
                     lo = iv.low if np.isfinite(iv.low) else iv.median
@@ -217,7 +222,8 @@ def plot(rows, s):
                      f"{_short(e['verdict_across'])}\no: base A, s: base B; colour: step rank layer 1 holds "
                      "(dark: shortest)", fontsize=8)
         ax.legend(fontsize=7)
-    fig.suptitle(f"Depth against step: the layers of {L}-layer GD-form transformers permuted over all {len(list(itertools.permutations(range(L))))} "
+    fig.suptitle(f"Depth against step: the layers of {L}-layer GD-form transformers permuted over all "
+                 f"{math.factorial(L)} "
                  f"orders and each position pruned; {summ['networks_failed']} networks failed the gate "
                  f"(A {summ['failed_by_base']['A']}, B {summ['failed_by_base']['B']}) and are left out")
     return fig

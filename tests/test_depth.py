@@ -118,7 +118,8 @@ def test_best_scale_is_exact_on_the_prompts_it_was_fitted_on():
     parabola with the wrong curvature (r2 - r1 + r0), a prediction that is not affine in c (an update applied
     twice)."""
     model, nets = _nets(1, 3)
-    fit_nets = [pruning.apply_candidate(nets[0], pruning.Candidate(1, "attn", None, "scale", c)) for c in (0.0, 1.0, 2.0)]
+    fit_nets = [pruning.apply_candidate(nets[0], pruning.Candidate(1, "attn", None, "scale", c))
+                for c in (0.0, 1.0, 2.0)]
     risk, _ = depth.evaluate_networks(model, [fit_nets], DESIGN, N, sweeps.stream_keys([2]), 4096)
     fit = depth.best_scale(*risk[0])
     grid = np.round(np.arange(0.0, 2.01, 0.1), 2)

@@ -224,7 +224,8 @@ def plot(rows, s):
         ax.legend(fontsize=7)
     fig.suptitle(f"Depth against step: the layers of {L}-layer GD-form transformers permuted over all "
                  f"{math.factorial(L)} "
-                 f"orders and each position pruned; {summ['networks_failed']} networks failed the gate "
+                 f"orders and each position pruned\n(trained: SVD of Wq, Wk; best GD: a random subspace shared by Wq, "
+                 f"Wk, as gamma I has no singular directions); {summ['networks_failed']} networks failed the gate "
                  f"(A {summ['failed_by_base']['A']}, B {summ['failed_by_base']['B']}) and are left out")
     return fig
 

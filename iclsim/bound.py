@@ -87,11 +87,11 @@ def _one_network(params, X, y, n_active):
     terms, lemma, factor, g2s, trs = [], [], [], [], []
     for t in range(len(layers)):
         r = y - jnp.einsum("bnd,bd->bn", X, w)                             # residuals after t layers
-        g = jnp.einsum("ed,bnd,bn->bne", B[t], X, r) * mask[t]             # per-demonstration implicit gradients
+        m = mask[t].astype(jnp.float64)
+        g = jnp.einsum("ed,bnd,bn->bne", B[t], X, r) * m[None, None]                  # per-demonstration implicit gradients
         G = jnp.mean(g, axis=1)                                            # [B, d]
         C = (jnp.einsum("bne,bnf->bef", g, g) / n - G[:, :, None] * G[:, None, :]) / n
-        m = mask[t].astype(jnp.float64)
-        Cm = C * (m[:, None] * m[None, :]) + jnp.diag(1.0 - m)            # identity off the support
+        Cm = C * (m[:, None] * m[None, :])[None] + jnp.diag(1.0 - m)[None]  # identity off the support
         log_pdet = 2.0 * jnp.sum(jnp.log(jnp.diagonal(jnp.linalg.cholesky(Cm), axis1=-2, axis2=-1)), axis=-1)
         tr = jnp.trace(C, axis1=-2, axis2=-1)
         g2 = jnp.sum(G * G, axis=-1)
@@ -149,20 +149,31 @@ def _total(terms, n):
     return np.sqrt(np.sum(np.asarray(terms, np.float64), axis=-1) / n)
 
 
-# compiled once per process for each (chunk, contexts, n, layers): the experiments call it per setting
+# compiled once per process for each shape (chunk, contexts, n, layers; the design's structure): the
+# experiments call these per setting, the tests many times
 _network_program = jax.jit(jax.vmap(_one_network, in_axes=(0, 0, 0, None)), static_argnums=3)
+
+
+def _contexts(design, keys, num_contexts, n):
+    def one(k):
+        prompts = design.sample(k, num_contexts, n, dtype=jnp.float64)
+        return prompts.X, prompts.y
+
+    return jax.vmap(one)(keys)
+
+
+_context_program = jax.jit(_contexts, static_argnums=(2, 3))
 
 
 @float64
 def _evaluate(params, design, n, keys, num_contexts, chunk: int = 64):
     """Per network: the per-layer parts, in chunks of ``chunk`` networks (memory: each network has its own
     num_contexts x n x d contexts); the last chunk is padded so every chunk runs the same compiled program."""
-
-    def contexts(k):
-        prompts = design.sample(k, num_contexts, n, dtype=jnp.float64)
-        return prompts.X, prompts.y
-
-    sample = jax.jit(jax.vmap(contexts))
+    leaves = jax.tree_util.tree_leaves(design)
+    if len(leaves) == 1 and leaves[0] is design:  # not a pytree (a test double): the design is static
+        sample = jax.jit(_contexts, static_argnums=(0, 2, 3))
+    else:
+        sample = _context_program
     count = keys.shape[0]
     size = min(chunk, count)
     pad = -count % size
@@ -170,5 +181,5 @@ def _evaluate(params, design, n, keys, num_contexts, chunk: int = 64):
     parts = []
     for start in range(0, count + pad, size):
         p, k = jax.tree_util.tree_map(lambda a: a[start:start + size], padded)
-        parts.append([np.asarray(o) for o in _network_program(p, *sample(k), n)])
+        parts.append([np.asarray(o) for o in _network_program(p, *sample(design, k, num_contexts, n), n)])
     return [np.concatenate(o)[:count] for o in zip(*parts)]

@@ -106,9 +106,10 @@ def test_terms_match_the_formula_by_hand(factors):
 
 
 def test_rank_of_a_truncated_step_is_the_support():
-    """Truncating a layer's Wq, Wk to rank k (paper B's operator) leaves an update of dimension k; deleting it,
-    dimension 0. Planted bug caught: a support counted from the factors' shapes or with a tolerance that keeps
-    float32 rounding (a rank-2 product counted as 4)."""
+    """Truncating a layer's Wq, Wk to rank k (paper B's operator) leaves an update of dimension k (the float32
+    factors' discarded directions leave singular values ~1e-16 of the product); a genuine direction 1e-3 times
+    the largest still counts. Planted bugs caught: a support counted from the factors' width (then the log det
+    of a singular covariance: nan), a tolerance so loose it drops a real direction."""
     model = models.LinearTransformer(D, 2)
     params = _network(_random_layers(2, 3))
     X, y = _contexts()
@@ -117,6 +118,10 @@ def test_rank_of_a_truncated_step_is_the_support():
                                    jax.random.PRNGKey(0), X.shape[0])
         assert b.support.tolist() == [k, D]
         assert np.all(np.isfinite(b.terms))
+    weak = [(np.diag([1.0, 0.9, 0.8, 1e-3]), np.eye(D), -1.0)] + _gd([0.7])
+    b = _bound(weak, X, y)
+    assert b.support.tolist() == [D, D]
+    np.testing.assert_allclose(b.terms, _by_hand(weak, X, y)[0], rtol=1e-9)
 
 
 def test_a_layers_own_term_ignores_its_step_size():

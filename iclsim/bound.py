@@ -149,37 +149,34 @@ def _total(terms, n):
     return np.sqrt(np.sum(np.asarray(terms, np.float64), axis=-1) / n)
 
 
-# compiled once per process for each shape (chunk, contexts, n, layers; the design's structure): the
-# experiments call these per setting, the tests many times
-_network_program = jax.jit(jax.vmap(_one_network, in_axes=(0, 0, 0, None)), static_argnums=3)
+def _grouped(params, keys, design, num_contexts, n):
+    """The per-layer parts of every network: chunks of networks one after another (lax.map: memory), the networks
+    of a chunk vmapped, each on its own num_contexts contexts of n demonstrations."""
 
-
-def _contexts(design, keys, num_contexts, n):
-    def one(k):
+    def one(p, k):
         prompts = design.sample(k, num_contexts, n, dtype=jnp.float64)
-        return prompts.X, prompts.y
+        return _one_network(p, prompts.X, prompts.y, n)
 
-    return jax.vmap(one)(keys)
+    return jax.lax.map(lambda a: jax.vmap(one)(*a), (params, keys))
 
 
-_context_program = jax.jit(_contexts, static_argnums=(2, 3))
+# compiled once per process for each shape (chunks, contexts, n, layers; the design's structure): the
+# experiments call it per setting, the tests many times. One program for all chunks: a Python loop calling a
+# compiled chunk program again hung on XLA CPU (jaxlib of this project) once a second chunk ran.
+_program = jax.jit(_grouped, static_argnums=(3, 4))
+_static_program = jax.jit(_grouped, static_argnums=(2, 3, 4))
 
 
 @float64
 def _evaluate(params, design, n, keys, num_contexts, chunk: int = 64):
-    """Per network: the per-layer parts, in chunks of ``chunk`` networks (memory: each network has its own
-    num_contexts x n x d contexts); the last chunk is padded so every chunk runs the same compiled program."""
+    """Per network: the per-layer parts, in chunks of ``chunk`` networks; the last chunk is padded."""
     leaves = jax.tree_util.tree_leaves(design)
-    if len(leaves) == 1 and leaves[0] is design:  # not a pytree (a test double): the design is static
-        sample = jax.jit(_contexts, static_argnums=(0, 2, 3))
-    else:
-        sample = _context_program
+    program = _static_program if len(leaves) == 1 and leaves[0] is design else _program  # a test double: static
     count = keys.shape[0]
     size = min(chunk, count)
     pad = -count % size
-    padded = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)]), (params, keys))
-    parts = []
-    for start in range(0, count + pad, size):
-        p, k = jax.tree_util.tree_map(lambda a: a[start:start + size], padded)
-        parts.append([np.asarray(o) for o in _network_program(p, *sample(design, k, num_contexts, n), n)])
-    return [np.concatenate(o)[:count] for o in zip(*parts)]
+    grouped = jax.tree_util.tree_map(
+        lambda a: jnp.concatenate([a, jnp.repeat(a[:1], pad, axis=0)]).reshape((-1, size) + a.shape[1:]),
+        (params, keys))
+    out = program(*grouped, design, num_contexts, n)
+    return [np.asarray(o).reshape((-1,) + o.shape[2:])[:count] for o in out]

@@ -433,31 +433,33 @@ def summary(rows):
 
 # ---- the figure ----
 
-OP_STYLE = {"svd": ("C0", "o", "factor SVD (paper B)"), "product_svd": ("C1", "s", "truncate Gamma itself"),
-            "random": ("C2", "^", "random subspace"), "delete": ("C3", "x", "delete the step"),
-            "scale": ("C4", "D", "best scalar (validation)")}
+OP_STYLE = {"svd": ("C0", "o", "factor SVD"), "product_svd": ("C1", "s", "Gamma SVD"),
+            "random": ("C2", "^", "random subsp."), "delete": ("C3", "x", "delete step"),
+            "scale": ("C4", "D", "best scalar")}
 
 
 def plot(rows, s):
     designs = list(dict.fromkeys(r["design"] for r in rows))
     settings = list(dict.fromkeys(r["setting"] for r in _sub(rows, kind="search")))
     L, d = _layers(rows), _dim(rows)
-    ncol = 2 + len(settings)
-    fig, axes = plotting.plt.subplots(len(designs), ncol, figsize=(4.3 * ncol, 3.9 * len(designs)), squeeze=False,
+    ncol = 3 + len(settings)
+    fig, axes = plotting.plt.subplots(len(designs), ncol, figsize=(4.2 * ncol, 4.0 * len(designs)), squeeze=False,
                                       constrained_layout=True)
     summ = summarise(rows)
     fails = []
     for i, design in enumerate(designs):
         nets = summ["networks"][design]
         fails.append(f"{design}: " + ", ".join(f"{nets[b]['failed']} of {nets[b]['passed'] + nets[b]['failed']} "
-                                              f"failed (base {b})" for b in sorted(nets) if len(b) == 1))
+                                              f"failed the gate (base {b})" for b in sorted(nets) if len(b) == 1))
         lay = _sub(rows, kind="layer", design=design, passed=True)
         # geometry: where the step matrices sit in the eigenbasis, against chance
         ax = axes[i, 0]
-        cols = [("diagonal_fraction", 1 / (d + 1), "Gamma diagonal\nin eigenbasis"),
-                ("gamma_top1_overlap_best", random_best_overlap(d, 1), "Gamma top-1 vs\nbest eigvec"),
-                ("factor_overlap_rank1", 1 / d, "Wq vs Wk\nrank 1"), ("factor_overlap_rank2", 2 / d, "Wq vs Wk\nrank 2"),
-                ("trace_kept_rank1", None, "tr kept\nrank 1"), ("trace_kept_rank2", None, "tr kept\nrank 2")]
+        cols = [("diagonal_fraction", 1 / (d + 1), "Gamma diag.\nin eigenbasis"),
+                ("gamma_top1_overlap_bottom", 1 / d, "Gamma top-1\nvs lowest-var."),
+                ("gamma_top1_overlap_best", random_best_overlap(d, 1), "Gamma top-1\nvs best eigvec"),
+                ("factor_overlap_rank1", 1 / d, "Wq vs Wk\nkept, rank 1"),
+                ("factor_overlap_rank2", 2 / d, "Wq vs Wk\nkept, rank 2"),
+                ("trace_kept_rank1", None, "tr kept /\ntr, rank 1"), ("trace_kept_rank2", None, "tr kept /\ntr, rank 2")]
         for x, (c, chance, _) in enumerate(cols):
             for layer in range(1, L + 1):
                 v = [r[c] for r in lay if r["layer"] == layer]
@@ -467,10 +469,10 @@ def plot(rows, s):
                 ax.plot([x - 0.35, x + 0.35], [chance, chance], "k--", lw=1, label="chance" if x == 0 else None)
         ax.set_xticks(range(len(cols)), [c[2] for c in cols], fontsize=6)
         ax.set_ylim(-0.05, 1.05)
-        ax.set_ylabel("overlap / fraction")
-        ax.set_title(f"{design}: step matrices in the data's eigenbasis", fontsize=9)
+        ax.set_ylabel("overlap / fraction (one point per network)")
+        ax.set_title(f"{design}: Gamma_l and its factors in the eigenbasis", fontsize=8)
         ax.legend(fontsize=6, ncol=2)
-        # harm against kept rank, matched setting: median over seeds per layer, factor SVD vs truncating Gamma
+        # harm against kept rank, matched setting: median over seeds per layer; factor SVD and its controls
         ax = axes[i, 1]
         ranks = sorted({r["rank"] for r in _sub(rows, kind="prune", op="svd", design=design)})
         for layer in range(1, L + 1):
@@ -478,15 +480,21 @@ def plot(rows, s):
                 med = [np.median([r["relative_change"] for r in _sub(rows, kind="prune", design=design,
                                                                      setting=settings[0], op=op, layer=layer, rank=k)
                                   if r["passed"]] or [np.nan]) for k in ranks]
-                ax.plot(ranks, np.maximum(med, 1e-4), ls, marker=OP_STYLE[op][1], ms=3, color=f"C{layer - 1}",
-                        label=(f"layer {layer}" if op == "svd" else None) if layer > 1 or op == "svd"
-                        else OP_STYLE[op][2])
+                ax.plot(ranks, np.maximum(med, 1e-4), ls, marker=OP_STYLE[op][1], ms=3, color=f"C{layer - 1}")
+            delete = np.median([r["relative_change"] for r in _sub(rows, kind="prune", design=design,
+                                                                   setting=settings[0], op="delete", layer=layer)
+                                if r["passed"]] or [np.nan])
+            ax.axhline(max(delete, 1e-4), color=f"C{layer - 1}", lw=0.6, alpha=0.6)
+        handles = [plotting.plt.Line2D([], [], color=f"C{layer - 1}", label=f"layer {layer}") for layer in range(1, L + 1)]
+        handles += [plotting.plt.Line2D([], [], color="k", ls=ls, marker=OP_STYLE[op][1], ms=3, label=OP_STYLE[op][2])
+                    for op, ls in (("svd", "-"), ("product_svd", ":"), ("random", "--"))]
+        handles += [plotting.plt.Line2D([], [], color="k", lw=0.6, label="delete the step")]
+        ax.legend(handles=handles, fontsize=6)
         ax.set_yscale("log")
         ax.set_xticks(ranks)
-        ax.set_xlabel(f"kept rank (of {d}); -: factor SVD, :: Gamma SVD, --: random")
-        ax.set_ylabel(f"median relative risk change ({settings[0]})")
-        ax.set_title("harm of pruning one layer (floored at 1e-4)", fontsize=9)
-        ax.legend(fontsize=6)
+        ax.set_xlabel(f"kept rank (of {d})")
+        ax.set_ylabel(f"median relative risk change, {settings[0]}")
+        ax.set_title(f"{design}: harm of pruning one layer\n(median over passing seeds; floor 1e-4)", fontsize=8)
         # the shallow-minus-deep contrast per seed, per base, beside the controls
         for j, setting in enumerate(settings):
             ax = axes[i, 2 + j]
@@ -494,24 +502,50 @@ def plot(rows, s):
             for x, op in enumerate(("svd",) + CONTROLS):
                 per = contrasts(rows, design, setting, op)
                 for b, (base, values) in enumerate(sorted(per.items())):
-                    xs = x + (b - 0.5) * 0.36 + np.linspace(-0.1, 0.1, max(len(values), 1))[:len(values)]
-                    ax.plot(xs, values, OP_STYLE[op][1], ms=3, color=OP_STYLE[op][0], alpha=0.7 if b else 1.0,
-                            mfc="none" if b else OP_STYLE[op][0])
-                    blk = block[op][base]
-                    if "median" in blk:
-                        lo, hi = (v if v is not None else np.nan for v in blk["median_interval"])
-                        ax.errorbar(x + (b - 0.5) * 0.36, blk["median"], yerr=[[blk["median"] - lo], [hi - blk["median"]]]
-                                    if np.isfinite(lo) and np.isfinite(hi) else None, fmt="_", ms=14, color="k", capsize=3)
+                    _points(ax, x + (b - 0.5) * 0.36, values, OP_STYLE[op], b, block[op][base])
             ax.axhline(0, color="k", lw=0.8)
-            ax.set_xticks(range(1 + len(CONTROLS)), [f"{op}\n{block[op]['across_bases'].replace(' across seed bases', '')}"
-                                                     .replace("not resolved at this sample size", "not resolved")
+            ax.set_xticks(range(1 + len(CONTROLS)), [f"{OP_STYLE[op][2]}\n{_short(block[op]['across_bases'])}"
                                                      for op in ("svd",) + CONTROLS], fontsize=6)
-            ax.set_ylabel("layer 1 - layer L harm (rel. change)")
-            ax.set_title(f"{design}, {setting}: shallow - deep per seed\n(filled base A, open base B; bars: median, "
-                         "order-statistic interval)", fontsize=8)
-    fig.suptitle(f"Paper B on {L}-layer GD-form transformers (d = {d}): depth study with controls; "
+            ax.set_ylabel(f"layer 1 - layer {L} harm (relative change)")
+            ax.set_title(f"{design}, {setting}: shallow - deep\n(A filled, B open; median, order-stat. interval)",
+                         fontsize=8)
+        # claim (i): the search's test change, beside the same search over delete / scale
+        ax = axes[i, -1]
+        for x, setting in enumerate(settings):
+            block = summ["claim_i_search"][design][setting]
+            for k, (col, key, style) in enumerate((("test_change", "svd_search_test_change", OP_STYLE["svd"]),
+                                                   ("control_change", "control_search_test_change", OP_STYLE["scale"]))):
+                for b, base in enumerate(sorted({r["base"] for r in rows})):
+                    values = [100 * r[col] for r in _sub(rows, kind="search", design=design, setting=setting, base=base,
+                                                         passed=True)]
+                    blk = {**block[key][base]}
+                    if "median" in blk:
+                        blk["median"] = 100 * blk["median"]
+                        blk["median_interval"] = [None if v is None else 100 * v for v in blk["median_interval"]]
+                    _points(ax, x + (k - 0.5) * 0.4 + (b - 0.5) * 0.18, values, style, b, blk)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xticks(range(len(settings)), [f"{st}\nSVD: {_short(summ['claim_i_search'][design][st]['svd_search_test_change']['across_bases'])}"
+                                             for st in settings], fontsize=6)
+        ax.set_ylabel("test risk change of the validation choice (%)")
+        ax.set_title(f"{design}: search over (layer, rank) (blue)\nvs over delete / scale (purple)", fontsize=8)
+    fig.suptitle(f"Paper B on {L}-layer GD-form transformers (d = {d}), anisotropic vs isotropic data; "
                  + "; ".join(fails), fontsize=10)
     return fig
+
+
+def _short(verdict: str) -> str:
+    return verdict.replace("not resolved at this sample size", "not resolved").replace(" across seed bases", "")
+
+
+def _points(ax, x, values, style, filled_or_open, block):
+    """Per-seed points at x (base A filled, base B open) with the median and its order-statistic interval."""
+    colour, marker, _ = style
+    xs = x + np.linspace(-0.06, 0.06, max(len(values), 1))[:len(values)]
+    ax.plot(xs, values, marker, ms=3, ls="none", color=colour, mfc="none" if filled_or_open else colour)
+    if "median" in block:
+        lo, hi = (np.nan if v is None else v for v in block["median_interval"])
+        err = [[block["median"] - lo], [hi - block["median"]]] if np.isfinite(lo) and np.isfinite(hi) else None
+        ax.errorbar(x, block["median"], yerr=err, fmt="_", ms=12, color="k", capsize=3)
 
 
 EXPERIMENT = Experiment(

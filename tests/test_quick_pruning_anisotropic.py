@@ -73,7 +73,7 @@ def test_eigenbasis_reference_is_the_best_gd_on_isotropic_data_and_its_risk_is_t
     V = study.eigenbasis(d, 7)
     aniso = IID(d, noise_var=0.2, cov_x=study.power_law_covariance(d, 1.0, V),
                 cov_beta=study.power_law_covariance(d, 2.0, V))
-    g, risk, se = study.eigenbasis_multistep_gd(aniso, V, n, L, key, 20_000)
+    g, risk, se = study.eigenbasis_multistep_gd(aniso, V, n, L, key, 20_000, 40_000)  # two scoring chunks
     p = aniso.sample(jax.random.PRNGKey(11), 100_000, n, jnp.float32)
     X, y, x = (np.asarray(a, np.float64) for a in (p.X, p.y, p.x))
     w = np.zeros_like(x)

@@ -422,6 +422,8 @@ def summarise(rows) -> dict:
                for base in sorted({r["base"] for r in nets})},
             "reference_risk": round(nets[0]["reference"], 4), "reference_se": round(nets[0]["reference_se"], 5),
             "one_step_pgd_risk": round(nets[0]["one_step_pgd"], 4),
+            # the mechanism the isotropic harm follows (issue 30): which step layer 1 holds
+            "layer1_holds_smallest_step": sum(r["step_order"] == 1 for r in nets if r["passed"]),
             "median_matched_risk_over_reference": round(float(np.median([r["matched_risk"] / r["reference"]
                                                                          for r in nets if r["passed"]] or [np.nan])), 4)}
         out["geometry"][design] = geometry(rows, design)
@@ -455,7 +457,7 @@ def summary(rows):
 # ---- the figure ----
 
 OP_STYLE = {"svd": ("C0", "o", "factor SVD"), "product_svd": ("C1", "s", "Gamma SVD"),
-            "random": ("C2", "^", "random subsp."), "delete": ("C3", "x", "delete step"),
+            "random": ("C2", "^", "random subsp."), "delete": ("C5", "x", "delete step"),
             "scale": ("C4", "D", "best scalar")}
 
 
@@ -516,20 +518,24 @@ def plot(rows, s):
         ax.set_xlabel(f"kept rank (of {d})")
         ax.set_ylabel(f"median relative risk change, {settings[0]}")
         ax.set_title(f"{design}: harm of pruning one layer\n(median over passing seeds; floor 1e-4)", fontsize=8)
-        # the shallow-minus-deep contrast per seed, per base, beside the controls
+        # the shallow-minus-deep contrast per seed, per base, beside the controls; factor-SVD points coloured by
+        # the mechanism (red: layer 1 holds the network's smallest step)
+        smallest = {base: [r["step_order"] == 1 for r in sorted(_sub(lay, layer=1, base=base), key=lambda r: r["seed"])]
+                    for base in sorted({r["base"] for r in lay})}
         for j, setting in enumerate(settings):
             ax = axes[i, 2 + j]
             block = summ["claim_ii_shallow_minus_deep"][design][setting]
             for x, op in enumerate(("svd",) + CONTROLS):
                 per = contrasts(rows, design, setting, op)
                 for b, (base, values) in enumerate(sorted(per.items())):
-                    _points(ax, x + (b - 0.5) * 0.36, values, OP_STYLE[op], b, block[op][base])
+                    _points(ax, x + (b - 0.5) * 0.36, values, OP_STYLE[op], b, block[op][base],
+                            smallest[base] if op == "svd" else None)
             ax.axhline(0, color="k", lw=0.8)
             ax.set_xticks(range(1 + len(CONTROLS)), [f"{OP_STYLE[op][2]}\n{_short(block[op]['across_bases'])}"
                                                      for op in ("svd",) + CONTROLS], fontsize=6)
             ax.set_ylabel(f"layer 1 - layer {L} harm (relative change)")
-            ax.set_title(f"{design}, {setting}: shallow - deep\n(A filled, B open; median, order-stat. interval)",
-                         fontsize=8)
+            ax.set_title(f"{design}, {setting}: shallow - deep (A filled, B open;\nmedian, order-stat. interval; "
+                         "red: layer 1 holds the smallest step)", fontsize=7)
         # claim (i): the search's test change, beside the same search over delete / scale
         ax = axes[i, -1]
         for x, setting in enumerate(settings):
@@ -558,11 +564,16 @@ def _short(verdict: str) -> str:
     return verdict.replace("not resolved at this sample size", "not resolved").replace(" across seed bases", "")
 
 
-def _points(ax, x, values, style, filled_or_open, block):
-    """Per-seed points at x (base A filled, base B open) with the median and its order-statistic interval."""
+def _points(ax, x, values, style, filled_or_open, block, mechanism=None):
+    """Per-seed points at x (base A filled, base B open) with the median and its order-statistic interval;
+    ``mechanism`` (one flag per seed) draws the flagged seeds in red."""
     colour, marker, _ = style
     xs = x + np.linspace(-0.06, 0.06, max(len(values), 1))[:len(values)]
-    ax.plot(xs, values, marker, ms=3, ls="none", color=colour, mfc="none" if filled_or_open else colour)
+    flags = np.zeros(len(values), bool) if mechanism is None else np.asarray(mechanism, bool)
+    for flag in (False, True):
+        c = "red" if flag else colour
+        ax.plot(xs[flags == flag], np.asarray(values)[flags == flag], marker, ms=3, ls="none", color=c,
+                mfc="none" if filled_or_open else c)
     if "median" in block:
         lo, hi = (np.nan if v is None else v for v in block["median_interval"])
         err = [[block["median"] - lo], [hi - block["median"]]] if np.isfinite(lo) and np.isfinite(hi) else None

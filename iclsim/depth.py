@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iclsim import evaluate
+from iclsim import pruning
 
 __all__ = ["evaluate_networks", "gd_network", "permute_layers", "kept_overlap", "kept_trace_ratio",
            "ScaleFit", "best_scale", "Decomposition", "decompose"]
@@ -35,10 +35,9 @@ def evaluate_networks(model, networks: Sequence[Sequence], design, n: int, keys,
         raise ValueError(f"keys must be one key per seed, shape ({seeds}, 2) uint32; got shape {rows.shape}, "
                          f"dtype {rows.dtype}")
     # stacked on the host: jnp.stack of thousands of operands compiles one concatenation per count (minutes)
-    stacked = jax.tree_util.tree_map(lambda *a: np.stack([np.asarray(x) for x in a])[None, None],
+    stacked = jax.tree_util.tree_map(lambda *a: np.stack([np.asarray(x) for x in a]).reshape((seeds, k) + np.shape(a[0])),
                                      *[p for row in networks for p in row])
-    risk, se = evaluate.evaluate_sweep(model, stacked, design, [n], np.repeat(rows, k, axis=0), num_prompts)
-    return risk[0, 0].reshape(seeds, k), se[0, 0].reshape(seeds, k)
+    return pruning.evaluate_networks(model, stacked, design, n, rows, num_prompts)
 
 
 def gd_network(step_sizes, dim: int, dtype=jnp.float32) -> dict:
@@ -48,9 +47,7 @@ def gd_network(step_sizes, dim: int, dtype=jnp.float32) -> dict:
     steps = np.asarray(step_sizes, np.float64)
     if steps.ndim != 1 or steps.size == 0 or not np.all(np.isfinite(steps)) or np.any(steps < 0):
         raise ValueError(f"step_sizes must be a non-empty 1-D array of finite numbers >= 0, got {step_sizes!r}")
-    eye = np.eye(dim)
-    return {"layers": [{"attn": {"Wq": jnp.asarray(np.sqrt(g) * eye, dtype), "Wk": jnp.asarray(np.sqrt(g) * eye, dtype),
-                                 "w_v": jnp.asarray(-1.0, dtype)}} for g in steps]}
+    return pruning.multistep_gd_params(dim, steps, dtype)
 
 
 def permute_layers(params, order: Sequence[int]) -> dict:

@@ -479,18 +479,18 @@ class LinearTransformer:
 
     def steps_params(self, step_sizes) -> Params:
         """Params of the "gd" form that compute L-step GD with scalar steps gamma_l (docs/theory.md §8): layer l
-        has Wq = Wk = sqrt(gamma_l) I and w_v = -1, so Gamma_l = gamma_l I; e.g. the best L-step GD of
-        ``theory.optimal_multistep_gd`` as a network, scored on the same prompts as trained ones."""
+        has Wq = Wk = sqrt(|gamma_l|) I and w_v = -sign(gamma_l) (-1 for a zero step), so Gamma_l = gamma_l I;
+        e.g. the best L-step GD of ``theory.optimal_multistep_gd`` as a network (the oracle of the pruning
+        studies), scored on the same prompts as trained ones. The one builder of such networks."""
         if self.form != "gd":
             raise ValueError("steps_params is defined for form='gd'")
         gam = np.asarray(step_sizes, np.float64)
-        if gam.shape != (self.layers,) or not np.all(np.isfinite(gam)) or np.any(gam < 0):
-            raise ValueError(f"step_sizes must be {self.layers} finite numbers >= 0 (one per layer), "
-                             f"got {step_sizes!r}")
+        if gam.shape != (self.layers,) or not np.all(np.isfinite(gam)):
+            raise ValueError(f"step_sizes must be {self.layers} finite numbers (one per layer), got {step_sizes!r}")
         eye = np.eye(self.dim)
-        return {"layers": [{"attn": {"Wq": jnp.asarray(np.sqrt(g) * eye, self.dtype),
-                                     "Wk": jnp.asarray(np.sqrt(g) * eye, self.dtype),
-                                     "w_v": jnp.asarray(-1.0, self.dtype)}} for g in gam]}
+        return {"layers": [{"attn": {"Wq": jnp.asarray(np.sqrt(abs(g)) * eye, self.dtype),
+                                     "Wk": jnp.asarray(np.sqrt(abs(g)) * eye, self.dtype),
+                                     "w_v": jnp.asarray(-1.0 if g >= 0 else 1.0, self.dtype)}} for g in gam]}
 
     def gd_iterates(self, params: Params, prompts: Prompts | GramPrompts) -> list[jax.Array]:
         """The "gd" form's implicit weights w_1..w_L [B, d] (prediction after layer l: x^T w_l)."""

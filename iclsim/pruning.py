@@ -195,7 +195,8 @@ def evaluate_candidates(model, params, design, n: int, candidates: Sequence[Cand
         raise ValueError("candidates must not be empty")
     rows = evaluate._key_rows(key, seeds)  # checked before the SVDs
     per_seed = [jax.tree_util.tree_map(lambda a: a[s], params) for s in range(seeds)]
-    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a)[None, None],
+    # stacked on the host: jnp.stack of thousands of operands compiles one concatenation per count
+    stacked = jax.tree_util.tree_map(lambda *a: np.stack([np.asarray(x) for x in a])[None, None],
                                      *[_apply(p, c) for p in per_seed for c in candidates])
     keys = key if rows is None else np.repeat(rows, len(candidates), axis=0)
     risk, se = evaluate.evaluate_sweep(model, stacked, design, [n], keys, num_prompts)
@@ -227,8 +228,8 @@ def search(model, params, design, n: int, candidates: Sequence[Candidate], val_k
     over the validation set is pure selection noise (``null_key``; None skips it: NaN). Each key is one
     key (every seed on the same prompts) or one per seed ([seeds, 2]: each seed its own validation, test
     and null sets, so that an interval over seeds contains the variation of the sets). Each set is
-    num_val (num_test) prompts rounded up to whole evaluation batches, whose size depends on how many
-    networks share a device (``evaluate.evaluate_sweep``)."""
+    exactly num_val (num_test) prompts of the referee's fixed draw blocks (``montecarlo``): the same prompts
+    whatever the batch size or the number of networks per device."""
     candidates = [Candidate(*c) for c in candidates]
     if not candidates or not candidates[0].unpruned:
         raise ValueError("candidates[0] must be the unpruned network (op 'svd', rank None), the reference of the "
@@ -295,17 +296,15 @@ def select_on_validation(val_risk) -> np.ndarray:
 
 def multistep_gd_params(dim: int, step_sizes, dtype=jnp.float32):
     """Parameters of a GD-form ``models.LinearTransformer(dim, L)`` that computes L-step GD with the given
-    steps: Wq_l = Wk_l = sqrt(|gamma_l|) I, w_v = -sign(gamma_l), so Gamma_l = -w_v Wq Wk^T = gamma_l I
-    (docs/theory.md §8). With ``theory.optimal_multistep_gd``'s steps for a test distribution this is the
-    oracle: the best L-step GD re-tuned for the test design and context length."""
-    _check.positive_int("dim", dim)
+    steps, Gamma_l = gamma_l I (``LinearTransformer.steps_params``, docs/theory.md §8). With
+    ``theory.optimal_multistep_gd``'s steps for a test distribution this is the oracle: the best L-step GD
+    re-tuned for the test design and context length."""
+    from iclsim.models import LinearTransformer
+
     steps = np.asarray(step_sizes, np.float64)
-    if steps.ndim != 1 or steps.size == 0 or not np.all(np.isfinite(steps)):
+    if steps.ndim != 1 or steps.size == 0:
         raise ValueError(f"step_sizes must be a non-empty 1-D array of finite numbers, got {step_sizes!r}")
-    eye = np.eye(dim)
-    return {"layers": [{"attn": {"Wq": jnp.asarray(np.sqrt(abs(g)) * eye, dtype),
-                                 "Wk": jnp.asarray(np.sqrt(abs(g)) * eye, dtype),
-                                 "w_v": jnp.asarray(-1.0 if g >= 0 else 1.0, dtype)}} for g in steps]}
+    return LinearTransformer(_check.positive_int("dim", dim), steps.size, dtype=dtype).steps_params(steps)
 
 
 def evaluate_networks(model, networks, design, n: int, key, num_prompts: int):

@@ -531,8 +531,10 @@ def test_steps_params_is_gd_with_those_steps(key):
         for g in steps:
             w = w + g * jnp.einsum("bnd,bn->bd", p.X, p.y - jnp.einsum("bnd,bd->bn", p.X, w)) / 9
         assert_close(model.apply(params, p), jnp.sum(p.x * w, axis=-1), rtol=1e-10, atol=1e-12)
-    with pytest.raises(ValueError, match="step_sizes must be 3 finite numbers >= 0"):
+    with pytest.raises(ValueError, match="step_sizes must be 3 finite numbers"):
         model.steps_params([0.3, 0.8])
+    negative = model.steps_params(np.array([0.3, -0.8, 1.4]))  # a negative step: w_v = +1, Gamma = gamma I
+    assert_close(model.preconditioners(negative), np.array([0.3, -0.8, 1.4])[:, None, None] * np.eye(4), rtol=1e-12)
 
 
 def test_paired_risks_resolve_the_exact_difference_of_two_gd_networks(key):

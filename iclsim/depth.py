@@ -1,4 +1,4 @@
-"""Depth against step in L-layer GD-form transformers (paper B's claim (ii); docs/theory.md §8, §6.2): what
+"""Depth against step in L-layer GD-form transformers (paper B's claim (ii); docs/theory.md §6.3, §8): what
 each layer holds and what pruning it deletes. Layer l of the GD form applies w <- w + Gamma_l (b - S w) with
 Gamma_l = -w_v Wq Wk^T, so a layer *is* a (preconditioned) GD step. This module scores arbitrary networks per
 seed on paired prompts (controls that are not edits of the trained weights: the re-tuned GD oracle, permuted

@@ -31,7 +31,7 @@ class Candidate(NamedTuple):
 
     - "svd" (paper B's operator): every matrix of the module SVD-truncated to ``rank``; rank None is the
       unpruned network (list it first in a search).
-    - Controls, the trivial operations that could explain a pruning effect (docs/theory.md §6.2):
+    - Controls, the trivial operations that could explain a pruning effect (docs/theory.md §6.3):
       "delete": the layer's update removed (its value scale w_v or Wv set to 0: the GD step deleted);
       "scale": the layer's update multiplied by the scalar ``value`` (w_v or Wv times value);
       "random": every matrix of the module projected on a random subspace of the same ``rank``

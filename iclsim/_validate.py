@@ -163,6 +163,17 @@ def int_list(name: str, values, minimum: int = 1) -> list[int]:
     return [positive_int(name, value, minimum) for value in values]
 
 
+def context_lengths(values) -> list[int]:
+    """The context lengths ns of a sweep: integers >= 1, strictly increasing. A sweep's n axis is matched by
+    position, so fit_sweep and evaluate_sweep both take the sorted list: scoring [5, 2] against a fit over
+    [2, 5] would label every network with the other n (issue 32, finding 4)."""
+    ns = int_list("n", values)
+    if any(b <= a for a, b in zip(ns, ns[1:])):
+        raise ValueError(f"ns must be strictly increasing (the n axis of a sweep is matched by position; fit and "
+                         f"score with the same sorted list), got {ns}")
+    return ns
+
+
 # seeds are 64-bit signed integers: 2**63 and above would wrap onto negative seeds (another stream's)
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1
 

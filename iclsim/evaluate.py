@@ -36,7 +36,8 @@ NO_LIBRARY_FUSION = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 @float64
 def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: int = 100_000,
-                   batch_size: int = 10_000, sampler: str = "auto", devices: Sequence | None = None):
+                   batch_size: int = 10_000, sampler: str = "auto", devices: Sequence | None = None,
+                   n_slots: int | None = None):
     """Test risk on fresh prompts of every model of a sweep: (risk, se), each [designs, ns, seeds].
 
     ``params``: leaves with leading axes [designs, ns, seeds] (``FitResult.params`` of ``fit_sweep`` over the
@@ -44,8 +45,10 @@ def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: 
     numbers); or one key per seed, [seeds, 2] uint32 (or typed keys [seeds]), and the points of seed s, all
     designs and ns, see key s's prompts: each seed its own test set, so that an interval over seeds contains
     the variation of the test set, while comparisons within a seed stay paired. Points whose keys are equal
-    form one random stream (a block of them shares each draw). Prompts have n active pairs in max(ns) slots;
-    Gram draws where ``gram.uses_gram``. The points are laid out in blocks over ``devices`` (default
+    form one random stream (a block of them shares each draw). ``ns``: strictly increasing, the list the sweep
+    was fitted with (its n axis is matched by position). Prompts have n active pairs padded with zero pairs
+    to ``n_slots`` context slots (default max(ns), as ``fit_sweep`` trains); Gram draws where
+    ``gram.uses_gram``. The points are laid out in blocks over ``devices`` (default
     ``jax.devices()``) as training lays out points of one seed.
 
     The prompts a key gives are the first ``num_prompts`` of its fixed draw blocks (``montecarlo``: block b
@@ -54,9 +57,12 @@ def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: 
     device count or the process count, so a network scored alone, inside a sweep or on another machine
     gets the same numbers, and a smaller ``num_prompts`` scores a prefix of a larger one's prompts.
     """
-    design_list, ns = layout.as_list(designs), check.int_list("n", layout.as_list(ns))
+    design_list, ns = layout.as_list(designs), check.context_lengths(layout.as_list(ns))
     protocols.check_sweep(model, design_list, "evaluate")  # the door: named errors
-    n_slots = max(ns)
+    if n_slots is None:
+        n_slots = max(ns)
+    elif check.positive_int("n_slots", n_slots) < max(ns):
+        raise ValueError(f"n_slots must be >= max(ns) = {max(ns)} (the padded context holds every n), got {n_slots}")
     for d in design_list:
         _check_n(d, n_slots)
     num_prompts = montecarlo.check_count("num_prompts", num_prompts)
@@ -88,11 +94,15 @@ def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: 
 
 
 def evaluate(model, params, design, n: int, key, num_prompts: int = 100_000, batch_size: int = 10_000,
-             sampler: str = "auto"):
-    """Test risk (mean, standard error) of one trained model on num_prompts fresh prompts."""
+             sampler: str = "auto", n_slots: int | None = None):
+    """Test risk (mean, standard error) of one trained model on num_prompts fresh prompts with n context pairs
+    in ``n_slots`` slots (default n: no padding). One point of a multi-n sweep was trained on prompts padded
+    to the sweep's max(ns) slots: pass ``n_slots=max(ns)`` to score it as ``evaluate_sweep`` does (a model
+    whose prediction depends on the padding, e.g. H3's position filter, scores differently otherwise)."""
     n = check.positive_int("n", n)
     expanded = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None, None, None], params)
-    mean, se = evaluate_sweep(model, expanded, design, [n], key, num_prompts, batch_size, sampler)
+    mean, se = evaluate_sweep(model, expanded, design, [n], key, num_prompts, batch_size, sampler,
+                              n_slots=n_slots)
     return float(mean[0, 0, 0]), float(se[0, 0, 0])
 
 

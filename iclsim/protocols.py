@@ -264,6 +264,9 @@ def check_model(model, design=None, n: int | None = None, key=None) -> None:
     """Raise TypeError naming what ``model`` lacks of the Model protocol (init, apply, dtype, hashable;
     apply_gram and effective_pgd callable where present, inert_padding a bool); with a design and n, also
     init and apply it to two prompts drawn in model.dtype and check the prediction's shape [2] and dtype."""
+    if isinstance(model, type):
+        raise TypeError(f"model must be an instance, got the class {model.__name__}; construct it first, e.g. "
+                        f"{model.__name__}(dim=...)")
     kind = type(model).__name__
     missing = _missing(model, ["init", "apply", "dtype"])
     if missing:

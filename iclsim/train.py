@@ -146,7 +146,7 @@ def fit_sweep(model, designs, ns: Sequence[int], seeds: Sequence[int], config: T
 
 def _fit_sweep(model, designs, ns, seeds, config, loss_fn, devices, cache) -> FitResult:
     design_list = layout.as_list(designs)
-    ns, seeds = check.int_list("n", layout.as_list(ns)), check.seed_list("seeds", layout.as_list(seeds))
+    ns, seeds = check.context_lengths(layout.as_list(ns)), check.seed_list("seeds", layout.as_list(seeds))
     protocols.check_sweep(model, design_list, "fit_sweep", config.dtype)  # the door; model.dtype is the one dtype
     n_slots = max(ns)
     for d in design_list:

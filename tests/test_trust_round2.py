@@ -552,3 +552,38 @@ def test_designs_of_a_sweep_that_cannot_stack_are_named():
     with pytest.raises(ValueError, match="fields of one shape: design 1"):
         train.fit_sweep(models.PGD(2), [IID(2, noise_var=0.1), IID(2, noise_var=[0.1, 0.2, 0.3], query_noise_var=0.1)],
                         [3], [0], train.TrainConfig(steps=2))
+
+
+def test_context_lengths_are_matched_by_value_and_one_point_names_its_padding():
+    """Finding 4: evaluate_sweep given the ns in another order than the fit labelled every network with
+    the other n (2.95 / 2.26 instead of 2.01 / 1.005), and evaluate(model, point, design, 2) scored one
+    point of a multi-n sweep unpadded (11.48 where evaluate_sweep gave 2.07). Now both take the sorted
+    list (anything else is refused by name), and evaluate's n_slots pads as the sweep did: the same
+    number as evaluate_sweep for that point. Planted bugs caught: a silently re-sorted ns (the labels
+    would still be wrong for a fit over unsorted ns), an n_slots that is ignored (the padded score would then be refused or differ)."""
+    from iclsim import evaluate as ev
+    design, key = IID(2, noise_var=0.1), jax.random.PRNGKey(0)
+    model = models.H3(2, 5)  # a filter over 5 context positions
+    with pytest.raises(ValueError, match="ns must be strictly increasing"):
+        train.fit_sweep(model, design, [5, 2], [0], train.TrainConfig(steps=2))
+    fitted = train.fit_sweep(model, design, [2, 5], [0], train.TrainConfig(steps=50))
+    with pytest.raises(ValueError, match="ns must be strictly increasing"):
+        ev.evaluate_sweep(model, fitted.params, design, [5, 2], key, 2_000)
+    with pytest.raises(ValueError, match="n_slots must be >= max"):
+        ev.evaluate_sweep(model, fitted.params, design, [2, 5], key, 2_000, n_slots=4)
+    risk, _ = ev.evaluate_sweep(model, fitted.params, design, [2, 5], key, 2_000)
+    point = jax.tree_util.tree_map(lambda a: a[0, 0, 0], fitted.params)  # the n = 2 network
+    padded, _ = ev.evaluate(model, point, design, 2, key, 2_000, n_slots=5)
+    np.testing.assert_allclose(padded, risk[0, 0, 0], rtol=1e-6)
+    with pytest.raises(ValueError, match="context length 5"):  # unpadded: named, not a plausible number
+        ev.evaluate(model, point, design, 2, key, 2_000)
+
+
+def test_check_model_refuses_a_class():
+    """Finding 11: protocols.check_model accepted the class LinearAttention instead of an instance (its
+    init and apply are functions of the class too). Now a TypeError that says to construct it."""
+    from iclsim import protocols
+    with pytest.raises(TypeError, match="must be an instance, got the class LinearAttention"):
+        protocols.check_model(models.LinearAttention)
+    with pytest.raises(TypeError, match="must be an instance"):
+        train.fit_sweep(models.LinearAttention, IID(2), [3], [0], train.TrainConfig(steps=2))

@@ -584,8 +584,8 @@ EXPERIMENT = Experiment(
     name="pruning_anisotropic", title="Paper B: depth and search where the SVD basis is the data's",
     settings={**RECIPE, **SHIFTS, "seeds": SEEDS_PER_BASE, "designs": list(DESIGNS), "settings": list(SETTINGS),
               "x_power": 1.0, "beta_power": 1.0, "basis_seed": 0, "ranks": [1, 2, 3, 4],
-              "scales": [0.5, 0.75, 1.25, 1.5], "num_val": 2_000, "num_test": 10_000,
-              "num_reference": 20_000, "num_eval": 200_000},
+              "scales": [0.5, 0.75, 1.25, 1.5], "num_val": 2_000, "num_test": 6_000,
+              "num_reference": 20_000, "num_eval": 100_000},
     quick={**QUICK, "ranks": [1, 2], "scales": [0.5, 1.5], "num_val": 2_000, "num_test": 4_000,
            "num_reference": 10_000, "num_eval": 50_000},
     run=run, plot=plot, summary=summary)

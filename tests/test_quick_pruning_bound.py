@@ -1,5 +1,7 @@
 """Paper B's claim (iii) quick run: the trajectory bound of every pruned network beside its measured harm."""
 
+import pytest
+
 import numpy as np
 
 from tests.quick import EXPERIMENTS, run_quick
@@ -11,6 +13,7 @@ def _rho(x, y):
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+@pytest.mark.slow  # a whole quick study (make test's budget); its library is unit-tested in the default tier
 def test_pruning_bound_quick(tmp_path):
     """Every network passes its gate; each pruned layer's update has the dimension its operation leaves (SVD of
     the factors or of Gamma_l to rank k: k; deleted: 0 with a zero term); the unpruned row changes nothing;

@@ -1,6 +1,8 @@
 """Paper B's claim (ii) in quick runs: pruning one layer against its controls (pruning_depth), and depth
 against step over all layer orders (pruning_depth_step)."""
 
+import pytest
+
 import math
 
 import jax
@@ -17,6 +19,7 @@ def _settings(name):
     return {**EXPERIMENTS[name].settings, **EXPERIMENTS[name].quick}
 
 
+@pytest.mark.slow  # a whole quick study (make test's budget); its library is unit-tested in the default tier
 def test_pruning_depth_quick_controls_and_mechanism(tmp_path):
     """Every network passes its gate and has one row per (setting, layer, operation, rank) and an oracle row.
     The oracle (the best GD re-tuned for the test setting) is the GD network of its steps: its risk is within
@@ -58,6 +61,7 @@ def test_pruning_depth_quick_controls_and_mechanism(tmp_path):
            f"{summ['mechanism']['rank1']['overlap_median']}")
 
 
+@pytest.mark.slow  # a whole quick study (make test's budget); its library is unit-tested in the default tier
 def test_pruning_depth_step_quick_identity_and_decomposition(tmp_path):
     """The best GD's unpruned risk is the same in every layer order on the same prompts (its steps commute:
     float32 rounding, 1e-5 relative); every seed's table, rebuilt here from the rows, splits its trained-order

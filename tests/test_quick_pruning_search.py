@@ -10,6 +10,10 @@ from iclsim import quality
 from tests.quick import EXPERIMENTS, run_quick
 from tests.tolerance import MC_SIGMAS, report
 
+# the quick study's runs are the slow tier (make test's budget); its library pieces are unit-tested in
+# tests/test_pruning_search.py
+pytestmark = pytest.mark.slow
+
 ALLOWED = {"supported", "contradicted", "not resolved at this sample size", quality.UNSTABLE,
            "not resolved: fewer than 2 passing seeds"}
 

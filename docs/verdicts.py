@@ -32,39 +32,40 @@ def main(folder: Path) -> None:
     depth, step = load(folder, "pruning_depth"), load(folder, "pruning_depth_step")
     search, bound = load(folder, "pruning_search"), load(folder, "pruning_bound")
     aniso = load(folder, "pruning_anisotropic")
+    across = {"across": "across_bases"}
+    # (claim, settings, measure(setting), block(setting), cell options): one table row per setting
+    specs = [
+        [("(i) pruning helps", SETTINGS, lambda s: "joint search, paired test change",
+          lambda s: search["claims"][s]["claim_i_joint_search_change"], {**across, "pct": True}),
+         ("(i) ... beyond controls", SETTINGS, lambda s: "search minus best control "
+          f"({search['claims'][s]['pruning_beats_best_control']['A'].get('best_control')})",
+          lambda s: search["claims"][s]["pruning_beats_best_control"], {**across, "pct": True})],
+        [("(ii) deep more stable", SETTINGS, lambda s: "shallow - deep, SVD", lambda s: depth["claim_ii"][s], {}),
+         ("(ii) ... the delete control", SETTINGS, lambda s: "shallow - deep, delete",
+          lambda s: depth["controls"][s]["delete"], {})],
+        [("(ii) as stated: depth", [s for s in ("matched", "shorter context") if s in step],
+          lambda s: "same step, position 1 - 4", lambda s: step[s]["depth_effect"], {}),
+         ("(ii) what drives it: step", [s for s in ("matched", "shorter context") if s in step],
+          lambda s: "same position, shortest - longest step", lambda s: step[s]["step_effect"], {})],
+        [("(iii) the bound orders harm", SETTINGS, lambda s: "Spearman(bound, harm)",
+          lambda s: bound["claim_iii"][s]["bound"], {**across, "a": "base_A", "b": "base_B"})],
+        [("(iv) paper B's protocol, layer 4", SETTINGS, lambda s: "paired test change",
+          lambda s: search["claims"][s]["claim_iv_paper_b_layer4"], {**across, "pct": True}),
+         ("(iv) stability (worst over the rate grid)", SETTINGS, lambda s: "layer 1 - layer 4",
+          lambda s: search["claims"][s]["stability_shallow_minus_deep_worst"], across)],
+        [("(ii) anisotropic data", SETTINGS, lambda s: "shallow - deep, SVD",
+          lambda s: aniso["claim_ii_shallow_minus_deep"]["anisotropic"][s]["svd"], across)],
+        [("(i) anisotropic data", ("noisier test labels", "shorter context"),
+          lambda s: "SVD search minus delete/scale search",
+          lambda s: aniso["claim_i_search"]["anisotropic"][s]["svd_minus_control"], {**across, "pct": True})],
+    ]
     print("| claim | setting | measure (per seed, median [order-statistic interval, coverage 0.979]) | bases A; B; across |")
     print("|---|---|---|---|")
-    for s in SETTINGS:
-        c = search["claims"][s]
-        print(f"| (i) pruning helps | {s} | joint search, paired test change | "
-              f"{cell(c['claim_i_joint_search_change'], across='across_bases', pct=True)} |")
-        print(f"| (i) ... beyond controls | {s} | search minus best control ({c['pruning_beats_best_control']['A'].get('best_control')}) | "
-              f"{cell(c['pruning_beats_best_control'], across='across_bases', pct=True)} |")
-    for s in SETTINGS:
-        print(f"| (ii) deep more stable | {s} | shallow - deep, SVD | {cell(depth['claim_ii'][s])} |")
-        print(f"| (ii) ... the delete control | {s} | shallow - deep, delete | {cell(depth['controls'][s]['delete'])} |")
-    for s in ("matched", "shorter context"):
-        if s in step:
-            print(f"| (ii) as stated: depth | {s} | same step, position 1 - 4 | {cell(step[s]['depth_effect'])} |")
-            print(f"| (ii) what drives it: step | {s} | same position, shortest - longest step | "
-                  f"{cell(step[s]['step_effect'])} |")
-    for s in SETTINGS:
-        blk = bound["claim_iii"][s]["bound"]
-        print(f"| (iii) the bound orders harm | {s} | Spearman(bound, harm) | "
-              f"{cell(blk, a='base_A', b='base_B', across='across_bases')} |")
-    for s in SETTINGS:
-        c = search["claims"][s]
-        print(f"| (iv) paper B's protocol, layer 4 | {s} | paired test change | "
-              f"{cell(c['claim_iv_paper_b_layer4'], across='across_bases', pct=True)} |")
-        print(f"| (iv) stability (worst over the rate grid) | {s} | layer 1 - layer 4 | "
-              f"{cell(c['stability_shallow_minus_deep_worst'], across='across_bases')} |")
-    for s in SETTINGS:
-        blk = aniso["claim_ii_shallow_minus_deep"]["anisotropic"][s]["svd"]
-        print(f"| (ii) anisotropic data | {s} | shallow - deep, SVD | {cell(blk, across='across_bases')} |")
-    for s in ("noisier test labels", "shorter context"):
-        blk = aniso["claim_i_search"]["anisotropic"][s]
-        print(f"| (i) anisotropic data | {s} | SVD search minus delete/scale search | "
-              f"{cell(blk['svd_minus_control'], across='across_bases', pct=True)} |")
+    for group in specs:  # the rows of a group interleave by setting
+        settings = group[0][1]
+        for s in settings:
+            for claim, _, measure, block, options in group:
+                print(f"| {claim} | {s} | {measure(s)} | {cell(block(s), **options)} |")
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ def evaluate_networks(model, networks: Sequence[Sequence], design, n: int, keys,
     if rows.shape != (seeds, 2) or rows.dtype != np.uint32:
         raise ValueError(f"keys must be one key per seed, shape ({seeds}, 2) uint32; got shape {rows.shape}, "
                          f"dtype {rows.dtype}")
-    # stacked on the host: jnp.stack of thousands of operands compiles one concatenation per count (minutes)
+    # stacked on the host: jnp.stack of thousands of operands compiles one concatenation per operand count; np.stack does not compile
     stacked = jax.tree_util.tree_map(lambda *a: np.stack([np.asarray(x) for x in a]).reshape((seeds, k) + np.shape(a[0])),
                                      *[p for row in networks for p in row])
     return pruning.evaluate_networks(model, stacked, design, n, rows, num_prompts)

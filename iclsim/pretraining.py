@@ -1,0 +1,97 @@
+"""Linear attention fitted on a finite pretraining set in closed form (docs/theory.md §11), as Lu, Letey,
+Zavatone-Veth, Maiti, Pehlevan (PNAS 2025, arXiv:2405.11751) do: the prediction is linear in its
+parameters, so ridge regression on P prompts has a closed-form solution.
+
+Lu et al.'s reduced linear attention predicts yhat = <Gamma, H_Z> with Gamma in R^{d x (d+1)} and
+H_Z = x [ (d/n) X^T y ; (1/n) y^T y ]^T in their units (x ~ N(0, I/d), beta ~ N(0, I), noise rho). iclsim's
+designs draw x ~ N(0, I): prompts in iclsim units with label noise d rho are the paper's prompts with x and
+y multiplied by sqrt(d), so here H = x [ X^T y / n ; y^T y / (n d) ]^T / sqrt(d) and the target is y / sqrt(d).
+The fit minimises (1/P) sum_mu (y_mu / sqrt(d) - <Gamma, H_mu>)^2 + (lambda / d) ||Gamma||_F^2, the paper's
+objective divided by P / d, so lambda is the paper's ridge. In iclsim's linear attention the same predictor
+is Q11 = Gamma[:, :d], q12 = Gamma[:, d] / d (query-key block rows of the feature part), p_y = 1, and
+its exact ICL error is ``theory.attention_risk`` on fresh tasks divided by d (the finite-d formula).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from iclsim import _validate as check
+from iclsim import theory
+from iclsim._precision import float64
+from iclsim.designs import IID, Prompts
+
+__all__ = ["features", "fit_ridge", "attention_form", "attention_params", "icl_error", "lu_design"]
+
+F64 = jnp.float64
+
+
+def lu_design(dim: int, noise_var: float) -> IID:
+    """Fresh-task prompts in iclsim units for Lu et al.'s noise rho: x ~ N(0, I), beta ~ N(0, I), label
+    noise d rho (the paper's prompts scaled by sqrt(d); kappa = inf, and the ICL test distribution)."""
+    dim = check.positive_int("dim", dim)
+    rho = check.real("noise_var", noise_var, 0.0)
+    return IID(dim, noise_var=dim * rho)
+
+
+def features(prompts: Prompts) -> jax.Array:
+    """Lu et al.'s H_Z of each prompt, flattened [B, d (d+1)] (module docstring; iclsim units in, paper's
+    units out). Zero (padding) context pairs add nothing to the sums, but n is the slot count."""
+    B, n, d = prompts.X.shape
+    h = jnp.concatenate([jnp.einsum("bni,bn->bi", prompts.X, prompts.y) / n,
+                         jnp.einsum("bn,bn->b", prompts.y, prompts.y)[:, None] / (n * d)], axis=1)
+    return (prompts.x[:, :, None] * h[:, None, :]).reshape(B, d * (d + 1)) / np.sqrt(d)
+
+
+def fit_ridge(prompts: Prompts, ridge, count=None) -> jax.Array:
+    """Gamma [d, d+1] minimising (1/P) sum_mu (y_mu / sqrt(d) - <Gamma, H_mu>)^2 + (ridge / d) ||Gamma||_F^2
+    over the first ``count`` prompts of the batch (default all, P = count):
+    vec Gamma = (H^T H / P + (ridge / d) I)^{-1} H^T y / (P sqrt(d)). Pure and vmappable (over seeds, and
+    over ``count``, which may be traced: the other prompts are masked out, so one compiled program serves a
+    whole tau sweep). Runs in the prompts' dtype (ask for float64). ridge = 0 is least squares and needs
+    P >= d (d + 1)."""
+    B, n, d = prompts.X.shape
+    count = B if count is None else count
+    H = features(prompts)
+    keep = (jnp.arange(B) < count).astype(H.dtype)
+    H = H * keep[:, None]
+    P = jnp.asarray(count, H.dtype)
+    A = H.T @ H / P + (ridge / d) * jnp.eye(d * (d + 1), dtype=H.dtype)
+    b = H.T @ (prompts.y_query * keep) / (P * np.sqrt(d))
+    return jnp.linalg.solve(A, b).reshape(d, d + 1)
+
+
+def attention_form(gamma) -> tuple[jax.Array, jax.Array]:
+    """(Q, v) of iclsim's one-layer linear attention (docs/theory.md §2.2) with the prediction of Gamma on
+    iclsim-unit prompts times sqrt(d): Q = [[Gamma[:, :d], Gamma[:, d] / d], [0, 0]], v = e_{d+1}."""
+    gamma = jnp.asarray(gamma)
+    d = gamma.shape[0]
+    if gamma.shape != (d, d + 1):
+        raise ValueError(f"gamma must have shape (d, d + 1), got {gamma.shape}")
+    Q = jnp.zeros((d + 1, d + 1), gamma.dtype).at[:d, :d].set(gamma[:, :d]).at[:d, d].set(gamma[:, d] / d)
+    return Q, jnp.zeros(d + 1, gamma.dtype).at[d].set(1.0)
+
+
+def attention_params(gamma, dtype=jnp.float32) -> dict:
+    """``models.LinearAttention(d)`` parameters (full rank) that predict as the fitted Gamma in iclsim units:
+    Wq = Q, Wk = I, Wv = e_{d+1} e_{d+1}^T (so they train on and score like any other network)."""
+    Q, v = attention_form(gamma)
+    D = Q.shape[0]
+    return {"Wq": Q.astype(dtype), "Wk": jnp.eye(D, dtype=dtype),
+            "Wv": jnp.zeros((D, D), dtype).at[:, -1].set(v.astype(dtype))}
+
+
+@float64
+def icl_error(gamma, n: int, noise_var: float):
+    """The exact finite-d ICL error of Gamma, in the paper's units: the risk of its attention form on fresh
+    tasks (``lu_design``) with n context pairs, ``theory.attention_risk`` (docs/theory.md §3.4), divided by
+    d. Lu et al.'s finite-d formula e(Gamma) = 1 + rho - (2/d) tr(Gamma A) + ((1 + rho)/d) tr(Gamma^T Gamma B)
+    with A = [I; 0], B = [[I/alpha + (1 + 1/n) I/(1 + rho), 0], [0, (1 + rho)(1 + 2/n)]] is the same number."""
+    gamma = np.asarray(gamma, np.float64)
+    if gamma.ndim != 2 or gamma.shape[1] != gamma.shape[0] + 1 or not np.all(np.isfinite(gamma)):
+        raise ValueError(f"gamma must be a finite (d, d + 1) array, got shape {gamma.shape}")
+    d = gamma.shape[0]
+    Q, v = attention_form(gamma)
+    return theory.attention_risk(lu_design(d, noise_var), n, Q, v) / d

@@ -1,0 +1,128 @@
+"""Lu et al.'s asymptotic ICL error (docs/theory.md §11) and the closed-form ridge fit on a finite
+pretraining set: identities, limits from the paper, and the fit against the infinite-data optimum and
+against Monte Carlo."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from iclsim import TaskPool, asymptotics, models, montecarlo, pretraining, theory
+from tests.tolerance import assert_within_se, report
+
+KAPPAS = [0.3, 1.0, 4.0, np.inf]
+
+
+@pytest.mark.parametrize("kappa", KAPPAS)
+def test_resolvent_solves_its_quadratic_and_its_derivative_is_the_slope(kappa):
+    """M = M_kappa(z) is the positive root of (z/kappa) M^2 + (z + 1 - 1/kappa) M - 1 = 0; M' matches a
+    central difference."""
+    z = np.array([0.05, 0.7, 3.0, 40.0])
+    m = asymptotics.resolvent(z, kappa)
+    k = np.float64(kappa)
+    np.testing.assert_allclose(z / k * m**2 + (z + 1 - 1 / k) * m - 1, 0.0, atol=1e-13)
+    h = 1e-6 * z
+    slope = (asymptotics.resolvent(z + h, kappa) - asymptotics.resolvent(z - h, kappa)) / (2 * h)
+    np.testing.assert_allclose(asymptotics.resolvent_derivative(z, kappa), slope, rtol=1e-7)
+
+
+@pytest.mark.parametrize("alpha,rho", [(0.5, 0.0), (1.0, 0.1), (4.0, 1.0)])
+def test_infinite_data_limit_is_the_optimal_pgd_risk(alpha, rho):
+    """tau -> inf, kappa = inf, lambda -> 0: e_ICL -> rho + (1 + rho)/(alpha + 1 + rho), the d -> inf limit of
+    the isotropic optimum (d + s^2 - n d/(n + d + 1 + s^2))/d with n = alpha d, s^2 = d rho (theory.optimal_pgd
+    at d = 400 within 1%)."""
+    e = asymptotics.ridge_icl_error(alpha, np.inf, 1e7, rho, 1e-9)
+    assert e == pytest.approx(rho + (1 + rho) / (alpha + 1 + rho), rel=1e-6)
+    d = 400
+    finite = theory.optimal_pgd(pretraining.lu_design(d, rho), int(alpha * d)).risk / d
+    assert e == pytest.approx(float(finite), rel=0.01)
+
+
+@pytest.mark.parametrize("kappa", KAPPAS)
+@pytest.mark.parametrize("tau", [0.3, 0.7, 1.6, 5.0])
+def test_small_ridge_tends_to_the_ridgeless_formula(kappa, tau):
+    """Away from the peak the ridge formula at lambda = 1e-8 equals the separate ridgeless closed form."""
+    ridge = asymptotics.ridge_icl_error(1.5, kappa, tau, 0.2, 1e-8)
+    assert ridge == pytest.approx(asymptotics.ridgeless_icl_error(1.5, kappa, tau, 0.2), rel=1e-5)
+
+
+def test_double_descent_peak_sits_at_the_interpolation_threshold():
+    """Ridgeless error diverges at tau = 1 from both sides; with a small ridge the error has its peak near
+    tau = 1 and the peak moves and flattens as lambda grows."""
+    below = [asymptotics.ridgeless_icl_error(2.0, 1.0, t, 0.1) for t in (0.9, 0.99, 0.999)]
+    above = [asymptotics.ridgeless_icl_error(2.0, 1.0, t, 0.1) for t in (1.1, 1.01, 1.001)]
+    assert below[0] < below[1] < below[2] and above[0] < above[1] < above[2] and min(below[2], above[2]) > 50
+    p_small, p_large = (asymptotics.interpolation_peak(2.0, 1.0, 0.1, lam) for lam in (1e-4, 1e-1))
+    assert abs(p_small - 1) < 0.01
+    top_small = asymptotics.ridge_icl_error(2.0, 1.0, p_small, 0.1, 1e-4)
+    top_large = asymptotics.ridge_icl_error(2.0, 1.0, p_large, 0.1, 1e-1)
+    assert top_large < top_small / 3
+
+
+def test_bad_arguments_are_refused_by_name():
+    with pytest.raises(ValueError, match="kappa"):
+        asymptotics.ridge_icl_error(1.0, 0.0, 1.0, 0.1, 1e-3)
+    with pytest.raises(ValueError, match="tau"):
+        asymptotics.ridge_icl_error(1.0, 1.0, -1.0, 0.1, 1e-3)
+    with pytest.raises(ValueError, match="ridge"):
+        asymptotics.ridge_icl_error(1.0, 1.0, 1.0, 0.1, 0.0)
+    with pytest.raises(ValueError, match="tau must differ from 1"):
+        asymptotics.ridgeless_icl_error(1.0, 1.0, 1.0, 0.1)
+    with pytest.raises(ValueError, match="gamma"):
+        pretraining.icl_error(np.zeros((3, 3)), 4, 0.1)
+
+
+def _fit(design, P, n, ridge, seed):
+    with jax.enable_x64(True):
+        return pretraining.fit_ridge(design.sample(jax.random.PRNGKey(seed), P, n, jnp.float64), ridge)
+
+
+@pytest.mark.parametrize("d,n,rho", [(2, 3, 0.0), (3, 6, 0.2), (4, 4, 1.0)])
+def test_finite_pretraining_fit_tends_to_the_infinite_data_optimum(d, n, rho):
+    """Fresh tasks (kappa = inf), lambda -> 0: as tau = P/d^2 grows the fitted attention's exact excess risk
+    over theory.optimal_pgd falls (at least 8x from tau = 20 to tau = 640) and its PGD block Gamma[:, :d] / n
+    tends to W* while the y^2 column tends to 0 (Paper A, Theorem 1)."""
+    design = pretraining.lu_design(d, rho)
+    opt = theory.optimal_pgd(design, n)
+    excess, dist = [], []
+    for tau in (20, 640):
+        fits = [_fit(design, tau * d * d, n, 1e-10, s) for s in range(4)]
+        excess.append(np.mean([pretraining.icl_error(g, n, rho) - opt.risk / d for g in fits]))
+        dist.append(np.mean([np.abs(np.asarray(g)[:, :d] / n - opt.W).max() / np.abs(opt.W).max()
+                             + np.abs(np.asarray(g)[:, d]).max() for g in fits]))
+    report(f"finite pretraining d={d}: excess risk {excess[0]:.3g} (tau 20) -> {excess[1]:.3g} (tau 640)")
+    assert 0 < excess[1] < excess[0] / 8 and dist[1] < dist[0] / 2 and dist[1] < 0.25
+
+
+def test_fit_is_the_ridge_normal_equation_and_masks_the_rest():
+    """The fit zeroes the gradient of (1/P) sum (y/sqrt(d) - <Gamma, H>)^2 + (lambda/d) ||Gamma||^2 over the
+    first ``count`` prompts only; vmapped over seeds it equals seed-by-seed fits."""
+    design = TaskPool(3, 5, noise_var=0.3, pool_seed=1)
+    with jax.enable_x64(True):
+        p = design.sample(jax.random.PRNGKey(0), 40, 4, jnp.float64)
+        g = pretraining.fit_ridge(p, 0.7, 25)
+        head = jax.tree_util.tree_map(lambda a: a[:25], p)
+
+        def loss(G):
+            fit = pretraining.features(head) @ G.ravel()
+            return jnp.mean((head.y_query / jnp.sqrt(3.0) - fit) ** 2) + 0.7 / 3 * jnp.sum(G**2)
+
+        assert float(jnp.abs(jax.grad(loss)(g)).max()) < 1e-10
+        stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), p, design.sample(jax.random.PRNGKey(1), 40, 4,
+                                                                                              jnp.float64))
+        both = jax.vmap(pretraining.fit_ridge, in_axes=(0, None, None))(stacked, 0.7, 25)
+    np.testing.assert_allclose(np.asarray(both[0]), np.asarray(g), rtol=1e-10)
+
+
+def test_finite_d_error_of_a_fit_matches_monte_carlo():
+    """The exact ICL error (theory.attention_risk / d) of a fit on a 3-task pool, whose y^2 column is far
+    from 0 (memorisation), against the fitted LinearAttention scored on 100k fresh-task prompts (4 SE)."""
+    d, n, rho = 5, 7, 0.2
+    g = _fit(TaskPool(d, 3, noise_var=d * rho, pool_seed=2), 300, n, 1e-3, 0)
+    assert np.abs(np.asarray(g)[:, d]).max() > 0.1
+    model = models.LinearAttention(d, dtype=jnp.float64)
+    with jax.enable_x64(True):
+        params = pretraining.attention_params(g, jnp.float64)
+    est = montecarlo.risk(lambda p: model.apply(params, p), pretraining.lu_design(d, rho), n, jax.random.PRNGKey(3),
+                          100_000)
+    assert_within_se(pretraining.icl_error(g, n, rho), est.mean / d, est.se / d, "pretraining.icl_error")

@@ -174,8 +174,12 @@ def plot(rows, s):
                         label=f"  fits, d = {d}" if kappa == kappas[0] else None)
         for tau in (t for t in s["taus"] if abs(t - 1) >= 0.5):
             asym = asymptotics.ridge_icl_error(alpha, kap, tau, rho, lam)
-            means = [(_stats(rows, "curve", kappa, d, tau)[0] - asym) / asym for d in dims]
-            gax.plot([1 / d for d in dims], means, "-o", ms=3, color=c, alpha=0.7)
+            stats = [_stats(rows, "curve", kappa, d, tau) for d in dims]
+            gax.plot([1 / d for d in dims], [(m - asym) / asym for m, _, _ in stats], "-o", ms=3, color=c, alpha=0.7)
+            if len(dims) > 1:  # the a + b/d intercept with its 95% interval, at 1/d = 0
+                a, a_se = _extrapolate(dims, [m for m, _, _ in stats], [e for _, e, _ in stats])
+                gax.errorbar([0.0], [(a - asym) / asym], yerr=[[1.96 * a_se / asym]], fmt="_", color=c, alpha=0.7,
+                             capsize=2)
         ivs = [quality.seed_interval(_peaks(rows, kappa, d)) for d in dims]
         m = np.array([iv.mean for iv in ivs])
         pax.errorbar([1 / d for d in dims], m, yerr=[m - [iv.low for iv in ivs], [iv.high for iv in ivs] - m],
@@ -183,16 +187,18 @@ def plot(rows, s):
         pax.plot([0], [asymptotics.interpolation_peak(alpha, kap, rho, lam)], "*", ms=10, color=c)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    ax.set_xticks([0.25, 0.5, 1, 2, 4], ["0.25", "0.5", "1", "2", "4"])
+    ax.minorticks_off()
     ax.set_xlabel("tau = P / d^2")
     ax.set_ylabel("ICL error (paper's units; 1 + rho: predict 0)")
     ax.set_title(f"ridge fits (8 seeds, 95%) vs Lu et al.\n(alpha = {alpha:g}, rho = {rho:g}, lambda = {lam:g})",
                  fontsize=9)
     ax.legend(fontsize=6)
     gax.axhline(0, color="k", ls=":", lw=1)
-    gax.set_xlim(left=0)
+    gax.set_xlim(left=-0.005)
     gax.set_xlabel("1 / d")
     gax.set_ylabel("(finite-d mean - asymptotic) / asymptotic")
-    gax.set_title("finite-d gap per tau (|tau - 1| >= 0.5) -> 0 as d grows", fontsize=9)
+    gax.set_title("finite-d gap per tau (|tau - 1| >= 0.5);\nat 1/d = 0: a + b/d fit, 95%", fontsize=9)
     x = np.linspace(0, 1 / min(dims), 20)
     pax.plot(x, 1 + x, "k:", lw=1, label="P = d(d+1) (parameters)")
     pax.set_xlim(left=-0.005)
@@ -207,7 +213,7 @@ EXPERIMENT = Experiment(
     name="pretraining_tau",
     title="Lu et al.: ICL error of ridge-fitted linear attention vs pretraining data tau = P/d^2",
     settings={"dims": [8, 12, 16], "alpha": 1.0, "noise_var": 0.1, "ridge": 1e-3, "kappas": [0.5, 2.0, None],
-              "taus": [0.25, 0.4, 0.6, 0.8, 1.0, 1.25, 1.6, 2.0, 3.0, 4.0],
-              "peak_taus": [round(0.85 + 0.025 * i, 3) for i in range(21)], "seeds": 8, "num_test": 20_000},
+              "taus": [0.25, 0.5, 0.8, 1.0, 1.25, 1.6, 2.5, 4.0],
+              "peak_taus": [round(0.95 + 0.025 * i, 3) for i in range(13)], "seeds": 8, "num_test": 10_000},
     quick={"dims": [6], "kappas": [None], "taus": [0.5, 2.0], "peak_taus": [1.0, 1.15, 1.3], "num_test": 1_000},
     run=run, plot=plot, summary=summary)

@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import pytest
 
-from iclsim import IID, RAG, Drift, cache, designs, gram, models, runner, theory, train
+from iclsim import IID, RAG, Drift, cache, designs, fingerprint, gram, models, runner, theory, train
 from iclsim._files import atomic_write
 from tests.tolerance import assert_close
 
@@ -125,16 +125,16 @@ def test_cache_key_follows_versions_devices_and_package_source(monkeypatch, tmp_
     code as it runs: the training engine is one of the hashed settings, issue 32 finding 2)."""
     settings = (models.PGD(3), IID(3, noise_var=0.1), 4, 0, 4, train.TrainConfig(steps=10), train.squared_loss)
     base = cache.fingerprint(*settings)
-    env = cache.environment()
+    env = fingerprint.environment()
     for change in [{"jax": "0.0.1"}, {"iclsim": "9.9"}, {"jaxlib": "x"}]:
-        monkeypatch.setattr(cache, "environment", lambda c=change: {**env, **c})
+        monkeypatch.setattr(fingerprint, "environment", lambda c=change: {**env, **c})
         assert cache.fingerprint(*settings) != base, change
-    monkeypatch.setattr(cache, "environment", lambda: env)
+    monkeypatch.setattr(fingerprint, "environment", lambda: env)
     assert cache.fingerprint(*settings) == base
-    runtime = cache._runtime()
-    monkeypatch.setattr(cache, "_runtime", lambda: (runtime[0], runtime[1] + 1, *runtime[2:]))
+    runtime = fingerprint.runtime()
+    monkeypatch.setattr(fingerprint, "runtime", lambda: (runtime[0], runtime[1] + 1, *runtime[2:]))
     assert cache.fingerprint(*settings) != base
-    monkeypatch.setattr(cache, "_runtime", lambda: runtime)
+    monkeypatch.setattr(fingerprint, "runtime", lambda: runtime)
     # an iclsim helper the engine reaches through a module attribute (layout.plan) is in the key
     from iclsim import layout
     engine = cache.fingerprint(train._fit_sweep)

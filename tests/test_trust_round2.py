@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iclsim import IID, cache, models, runner, theory, train
+from iclsim import IID, cache, compiler, models, runner, theory, train
 from tests.test_trust import _fake, _module, assert_one_set
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -139,10 +139,43 @@ def test_the_xla_options_of_a_fit_are_in_its_key(tmp_path, monkeypatch):
     again = cache.SweepCache(tmp_path)
     train.fit_sweep(model, design, [3], [0], cfg, cache=again)
     assert (again.hits, again.trained) == (1, 0)
-    monkeypatch.setattr(train, "SMALL_PROGRAM_OPTIONS", {"xla_cpu_use_fusion_emitters": True})
+    monkeypatch.setattr(compiler, "SMALL_PROGRAM_OPTIONS", {"xla_cpu_use_fusion_emitters": True})
     other = cache.SweepCache(tmp_path)
     train.fit_sweep(model, design, [3], [0], cfg, cache=other)
     assert (other.hits, other.trained) == (0, 1)
+
+
+
+@pytest.mark.parametrize("change", ["evaluation option", "XLA_FLAGS"])
+def test_a_cache_entry_made_under_one_compiler_option_is_not_served_under_another(tmp_path, monkeypatch, change):
+    """Issue 31: every compiler option the engine applies is in the key (``compiler.key``), not only the
+    training program's: a point stored under one evaluation option set, or under other XLA_FLAGS (which
+    ``iclsim run --quick`` sets), is retrained, never served. Planted bug caught: ``compiler.key`` or the
+    fingerprint leaving out an option set (the second store would be a hit)."""
+    model, design = models.PGD(2), IID(2, noise_var=0.2)
+    cfg = train.TrainConfig(steps=10, batch_size=16, warmup_steps=2)
+    first = cache.SweepCache(tmp_path)
+    train.fit_sweep(model, design, [3], [0], cfg, cache=first)
+    assert (first.hits, first.trained) == (0, 1)
+    if change == "XLA_FLAGS":
+        monkeypatch.setenv("XLA_FLAGS", compiler.xla_flags() + " --xla_cpu_use_fusion_emitters=false")
+    else:
+        monkeypatch.setattr(compiler, "NO_LIBRARY_FUSION", {"xla_cpu_experimental_ynn_fusion_type": "default"})
+    other = cache.SweepCache(tmp_path)
+    train.fit_sweep(model, design, [3], [0], cfg, cache=other)
+    assert (other.hits, other.trained) == (0, 1)
+    monkeypatch.undo()
+    back = cache.SweepCache(tmp_path)
+    train.fit_sweep(model, design, [3], [0], cfg, cache=back)
+    assert (back.hits, back.trained) == (1, 0)  # the first entry is still served under its own options
+
+
+def test_no_ambient_state_in_iclsim():
+    """Issue 31: the cache is an explicit argument: no module of iclsim keeps a context variable."""
+    import iclsim
+
+    for path in Path(iclsim.__file__).parent.glob("*.py"):
+        assert "contextvars" not in path.read_text() and "ContextVar" not in path.read_text(), path
 
 
 # ---- finding 3: forged cache entries, a cache folder of others ----

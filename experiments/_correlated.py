@@ -79,7 +79,7 @@ def correlated_experiment(name: str, title: str, make_design: Callable, settings
         ax2.set_ylabel("effective sample size / n")
         ax2.set_title("effective sample-size gain")
         plotting.legend(ax2)
-        fig.suptitle(f"{title} (d = {s['dim']}, noise variance {s['noise_var']})")
+        fig.suptitle(f"{title} (d = {s.dim}, noise variance {s.noise_var})")
         return fig
 
     def summary(rows):

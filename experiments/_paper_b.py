@@ -75,7 +75,7 @@ def train_networks(s, seeds, context, design=None):
     d, L = s.dim, s.layers
     model = models.LinearTransformer(d, L)
     design = IID(d, noise_var=s.noise_var) if design is None else design
-    context.progress(f"  training (or loading) {len(seeds)} {L}-layer linear transformers (GD form), {s['steps']} steps")
+    context.progress(f"  training (or loading) {len(seeds)} {L}-layer linear transformers (GD form), {s.steps} steps")
     fitted = train.fit_sweep(model, design, [s.n], seeds, TrainConfig(steps=s.steps), cache=context.cache)
     return model, jax.tree_util.tree_map(lambda a: a[0, 0], fitted.params), design
 

@@ -64,7 +64,7 @@ def plot(rows, s):
         ax.set_title(name)
         ax.set_ylabel("test risk L")
         plotting.legend(ax)
-    fig.suptitle(f"Linear attention and H3 vs the optimal one-step PGD risk (d = {s['dim']})")
+    fig.suptitle(f"Linear attention and H3 vs the optimal one-step PGD risk (d = {s.dim})")
     return fig
 
 

@@ -60,7 +60,7 @@ def plot(rows, s):
     plotting.curves(ax1, rows, x="design", group=("model",), theory_label="optimum (WPGD for H3, PGD for attention)")
     plotting.gap(gax, rows, x="design", group=("model",))
     ax1.set_ylabel("test risk L")
-    ax1.set_title(f"risk by design (d = {s['dim']}, n = {n})")
+    ax1.set_title(f"risk by design (d = {s.dim}, n = {n})")
     plotting.legend(ax1)
     pos = np.arange(1, n + 1)
     colours = plotting.colour_map(labels)

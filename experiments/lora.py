@@ -71,7 +71,7 @@ def plot(rows, s):
     ax.set_ylabel("test risk L on cov_beta_new")
     gaps[0].set_xlabel("LoRA rank r")
     plotting.legend(ax)
-    ax.set_title(f"LoRA adaptation to a rank-2 task-covariance shift (d = {s['dim']}, n = {s['n']})")
+    ax.set_title(f"LoRA adaptation to a rank-2 task-covariance shift (d = {s.dim}, n = {s.n})")
     return fig
 
 

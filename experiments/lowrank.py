@@ -58,7 +58,7 @@ def plot(rows, s):
     plotting.curves(ax1, rows, x="rank", group=("design",), theory_label="Eckart-Young optimum")
     plotting.gap(g1, rows, x="rank", group=("design",))
     ax1.set_ylabel("test risk L")
-    ax1.set_title(f"risk vs rank r (n = {s['n']})")
+    ax1.set_title(f"risk vs rank r (n = {s.n})")
     plotting.legend(ax1)
     kept = [{**r, "overlap_theory": 1.0} for r in rows if "overlap" in r]
     plotting.curves(ax2, kept, x="rank", y="overlap", theory="overlap_theory", group=("design",),
@@ -68,7 +68,7 @@ def plot(rows, s):
     ax2.set_ylabel("subspace overlap with theory's W_r")
     ax2.set_title("kept eigendirections (r <= number of spikes)")
     plotting.legend(ax2)
-    fig.suptitle(f"Low-rank linear attention vs the Eckart-Young optimum (d = {s['dim']})")
+    fig.suptitle(f"Low-rank linear attention vs the Eckart-Young optimum (d = {s.dim})")
     return fig
 
 

@@ -269,8 +269,8 @@ def _reference(s, name, design, V, key, progress):
     if name == "isotropic":
         ref = theory.optimal_multistep_gd(design, s.n, s.layers, key, s.num_eval)
         return float(ref.risk), float(ref.se), one_step
-    progress(f"  reference: best {s['layers']}-step GD preconditioned in the eigenbasis ({s['num_reference']} draws, "
-             f"scored on {s['num_eval']})")
+    progress(f"  reference: best {s.layers}-step GD preconditioned in the eigenbasis ({s.num_reference} draws, "
+             f"scored on {s.num_eval})")
     _, risk, se = eigenbasis_multistep_gd(design, V, s.n, s.layers, key, s.num_reference, s.num_eval)
     return risk, se, one_step
 

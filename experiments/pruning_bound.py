@@ -65,11 +65,11 @@ def run(s, seed, context):
     bound_keys = np.repeat(sweeps.stream_keys(seeds, BOUND_STREAM), len(cands), axis=0)
     rows, passed = [], None
     for setting, (test_design, test_n) in test_settings(s).items():
-        progress(f"  {setting}: {len(cands)} networks x {len(seeds)} seeds on {s['num_test']} test prompts each")
+        progress(f"  {setting}: {len(cands)} networks x {len(seeds)} seeds on {s.num_test} test prompts each")
         risk, se = pruning.evaluate_candidates(model, params, test_design, test_n, cands, test_keys, s.num_test)
         if passed is None:  # the gate: matched test risk of the unpruned network against the best L-step GD
             passed = quality.gate(risk[:, 0], ref.risk, se=np.hypot(se[:, 0], ref.se))
-        progress(f"  {setting}: paper B's bound of every network over {s['num_contexts']} contexts per seed")
+        progress(f"  {setting}: paper B's bound of every network over {s.num_contexts} contexts per seed")
         b = bound.trajectory_bound(model, stacked, test_design, test_n, bound_keys, s.num_contexts)
         shape = (len(seeds), len(cands))
         values = {"bound": b.bound.reshape(shape), "lemma_bound": b.lemma_bound.reshape(shape),
@@ -195,8 +195,8 @@ def plot(rows, s):
                      + (f"(coverage {coverage:.3f})" if coverage < 1 else "(too few seeds: [min, max])"), fontsize=8)
     seeds = {r["seed"]: r["passed"] for r in rows}
     failed = len(seeds) - sum(seeds.values())
-    fig.suptitle(f"Does paper B's trajectory bound order the harm of pruning? {s['layers']}-layer GD-form "
-                 f"transformers (d = {s['dim']}, n = {s['n']}), 2 bases x {s['seeds']} seeds; "
+    fig.suptitle(f"Does paper B's trajectory bound order the harm of pruning? {s.layers}-layer GD-form "
+                 f"transformers (d = {s.dim}, n = {s.n}), 2 bases x {s.seeds} seeds; "
                  f"{failed} of {len(seeds)} networks failed the gate and are left out", fontsize=10)
     return fig
 

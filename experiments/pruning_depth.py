@@ -72,13 +72,13 @@ def run(s, seed, context):
     for setting, (test_design, test_n) in _paper_b.test_settings(s).items():
         oracle = ref if setting == "matched" else theory.optimal_multistep_gd(
             test_design, test_n, L, jax.random.PRNGKey(seed), s.num_reference)
-        progress(f"  {setting}: the best scalar per layer on {s['num_val']} validation prompts per seed")
+        progress(f"  {setting}: the best scalar per layer on {s.num_val} validation prompts per seed")
         val, _ = pruning.evaluate_candidates(model, params, test_design, test_n, val_cands, val_keys, s.num_val)
         c_best = depth.best_scale(val[:, 1:1 + L], val[:, :1], val[:, 1 + L:]).best  # [seeds, L]
         cands = [_candidates(L, ranks, sd) for sd in seeds]
         networks = [[pruning.apply_candidate(p, c) for c in cs] + [depth.gd_network(oracle.step_sizes, d)]
                     for p, cs in zip(per_seed, cands)]
-        progress(f"  {setting}: {len(networks[0])} networks x {len(seeds)} seeds on {s['num_test']} test prompts each")
+        progress(f"  {setting}: {len(networks[0])} networks x {len(seeds)} seeds on {s.num_test} test prompts each")
         risk, se = depth.evaluate_networks(model, networks, test_design, test_n, test_keys, s.num_test)
         if passed is None:  # the gate: matched test risk of the unpruned network against the best L-step GD
             passed = quality.gate(risk[:, 0], ref.risk, se=np.hypot(se[:, 0], ref.se))
@@ -311,8 +311,8 @@ def plot(rows, s):
         ax.legend(fontsize=7)
     sm = plotting.plt.cm.ScalarMappable(cmap=cmap, norm=plotting.plt.Normalize(1, L))
     fig.colorbar(sm, ax=axes[1:, -1], label="step rank held (1 = shortest)", ticks=range(1, L + 1))
-    fig.suptitle(f"Pruning one layer of a {L}-layer GD-form transformer (d = {d}, n = {s['n']}), two seed bases x "
-                 f"{s['seeds']} seeds; {summ['networks_failed']} networks failed the gate "
+    fig.suptitle(f"Pruning one layer of a {L}-layer GD-form transformer (d = {d}, n = {s.n}), two seed bases x "
+                 f"{s.seeds} seeds; {summ['networks_failed']} networks failed the gate "
                  f"(A {summ['failed_by_base']['A']}, "
                  f"B {summ['failed_by_base']['B']}) and are left out")
     return fig

@@ -76,7 +76,7 @@ def run(s, seed, context):
     for setting in SETTINGS:
         test_design, test_n = _paper_b.test_settings(s)[setting]
         progress(f"  {setting}: {len(networks[0])} networks ({len(orders)} orders) x {len(networks)} prompt sets, "
-                 f"{s['num_test']} prompts each")
+                 f"{s.num_test} prompts each")
         risk, se = depth.evaluate_networks(model, networks, test_design, test_n, keys, s.num_test)
         if passed is None:  # the gate: the trained order on matched prompts against the best L-step GD
             passed = quality.gate(risk[:len(seeds), 0], ref.risk, se=np.hypot(se[:len(seeds), 0], ref.se))
@@ -193,7 +193,7 @@ def plot(rows, s):
         _plain_ticks(ax.yaxis)
         ax.set_xticks(range(1, L + 1))
         ax.set_xlabel("position the pruned layer is placed at (all orders)")
-        ax.set_ylabel(f"risk / unpruned risk (log), SVD rank {', '.join(map(str, s['ranks']))} mean")
+        ax.set_ylabel(f"risk / unpruned risk (log), SVD rank {', '.join(map(str, s.ranks))} mean")
         ax.set_title(f"{setting}: median over passing seeds (trained, solid) and prompt sets (best GD, dashed)",
                      fontsize=8)
         ax.legend(fontsize=6, ncol=2)

@@ -106,17 +106,17 @@ def plot(rows, s):
         cax.axhline(np.mean(zero_change), color=colour, ls="-.", lw=1, label="predicting 0 (seed mean)")
         cax.axhline(0.0, color="k", ls=":", lw=1)
         cax.set_xticks(ranks)
-        cax.set_xlabel(f"kept rank (of {s['dim'] + 1})")
+        cax.set_xlabel(f"kept rank (of {s.dim + 1})")
         cax.set_ylabel("exact risk change vs unpruned, %")
         cax.set_title(design, fontsize=9)
         cax.legend(fontsize=6)
     ax.set_xticks(ranks)
     ax.set_yscale("log")
-    ax.set_xlabel(f"kept rank of Wq, Wk, Wv (of {s['dim'] + 1})")
+    ax.set_xlabel(f"kept rank of Wq, Wk, Wv (of {s.dim + 1})")
     ax.set_ylabel("test risk L (each seed's own prompts)")
     ax.legend(fontsize=6, loc="center", bbox_to_anchor=(0.5, 0.7))  # in the gap between the noisiest curve and the rest
     failed = len({r["seed"] for r in rows if not r["passed"]})
-    ax.set_title(f"Pruning one-layer attention (d = {s['dim']}, n = {s['n']}; threshold "
+    ax.set_title(f"Pruning one-layer attention (d = {s.dim}, n = {s.n}; threshold "
                  f"{rows[0]['threshold']:.1f}); {failed} failed the gate", fontsize=9)
     return fig
 

@@ -93,8 +93,8 @@ def plot(rows, s):
 
     fig, axes = plotting.plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
     d = s.dim
-    panels = [(axes[0], "noise", f"test label-noise variance (train: {s['noise_var']:g})", s.test_noise_vars),
-              (axes[1], "tail", f"test / train variance of the task tail (directions > {s['head']})", s.tails)]
+    panels = [(axes[0], "noise", f"test label-noise variance (train: {s.noise_var:g})", s.test_noise_vars),
+              (axes[1], "tail", f"test / train variance of the task tail (directions > {s.head})", s.tails)]
     for ax, axis, label, values in panels:
         xs = np.geomspace(min(values), max(values), 80)
         grid = _closed_form_grid(s, axis, xs)
@@ -120,7 +120,7 @@ def plot(rows, s):
         for m, lab in [("v", "trained PGD: pruning helps (95% CI over seeds < 0)"), ("^", "trained PGD: pruning hurts"),
                        ("o", "trained PGD: not resolved")]]
     fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=8)
-    fig.suptitle(f"When SVD truncation of W helps: d = {d}, n = {s['n']}, task variances ~ i^-{s['power']:g}; "
+    fig.suptitle(f"When SVD truncation of W helps: d = {d}, n = {s.n}, task variances ~ i^-{s.power:g}; "
                  "blue: truncation lowers the test risk")
     return fig
 

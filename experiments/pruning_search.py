@@ -344,8 +344,8 @@ def plot(rows, s):
         ax.legend(fontsize=7)
     failed = {b: sum(1 for r in rows if r["kind"] == "seed" and r["setting"] == settings[0] and r["base"] == b
                      and not r["passed"]) for b in bases}
-    fig.suptitle(f"Paper B's search against controls ({s['layers']}-layer GD-form transformers, d = {s['dim']}); "
-                 f"gate failures: " + ", ".join(f"base {b} {failed[b]} of {s['seeds']}" for b in bases)
+    fig.suptitle(f"Paper B's search against controls ({s.layers}-layer GD-form transformers, d = {s.dim}); "
+                 f"gate failures: " + ", ".join(f"base {b} {failed[b]} of {s.seeds}" for b in bases)
                  + "; joint-search points coloured by the step rank of the pruned layer (C0 = shortest)",
                  fontsize=10)
     return fig

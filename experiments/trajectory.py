@@ -33,7 +33,7 @@ TEST_KEY = sweeps.TEST_STREAM - 2  # fold_in(PRNGKey(seed), TEST_KEY): each seed
 
 def base_seeds(s, seed):
     """{base name: its seeds}: base A seed..seed + seeds - 1, base B the same from seed + the second offset."""
-    return {f"{name} (seeds {seed + o}-{seed + o + s['seeds'] - 1})": [seed + o + k for k in range(s.seeds)]
+    return {f"{name} (seeds {seed + o}-{seed + o + s.seeds - 1})": [seed + o + k for k in range(s.seeds)]
             for name, o in zip("AB", s.seed_bases)}
 
 
@@ -49,7 +49,7 @@ def run(s, seed, context):
     for L in range(1, s.layers + 1):
         model = models.LinearTransformer(d, L)
         ref = theory.optimal_multistep_gd(design, n, L)
-        progress(f"  depth {L}: training {len(seeds)} networks ({len(bases)} seed bases), {s['steps']} steps")
+        progress(f"  depth {L}: training {len(seeds)} networks ({len(bases)} seed bases), {s.steps} steps")
         fitted = train.fit_sweep(model, design, [n], seeds, TrainConfig(steps=s.steps), cache=context.cache)
         params = jax.tree_util.tree_map(lambda a: a[0, 0], fitted.params)
         reference = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (len(seeds),) + a.shape),
@@ -116,8 +116,8 @@ def plot(rows, s):
         ax.set_xticks(depths)
         ax.set_xlabel("layers L / GD steps")
         ax.legend(fontsize=6)
-    fig.suptitle(f"L-layer linear transformers vs the best L-step GD on the same prompts (d = {s['dim']}, "
-                 f"n = {s['n']}, noise {s['noise_var']})")
+    fig.suptitle(f"L-layer linear transformers vs the best L-step GD on the same prompts (d = {s.dim}, "
+                 f"n = {s.n}, noise {s.noise_var})")
     return fig
 
 

@@ -33,7 +33,7 @@ from iclsim._files import atomic_write, check_writable_dir
 from iclsim.configs import RunError
 from iclsim.registry import _NAME
 
-__all__ = ["LOCK_NAME", "rows_to_csv", "read_rows", "read_results", "versions", "git_state", "results_lock",
+__all__ = ["LOCK_NAME", "rows_to_csv", "read_rows", "read_results", "versions", "git_state", "repo_state", "results_lock",
            "write_set", "check_output", "label", "format_number", "format_summary"]
 
 LOCK_NAME = ".iclsim.lock"

@@ -60,7 +60,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)  # the module atomic_write uses
     with pytest.raises(KeyboardInterrupt):
         runner.atomic_write(target, b"new\n")
     assert target.read_bytes() == b"old\n"
@@ -72,18 +72,24 @@ import jax
 from iclsim import IID, models, plotting, sweeps, theory
 from iclsim.runner import Experiment
 from iclsim.train import TrainConfig
+import dataclasses
 
-def run(s, seed, progress):
-    zoo = {"PGD": (models.PGD(2), TrainConfig(s["steps"], 64, 0.02, warmup_steps=10))}
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    steps: int = 100
+
+def run(s, seed, context):
+    zoo = {"PGD": (models.PGD(2), TrainConfig(s.steps, 64, 0.02, warmup_steps=10))}
     return sweeps.risk_curves(zoo, {"iid": IID(2, noise_var=0.1)}, [2, 4], [seed, seed + 1],
-                               lambda d, n, m: theory.optimal_pgd(d, n).risk, jax.random.PRNGKey(1), 2000, progress)
+                               lambda d, n, m: theory.optimal_pgd(d, n).risk, jax.random.PRNGKey(1), 2000,
+                               context.progress, cache=context.cache)
 
 def plot(rows, s):
     fig, axes = plotting.panels(1)
     axes[0].plot([r["n"] for r in rows], [r["risk"] for r in rows])
     return fig
 
-EXPERIMENT = Experiment(name="tiny", title="tiny", settings={"steps": 100}, run=run, plot=plot,
+EXPERIMENT = Experiment(name="tiny", title="tiny", settings=Settings(), run=run, plot=plot,
                         summary=lambda rows: {"rows": len(rows)})
 """
 

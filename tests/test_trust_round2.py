@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iclsim import IID, cache, compiler, models, runner, theory, train
+from iclsim import IID, cache, compiler, models, results, runner, theory, train
 from tests.test_trust import _fake, _module, assert_one_set
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +42,7 @@ def test_a_pending_set_listing_outside_names_is_refused(tmp_path):
     """Finding 1: a planted .iclsim-pending-*/READY listing '../x' made the next run move files outside
     --out. Now such a list is refused (RunError naming the entry) and nothing moves."""
     out = tmp_path / "out"
-    pending = out / (runner._PENDING + "planted")
+    pending = out / (results._PENDING + "planted")
     pending.mkdir(parents=True)
     (out / "escaped.txt").write_text("inside")
     (pending / "READY").write_text("../escaped.txt")
@@ -422,17 +422,26 @@ EXPS = '''
 import os, time
 import jax
 import matplotlib.pyplot as plt
+import dataclasses
 from iclsim import IID, theory
 from iclsim.runner import Experiment
 
-def run(s, seed, progress):
-    if s["sleep"]:
-        with open(os.path.join(s["out"], f"pid-{s['tag']}"), "w") as f:
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    points: int = 2
+    sleep: float = 0.0
+    tag: str = "{name}"
+    passes: bool = True
+    num_test: int = 100
+
+def run(s, seed, context):
+    if s.sleep:
+        with open(os.path.join(context.out, f"pid-{{s.tag}}"), "w") as f:
             f.write(str(os.getpid()))
-        time.sleep(s["sleep"])
-    if s["num_test"] != 100:
-        theory.monte_carlo_risk(lambda p: p.x[:, 0], IID(2), 2, jax.random.PRNGKey(0), num_prompts=s["num_test"])
-    return [{"k": k, "devices": jax.device_count(), "passed": s["pass"]} for k in range(s["points"])]
+        time.sleep(s.sleep)
+    if s.num_test != 100:
+        theory.monte_carlo_risk(lambda p: p.x[:, 0], IID(2), 2, jax.random.PRNGKey(0), num_prompts=s.num_test)
+    return [{{"k": k, "devices": jax.device_count(), "passed": s.passes}} for k in range(s.points)]
 
 def plot(rows, s):
     fig, ax = plt.subplots(figsize=(2, 2))
@@ -440,7 +449,7 @@ def plot(rows, s):
     return fig
 
 EXPERIMENT = Experiment(name="{name}", title="{name}", run=run, plot=plot, summary=lambda rows: {{"rows": len(rows)}},
-                        settings={{"points": 2, "sleep": 0.0, "tag": "{name}", "pass": True, "num_test": 100}})
+                        settings=Settings())
 '''
 
 
@@ -480,7 +489,7 @@ def test_runs_with_overrides_never_write_the_committed_figures(two_exps, tmp_pat
 def test_a_run_whose_networks_all_fail_exits_non_zero(two_exps, tmp_path, capsys):
     """Finding 7: `trajectory --set num_reference=1` exited 0 with every network failed. Now the command
     exits 1 saying every network failed its gate (the results are still written, for inspection)."""
-    code = _cli("--experiments", two_exps, "run", "alpha", "--no-cache", "--out", tmp_path / "o", "--set", "pass=false")
+    code = _cli("--experiments", two_exps, "run", "alpha", "--no-cache", "--out", tmp_path / "o", "--set", "passes=false")
     assert code == 1
     assert "every network (2) failed its quality gate" in capsys.readouterr().err
     assert (tmp_path / "o" / "alpha.json").exists()

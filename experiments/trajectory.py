@@ -22,9 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iclsim import IID, evaluate, models, plotting, quality, sweeps, theory, train
+from iclsim import IID, evaluate, plotting, quality, sweeps, theory
 from iclsim.runner import Experiment
-from iclsim.train import TrainConfig
 
 from . import _paper_b
 
@@ -47,11 +46,10 @@ def run(s, seed, context):
     base_of = {sd: base for base, members in bases.items() for sd in members}
     keys = sweeps.stream_keys(seeds, TEST_KEY)
     for L in range(1, s.layers + 1):
-        model = models.LinearTransformer(d, L)
         ref = theory.optimal_multistep_gd(design, n, L)
-        progress(f"  depth {L}: training {len(seeds)} networks ({len(bases)} seed bases), {s.steps} steps")
-        fitted = train.fit_sweep(model, design, [n], seeds, TrainConfig(steps=s.steps), cache=context.cache)
-        params = jax.tree_util.tree_map(lambda a: a[0, 0], fitted.params)
+        progress(f"  depth {L}: {len(seeds)} networks ({len(bases)} seed bases)")
+        # the recipe's networks at depth L: the pruning studies' own (same fit, same cache keys)
+        model, params, _ = _paper_b.train_networks(dataclasses.replace(s, layers=L), seeds, context, design)
         reference = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (len(seeds),) + a.shape),
                                            model.steps_params(ref.step_sizes))
         pr = evaluate.paired_risks(model, params, reference, design, n, keys, s.num_test)

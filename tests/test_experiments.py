@@ -4,6 +4,7 @@ test_quick_paper_b.py and test_quick_pruning.py), and the command line's runs.""
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -124,3 +125,28 @@ def test_cli_exposes_one_cpu_device_per_core_unless_told(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
     cli.use_all_cpu_cores()
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=3"
+
+
+PAPER_B = ("trajectory", "pruning_depth", "pruning_depth_step", "pruning_search", "pruning_bound", "pruning_anisotropic")
+
+
+def test_paper_b_studies_share_one_recipe():
+    """Issue 31: the studies that read paper B's trained networks take the recipe from one place
+    (experiments/_paper_b.py's Recipe), so the cache shares their networks: every recipe field is equal
+    across the studies, in the default and in the quick settings, and the shifted test settings are the
+    Study's. Planted bugs caught: a study copying the recipe with another step count or depth (the cache
+    would train a second set of networks), a quick override dropped from one study."""
+    import dataclasses
+
+    from tests.quick import EXPERIMENTS
+
+    paper_b = sys.modules["iclsim_experiments._paper_b"]
+    recipe = [f.name for f in dataclasses.fields(paper_b.Recipe) if f.name != "seeds"]
+    for fidelity in ("settings", "quick"):
+        values = {name: {k: getattr(getattr(EXPERIMENTS[name], fidelity), k) for k in recipe} for name in PAPER_B}
+        assert all(isinstance(getattr(EXPERIMENTS[name], fidelity), paper_b.Recipe) for name in PAPER_B)
+        assert len({tuple(v.items()) for v in values.values()}) == 1, values
+        shifted = [getattr(EXPERIMENTS[name], fidelity) for name in PAPER_B if name != "trajectory"]
+        assert all(isinstance(s, paper_b.Study) for s in shifted)
+        assert len({(s.test_noise_var, s.test_n, s.seeds) for s in shifted}) == 1
+    assert EXPERIMENTS["pruning_depth"].quick.layers == 2 and EXPERIMENTS["pruning_depth"].settings.steps == 4000

@@ -629,3 +629,15 @@ def test_check_model_refuses_a_class():
         protocols.check_model(models.LinearAttention)
     with pytest.raises(TypeError, match="must be an instance"):
         train.fit_sweep(models.LinearAttention, IID(2), [3], [0], train.TrainConfig(steps=2))
+
+
+def test_persistence_sits_above_the_engine():
+    """Issue 31: the cache imports neither the models nor the engine, and the engine (train, evaluate, layout)
+    imports neither the cache nor the fingerprints: it calls the cache object it is handed. Planted bugs
+    caught: train importing iclsim.cache for a default cache, cache importing models to recognise Frozen."""
+    code = ("import sys; import iclsim.cache; bad = [m for m in ('iclsim.models', 'iclsim.train', 'iclsim.layout') "
+            "if m in sys.modules]; assert not bad, bad; "
+            "[sys.modules.pop(m) for m in list(sys.modules) if m.startswith('iclsim')]; "
+            "import iclsim.train, iclsim.evaluate; bad = [m for m in ('iclsim.cache', 'iclsim.fingerprint') "
+            "if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

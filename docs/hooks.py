@@ -24,6 +24,7 @@ import importlib
 import json
 import os
 import pkgutil
+import re
 import sys
 import tempfile
 import time
@@ -163,9 +164,21 @@ def result_page(name: str, exp, module) -> str:
     lines += [f"| {k} | {_value(v)} | {_value(exp.quick[k]) if k in exp.quick else ''} |"
               for k, v in settings.items()]
     lines += ["", f"Run it: `iclsim run {name}` (`--quick` for the quick column, `--set KEY=VALUE` to change one)."]
+    anchor = results_anchor(name)
+    if anchor:
+        lines += ["", f"The numbers are discussed in [the results](../results.md#{anchor})."]
     if exp.after:
         lines += [f"It reads the results of {', '.join(f'[{a}]({a}.md)' for a in exp.after)}."]
     return "\n".join(lines) + "\n"
+
+
+def results_anchor(name: str) -> str | None:
+    """The anchor of the docs/results.md section whose heading names the experiment before its colon."""
+    from markdown.extensions.toc import slugify
+    for line in (ROOT / "docs" / "results.md").read_text().splitlines():
+        if line.startswith("### ") and name in re.findall(r"[A-Za-z0-9_]+", line[4:].split(":")[0]):
+            return slugify(line[4:].strip(), "-")
+    return None
 
 
 def results_index(found: dict) -> str:

@@ -156,3 +156,25 @@ def test_tutorial_executes(path):
     assert len(images) == sum("plt.show()" in c.source for c in code)
     assert "Not executed" not in markdown
     print(f"{path.stem}: {seconds:.1f} s")
+
+
+def test_howto_experiment_runs_under_the_runner_contract():
+    """The how-to's minimal experiment is a valid Experiment whose run, at its quick settings, returns rows
+    the plot and summary read (so the page's contract stays the runner's)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from iclsim.runner import Experiment
+    text = (ROOT / "docs" / "howto" / "experiment.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, flags=re.S).group(1)
+    namespace = {"__name__": "howto_experiment"}
+    exec(compile(code, "docs/howto/experiment.md", "exec"), namespace)
+    exp = namespace["EXPERIMENT"]
+    assert isinstance(exp, Experiment) and exp.name == "my_claim"
+    settings = {**exp.settings, **exp.quick}
+    messages = []
+    rows = exp.run(settings, 0, messages.append)
+    assert messages, "run reports progress"
+    assert len(rows) == len(settings["ns"]) * len(settings["noise_levels"]) * settings["seeds"]
+    assert {"design", "model", "n", "seed", "risk", "theory"} <= set(rows[0])
+    assert exp.summary(rows)["worst_risk_gap"] < 0.5
+    assert exp.plot(rows, settings).axes

@@ -207,11 +207,19 @@ def execute_tutorial(path: Path, timeout: int = 600):
     """The tutorial's notebook executed in a fresh kernel (in a temporary working folder), and the
     seconds it took. DocsError naming the tutorial and the failing cell where it raises."""
     import nbclient
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
     nb = read_tutorial(path)
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory() as cwd:
-        client = nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3",
-                                         resources={"metadata": {"path": cwd}})
+    with tempfile.TemporaryDirectory() as cwd, tempfile.TemporaryDirectory() as kernels:
+        # a kernel of this interpreter (the one with iclsim installed), whatever kernels the user has set up
+        spec = Path(kernels) / "iclsim-docs"
+        spec.mkdir()
+        (spec / "kernel.json").write_text(json.dumps({
+            "argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"],
+            "display_name": "iclsim docs", "language": "python"}))
+        km = KernelManager(kernel_name="iclsim-docs", kernel_spec_manager=KernelSpecManager(kernel_dirs=[kernels]))
+        client = nbclient.NotebookClient(nb, km=km, timeout=timeout, resources={"metadata": {"path": cwd}})
         try:
             client.execute()
         except nbclient.exceptions.CellExecutionError as err:

@@ -163,18 +163,18 @@ def test_howto_experiment_runs_under_the_runner_contract():
     the plot and summary read (so the page's contract stays the runner's)."""
     import matplotlib
     matplotlib.use("Agg")
-    from iclsim.runner import Experiment
+    from iclsim.registry import Experiment, RunContext
     text = (ROOT / "docs" / "howto" / "experiment.md").read_text()
     code = re.search(r"```python\n(.*?)```", text, flags=re.S).group(1)
     namespace = {"__name__": "howto_experiment"}
     exec(compile(code, "docs/howto/experiment.md", "exec"), namespace)
     exp = namespace["EXPERIMENT"]
     assert isinstance(exp, Experiment) and exp.name == "my_claim"
-    settings = {**exp.settings, **exp.quick}
+    settings = exp.quick
     messages = []
-    rows = exp.run(settings, 0, messages.append)
+    rows = exp.run(settings, 0, RunContext(progress=messages.append, cache=None, out=ROOT / "figures", quick=True))
     assert messages, "run reports progress"
-    assert len(rows) == len(settings["ns"]) * len(settings["noise_levels"]) * settings["seeds"]
+    assert len(rows) == len(settings.ns) * len(settings.noise_levels) * settings.seeds
     assert {"design", "model", "n", "seed", "risk", "theory"} <= set(rows[0])
     assert exp.summary(rows)["worst_risk_gap"] < 0.5
     assert exp.plot(rows, settings).axes

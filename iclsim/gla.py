@@ -83,7 +83,7 @@ class GLA:
     def log_gates(self, params: Params, layer: int, X, r) -> jax.Array:
         """log g_t for the n + 1 tokens [B, n+1, channels] of one layer (X [B, n+1, d], r [B, n+1])."""
         Z = jnp.concatenate([X, r[..., None]], axis=-1)
-        return jax.nn.log_sigmoid(Z @ params["gate_w"][layer].T + params["gate_b"][layer])
+        return jax.nn.log_sigmoid(Z @ params["gate_w"][layer].T + params["gate_b"][layer][None, None, :])
 
     def _states_parallel(self, logg, V) -> jax.Array:
         """S_t = sum_{j <= t} exp(C_t - C_j) * V_j, C = cumsum log g: [B, T, channels] x V [B, T, d]."""
@@ -114,11 +114,11 @@ class GLA:
             raise ValueError(f"prompts have dim {d}, the GLA was built for dim {self.dim}")
         X = jnp.concatenate([prompts.X, prompts.x[:, None, :]], axis=1)  # [B, n+1, d]
         r = jnp.concatenate([prompts.y, jnp.zeros((B, 1), prompts.y.dtype)], axis=1)
-        is_context = jnp.arange(n + 1) < n
+        is_context = (jnp.arange(n + 1) < n).astype(prompts.y.dtype)
         states = self._states_parallel if self.form == "parallel" else self._states_recurrent
         for layer in range(self.layers):
             logg = self.log_gates(params, layer, X, r)
-            V = X * (r * is_context)[..., None]  # value r_t on key x_t; the query writes nothing
+            V = X * (r * is_context[None, :])[..., None]  # value r_t on key x_t; the query writes nothing
             S = states(logg, V)
             r = r - jnp.einsum("btd,de,bte->bt", X, params["W"][layer], S) / n
         return -r[:, -1]

@@ -44,7 +44,7 @@ class Multitask(_Design):
 
     def __post_init__(self):
         d = check.positive_int("task_dim", self.task_dim)
-        m = check.positive_int("per_task", self.per_task)
+        check.positive_int("per_task", self.per_task)
         r = check.real_array("relevance", self.relevance, ndim=1)
         if r.shape[0] < 1:
             raise ValueError("relevance must hold one correlation per task (K >= 1 entries), got an empty array")

@@ -1,4 +1,4 @@
-"""Gating is weighting (Li et al. 2025, docs/theory.md §9): gated linear attention (scalar and vector gates),
+"""Gating is weighting (Li et al. 2025, docs/theory.md §10): gated linear attention (scalar and vector gates),
 linear attention and H3 trained on multitask prompts, each beside its optimum (GLA: the best weights its gates
 reach, the monotone cone; H3: the optimal WPGD, its free filter weights every position; linear attention:
 uniform weights), and GLA's learned data-dependent segment weights against the optimal ones."""
@@ -129,7 +129,7 @@ def summary(rows):
 EXPERIMENT = Experiment(
     name="gla", title="Gating is weighting: GLA vs linear attention vs H3 on multitask prompts",
     settings={"task_dim": 4, "per_task": 4, "ordered": [0.2, 0.5, 1.0], "unordered": [0.9, 0.2, 0.6],
-              "noise_var": 0.1, "seeds": 8, "steps": 1500, "batch": 256, "lr_gla": 0.03, "lr_h3": 0.03,
-              "lr_attention": 0.01, "num_test": 20_000},
-    quick={"seeds": 2, "steps": 150, "batch": 128, "num_test": 2000},
+              "noise_var": 0.1, "seeds": 8, "steps": 1000, "batch": 128, "lr_gla": 0.03, "lr_h3": 0.03,
+              "lr_attention": 0.01, "num_test": 10_000},
+    quick={"seeds": 2, "steps": 100, "num_test": 2000},
     run=run, plot=plot, summary=summary)

@@ -1,4 +1,4 @@
-"""Gating is weighting (Li, Tarzanagh, Rawat, Fazel, Oymak, arXiv 2504.04308; docs/theory.md §9): the optimal
+"""Gating is weighting (Li, Tarzanagh, Rawat, Fazel, Oymak, arXiv 2504.04308; docs/theory.md §10): the optimal
 weighted PGD on multitask prompts (``multitask.Multitask``), the best a gated linear attention (GLA) can reach
 with its gates, linear attention's uniform-weight optimum, and the gaps between them. All float64 (asked for
 locally), numpy results.
@@ -75,7 +75,7 @@ def _check(design) -> Multitask:
 
 @float64
 def segment_moments(design: Multitask) -> SegmentMoments:
-    """A, b and s_q^2 of the module docstring's risk over per-segment weights (docs/theory.md §9.2)."""
+    """A, b and s_q^2 of the module docstring's risk over per-segment weights (docs/theory.md §10.2)."""
     _check(design)
     d, K, m = design.task_dim, design.tasks, float(design.per_task)
     s2 = float(design.noise_var)
@@ -123,7 +123,7 @@ def _optimum(design: Multitask, w: np.ndarray) -> GatingOptimum:
 @float64
 def optimal_wpgd(design: Multitask) -> GatingOptimum:
     """The optimal WPGD over all sample weights: w* = A^{-1} b (unique up to scaling), W* = c I,
-    L* = s_q^2 + d - d b^T A^{-1} b (module docstring; docs/theory.md §9.2)."""
+    L* = s_q^2 + d - d b^T A^{-1} b (module docstring; docs/theory.md §10.2)."""
     mo = segment_moments(design)
     return _optimum(design, np.linalg.solve(mo.A, mo.b))
 
@@ -158,7 +158,7 @@ def gla_optimum(design: Multitask) -> GatingOptimum:
 
 @float64
 def gating_gap(design: Multitask) -> GatingGap:
-    """L_WPGD <= L_GLA <= L_LA and the conditions that separate them (docs/theory.md §9.3):
+    """L_WPGD <= L_GLA <= L_LA and the conditions that separate them (docs/theory.md §10.3):
     GLA attains the optimal WPGD iff w* = A^{-1} b is >= 0 and non-decreasing toward the query; GLA beats
     linear attention strictly iff uniform weights fail the cone's optimality condition, i.e. some tail sum
     sum_{k >= j} (b_k - c (A 1)_k) > 0 for j = 2..K, c = b.1 / 1^T A 1 (later segments under-weighted)."""

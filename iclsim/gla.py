@@ -1,5 +1,5 @@
 """Gated linear attention (GLA) read at the query, in the weighted-PGD form of Li, Tarzanagh, Rawat, Fazel,
-Oymak, "Gating is Weighting" (arXiv 2504.04308; docs/theory.md §9.1).
+Oymak, "Gating is Weighting" (arXiv 2504.04308; docs/theory.md §10.1).
 
 Token z_t = [x_t; r_t] with r_t the label slot (r_t = y_t on the context, 0 at the query, position n + 1).
 A layer l runs the GLA recurrence on the label row of its state, key x_t, value r_t, query W_l^T x_t:
@@ -126,7 +126,7 @@ class GLA:
     def effective_wpgd(self, params: Params, prompts: Prompts) -> EffectiveWPGD:
         """The data-dependent WPGD one layer implements on these prompts: W = W_1 / n and
         omega_j = prod_{j < s <= n+1} g_s (per key channel for vector gates), so that
-        yhat = x^T W X^T (omega * y) reproduces ``apply`` (docs/theory.md §9.1)."""
+        yhat = x^T W X^T (omega * y) reproduces ``apply`` (docs/theory.md §10.1)."""
         if self.layers != 1:
             raise ValueError(f"effective_wpgd reads a one-layer GLA (one WPGD step); this GLA has layers={self.layers}")
         B, n, _ = prompts.X.shape

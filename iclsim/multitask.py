@@ -1,5 +1,5 @@
 """The multitask-prompt data model of Li, Tarzanagh, Rawat, Fazel, Oymak, "Gating is Weighting" (arXiv
-2504.04308, the multitask prompts of its landscape analysis; docs/theory.md §9): a prompt is K segments,
+2504.04308, the multitask prompts of its landscape analysis; docs/theory.md §10): a prompt is K segments,
 segment k holding ``per_task`` examples of its own task beta_k, and the query is labelled by a query task beta
 whose relevance to segment k is the correlation r_k = E[beta_k . beta] / d.
 

@@ -1,4 +1,4 @@
-"""Gating is weighting (docs/theory.md §9): the multitask design, GLA's two forms and its effective WPGD, and the
+"""Gating is weighting (docs/theory.md §10): the multitask design, GLA's two forms and its effective WPGD, and the
 optimal-WPGD / GLA / linear-attention closed forms against Monte Carlo (4 SE), special cases and identities."""
 
 import jax

@@ -138,7 +138,7 @@ def linear_attention_optimum(design: Multitask) -> GatingOptimum:
 def gla_optimum(design: Multitask) -> GatingOptimum:
     """The best scalar-gated GLA (delimiter gates in [0, 1], data gates 1): L minimised over the cone
     0 <= w_1 <= ... <= w_K. With w = T u (T lower-triangular ones, u >= 0) it is min_u>=0 of
-    u^T T^T A T u - 2 b^T T u, a non-negative least-squares problem solved exactly (active set)."""
+    u^T T^T A T u -/+ 2 b^T T u (W of either sign), non-negative least-squares problems solved exactly (active set)."""
     _check(design)
     if not design.delimiters:
         raise ValueError("gla_optimum needs delimiters=True: without them a token's gate cannot tell the segments "
@@ -146,30 +146,35 @@ def gla_optimum(design: Multitask) -> GatingOptimum:
     mo = segment_moments(design)
     K = design.tasks
     T = np.tril(np.ones((K, K)))
-    H = T.T @ mo.A @ T
-    L = np.linalg.cholesky(H)
-    u, _ = nnls(L.T, np.linalg.solve(L, T.T @ mo.b), maxiter=50 * K)
-    w = T @ u
-    if not np.any(w > 0):  # every task useless or harmful: predict zero
+    L = np.linalg.cholesky(T.T @ mo.A @ T)
+    best = np.zeros(K)
+    for sign in (1.0, -1.0):  # W may carry either sign: the quotient (b.w)^2 / w^T A w, over the cone
+        u, _ = nnls(L.T, np.linalg.solve(L, sign * (T.T @ mo.b)), maxiter=50 * K)
+        w = T @ u
+        if w @ mo.A @ w > 0 and (not np.any(best) or wpgd_risk(design, w) < wpgd_risk(design, best)):
+            best = w
+    if not np.any(best > 0):  # b = 0: no task carries information about the query's, predict zero
         return GatingOptimum(np.zeros((design.dim, design.dim)), np.zeros(design.fixed_n), np.zeros(K),
                              float(mo.base + mo.d))
-    return _optimum(design, w)
+    return _optimum(design, best)
 
 
 @float64
 def gating_gap(design: Multitask) -> GatingGap:
     """L_WPGD <= L_GLA <= L_LA and the conditions that separate them (docs/theory.md §10.3):
-    GLA attains the optimal WPGD iff w* = A^{-1} b is >= 0 and non-decreasing toward the query; GLA beats
+    GLA attains the optimal WPGD iff w* = A^{-1} b or -w* is >= 0 and non-decreasing toward the query; GLA beats
     linear attention strictly iff uniform weights fail the cone's optimality condition, i.e. some tail sum
-    sum_{k >= j} (b_k - c (A 1)_k) > 0 for j = 2..K, c = b.1 / 1^T A 1 (later segments under-weighted)."""
+    sign(c) sum_{k >= j} (b_k - c (A 1)_k) > 0 for j = 2..K, c = b.1 / 1^T A 1 (later segments under-weighted;
+    b.1 = 0: iff b != 0)."""
     mo = segment_moments(design)
     w_star = np.linalg.solve(mo.A, mo.b)
     tol = 1e-12 * np.max(np.abs(w_star))
-    attains = bool(np.all(w_star >= -tol) and np.all(np.diff(w_star) >= -tol))
+    attains = any(bool(np.all(v >= -tol) and np.all(np.diff(v) >= -tol)) for v in (w_star, -w_star))  # W's sign
     one = np.ones(design.tasks)
     c = mo.b @ one / (one @ mo.A @ one)
-    excess = mo.b - c * (mo.A @ one)
+    excess = np.sign(c) * (mo.b - c * (mo.A @ one))  # for b.1 < 0 the optimum has W < 0: the condition on -b
     tails = np.cumsum(excess[::-1])[::-1][1:]
-    strict = bool(np.any(tails > 1e-12 * np.max(np.abs(mo.b))))
+    scale = np.max(np.abs(mo.b))
+    strict = bool(np.any(tails > 1e-12 * scale)) if abs(c) > 1e-15 * scale else bool(scale > 0)
     wp, gl, la = optimal_wpgd(design).risk, gla_optimum(design).risk, linear_attention_optimum(design).risk
     return GatingGap(float(wp), float(gl), float(la), float(la - gl), attains, strict)

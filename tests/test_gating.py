@@ -176,6 +176,11 @@ def test_ordered_relevance_gla_attains_wpgd_and_beats_linear_attention():
     assert gap.gla_attains_wpgd and gap.strict_advantage and gap.gap > 0.5
     same = gating.gating_gap(Multitask(5, [1.0, 1.0, 1.0], 6, corr=np.ones((3, 3)), noise_var=0.1))
     assert not same.strict_advantage and abs(same.gap) < 1e-12  # one task in three segments: uniform is optimal
+    flipped = gating.gating_gap(Multitask(5, [-0.2, -0.5, -1.0], 6, noise_var=0.1))  # W < 0 absorbs the sign
+    np.testing.assert_allclose(flipped[:4], gap[:4], rtol=1e-12)
+    assert flipped.gla_attains_wpgd and flipped.strict_advantage
+    single = gating.gating_gap(Multitask(5, [-0.5], 6, noise_var=0.1))
+    assert single.gla == single.linear_attention and not single.strict_advantage
 
 
 @pytest.mark.parametrize("which", ["wpgd", "gla", "la"])

@@ -1,8 +1,8 @@
-"""Finite pretraining data (docs/theory.md §11): the ICL error of linear attention fitted by ridge regression on
+"""Finite pretraining data (docs/theory.md §12): the ICL error of linear attention fitted by ridge regression on
 P = tau d^2 prompts from k = kappa d tasks, against Lu et al.'s asymptotic curve (d -> inf at fixed alpha,
 kappa, tau) and against its own exact finite-d error.
 
-Each seed draws its own pool of tasks (``TaskPool``; kappa None: a fresh task per prompt) and its own
+Each seed draws its own pool of tasks (``TaskPool``; ``fresh_tasks``: also kappa = inf, a fresh task per prompt) and its own
 pretraining prompts; the fit is the closed form ``pretraining.fit_ridge`` (a vmapped program over seeds, one
 per d and kappa, the tau sweep masking a shared set of prompts) and its error the exact finite-d formula
 ``pretraining.icl_error`` (``theory.attention_risk``, no sampling error). At the largest d the fits of seed 0
@@ -13,6 +13,7 @@ The double-descent peak: per seed, the tau of the largest error on a fine grid a
 interval over seeds, per d and extrapolated in 1/d the same way. Closed-form fits, not trained networks:
 no quality gate applies (none can fail to converge)."""
 
+import dataclasses
 import functools
 
 import jax
@@ -47,35 +48,36 @@ def _errors_program(d, n, rho):
 
 def _sweep(d, kappa, s, seeds, taus):
     """[len(taus), len(seeds)] exact ICL errors of the fits on P = round(tau d^2) prompts, and the Gammas."""
-    n, rho = int(round(s["alpha"] * d)), s["noise_var"]
+    n, rho = int(round(s.alpha * d)), s.noise_var
     counts = [max(1, int(round(t * d * d))) for t in taus]
     with jax.enable_x64(True):
         prompts = [_design(d, kappa, rho, sd).sample(jax.random.PRNGKey(sd), max(counts), n, jnp.float64)
                    for sd in seeds]
         stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *prompts)
         errors = _errors_program(d, n, rho)
-        gammas = [_FIT(stacked, s["ridge"], c) for c in counts]
+        gammas = [_FIT(stacked, s.ridge, c) for c in counts]
         return np.array([np.asarray(errors(g)) for g in gammas]), gammas, counts
 
 
-def run(s, seed, progress):
-    seeds = [seed + k for k in range(s["seeds"])]
-    alpha, rho, lam = s["alpha"], s["noise_var"], s["ridge"]
+def run(s, seed, context):
+    progress = context.progress
+    seeds = [seed + k for k in range(s.seeds)]
+    alpha, rho, lam = s.alpha, s.noise_var, s.ridge
     rows = []
-    for kappa in s["kappas"]:
+    for kappa in [*s.kappas, *([None] if s.fresh_tasks else [])]:
         kap = np.inf if kappa is None else kappa
         label = "inf" if kappa is None else f"{kappa:g}"
-        for d in s["dims"]:
-            progress(f"  kappa = {label}, d = {d}: {len(seeds)} seeds x {len(s['taus'])} + {len(s['peak_taus'])} tau")
-            for grid, taus in (("curve", s["taus"]), ("peak", s["peak_taus"])):
+        for d in s.dims:
+            progress(f"  kappa = {label}, d = {d}: {len(seeds)} seeds x {len(s.taus)} + {len(s.peak_taus)} tau")
+            for grid, taus in (("curve", s.taus), ("peak", s.peak_taus)):
                 errs, gammas, counts = _sweep(d, kappa, s, seeds, taus)
                 for i, tau in enumerate(taus):
                     asym = asymptotics.ridge_icl_error(alpha, kap, tau, rho, lam)
                     for k, sd in enumerate(seeds):
                         row = {"grid": grid, "kappa": label, "d": d, "tau": tau, "P": counts[i], "seed": sd,
                                "n": int(round(alpha * d)), "icl_error": float(errs[i, k]), "asymptotic": asym}
-                        if grid == "curve" and d == max(s["dims"]) and k == 0:
-                            row.update(_monte_carlo(gammas[i][0], d, row["n"], rho, s["num_test"], sd))
+                        if grid == "curve" and d == max(s.dims) and k == 0:
+                            row.update(_monte_carlo(gammas[i][0], d, row["n"], rho, s.num_test, sd))
                         rows.append(row)
     return rows
 
@@ -154,12 +156,12 @@ def summary(rows):
 
 
 def plot(rows, s):
-    alpha, rho, lam = s["alpha"], s["noise_var"], s["ridge"]
+    alpha, rho, lam = s.alpha, s.noise_var, s.ridge
     kappas = list(dict.fromkeys(r["kappa"] for r in rows))
     dims = sorted({r["d"] for r in rows})
     colours = plotting.colour_map(kappas)
     fig, (ax, gax, pax) = plotting.panels(3, width=4.8)
-    dense = np.geomspace(min(s["taus"]), max(s["taus"]), 240)
+    dense = np.geomspace(min(s.taus), max(s.taus), 240)
     for kappa in kappas:
         kap = np.inf if kappa == "inf" else float(kappa)
         c = colours[kappa]
@@ -172,7 +174,7 @@ def plot(rows, s):
             ax.errorbar(taus, m, yerr=[m - [iv.low for iv in ivs], [iv.high for iv in ivs] - m], fmt="o",
                         ms=2 + 1.5 * j, color=c, alpha=0.4 + 0.6 * (j + 1) / len(dims), capsize=2,
                         label=f"  fits, d = {d}" if kappa == kappas[0] else None)
-        for tau in (t for t in s["taus"] if abs(t - 1) >= 0.5):
+        for tau in (t for t in s.taus if abs(t - 1) >= 0.5):
             asym = asymptotics.ridge_icl_error(alpha, kap, tau, rho, lam)
             stats = [_stats(rows, "curve", kappa, d, tau) for d in dims]
             gax.plot([1 / d for d in dims], [(m - asym) / asym for m, _, _ in stats], "-o", ms=3, color=c, alpha=0.7)
@@ -209,11 +211,28 @@ def plot(rows, s):
     return fig
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Lu et al.'s (alpha, rho, lambda); the pools (kappa = k/d, and with ``fresh_tasks`` kappa = inf, a fresh task
+    per prompt); the tau grids (``taus`` for the curve, ``peak_taus`` around the threshold); seeds (each its own
+    pool and prompts); the Monte Carlo prompts of the finite-d check."""
+
+    dims: tuple[int, ...] = (8, 12, 16)
+    alpha: float = 1.0
+    noise_var: float = 0.1
+    ridge: float = 1e-3
+    kappas: tuple[float, ...] = (0.5, 2.0)
+    fresh_tasks: bool = True
+    taus: tuple[float, ...] = (0.25, 0.5, 0.8, 1.0, 1.25, 1.6, 2.5, 4.0)
+    peak_taus: tuple[float, ...] = tuple(round(0.95 + 0.025 * i, 3) for i in range(13))
+    seeds: int = 8
+    num_test: int = 10_000
+
+
+SETTINGS = Settings()
+QUICK = dataclasses.replace(SETTINGS, dims=(6,), kappas=(), taus=(0.5, 2.0), peak_taus=(1.0, 1.15, 1.3), num_test=1_000)
+
 EXPERIMENT = Experiment(
     name="pretraining_tau",
     title="Lu et al.: ICL error of ridge-fitted linear attention vs pretraining data tau = P/d^2",
-    settings={"dims": [8, 12, 16], "alpha": 1.0, "noise_var": 0.1, "ridge": 1e-3, "kappas": [0.5, 2.0, None],
-              "taus": [0.25, 0.5, 0.8, 1.0, 1.25, 1.6, 2.5, 4.0],
-              "peak_taus": [round(0.95 + 0.025 * i, 3) for i in range(13)], "seeds": 8, "num_test": 10_000},
-    quick={"dims": [6], "kappas": [None], "taus": [0.5, 2.0], "peak_taus": [1.0, 1.15, 1.3], "num_test": 1_000},
-    run=run, plot=plot, summary=summary)
+    settings=SETTINGS, quick=QUICK, run=run, plot=plot, summary=summary)

@@ -1,15 +1,17 @@
-"""Pretraining task diversity (docs/theory.md §10): linear attention trained on a pool of M tasks
+"""Pretraining task diversity (docs/theory.md §11): linear attention trained on a pool of M tasks
 (``TaskPool``, fresh prompts from the pool at every step) against the Bayes predictor for the pool (dMMSE,
 Raventos et al. 2023) and the Gaussian-prior posterior mean (ridge), as M grows.
 
 On fresh tasks (the pool's prior N(0, I)) dMMSE tends to ridge as M grows; small pools make it predict a
 pool task. The trained networks are set against both, and against their own class's optimum: the best
 linear attention on the pool (``pretraining.fit_ridge`` on ``fit_prompts`` pool prompts, lambda -> 0: the
-tau -> inf limit of docs/theory.md §11; exact error on fresh tasks) and, for M -> inf, the optimal one-step
+tau -> inf limit of docs/theory.md §12; exact error on fresh tasks) and, for M -> inf, the optimal one-step
 PGD on Gaussian tasks (``theory.optimal_pgd``). A network passes its gate when its risk on the pool is
 within 10% (+ 4 SE) of the class optimum's risk there; failures are counted and kept out of the claims.
 All risks of one pool use one test key (paired prompts); the references' risks come from the Monte Carlo
 referee in float64 with their SE."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -20,31 +22,32 @@ from iclsim.runner import Experiment
 from iclsim.sweeps import TEST_STREAM
 
 
-def run(s, seed, progress):
-    d, n, s2 = s["dim"], s["n"], s["noise_var"]
-    seeds = [seed + k for k in range(s["seeds"])]
+def run(s, seed, context):
+    progress = context.progress
+    d, n, s2 = s.dim, s.n, s.noise_var
+    seeds = [seed + k for k in range(s.seeds)]
     key = jax.random.fold_in(jax.random.PRNGKey(seed), TEST_STREAM)
     model = models.LinearAttention(d)
-    config = train.TrainConfig(steps=s["steps"], batch_size=s["batch"], learning_rate=s["lr"])
+    config = train.TrainConfig(steps=s.steps, batch_size=s.batch, learning_rate=s.lr)
     pgd = float(theory.optimal_pgd(dmmse.gaussian_design(TaskPool(d, 1, noise_var=s2)), n).risk)
     rows = []
-    for M in s["pool_sizes"]:
+    for M in s.pool_sizes:
         pool = TaskPool(d, M, noise_var=s2, pool_seed=seed)
         fresh = dmmse.gaussian_design(pool)
-        progress(f"  M = {M}: training {len(seeds)} networks, {s['steps']} steps")
-        fitted = train.fit_sweep(model, pool, [n], seeds, config)
-        risk_pool, se_pool = evaluate.evaluate_sweep(model, fitted.params, pool, [n], key, s["num_test"])
-        risk_fresh, se_fresh = evaluate.evaluate_sweep(model, fitted.params, fresh, [n], key, s["num_test"])
+        progress(f"  M = {M}: training {len(seeds)} networks, {s.steps} steps")
+        fitted = train.fit_sweep(model, pool, [n], seeds, config, cache=context.cache)
+        risk_pool, se_pool = evaluate.evaluate_sweep(model, fitted.params, pool, [n], key, s.num_test)
+        risk_fresh, se_fresh = evaluate.evaluate_sweep(model, fitted.params, fresh, [n], key, s.num_test)
         refs = {}
         for name, design in (("pool", pool), ("fresh", fresh)):
-            refs[f"dmmse_{name}"], refs[f"dmmse_{name}_se"] = dmmse.dmmse_risk(pool, n, key, design, s["num_ref"])
-            refs[f"ridge_{name}"], refs[f"ridge_{name}_se"] = dmmse.ridge_risk(pool, n, key, design, s["num_ref"])
+            refs[f"dmmse_{name}"], refs[f"dmmse_{name}_se"] = dmmse.dmmse_risk(pool, n, key, design, s.num_ref)
+            refs[f"ridge_{name}"], refs[f"ridge_{name}_se"] = dmmse.ridge_risk(pool, n, key, design, s.num_ref)
         with jax.enable_x64(True):
-            gamma = pretraining.fit_ridge(pool.sample(jax.random.fold_in(key, M), s["fit_prompts"], n, jnp.float64),
-                                          s["fit_ridge"])
+            gamma = pretraining.fit_ridge(pool.sample(jax.random.fold_in(key, M), s.fit_prompts, n, jnp.float64),
+                                          s.fit_ridge)
             la = models.LinearAttention(d, dtype=jnp.float64)
             params = pretraining.attention_params(gamma, jnp.float64)
-        best_pool = montecarlo.risk(lambda p: la.apply(params, p), pool, n, key, s["num_ref"])
+        best_pool = montecarlo.risk(lambda p: la.apply(params, p), pool, n, key, s.num_ref)
         best_fresh = float(pretraining.icl_error(gamma, n, s2 / d)) * d
         passed = quality.gate(risk_pool[0, 0], best_pool.mean, se=se_pool[0, 0])
         for k, sd in enumerate(seeds):
@@ -105,16 +108,35 @@ def plot(rows, s):
         ax.set_xlabel("pool size M (tasks seen in pretraining)")
         ax.set_ylabel("test risk")
         ax.set_title(f"{'fresh tasks beta ~ N(0, I)' if where == 'fresh' else 'tasks from the pool'} "
-                     f"(d = {s['dim']}, n = {s['n']}, s^2 = {s['noise_var']:g})", fontsize=9)
+                     f"(d = {s.dim}, n = {s.n}, s^2 = {s.noise_var:g})", fontsize=9)
         ax.legend(fontsize=6)
     return fig
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The pool design (d, n, label noise) and its sizes M; training of the networks (8 seeds share the pool);
+    test prompts for the networks and the references; the closed-form class optimum (prompts, ridge)."""
+
+    dim: int = 4
+    n: int = 8
+    noise_var: float = 0.25
+    pool_sizes: tuple[int, ...] = (1, 4, 16, 64, 256, 1024)
+    seeds: int = 8
+    steps: int = 1500
+    batch: int = 512
+    lr: float = 0.01
+    num_test: int = 20_000
+    num_ref: int = 20_000
+    fit_prompts: int = 20_000
+    fit_ridge: float = 1e-3
+
+
+SETTINGS = Settings()
+QUICK = dataclasses.replace(SETTINGS, pool_sizes=(2, 64), seeds=2, steps=200, num_test=1_000, num_ref=1_000,
+                            fit_prompts=2_000)
+
 EXPERIMENT = Experiment(
     name="task_diversity",
     title="Raventos et al.: trained linear attention against dMMSE and ridge as the task pool grows",
-    settings={"dim": 4, "n": 8, "noise_var": 0.25, "pool_sizes": [1, 4, 16, 64, 256, 1024], "seeds": 8,
-              "steps": 1500, "batch": 512, "lr": 0.01, "num_test": 20_000, "num_ref": 20_000,
-              "fit_prompts": 20_000, "fit_ridge": 1e-3},
-    quick={"pool_sizes": [2, 64], "seeds": 2, "steps": 200, "num_test": 1_000, "num_ref": 1_000, "fit_prompts": 2_000},
-    run=run, plot=plot, summary=summary)
+    settings=SETTINGS, quick=QUICK, run=run, plot=plot, summary=summary)

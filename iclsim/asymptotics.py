@@ -1,7 +1,7 @@
 """Lu, Letey, Zavatone-Veth, Maiti, Pehlevan, *Asymptotic theory of in-context learning by linear attention*
 (PNAS 2025, arXiv:2405.11751): the in-context (ICL) error of linear attention fitted by ridge regression on
 P pretraining prompts drawn from k tasks, as d -> infinity with alpha = n/d, kappa = k/d, tau = P/d^2 fixed
-(docs/theory.md §11). float64 numpy throughout; nothing here is traced.
+(docs/theory.md §12). float64 numpy throughout; nothing here is traced.
 
 Units are the paper's: x ~ N(0, I/d), beta ~ N(0, I), label noise rho, so E y^2 = 1 + rho; the error
 includes the query noise (the zero predictor scores 1 + rho). ``pretraining`` maps iclsim's units onto these.

@@ -1,4 +1,4 @@
-"""The Bayes predictor for a finite task pool, dMMSE (docs/theory.md §10), and the Gaussian-prior
+"""The Bayes predictor for a finite task pool, dMMSE (docs/theory.md §11), and the Gaussian-prior
 posterior mean (ridge) it is compared with.
 
 Raventos, Paul, Chen, Ganguli, *Pretraining task diversity and the emergence of non-Bayesian in-context

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iclsim import _validate as check
-from iclsim import layout, montecarlo, protocols
+from iclsim import compiler, layout, montecarlo, protocols
 from iclsim._precision import float64
 from iclsim.designs import _check_n, stack
 from iclsim.gram import draw, uses_gram
@@ -28,10 +28,8 @@ __all__ = ["evaluate", "evaluate_sweep", "PairedRisks", "paired_risks"]
 # risk for every network at batches of 8000 and more (4096 with 68 networks); every batch up to 5000 was right.
 # The cause is XLA CPU's YNNPACK library fusion (on by default): the smallest case found, a vmap over 24
 # networks of the float64 sum of float32 squared errors at 10000 prompts, is wrong with it, right without it
-# and right with the sum in float32. The evaluation program is compiled without it (NO_LIBRARY_FUSION).
+# and right with the sum in float32. The evaluation program is compiled without it (``compiler.NO_LIBRARY_FUSION``).
 MAX_BATCH = 12_288
-# XLA options of the evaluation program on CPU: no YNNPACK library fusion (see MAX_BATCH)
-NO_LIBRARY_FUSION = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 @float64
@@ -191,19 +189,6 @@ def _key_rows(key, num_seeds: int, name: str = "key"):
     return None if data.ndim == 1 else data
 
 
-@functools.cache
-def _library_fusion_off():
-    """NO_LIBRARY_FUSION where this jaxlib knows the option, else None (an XLA without the option has no
-    YNNPACK fusion to turn off). Asked once per process by compiling a one-operation program."""
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=NO_LIBRARY_FUSION).lower(np.float32(0)).compile()
-    except jax.errors.JaxRuntimeError as err:
-        if "No such compile option" in str(err):
-            return None
-        raise
-    return NO_LIBRARY_FUSION
-
-
 @functools.lru_cache(maxsize=64)
 def _compiled_evaluation(model, n_slots: int, group: int, gram: bool, devices: tuple, treedef, shared: tuple,
                          block_keys: bool = False):
@@ -217,6 +202,6 @@ def _compiled_evaluation(model, n_slots: int, group: int, gram: bool, devices: t
         return montecarlo.risk_sums(lambda p: protocols.predict(model, params, p), design, n_slots, n, key, count,
                                     group, model.dtype, gram)
 
-    options = _library_fusion_off() if devices[0].platform == "cpu" else None
+    options = compiler.evaluation_options(devices)
     return layout.blocked(point, (MEMBER, MEMBER, None, MEMBER, BLOCK if block_keys else None, None), devices,
                           compiler_options=options)

@@ -1,4 +1,4 @@
-"""Linear attention fitted on a finite pretraining set in closed form (docs/theory.md §11), as Lu, Letey,
+"""Linear attention fitted on a finite pretraining set in closed form (docs/theory.md §12), as Lu, Letey,
 Zavatone-Veth, Maiti, Pehlevan (PNAS 2025, arXiv:2405.11751) do: the prediction is linear in its
 parameters, so ridge regression on P prompts has a closed-form solution.
 

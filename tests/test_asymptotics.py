@@ -1,4 +1,4 @@
-"""Lu et al.'s asymptotic ICL error (docs/theory.md §11) and the closed-form ridge fit on a finite
+"""Lu et al.'s asymptotic ICL error (docs/theory.md §12) and the closed-form ridge fit on a finite
 pretraining set: identities, limits from the paper, and the fit against the infinite-data optimum and
 against Monte Carlo."""
 

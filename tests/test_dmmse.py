@@ -1,4 +1,4 @@
-"""dMMSE, the Bayes predictor for a finite task pool (docs/theory.md §10): M = 1 is the pool task, it tends
+"""dMMSE, the Bayes predictor for a finite task pool (docs/theory.md §11): M = 1 is the pool task, it tends
 to ridge (the Gaussian-prior posterior mean) as the pool grows, and it beats ridge on the pool's own tasks."""
 
 import jax

@@ -12,15 +12,15 @@ from tests.tolerance import MC_SIGMAS, report
 
 def test_pretraining_tau_quick_double_descent_and_formula(tmp_path):
     _, rows = run_quick("pretraining_tau", tmp_path)
-    s = {**EXPERIMENTS["pretraining_tau"].settings, **EXPERIMENTS["pretraining_tau"].quick}
-    d = s["dims"][0]
+    s = EXPERIMENTS["pretraining_tau"].quick
+    d = s.dims[0]
     z = [abs(r["mc_z"]) for r in rows if "mc_z" in r and r["mc_z"] != ""]
-    assert len(z) == len(s["taus"]) and max(z) < MC_SIGMAS
+    assert len(z) == len(s.taus) and max(z) < MC_SIGMAS
     for r in rows:
-        assert r["asymptotic"] == pytest.approx(asymptotics.ridge_icl_error(s["alpha"], np.inf, r["tau"], s["noise_var"],
-                                                                             s["ridge"]), rel=1e-12)
+        assert r["asymptotic"] == pytest.approx(asymptotics.ridge_icl_error(s.alpha, np.inf, r["tau"], s.noise_var,
+                                                                             s.ridge), rel=1e-12)
     threshold = d * (d + 1) / d**2
-    nearest = min(s["peak_taus"], key=lambda t: abs(t - threshold))
+    nearest = min(s.peak_taus, key=lambda t: abs(t - threshold))
     peaks = []
     for sd in sorted({r["seed"] for r in rows}):
         curve = [r["icl_error"] for r in rows if r["seed"] == sd and r["grid"] == "curve"]

@@ -100,7 +100,7 @@ def plot(rows, s):
     plotting.curves(ax1, rows, x="design", group=("model",), theory_label="optimum each model can reach")
     plotting.gap(gax, rows, x="design", group=("model",))
     ax1.set_ylabel("test risk L")
-    ax1.set_title(f"multitask prompts (d = {s['task_dim']}, {s['per_task']} per task)")
+    ax1.set_title(f"multitask prompts (d = {s.task_dim}, {s.per_task} per task)")
     plotting.legend(ax1)
     colours = plotting.colour_map(list(dict.fromkeys(r["design"] for r in rows)))
     for lab, colour in colours.items():

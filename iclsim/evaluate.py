@@ -1,6 +1,7 @@
 """Test risk of trained models on fresh prompts: every point of a sweep (design, n, seed) scored on
 the same prompts (common random numbers) or each seed on its own, in one compiled program laid out
-like training (``layout``), the squared errors accumulated in float64."""
+like training (``layout``), the squared errors accumulated in float64. One network's score is the
+public pure function ``make_score``; ``evaluate_sweep`` maps it over a sweep."""
 
 from __future__ import annotations
 
@@ -15,10 +16,10 @@ from iclsim import _validate as check
 from iclsim import layout, montecarlo, protocols
 from iclsim._precision import float64
 from iclsim.designs import _check_n, stack
-from iclsim.gram import draw, uses_gram
+from iclsim.gram import SAMPLERS, draw, uses_gram
 from iclsim.layout import BLOCK, MEMBER
 
-__all__ = ["evaluate", "evaluate_sweep", "PairedRisks", "paired_risks"]
+__all__ = ["make_score", "evaluate", "evaluate_sweep", "PairedRisks", "paired_risks"]
 
 
 # the most prompts one round of the evaluation loop draws, over the networks vmapped on one device: a memory
@@ -32,6 +33,43 @@ __all__ = ["evaluate", "evaluate_sweep", "PairedRisks", "paired_risks"]
 MAX_BATCH = 12_288
 # XLA options of the evaluation program on CPU: no YNNPACK library fusion (see MAX_BATCH)
 NO_LIBRARY_FUSION = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def make_score(model, n_slots: int, num_prompts: int = 100_000, batch_size: int = 10_000, sampler: str = "auto"):
+    """One network's test risk as a pure function (params, design, n, key) -> ``Estimate(mean, se)`` on
+    ``num_prompts`` fresh prompts of ``key`` with n active pairs in ``n_slots`` slots (static), drawn in
+    ``model.dtype`` by the one referee (``montecarlo``: fixed draw blocks, squared errors summed in float64):
+    the kernel ``evaluate_sweep`` maps over a sweep, for users to jit or vmap themselves (design, n and key
+    may be traced). ``batch_size`` only groups draw blocks (memory); Gram draws where
+    ``gram.uses_gram(model, design, n_slots, sampler)``. On CPU compile it with
+    ``compiler_options=NO_LIBRARY_FUSION`` (as ``evaluate_sweep`` does: XLA CPU's YNNPACK fusion rounds float32
+    differently, and at large vmapped batches summed wrongly, see ``MAX_BATCH``); so compiled, one network's
+    score equals ``evaluate_sweep``'s for that point under the same key (the same prompts and float64 sums)."""
+    n_slots = check.positive_int("n_slots", n_slots)
+    count = montecarlo.check_count("num_prompts", num_prompts)
+    group = montecarlo.group_size(count, check.positive_int("batch_size", batch_size))
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+
+    def score(params, design, n, key) -> montecarlo.Estimate:
+        with jax.enable_x64(True):  # the float64 sums, whatever the caller's flag
+            gram = uses_gram(model, design, n_slots, sampler)
+            total, total_sq = _risk_sums(model, n_slots, group, gram)(params, design, n, key, count)
+            return montecarlo.Estimate(*montecarlo.estimate(total, total_sq, count))
+
+    return score
+
+
+def _risk_sums(model, n_slots: int, group: int, gram: bool):
+    """(params, design, n, key, count) -> the float64 (sum, sum of squares) of the squared errors of ``model``
+    on the first ``count`` prompts of ``key`` (``montecarlo.risk_sums``): the core of ``make_score`` and of
+    the evaluation program."""
+
+    def sums(params, design, n, key, count):
+        return montecarlo.risk_sums(lambda p: protocols.predict(model, params, p), design, n_slots, n, key, count,
+                                    group, model.dtype, gram)
+
+    return sums
 
 
 @float64
@@ -212,10 +250,10 @@ def _compiled_evaluation(model, n_slots: int, group: int, gram: bool, devices: t
     sweeps of the same shape never recompile, whatever their prompt count (a validation set and a test set
     share the program where they group alike)."""
 
+    sums = _risk_sums(model, n_slots, group, gram)
+
     def point(params, varying, common, n, key, count):
-        design = layout.merge_design(treedef, shared, varying, common)
-        return montecarlo.risk_sums(lambda p: protocols.predict(model, params, p), design, n_slots, n, key, count,
-                                    group, model.dtype, gram)
+        return sums(params, layout.merge_design(treedef, shared, varying, common), n, key, count)
 
     options = _library_fusion_off() if devices[0].platform == "cpu" else None
     return layout.blocked(point, (MEMBER, MEMBER, None, MEMBER, BLOCK if block_keys else None, None), devices,

@@ -13,7 +13,7 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 
-from iclsim import layout, records
+from iclsim import layout, progress, records
 from iclsim.gram import draw
 from iclsim.rng import BatchShard, Stream
 
@@ -28,12 +28,14 @@ class TrainState(NamedTuple):
     opt_state: Any
 
 
-def trainer(model, config, n_slots: int, loss_fn: Callable, gram: bool, shards: int = 1):
+def trainer(model, config, n_slots: int, loss_fn: Callable, gram: bool, shards: int = 1,
+            report_every: int | None = None):
     """A pure function (design, n, key) -> (params, losses [steps], record: ``records.Record`` or None) that
     trains one model (``train.make_train`` is its public face). With
     ``shards`` > 1 (inside shard_map over the axis "batch" of that size) each shard draws its rows of every
     step's batch (a ``rng.BatchShard`` passed to the draw) and the loss and gradients are averaged over the
-    shards; a stored pretraining set and a record's evaluation set are held whole by every shard."""
+    shards; a stored pretraining set and a record's evaluation set are held whole by every shard. With
+    ``report_every`` the loop calls ``progress.step_done`` after every that many steps (``progress``)."""
     opt = config.transformation()
     rows = config.batch_size // shards
     shard = BatchShard(layout.BATCH_AXIS, shards) if shards > 1 else None
@@ -48,10 +50,11 @@ def trainer(model, config, n_slots: int, loss_fn: Callable, gram: bool, shards: 
         params, unravel = jax.flatten_util.ravel_pytree(model.init(keys[0]))
         state = TrainState(params, opt.init(params))
         xs = {"key": keys[1:]}
+        if stored or report_every:
+            xs["t"] = jnp.arange(config.steps, dtype=jnp.int32)
         if stored:
             data = draw(design, jax.random.fold_in(key, np.uint32(Stream.PRETRAINING)), config.pretraining_prompts,
                         n, n_slots, config.dtype, gram)
-            xs["t"] = jnp.arange(config.steps, dtype=jnp.int32)
         if recording:
             evaluation, buffers = start(design, n, key, unravel(params))
             xs.update(flag=jnp.asarray(plan.flags), slot=jnp.asarray(plan.slots))
@@ -71,6 +74,9 @@ def trainer(model, config, n_slots: int, loss_fn: Callable, gram: bool, shards: 
                 loss, grads = both[0], both[1:]
             with jax.numpy_dtype_promotion("standard"):  # optax mixes int32 counts with floats
                 updates, opt_state = opt.update(grads, state.opt_state, state.params)
+            if report_every:  # the step index alone (unbatched): one host call per device, at these steps only
+                jax.lax.cond((x["t"] + 1) % report_every == 0,
+                             lambda: jax.debug.callback(progress.step_done, x["t"] + 1, config.steps), lambda: None)
             ok = jnp.isfinite(loss)  # once non-finite, freeze so the first bad step is reported
             return (TrainState(jnp.where(ok, state.params + updates, state.params), opt_state), order, buffers), loss
 

@@ -15,6 +15,7 @@ function ``make_train`` (jit, vmap or scan it yourself); ``fit_sweep`` maps it o
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import warnings
@@ -28,6 +29,7 @@ import optax
 from iclsim import _validate as check
 from iclsim import cache as _cache
 from iclsim import layout, loop, protocols
+from iclsim import progress as _progress
 from iclsim.designs import GramPrompts, Prompts, _check_n, stack
 from iclsim.gram import SAMPLERS, uses_gram
 from iclsim.layout import BLOCK, MEMBER
@@ -220,7 +222,7 @@ def fit(model, design, n: int, steps: int = 4000, batch_size: int = 512, learnin
 
 def fit_sweep(model, designs, ns: Sequence[int], seeds: Sequence[int], config: TrainConfig = TrainConfig(),
               loss_fn: Callable = squared_loss, devices: Sequence | None = None,
-              cache: _cache.SweepCache | None = None) -> FitResult:
+              cache: _cache.SweepCache | None = None, progress: Callable | None = None) -> FitResult:
     """Train one model per (design, n, seed) in one compiled, vmapped program.
 
     ``designs``: one design or a list of same-structure designs (stacked and vmapped);
@@ -233,13 +235,15 @@ def fit_sweep(model, designs, ns: Sequence[int], seeds: Sequence[int], config: T
     ``Record`` (steps [R], loss [designs, ns, seeds, R], summaries [designs, ns, seeds, R, ...]). Each point
     computes ``make_train(model, config, max(ns), loss_fn)(PRNGKey(seed), design, n)``. A non-finite loss,
     or one above ``config.divergence_factor`` times the initial loss, raises FloatingPointError naming the
-    model, design, n, seed and step.
+    model, design, n, seed and step. ``progress``: None (silent) or a function called with
+    ``progress.Progress(done, total, elapsed, remaining)`` as points finish (``progress.printer()`` prints
+    them); the numbers are the same with or without it.
     """
     with jax.enable_x64(True):  # integer types fixed whatever the caller's flag; floats stay config.dtype
-        return _fit_sweep(model, designs, ns, seeds, config, loss_fn, devices, cache)
+        return _fit_sweep(model, designs, ns, seeds, config, loss_fn, devices, cache, progress)
 
 
-def _fit_sweep(model, designs, ns, seeds, config, loss_fn, devices, cache) -> FitResult:
+def _fit_sweep(model, designs, ns, seeds, config, loss_fn, devices, cache, report=None) -> FitResult:
     design_list = layout.as_list(designs)
     ns, seeds = check.context_lengths(layout.as_list(ns)), check.seed_list("seeds", layout.as_list(seeds))
     protocols.check_sweep(model, design_list, "fit_sweep", config.dtype)  # the door; model.dtype is the one dtype
@@ -262,12 +266,16 @@ def _fit_sweep(model, designs, ns, seeds, config, loss_fn, devices, cache) -> Fi
     # a cache left to train, so a point's numbers are those its key names
     small = len(points) == 1
     recording = config.recorded_steps() is not None
+    tracker = None if report is None else _progress.Tracker(report, len(points))
+    every = None if report is None else max(1, config.steps // _progress.REPORTS)
 
     def run(batch):  # -> (what a cache entry holds: params, or params and the record's arrays; losses)
         idx = np.array([p[0] for p in batch])
-        out = _run_points(model, config, n_slots, loss_fn, gram, devices,
-                          jax.tree_util.tree_map(lambda a: np.asarray(a)[idx], stacked),
-                          np.array([ns[p[1]] for p in batch]), np.array([seeds[p[2]] for p in batch]), small)
+        with contextlib.nullcontext() if tracker is None else tracker.chunk(len(batch)):
+            out = _run_points(model, config, n_slots, loss_fn, gram, devices,
+                              jax.tree_util.tree_map(lambda a: np.asarray(a)[idx], stacked),
+                              np.array([ns[p[1]] for p in batch]), np.array([seeds[p[2]] for p in batch]), small,
+                              every)
         where = [(design_list[i], ns[j], seeds[k]) for i, j, k in batch]
         _check_losses(out.losses, config.divergence_factor, model, where)
         _check_params(out.params, model, where)
@@ -287,6 +295,8 @@ def _fit_sweep(model, designs, ns, seeds, config, loss_fn, devices, cache) -> Fi
             template = {"params": out.params, "record": out.record[1:]}
         payload, losses = layout.load_or_run(
             cache, run, points, template, lambda p: (shared, design_list[p[0]], ns[p[1]], seeds[p[2]]))
+    if tracker is not None:
+        tracker.finish()
     shape = (len(design_list), len(ns), len(seeds))
     unflat = functools.partial(jax.tree_util.tree_map, lambda a: np.reshape(a, shape + np.shape(a)[1:]))
     params, record = (payload["params"], payload["record"]) if recording else (payload, None)
@@ -296,15 +306,17 @@ def _fit_sweep(model, designs, ns, seeds, config, loss_fn, devices, cache) -> Fi
     return FitResult(params, np.reshape(losses, shape + losses.shape[1:]), record)
 
 
-def _run_points(model, config, n_slots, loss_fn, gram, devices, designs, ns, seeds, small=None) -> FitResult:
+def _run_points(model, config, n_slots, loss_fn, gram, devices, designs, ns, seeds, small=None,
+                report_every=None) -> FitResult:
     """Train a flat batch of sweep points laid out in seed blocks (``layout.plan``): FitResult with leading
-    axis [points]; ``small``: compile with SMALL_PROGRAM_OPTIONS (default: where the batch is one point)."""
+    axis [points]; ``small``: compile with SMALL_PROGRAM_OPTIONS (default: where the batch is one point);
+    ``report_every``: the program reports its steps to ``progress`` (``loop.trainer``)."""
     plan = layout.plan(seeds, devices, config.batch_size)
     split = layout.split_design(designs)
     keys = layout.seed_keys(seeds[plan.blocks[:, 0]])
     one_point = len(np.unique(plan.blocks)) == 1 if small is None else bool(small)  # a single fit
     program = _compiled_sweep(model, config, n_slots, loss_fn, gram, plan.devices, split.treedef, split.shared,
-                              plan.shards, one_point)
+                              plan.shards, one_point, report_every)
     b = plan.blocks
     outputs = program([a[b] for a in split.varying], split.common, jnp.asarray(ns[b]), keys)
     return layout.gather(outputs, plan, len(ns))
@@ -322,14 +334,14 @@ def compiler_options(one_point: bool, devices) -> dict | None:
 
 @functools.lru_cache(maxsize=64)
 def _compiled_sweep(model, config: TrainConfig, n_slots: int, loss_fn: Callable, gram: bool, devices: tuple,
-                    treedef, shared: tuple, shards: int = 1, one_point: bool = False):
+                    treedef, shared: tuple, shards: int = 1, one_point: bool = False, report_every: int | None = None):
     """One jitted program per (model, config, n_slots, loss, sampler, devices, which design leaves are
     shared): designs, ns and seeds are arguments, so sweeps of the same size over other noise levels,
     context lengths or seeds never recompile. The members of a block share its key, so one draw per
     step serves them all. A single fit on CPU (``one_point``) is compiled with XLA's fusion emitters
     off: compiling is most of a short fit's time, and this shortens it (docs/performance.md §2.8; for
     vmapped sweeps the emitters' faster code pays)."""
-    train = loop.trainer(model, config, n_slots, loss_fn, gram, shards)
+    train = loop.trainer(model, config, n_slots, loss_fn, gram, shards, report_every)
 
     def point(varying, common, n, key):
         return FitResult(*train(layout.merge_design(treedef, shared, varying, common), n, key))

@@ -42,7 +42,8 @@ def make_score(model, n_slots: int, num_prompts: int = 100_000, batch_size: int 
     ``model.dtype`` by the one referee (``montecarlo``: fixed draw blocks, squared errors summed in float64):
     the kernel ``evaluate_sweep`` maps over a sweep, for users to jit or vmap themselves (design, n and key
     may be traced). ``batch_size`` only groups draw blocks (memory); Gram draws where
-    ``gram.uses_gram(model, design, n_slots, sampler)``. On CPU compile it with
+    ``gram.uses_gram(model, design, n_slots, sampler)``. Float64 must be on where it is traced (``with
+    jax.enable_x64(True):``; RuntimeError otherwise). On CPU compile it with
     ``compiler_options=NO_LIBRARY_FUSION`` (as ``evaluate_sweep`` does: XLA CPU's YNNPACK fusion rounds float32
     differently, and at large vmapped batches summed wrongly, see ``MAX_BATCH``); so compiled, one network's
     score equals ``evaluate_sweep``'s for that point under the same key (the same prompts and float64 sums)."""
@@ -53,10 +54,12 @@ def make_score(model, n_slots: int, num_prompts: int = 100_000, batch_size: int 
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
 
     def score(params, design, n, key) -> montecarlo.Estimate:
-        with jax.enable_x64(True):  # the float64 sums, whatever the caller's flag
-            gram = uses_gram(model, design, n_slots, sampler)
-            total, total_sq = _risk_sums(model, n_slots, group, gram)(params, design, n, key, count)
-            return montecarlo.Estimate(*montecarlo.estimate(total, total_sq, count))
+        if not jax.config.jax_enable_x64:  # switching it on inside a trace would mix int32 and int64 values
+            raise RuntimeError("make_score's squared errors are summed in float64: call (and jit) the score under "
+                               "`with jax.enable_x64(True):` or with jax_enable_x64 set")
+        gram = uses_gram(model, design, n_slots, sampler)
+        total, total_sq = _risk_sums(model, n_slots, group, gram)(params, design, n, key, count)
+        return montecarlo.Estimate(*montecarlo.estimate(total, total_sq, count))
 
     return score
 

@@ -191,16 +191,17 @@ def make_train(model, config: TrainConfig, n_slots: int, loss_fn: Callable = squ
     active context pairs (may be traced), prompts padded to ``n_slots`` slots (static: the sweep's max(ns)).
     Gram draws where ``gram.uses_gram(model, design, n_slots, config.sampler)``. No divergence check (that
     is ``fit_sweep``'s, on the host). ``jax.vmap(make_train(...))`` over keys, stacked designs and ns gives
-    ``fit_sweep``'s numbers."""
+    ``fit_sweep``'s numbers when traced with float64 on (``with jax.enable_x64(True):``, as ``fit_sweep``
+    traces it: integer types are then 64-bit); traced with it off, the same prompts and steps give numbers
+    that differ at float32 rounding (the optimizer's step counts are int32)."""
     check.positive_int("n_slots", n_slots)
     if jnp.dtype(config.dtype) != jnp.dtype(getattr(model, "dtype", config.dtype)):
         raise ValueError(f"TrainConfig.dtype ({jnp.dtype(config.dtype)}) must equal model.dtype "
                          f"({jnp.dtype(model.dtype)}): model.dtype is the one dtype prompts are drawn in")
 
     def train(key, design, n) -> FitResult:
-        with jax.enable_x64(True):  # integer types fixed whatever the caller's flag (as in fit_sweep)
-            gram = uses_gram(model, design, n_slots, config.sampler)
-            return FitResult(*loop.trainer(model, config, n_slots, loss_fn, gram)(design, n, key))
+        gram = uses_gram(model, design, n_slots, config.sampler)
+        return FitResult(*loop.trainer(model, config, n_slots, loss_fn, gram)(design, n, key))
 
     return train
 

@@ -63,6 +63,8 @@ def test_make_score_is_evaluate_sweeps_referee():
         assert_close(got.se, se[0, 0, k], rtol=1e-12)
     with pytest.raises(ValueError, match="num_prompts"):
         evaluate.make_score(MODEL, 6, 0)
+    with jax.enable_x64(False), pytest.raises(RuntimeError, match=r"summed in float64: .*jax.enable_x64\(True\)"):
+        evaluate.make_score(MODEL, 6, 1000)(jax.tree_util.tree_map(lambda a: a[0], params), design, 6, key)
 
 
 def test_progress_reports_increasing_points_and_leaves_the_numbers_alone():

@@ -6,17 +6,41 @@ shares the trained networks between studies (same recipe, same seeds: the same n
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 
 from iclsim import IID, models, sweeps, train
 from iclsim.train import TrainConfig
 
-# the networks: d = 5, n = 20, 4 layers, training noise 0.1, library defaults (Adam, batch 512, lr 1e-2)
-RECIPE = {"dim": 5, "n": 20, "layers": 4, "noise_var": 0.1, "steps": 4000}
-# the shifted test settings: noisier test labels, a shorter test context
-SHIFTS = {"test_noise_var": 4.0, "test_n": 10}
 SEEDS_PER_BASE = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """The networks every paper-B study trains: d = 5, n = 20, 4 layers, training noise 0.1, library
+    defaults (Adam, batch 512, lr 1e-2), ``steps`` steps, ``seeds`` seeds per base. A study's settings
+    subclass this one (or ``Study``), so the same recipe gives the same cache keys: the same networks."""
+
+    dim: int = 5
+    n: int = 20
+    layers: int = 4
+    noise_var: float = 0.1
+    steps: int = 4000
+    seeds: int = SEEDS_PER_BASE
+
+
+@dataclasses.dataclass(frozen=True)
+class Study(Recipe):
+    """The recipe and the shifted test settings the pruning studies score on (``test_settings``): noisier
+    test labels (``test_noise_var``), a shorter test context (``test_n``)."""
+
+    test_noise_var: float = 4.0
+    test_n: int = 10
+
+
+# the quick changes every paper-B study makes (dataclasses.replace(settings, **QUICK, ...))
 QUICK = {"layers": 2, "seeds": 3, "steps": 500}
 # two independent seed bases: base A is seed .. seed + k - 1, base B seed + 1000 .. seed + 1000 + k - 1
 BASE_OFFSETS = {"A": 0, "B": 1000}
@@ -39,20 +63,20 @@ def seed_bases(seed: int, per_base: int) -> dict[str, list[int]]:
 
 def test_settings(s) -> dict:
     """The test distributions every trained network is scored on: label -> (design, context length)."""
-    d = s["dim"]
-    return {"matched": (IID(d, noise_var=s["noise_var"]), s["n"]),
-            "noisier test labels": (IID(d, noise_var=s["test_noise_var"]), s["n"]),
-            "shorter context": (IID(d, noise_var=s["noise_var"]), s["test_n"])}
+    d = s.dim
+    return {"matched": (IID(d, noise_var=s.noise_var), s.n),
+            "noisier test labels": (IID(d, noise_var=s.test_noise_var), s.n),
+            "shorter context": (IID(d, noise_var=s.noise_var), s.test_n)}
 
 
-def train_networks(s, seeds, progress, design=None):
+def train_networks(s, seeds, context, design=None):
     """(model, params with a leading seed axis, training design): the GD-form L-layer transformers of the
     recipe trained on ``design`` (default: the isotropic IID design of the recipe), one per seed."""
-    d, L = s["dim"], s["layers"]
+    d, L = s.dim, s.layers
     model = models.LinearTransformer(d, L)
-    design = IID(d, noise_var=s["noise_var"]) if design is None else design
-    progress(f"  training (or loading) {len(seeds)} {L}-layer linear transformers (GD form), {s['steps']} steps")
-    fitted = train.fit_sweep(model, design, [s["n"]], seeds, TrainConfig(steps=s["steps"]))
+    design = IID(d, noise_var=s.noise_var) if design is None else design
+    context.progress(f"  training (or loading) {len(seeds)} {L}-layer linear transformers (GD form), {s.steps} steps")
+    fitted = train.fit_sweep(model, design, [s.n], seeds, TrainConfig(steps=s.steps), cache=context.cache)
     return model, jax.tree_util.tree_map(lambda a: a[0, 0], fitted.params), design
 
 

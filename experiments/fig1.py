@@ -4,16 +4,18 @@ retraining (run those first: ``iclsim run all`` orders them). Their provenance i
 (``runner.read_results``): results of another fidelity (quick or not), seed or iclsim version are
 refused."""
 
+import dataclasses
+
 from iclsim import plotting
 from iclsim.runner import Experiment, read_results
 
 SOURCES = ("h3_weighting", "rag", "lowrank")
 
 
-def run(s, seed, progress):
+def run(s, seed, context):
     rows = []
     for name in SOURCES:
-        found = read_results(s["out"], name, quick=s.get("quick", False), seed=seed, reader="fig1")
+        found = read_results(context.out, name, quick=context.quick, seed=seed, reader="fig1")
         rows += [{"source": name, **r} for r in found]
     return rows
 
@@ -44,5 +46,10 @@ def summary(rows):
     return {f"{name}_rows": sum(r["source"] == name for r in rows) for name in SOURCES}
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """fig1 has no settings of its own: it draws the results of SOURCES."""
+
+
 EXPERIMENT = Experiment(name="fig1", title="Paper A Fig. 1: overview of architecture, alignment and low rank",
-                        settings={}, run=run, plot=plot, summary=summary, after=SOURCES)
+                        settings=Settings(), run=run, plot=plot, summary=summary, after=SOURCES)

@@ -2,6 +2,8 @@
 linear regression reach the one-step PGD optimum. Panels: (a) noiseless IID, (b) noisy labels,
 (c) non-isotropic task covariance. Risk L (including the query noise) vs context length n."""
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -18,36 +20,36 @@ def task_spectrum(d: int) -> np.ndarray:
 
 
 def panels_of(s):
-    d = s["dim"]
+    d = s.dim
     return {
         "(a) noiseless": {"noiseless": IID(d)},
-        "(b) noisy labels": {f"s2={v:g}": IID(d, noise_var=v) for v in s["noise_levels"]},
+        "(b) noisy labels": {f"s2={v:g}": IID(d, noise_var=v) for v in s.noise_levels},
         "(c) non-isotropic task": {"Sb power law": IID(d, cov_beta=task_spectrum(d))},
     }
 
 
-def run(s, seed, progress):
-    test_key = jax.random.fold_in(jax.random.PRNGKey(seed), TEST_STREAM)  # apart from training's keys
+def run(s, seed, context):
     """Every panel's designs in one sweep per model, so each step's prompts are drawn once for all of them.
     Sweeps by context length: n <= small_n with batch_small_n prompts per step and steps_small_n steps (at
     small n the risk is flat in W, so pinning W* within 5% takes about 6x the samples; these prompts are
     short and cheap), then n <= mid_n and the rest, so that H3, whose cost grows with the largest n of its
     sweep, does not pad n = 10 to n = 40."""
-    d, seeds = s["dim"], [seed + k for k in range(s["seeds"])]
+    test_key = jax.random.fold_in(jax.random.PRNGKey(seed), TEST_STREAM)  # apart from training's keys
+    d, seeds = s.dim, [seed + k for k in range(s.seeds)]
     panels = panels_of(s)
     designs = {label: design for group in panels.values() for label, design in group.items()}
     panel_of = {label: panel for panel, group in panels.items() for label in group}
-    rest = [n for n in s["ns"] if n > s["small_n"]]
-    groups = [([n for n in s["ns"] if n <= s["small_n"]], s["batch_small_n"], s["steps_small_n"]),
-              ([n for n in rest if n <= s["mid_n"]], s["batch"], s["steps"]),
-              ([n for n in rest if n > s["mid_n"]], s["batch"], s["steps"])]
+    rest = [n for n in s.ns if n > s.small_n]
+    groups = [([n for n in s.ns if n <= s.small_n], s.batch_small_n, s.steps_small_n),
+              ([n for n in rest if n <= s.mid_n], s.batch, s.steps),
+              ([n for n in rest if n > s.mid_n], s.batch, s.steps)]
     rows = []
     for ns, batch, steps in (g for g in groups if g[0]):
-        zoo = {"linear attention": (models.LinearAttention(d), TrainConfig(steps, batch, s["lr_attention"])),
-               "H3": (models.H3(d, max(ns)), TrainConfig(steps, batch, s["lr_h3"]))}
+        zoo = {"linear attention": (models.LinearAttention(d), TrainConfig(steps, batch, s.lr_attention)),
+               "H3": (models.H3(d, max(ns)), TrainConfig(steps, batch, s.lr_h3))}
         for r in sweeps.risk_curves(zoo, designs, ns, seeds, lambda des, n, m: theory.optimal_pgd(des, n).risk,
-                                     test_key, s["num_test"], progress,
-                                     optimum=lambda des, n, m: theory.optimal_pgd(des, n)):
+                                     test_key, s.num_test, context.progress,
+                                     optimum=lambda des, n, m: theory.optimal_pgd(des, n), cache=context.cache):
             rows.append({"panel": panel_of[r["design"]], **r})
     return rows
 
@@ -62,7 +64,7 @@ def plot(rows, s):
         ax.set_title(name)
         ax.set_ylabel("test risk L")
         plotting.legend(ax)
-    fig.suptitle(f"Linear attention and H3 vs the optimal one-step PGD risk (d = {s['dim']})")
+    fig.suptitle(f"Linear attention and H3 vs the optimal one-step PGD risk (d = {s.dim})")
     return fig
 
 
@@ -74,13 +76,33 @@ def summary(rows):
             "worst_exact_gap": round(sweeps.worst_exact_gap(rows), 4)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Figure 2's sweep: context lengths ``ns``, the noise levels of panel (b), training by n group
+    (see ``run``) and the test prompts per point."""
+
+    dim: int = 10
+    ns: tuple[int, ...] = (1, 2, 5, 10, 15, 20, 30, 40)
+    noise_levels: tuple[float, ...] = (0.25, 1.0, 4.0)
+    seeds: int = 2
+    steps: int = 2000
+    batch: int = 512
+    small_n: int = 5
+    mid_n: int = 20
+    batch_small_n: int = 2048
+    steps_small_n: int = 3000
+    lr_attention: float = 0.01
+    lr_h3: float = 0.03
+    num_test: int = 100_000
+
+
+SETTINGS = Settings()
+QUICK = dataclasses.replace(SETTINGS, dim=4, ns=(2, 4, 8), noise_levels=(1.0,), seeds=1, steps=600, small_n=0, mid_n=0,
+                            lr_attention=0.03, num_test=20_000)
+
 EXPERIMENT = Experiment(
     name="fig2",
     title="Paper A Fig. 2: linear attention and H3 implement optimal one-step PGD",
-    settings={"dim": 10, "ns": [1, 2, 5, 10, 15, 20, 30, 40], "noise_levels": [0.25, 1.0, 4.0], "seeds": 2,
-              "steps": 2000, "batch": 512, "small_n": 5, "mid_n": 20, "batch_small_n": 2048, "steps_small_n": 3000, "lr_attention": 0.01, "lr_h3": 0.03,
-              "num_test": 100_000},
-    quick={"dim": 4, "ns": [2, 4, 8], "noise_levels": [1.0], "seeds": 1, "steps": 600, "small_n": 0, "mid_n": 0,
-           "lr_attention": 0.03, "num_test": 20_000},
+    settings=SETTINGS, quick=QUICK,
     run=run, plot=plot, summary=summary,
 )

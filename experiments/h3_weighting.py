@@ -1,6 +1,8 @@
 """Paper A, H3 vs linear attention (docs/theory.md §5): H3's convolution weights the samples (WPGD), which wins on
 temporally heterogeneous prompts (drifting task, per-position noise) and ties on IID prompts."""
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -11,23 +13,24 @@ from iclsim.train import TrainConfig
 
 
 def designs_of(s):
-    d, n, s2 = s["dim"], s["n"], s["noise_var"]
+    d, n, s2 = s.dim, s.n, s.noise_var
     flat = np.full(n, s2)
-    rho = s["decay"] ** np.arange(n - 1, -1, -1)
+    rho = s.decay ** np.arange(n - 1, -1, -1)
     return {
         "drift": Drift(d, rho, None, flat, s2),
-        "AR(1) drift": Drift.ar1(d, n, s["decay"], flat, s2),
-        "noise ramp": Drift(d, np.ones(n), None, np.linspace(s["ramp"], 0.0, n), s2),
+        "AR(1) drift": Drift.ar1(d, n, s.decay, flat, s2),
+        "noise ramp": Drift(d, np.ones(n), None, np.linspace(s.ramp, 0.0, n), s2),
         "IID": Drift(d, np.ones(n), None, flat, s2),
     }
 
 
-def run(s, seed, progress):
+def run(s, seed, context):
+    progress = context.progress
     test_key = jax.random.fold_in(jax.random.PRNGKey(seed), TEST_STREAM)  # apart from training's keys
-    d, n, seeds = s["dim"], s["n"], [seed + k for k in range(s["seeds"])]
-    h3 = TrainConfig(s["steps"], s["batch"], s["lr_h3"])
+    d, n, seeds = s.dim, s.n, [seed + k for k in range(s.seeds)]
+    h3 = TrainConfig(s.steps, s.batch, s.lr_h3)
     zoo = {"H3 (free filter)": (models.H3(d, n), h3), "H3 (SSM filter)": (models.H3(d, n, filter="ssm"), h3),
-           "linear attention": (models.LinearAttention(d), TrainConfig(s["steps"], s["batch"], s["lr_attention"]))}
+           "linear attention": (models.LinearAttention(d), TrainConfig(s.steps, s.batch, s.lr_attention))}
 
     def optimum(des, n, m):
         """(W*, omega*, L*): WPGD for H3, uniform weights (PGD) for attention."""
@@ -46,18 +49,18 @@ def run(s, seed, progress):
         return out
 
     return sweeps.risk_curves(zoo, designs_of(s), [n], seeds, lambda des, n, m: optimum(des, n, m)[2],
-                               test_key, s["num_test"], progress, optimum=optimum,
-                               extra=extra)
+                               test_key, s.num_test, progress, optimum=optimum,
+                               extra=extra, cache=context.cache)
 
 
 def plot(rows, s):
-    n = s["n"]
+    n = s.n
     labels = list(dict.fromkeys(r["design"] for r in rows))
     fig, (ax1, ax2), (gax, gax2) = plotting.panels(2, width=5.5, gap=True)
     plotting.curves(ax1, rows, x="design", group=("model",), theory_label="optimum (WPGD for H3, PGD for attention)")
     plotting.gap(gax, rows, x="design", group=("model",))
     ax1.set_ylabel("test risk L")
-    ax1.set_title(f"risk by design (d = {s['dim']}, n = {n})")
+    ax1.set_title(f"risk by design (d = {s.dim}, n = {n})")
     plotting.legend(ax1)
     pos = np.arange(1, n + 1)
     colours = plotting.colour_map(labels)
@@ -98,9 +101,28 @@ def summary(rows):
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The temporally heterogeneous design (``decay``, ``ramp``), training of H3 and linear attention, test
+    prompts per point."""
+
+    dim: int = 5
+    n: int = 8
+    noise_var: float = 0.2
+    decay: float = 0.8
+    ramp: float = 3.0
+    seeds: int = 3
+    steps: int = 3000
+    batch: int = 512
+    lr_h3: float = 0.03
+    lr_attention: float = 0.01
+    num_test: int = 200_000
+
+
+SETTINGS = Settings()
+QUICK = dataclasses.replace(SETTINGS, seeds=1, steps=800, lr_attention=0.03, num_test=20_000)
+
 EXPERIMENT = Experiment(
     name="h3_weighting", title="Paper A: H3's sample weighting wins on temporally heterogeneous prompts",
-    settings={"dim": 5, "n": 8, "noise_var": 0.2, "decay": 0.8, "ramp": 3.0, "seeds": 3, "steps": 3000,
-              "batch": 512, "lr_h3": 0.03, "lr_attention": 0.01, "num_test": 200_000},
-    quick={"seeds": 1, "steps": 800, "lr_attention": 0.03, "num_test": 20_000},
+    settings=SETTINGS, quick=QUICK,
     run=run, plot=plot, summary=summary)

@@ -52,16 +52,19 @@ steps do not fit this study's budget).
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
+from typing import Literal
 
 from iclsim import IID, plotting, pruning, quality, sweeps, theory
 
 from iclsim.runner import Experiment
 
-from ._paper_b import (NULL_STREAM, QUICK, RECIPE, SEEDS_PER_BASE, SHIFTS, TEST_STREAM, VALIDATION_STREAM,
+from ._paper_b import (NULL_STREAM, QUICK, TEST_STREAM, VALIDATION_STREAM, Study,
                        layer_steps, seed_bases, step_order, train_networks)
 
 DESIGNS = ("anisotropic", "isotropic")
@@ -98,18 +101,18 @@ def designs_of(s, name: str) -> tuple[IID, dict, np.ndarray]:
     """(training design, {setting: (test design, n)}, eigenbasis V) of design ``name``: the anisotropic one
     (power-law Sx, Sb in the basis of ``basis_seed``) or the recipe's isotropic one (V is then the same
     random basis, a reference frame with no meaning: its overlaps are the chance level)."""
-    d = s["dim"]
-    V = eigenbasis(d, s["basis_seed"])
+    d = s.dim
+    V = eigenbasis(d, s.basis_seed)
     if name == "anisotropic":
-        cov = {"cov_x": power_law_covariance(d, s["x_power"], V), "cov_beta": power_law_covariance(d, s["beta_power"], V)}
+        cov = {"cov_x": power_law_covariance(d, s.x_power, V), "cov_beta": power_law_covariance(d, s.beta_power, V)}
     elif name == "isotropic":
         cov = {}
     else:
         raise ValueError(f"design must be one of {DESIGNS}, got {name!r}")
-    train_design = IID(d, noise_var=s["noise_var"], **cov)
-    tests = {"matched": (train_design, s["n"]),
-             "noisier test labels": (IID(d, noise_var=s["test_noise_var"], **cov), s["n"]),
-             "shorter context": (train_design, s["test_n"])}
+    train_design = IID(d, noise_var=s.noise_var, **cov)
+    tests = {"matched": (train_design, s.n),
+             "noisier test labels": (IID(d, noise_var=s.test_noise_var, **cov), s.n),
+             "shorter context": (train_design, s.test_n)}
     return train_design, tests, V
 
 
@@ -249,32 +252,33 @@ def candidates_of(s) -> list[pruning.Candidate]:
     """The unpruned network first, then per layer: the factor truncation (paper B's "svd") and the
     controls "product_svd" and "random" at each kept rank, "product_svd" at rank d (must equal the unpruned
     network), "delete", and "scale" at each value of the validation grid."""
-    d, L = s["dim"], s["layers"]
+    d, L = s.dim, s.layers
     out = [pruning.Candidate(0, "attn", None)]
     for l in range(L):
-        for k in s["ranks"]:
+        for k in s.ranks:
             out += [pruning.Candidate(l, "attn", k), pruning.Candidate(l, "attn", k, "product_svd"),
                     pruning.Candidate(l, "attn", k, "random", 1000 + 10 * l + k)]
         out += [pruning.Candidate(l, "attn", d, "product_svd"), pruning.Candidate(l, "attn", None, "delete")]
-        out += [pruning.Candidate(l, "attn", None, "scale", float(v)) for v in s["scales"]]
+        out += [pruning.Candidate(l, "attn", None, "scale", float(v)) for v in s.scales]
     return out
 
 
 def _reference(s, name, design, V, key, progress):
     """(reference risk, its se, the one-step PGD optimum's risk) of design ``name``."""
-    one_step = float(theory.optimal_pgd(design, s["n"]).risk)
+    one_step = float(theory.optimal_pgd(design, s.n).risk)
     if name == "isotropic":
-        ref = theory.optimal_multistep_gd(design, s["n"], s["layers"], key, s["num_eval"])
+        ref = theory.optimal_multistep_gd(design, s.n, s.layers, key, s.num_eval)
         return float(ref.risk), float(ref.se), one_step
-    progress(f"  reference: best {s['layers']}-step GD preconditioned in the eigenbasis ({s['num_reference']} draws, "
-             f"scored on {s['num_eval']})")
-    _, risk, se = eigenbasis_multistep_gd(design, V, s["n"], s["layers"], key, s["num_reference"], s["num_eval"])
+    progress(f"  reference: best {s.layers}-step GD preconditioned in the eigenbasis ({s.num_reference} draws, "
+             f"scored on {s.num_eval})")
+    _, risk, se = eigenbasis_multistep_gd(design, V, s.n, s.layers, key, s.num_reference, s.num_eval)
     return risk, se, one_step
 
 
-def run(s, seed, progress):
-    d, L = s["dim"], s["layers"]
-    bases = seed_bases(seed, s["seeds"])
+def run(s, seed, context):
+    progress = context.progress
+    d, L = s.dim, s.layers
+    bases = seed_bases(seed, s.seeds)
     seeds = bases["A"] + bases["B"]
     base_of = {sd: b for b, ss in bases.items() for sd in ss}
     cands = candidates_of(s)
@@ -285,23 +289,23 @@ def run(s, seed, progress):
     keys = {name: sweeps.stream_keys(seeds, stream) for name, stream in
             (("val", VALIDATION_STREAM), ("test", TEST_STREAM), ("null", NULL_STREAM))}
     rows = []
-    for name in s["designs"]:
+    for name in s.designs:
         design, tests, V = designs_of(s, name)
-        model, params, _ = train_networks(s, seeds, progress, design=design)
+        model, params, _ = train_networks(s, seeds, context, design=design)
         ref, ref_se, one_step = _reference(s, name, design, V, jax.random.PRNGKey(seed), progress)
         steps = layer_steps(model, params)
         order = step_order(steps)
         passed = None
-        for setting in s["settings"]:
+        for setting in s.settings:
             test_design, test_n = tests[setting]
             progress(f"  {name}: {len(cands)} candidates x {len(seeds)} seeds on {setting}")
             test, test_se = pruning.evaluate_candidates(model, params, test_design, test_n, cands, keys["test"],
-                                                        s["num_test"])
+                                                        s.num_test)
             val, _ = pruning.evaluate_candidates(model, params, test_design, test_n, [cands[j] for j in trivial],
-                                                 keys["val"], s["num_val"])
+                                                 keys["val"], s.num_val)
             val_of = {j: val[:, i] for i, j in enumerate(trivial)}
             found = pruning.search(model, params, test_design, test_n, [cands[j] for j in svd], keys["val"],
-                                   keys["test"], s["num_val"], s["num_test"], null_key=keys["null"])
+                                   keys["test"], s.num_val, s.num_test, null_key=keys["null"])
             if passed is None:  # the gate, on the matched setting (listed first)
                 passed = quality.gate(test[:, 0], ref, se=np.hypot(test_se[:, 0], ref_se))
             for i, sd in enumerate(seeds):
@@ -580,12 +584,30 @@ def _points(ax, x, values, style, filled_or_open, block, mechanism=None):
         ax.errorbar(x, block["median"], yerr=err, fmt="_", ms=12, color="k", capsize=3)
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings(Study):
+    """Paper B's shared recipe and test settings (``_paper_b.Study``), the training ``designs`` and test
+    ``settings`` studied, the anisotropic spectra (``x_power``, ``beta_power``) and basis, the search grid
+    (``ranks``, ``scales``), validation and test prompts, the reference's and the evaluation's prompts."""
+
+    designs: tuple[Literal["anisotropic", "isotropic"], ...] = DESIGNS
+    settings: tuple[Literal["matched", "noisier test labels", "shorter context"], ...] = SETTINGS
+    x_power: float = 1.0
+    beta_power: float = 1.0
+    basis_seed: int = 0
+    ranks: tuple[int, ...] = (1, 2, 3, 4)
+    scales: tuple[float, ...] = (0.5, 0.75, 1.25, 1.5)
+    num_val: int = 2_000
+    num_test: int = 6_000
+    num_reference: int = 20_000
+    num_eval: int = 100_000
+
+
+DEFAULT = Settings()
+QUICK_SETTINGS = dataclasses.replace(DEFAULT, **QUICK, ranks=(1, 2), scales=(0.5, 1.5), num_val=2_000, num_test=4_000,
+                                     num_reference=10_000, num_eval=50_000)
+
 EXPERIMENT = Experiment(
     name="pruning_anisotropic", title="Paper B: depth and search where the SVD basis is the data's",
-    settings={**RECIPE, **SHIFTS, "seeds": SEEDS_PER_BASE, "designs": list(DESIGNS), "settings": list(SETTINGS),
-              "x_power": 1.0, "beta_power": 1.0, "basis_seed": 0, "ranks": [1, 2, 3, 4],
-              "scales": [0.5, 0.75, 1.25, 1.5], "num_val": 2_000, "num_test": 6_000,
-              "num_reference": 20_000, "num_eval": 100_000},
-    quick={**QUICK, "ranks": [1, 2], "scales": [0.5, 1.5], "num_val": 2_000, "num_test": 4_000,
-           "num_reference": 10_000, "num_eval": 50_000},
+    settings=DEFAULT, quick=QUICK_SETTINGS,
     run=run, plot=plot, summary=summary)

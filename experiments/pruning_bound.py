@@ -14,13 +14,16 @@ predicts a positive correlation. Per base: the median over seeds with its exact 
 (``quality.across_bases``). The stand-in used before, sum_l ||Gamma_l||_2 of the pruned network, is reported the
 same way."""
 
+import dataclasses
+
 import jax
 import numpy as np
 
 from iclsim import bound, plotting, pruning, quality, sweeps, theory
 from iclsim.runner import Experiment
 
-from ._paper_b import (QUICK, RECIPE, SEEDS_PER_BASE, SHIFTS, TEST_STREAM, layer_steps, seed_bases, step_order,
+from ._paper_b import QUICK as _QUICK
+from ._paper_b import (Study, TEST_STREAM, layer_steps, seed_bases, step_order,
                        test_settings, train_networks)
 
 # fold_in(PRNGKey(network seed), BOUND_STREAM): the contexts the bound's expectation is taken over (each seed its
@@ -41,15 +44,16 @@ def candidates(L: int, ranks) -> list:
     return out
 
 
-def run(s, seed, progress):
-    d, n, L, ranks = s["dim"], s["n"], s["layers"], list(s["ranks"])
+def run(s, seed, context):
+    progress = context.progress
+    d, n, L, ranks = s.dim, s.n, s.layers, list(s.ranks)
     if not all(isinstance(k, int) and 1 <= k < d for k in ranks):
         raise ValueError(f"ranks must be integers in [1, {d - 1}] (below the full rank d = {d}), got {ranks}")
-    bases = seed_bases(seed, s["seeds"])
+    bases = seed_bases(seed, s.seeds)
     seeds = bases["A"] + bases["B"]
     base_of = {sd: b for b, group in bases.items() for sd in group}
-    model, params, design = train_networks(s, seeds, progress)
-    ref = theory.optimal_multistep_gd(design, n, L, jax.random.PRNGKey(seed), s["num_reference"])
+    model, params, design = train_networks(s, seeds, context)
+    ref = theory.optimal_multistep_gd(design, n, L, jax.random.PRNGKey(seed), s.num_reference)
     order = step_order(layer_steps(model, params))
     cands = candidates(L, ranks)
     per_seed = [jax.tree_util.tree_map(lambda a: a[i], params) for i in range(len(seeds))]
@@ -61,12 +65,12 @@ def run(s, seed, progress):
     bound_keys = np.repeat(sweeps.stream_keys(seeds, BOUND_STREAM), len(cands), axis=0)
     rows, passed = [], None
     for setting, (test_design, test_n) in test_settings(s).items():
-        progress(f"  {setting}: {len(cands)} networks x {len(seeds)} seeds on {s['num_test']} test prompts each")
-        risk, se = pruning.evaluate_candidates(model, params, test_design, test_n, cands, test_keys, s["num_test"])
+        progress(f"  {setting}: {len(cands)} networks x {len(seeds)} seeds on {s.num_test} test prompts each")
+        risk, se = pruning.evaluate_candidates(model, params, test_design, test_n, cands, test_keys, s.num_test)
         if passed is None:  # the gate: matched test risk of the unpruned network against the best L-step GD
             passed = quality.gate(risk[:, 0], ref.risk, se=np.hypot(se[:, 0], ref.se))
-        progress(f"  {setting}: paper B's bound of every network over {s['num_contexts']} contexts per seed")
-        b = bound.trajectory_bound(model, stacked, test_design, test_n, bound_keys, s["num_contexts"])
+        progress(f"  {setting}: paper B's bound of every network over {s.num_contexts} contexts per seed")
+        b = bound.trajectory_bound(model, stacked, test_design, test_n, bound_keys, s.num_contexts)
         shape = (len(seeds), len(cands))
         values = {"bound": b.bound.reshape(shape), "lemma_bound": b.lemma_bound.reshape(shape),
                   "factor_bound": b.factor_bound.reshape(shape), "gamma_norm_sum": stand_in}
@@ -186,13 +190,13 @@ def plot(rows, s):
         ax.set_ylim(-1.05, 1.05)
         ax.set_xticks(range(len(MEASURES)), list(MEASURES.values()), fontsize=7)
         ax.set_ylabel("Spearman's rho per seed (measure vs harm)")
-        coverage = quality.median_interval(np.zeros(max(1, s["seeds"]))).coverage
+        coverage = quality.median_interval(np.zeros(max(1, s.seeds))).coverage
         ax.set_title("per-seed rho (left A, right B); black: median, order-statistic interval "
                      + (f"(coverage {coverage:.3f})" if coverage < 1 else "(too few seeds: [min, max])"), fontsize=8)
     seeds = {r["seed"]: r["passed"] for r in rows}
     failed = len(seeds) - sum(seeds.values())
-    fig.suptitle(f"Does paper B's trajectory bound order the harm of pruning? {s['layers']}-layer GD-form "
-                 f"transformers (d = {s['dim']}, n = {s['n']}), 2 bases x {s['seeds']} seeds; "
+    fig.suptitle(f"Does paper B's trajectory bound order the harm of pruning? {s.layers}-layer GD-form "
+                 f"transformers (d = {s.dim}, n = {s.n}), 2 bases x {s.seeds} seeds; "
                  f"{failed} of {len(seeds)} networks failed the gate and are left out", fontsize=10)
     return fig
 
@@ -212,9 +216,21 @@ def summary(rows):
             "claim_iii_svd_only": claim_iii(rows, ops=("svd",)), "by_operation": per_setting}
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings(Study):
+    """Paper B's shared recipe and test settings (``_paper_b.Study``), the pruned ``ranks``, test prompts,
+    the contexts the bound is averaged over and the reference's prompts."""
+
+    ranks: tuple[int, ...] = (1, 2, 3, 4)
+    num_test: int = 20_000
+    num_contexts: int = 256
+    num_reference: int = 200_000
+
+
+SETTINGS = Settings()
+QUICK = dataclasses.replace(SETTINGS, **_QUICK, num_test=8_000, num_contexts=128, num_reference=20_000)
+
 EXPERIMENT = Experiment(
     name="pruning_bound", title="Paper B: does the trajectory bound order the harm of pruning?",
-    settings={**RECIPE, **SHIFTS, "seeds": SEEDS_PER_BASE, "ranks": [1, 2, 3, 4], "num_test": 20_000,
-              "num_contexts": 256, "num_reference": 200_000},
-    quick={**QUICK, "num_test": 8_000, "num_contexts": 128, "num_reference": 20_000},
+    settings=SETTINGS, quick=QUICK,
     run=run, plot=plot, summary=summary)

@@ -21,6 +21,8 @@ layer L (svd, random, product_svd: averaged over k = 1..d-1); claim (ii) predict
 with the exact order-statistic interval (``quality.median_interval``) gives a verdict per base, and one across
 bases only where both agree (``quality.across_bases``); the same contrast is reported for every control."""
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -44,15 +46,16 @@ def _candidates(L, ranks, seed):
     return out
 
 
-def run(s, seed, progress):
-    d, n, L, ranks = s["dim"], s["n"], s["layers"], list(s["ranks"])
+def run(s, seed, context):
+    progress = context.progress
+    d, n, L, ranks = s.dim, s.n, s.layers, list(s.ranks)
     if not all(1 <= k < d for k in ranks):
         raise ValueError(f"ranks must lie in [1, {d - 1}] (below the full rank d = {d}), got {ranks}")
-    bases = _paper_b.seed_bases(seed, s["seeds"])
+    bases = _paper_b.seed_bases(seed, s.seeds)
     seeds = bases["A"] + bases["B"]
     base_of = {sd: b for b, group in bases.items() for sd in group}
-    model, params, design = _paper_b.train_networks(s, seeds, progress)
-    ref = theory.optimal_multistep_gd(design, n, L, jax.random.PRNGKey(seed), s["num_reference"])
+    model, params, design = _paper_b.train_networks(s, seeds, context)
+    ref = theory.optimal_multistep_gd(design, n, L, jax.random.PRNGKey(seed), s.num_reference)
     steps = _paper_b.layer_steps(model, params)
     order = _paper_b.step_order(steps)
     per_seed = [jax.tree_util.tree_map(lambda a: a[i], params) for i in range(len(seeds))]
@@ -68,15 +71,15 @@ def run(s, seed, progress):
     rows, passed = [], None
     for setting, (test_design, test_n) in _paper_b.test_settings(s).items():
         oracle = ref if setting == "matched" else theory.optimal_multistep_gd(
-            test_design, test_n, L, jax.random.PRNGKey(seed), s["num_reference"])
-        progress(f"  {setting}: the best scalar per layer on {s['num_val']} validation prompts per seed")
-        val, _ = pruning.evaluate_candidates(model, params, test_design, test_n, val_cands, val_keys, s["num_val"])
+            test_design, test_n, L, jax.random.PRNGKey(seed), s.num_reference)
+        progress(f"  {setting}: the best scalar per layer on {s.num_val} validation prompts per seed")
+        val, _ = pruning.evaluate_candidates(model, params, test_design, test_n, val_cands, val_keys, s.num_val)
         c_best = depth.best_scale(val[:, 1:1 + L], val[:, :1], val[:, 1 + L:]).best  # [seeds, L]
         cands = [_candidates(L, ranks, sd) for sd in seeds]
         networks = [[pruning.apply_candidate(p, c) for c in cs] + [depth.gd_network(oracle.step_sizes, d)]
                     for p, cs in zip(per_seed, cands)]
-        progress(f"  {setting}: {len(networks[0])} networks x {len(seeds)} seeds on {s['num_test']} test prompts each")
-        risk, se = depth.evaluate_networks(model, networks, test_design, test_n, test_keys, s["num_test"])
+        progress(f"  {setting}: {len(networks[0])} networks x {len(seeds)} seeds on {s.num_test} test prompts each")
+        risk, se = depth.evaluate_networks(model, networks, test_design, test_n, test_keys, s.num_test)
         if passed is None:  # the gate: matched test risk of the unpruned network against the best L-step GD
             passed = quality.gate(risk[:, 0], ref.risk, se=np.hypot(se[:, 0], ref.se))
         index = {(c.op, c.layer, c.rank): j for j, c in enumerate(cands[0]) if not c.unpruned}
@@ -234,7 +237,7 @@ def _point_colours(orders, L):
 
 def plot(rows, s):
     settings = list(dict.fromkeys(r["setting"] for r in rows))
-    L, d = s["layers"], s["dim"]
+    L, d = s.layers, s.dim
     fig, axes = plotting.plt.subplots(3, len(settings), figsize=(5.2 * len(settings), 12.5), squeeze=False,
                                       constrained_layout=True)
     styles = {"svd": ("C0", "o", "-"), "product_svd": ("C1", "s", "--"), "random": ("C2", "^", ":"),
@@ -308,16 +311,28 @@ def plot(rows, s):
         ax.legend(fontsize=7)
     sm = plotting.plt.cm.ScalarMappable(cmap=cmap, norm=plotting.plt.Normalize(1, L))
     fig.colorbar(sm, ax=axes[1:, -1], label="step rank held (1 = shortest)", ticks=range(1, L + 1))
-    fig.suptitle(f"Pruning one layer of a {L}-layer GD-form transformer (d = {d}, n = {s['n']}), two seed bases x "
-                 f"{s['seeds']} seeds; {summ['networks_failed']} networks failed the gate "
+    fig.suptitle(f"Pruning one layer of a {L}-layer GD-form transformer (d = {d}, n = {s.n}), two seed bases x "
+                 f"{s.seeds} seeds; {summ['networks_failed']} networks failed the gate "
                  f"(A {summ['failed_by_base']['A']}, "
                  f"B {summ['failed_by_base']['B']}) and are left out")
     return fig
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings(_paper_b.Study):
+    """Paper B's shared recipe and test settings (``_paper_b.Study``), the pruned ``ranks``, validation and
+    test prompts, the reference's prompts."""
+
+    ranks: tuple[int, ...] = (1, 2, 3, 4)
+    num_val: int = 10_000
+    num_test: int = 20_000
+    num_reference: int = 200_000
+
+
+SETTINGS = Settings()
+QUICK = dataclasses.replace(SETTINGS, **_paper_b.QUICK, num_val=2_000, num_test=5_000, num_reference=20_000)
+
 EXPERIMENT = Experiment(
     name="pruning_depth", title="Paper B (ii): pruning deep vs shallow layers, with controls and mechanism",
-    settings={**_paper_b.RECIPE, **_paper_b.SHIFTS, "seeds": _paper_b.SEEDS_PER_BASE, "ranks": [1, 2, 3, 4],
-              "num_val": 10_000, "num_test": 20_000, "num_reference": 200_000},
-    quick={**_paper_b.QUICK, "num_val": 2_000, "num_test": 5_000, "num_reference": 20_000},
+    settings=SETTINGS, quick=QUICK,
     run=run, plot=plot, summary=summary)

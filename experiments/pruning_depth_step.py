@@ -23,6 +23,8 @@ the depth effect + the step part b_r(1) - b_r(L) + an interaction part, which sa
 import itertools
 import math
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -52,18 +54,19 @@ def _pruned_orders(params, L, ranks, op="svd", value=None):
     return out
 
 
-def run(s, seed, progress):
-    d, n, L, ranks = s["dim"], s["n"], s["layers"], list(s["ranks"])
-    bases = _paper_b.seed_bases(seed, s["seeds"])
+def run(s, seed, context):
+    progress = context.progress
+    d, n, L, ranks = s.dim, s.n, s.layers, list(s.ranks)
+    bases = _paper_b.seed_bases(seed, s.seeds)
     seeds = bases["A"] + bases["B"]
     base_of = {sd: b for b, group in bases.items() for sd in group}
-    model, params, design = _paper_b.train_networks(s, seeds, progress)
-    ref = theory.optimal_multistep_gd(design, n, L, jax.random.PRNGKey(seed), s["num_reference"])
+    model, params, design = _paper_b.train_networks(s, seeds, context)
+    ref = theory.optimal_multistep_gd(design, n, L, jax.random.PRNGKey(seed), s.num_reference)
     gd_steps = np.sort(np.asarray(ref.step_sizes, np.float64))
     steps = _paper_b.layer_steps(model, params)
     order_of = _paper_b.step_order(steps)
     orders = list(itertools.permutations(range(L)))
-    gd_seeds = bases["A"][:s["reference_sets"]] + bases["B"][:s["reference_sets"]]
+    gd_seeds = bases["A"][:s.reference_sets] + bases["B"][:s.reference_sets]
     per_seed = [jax.tree_util.tree_map(lambda a: a[i], params) for i in range(len(seeds))]
     networks = [_pruned_orders(p, L, ranks) for p in per_seed]
     networks += [_pruned_orders(depth.gd_network(gd_steps, d), L, ranks, "random", sd) for sd in gd_seeds]
@@ -73,8 +76,8 @@ def run(s, seed, progress):
     for setting in SETTINGS:
         test_design, test_n = _paper_b.test_settings(s)[setting]
         progress(f"  {setting}: {len(networks[0])} networks ({len(orders)} orders) x {len(networks)} prompt sets, "
-                 f"{s['num_test']} prompts each")
-        risk, se = depth.evaluate_networks(model, networks, test_design, test_n, keys, s["num_test"])
+                 f"{s.num_test} prompts each")
+        risk, se = depth.evaluate_networks(model, networks, test_design, test_n, keys, s.num_test)
         if passed is None:  # the gate: the trained order on matched prompts against the best L-step GD
             passed = quality.gate(risk[:len(seeds), 0], ref.risk, se=np.hypot(se[:len(seeds), 0], ref.se))
         for i, sd in enumerate(seeds + gd_seeds):
@@ -165,7 +168,7 @@ def summary(rows):
 
 def plot(rows, s):
     settings = list(dict.fromkeys(r["setting"] for r in rows))
-    L = s["layers"]
+    L = s.layers
     fig, axes = plotting.plt.subplots(2, len(settings), figsize=(6.0 * len(settings), 9.5), squeeze=False,
                                       constrained_layout=True)
     cmap = plotting.plt.get_cmap("viridis")
@@ -190,7 +193,7 @@ def plot(rows, s):
         _plain_ticks(ax.yaxis)
         ax.set_xticks(range(1, L + 1))
         ax.set_xlabel("position the pruned layer is placed at (all orders)")
-        ax.set_ylabel(f"risk / unpruned risk (log), SVD rank {', '.join(map(str, s['ranks']))} mean")
+        ax.set_ylabel(f"risk / unpruned risk (log), SVD rank {', '.join(map(str, s.ranks))} mean")
         ax.set_title(f"{setting}: median over passing seeds (trained, solid) and prompt sets (best GD, dashed)",
                      fontsize=8)
         ax.legend(fontsize=6, ncol=2)
@@ -232,9 +235,21 @@ def plot(rows, s):
     return fig
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings(_paper_b.Study):
+    """Paper B's shared recipe and test settings (``_paper_b.Study``), the pruned ``ranks``, test prompts,
+    the reference's prompt sets and prompts per set."""
+
+    ranks: tuple[int, ...] = (1,)
+    num_test: int = 6_000
+    reference_sets: int = 6
+    num_reference: int = 200_000
+
+
+SETTINGS = Settings()
+QUICK = dataclasses.replace(SETTINGS, **_paper_b.QUICK, num_test=4_000, reference_sets=2, num_reference=20_000)
+
 EXPERIMENT = Experiment(
     name="pruning_depth_step", title="Paper B (ii): depth against step (all layer orders pruned)",
-    settings={**_paper_b.RECIPE, **_paper_b.SHIFTS, "seeds": _paper_b.SEEDS_PER_BASE, "ranks": [1],
-              "num_test": 6_000, "reference_sets": 6, "num_reference": 200_000},
-    quick={**_paper_b.QUICK, "num_test": 4_000, "reference_sets": 2, "num_reference": 20_000},
+    settings=SETTINGS, quick=QUICK,
     run=run, plot=plot, summary=summary)

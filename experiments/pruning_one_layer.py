@@ -10,6 +10,8 @@ the best seed), and the risk of predicting 0 (``theory.predict_zero_risk``, tr(S
 isotropic W, dropping directions helps exactly when the unpruned model is worse than that level
 (``predict_zero_risk``'s docstring), which the trained, nearly isotropic attention is checked against."""
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -20,24 +22,26 @@ from iclsim.train import TrainConfig
 TEST_KEY = sweeps.TEST_STREAM - 6  # fold_in(PRNGKey(seed), TEST_KEY): each seed's test prompts
 
 
-def run(s, seed, progress):
-    d, n = s["dim"], s["n"]
+def run(s, seed, context):
+    progress = context.progress
+    d, n = s.dim, s.n
     model = models.LinearAttention(d)
-    train_design = IID(d, noise_var=s["noise_var"])
-    seeds = [seed + k for k in range(s["seeds"])]
+    train_design = IID(d, noise_var=s.noise_var)
+    seeds = [seed + k for k in range(s.seeds)]
     progress(f"  training {len(seeds)} one-layer attentions")
-    fitted = train.fit_sweep(model, train_design, [n], seeds, TrainConfig(s["steps"], s["batch"], s["lr"]))
+    fitted = train.fit_sweep(model, train_design, [n], seeds, TrainConfig(s.steps, s.batch, s.lr),
+                             cache=context.cache)
     params = jax.tree_util.tree_map(lambda a: a[0, 0], fitted.params)
     L_star = float(theory.optimal_pgd(train_design, n).risk)
     threshold = float(theory.noise_threshold(train_design, n)[0])
-    candidates = [pruning.Candidate(0, "attn", None)] + [pruning.Candidate(0, "attn", k) for k in s["ranks"]]
+    candidates = [pruning.Candidate(0, "attn", None)] + [pruning.Candidate(0, "attn", k) for k in s.ranks]
     keys = sweeps.stream_keys(seeds, TEST_KEY)
     rows, passed = [], None
-    for label, noise in [("matched", s["noise_var"]), ("noisier, below threshold", s["test_noise_var"]),
-                         ("noisier, above threshold", s["high_noise_var"])]:
+    for label, noise in [("matched", s.noise_var), ("noisier, below threshold", s.test_noise_var),
+                         ("noisier, above threshold", s.high_noise_var)]:
         design = IID(d, noise_var=noise)
         zero = theory.predict_zero_risk(design)
-        risk, se = pruning.evaluate_candidates(model, params, design, n, candidates, keys, s["num_test"])
+        risk, se = pruning.evaluate_candidates(model, params, design, n, candidates, keys, s.num_test)
         if passed is None:
             passed = quality.gate(risk[:, 0], L_star, se=se[:, 0])
         for i, sd in enumerate(seeds):
@@ -102,17 +106,17 @@ def plot(rows, s):
         cax.axhline(np.mean(zero_change), color=colour, ls="-.", lw=1, label="predicting 0 (seed mean)")
         cax.axhline(0.0, color="k", ls=":", lw=1)
         cax.set_xticks(ranks)
-        cax.set_xlabel(f"kept rank (of {s['dim'] + 1})")
+        cax.set_xlabel(f"kept rank (of {s.dim + 1})")
         cax.set_ylabel("exact risk change vs unpruned, %")
         cax.set_title(design, fontsize=9)
         cax.legend(fontsize=6)
     ax.set_xticks(ranks)
     ax.set_yscale("log")
-    ax.set_xlabel(f"kept rank of Wq, Wk, Wv (of {s['dim'] + 1})")
+    ax.set_xlabel(f"kept rank of Wq, Wk, Wv (of {s.dim + 1})")
     ax.set_ylabel("test risk L (each seed's own prompts)")
     ax.legend(fontsize=6, loc="center", bbox_to_anchor=(0.5, 0.7))  # in the gap between the noisiest curve and the rest
     failed = len({r["seed"] for r in rows if not r["passed"]})
-    ax.set_title(f"Pruning one-layer attention (d = {s['dim']}, n = {s['n']}; threshold "
+    ax.set_title(f"Pruning one-layer attention (d = {s.dim}, n = {s.n}; threshold "
                  f"{rows[0]['threshold']:.1f}); {failed} failed the gate", fontsize=9)
     return fig
 
@@ -148,10 +152,29 @@ def summary(rows):
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """One-layer linear attention trained at ``noise_var`` and scored at the test noise levels, pruned to
+    ``ranks``."""
+
+    dim: int = 10
+    n: int = 20
+    noise_var: float = 0.1
+    test_noise_var: float = 4.0
+    high_noise_var: float = 60.0
+    seeds: int = 8
+    steps: int = 2000
+    batch: int = 512
+    lr: float = 0.01
+    num_test: int = 100_000
+    ranks: tuple[int, ...] = (9, 7, 5, 3, 1)
+
+
+SETTINGS = Settings()
+QUICK = dataclasses.replace(SETTINGS, dim=4, n=8, seeds=3, steps=600, lr=0.03, num_test=20_000, ranks=(3, 1),
+                            high_noise_var=40.0)
+
 EXPERIMENT = Experiment(
     name="pruning_one_layer", title="Paper B on one layer: exact vs empirical pruning curve",
-    settings={"dim": 10, "n": 20, "noise_var": 0.1, "test_noise_var": 4.0, "high_noise_var": 60.0, "seeds": 8,
-              "steps": 2000, "batch": 512, "lr": 0.01, "num_test": 100_000, "ranks": [9, 7, 5, 3, 1]},
-    quick={"dim": 4, "n": 8, "seeds": 3, "steps": 600, "lr": 0.03, "num_test": 20_000, "ranks": [3, 1],
-           "high_noise_var": 40.0},
+    settings=SETTINGS, quick=QUICK,
     run=run, plot=plot, summary=summary)

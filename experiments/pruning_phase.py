@@ -5,6 +5,8 @@ Trained-then-pruned PGD models (one per seed, gated against the optimum) are pla
 their truncated W is scored exactly (``theory.pgd_risk``), and the crossing of each kept rank is
 compared with the closed form's."""
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -15,16 +17,16 @@ from iclsim.train import TrainConfig
 
 def task_spectrum(s):
     """Power-law task variances l_i proportional to i^-power, scaled to sum d."""
-    l = np.arange(1, s["dim"] + 1, dtype=float) ** -s["power"]
-    return l * s["dim"] / l.sum()
+    l = np.arange(1, s.dim + 1, dtype=float) ** -s.power
+    return l * s.dim / l.sum()
 
 
 def shifted(s, noise_var=None, tail=1.0):
     """The test design: the train one with another label noise, or its tail directions (beyond the
     first ``head``) scaled by ``tail`` (0 < tail <= 1)."""
     l = task_spectrum(s).copy()
-    l[s["head"]:] *= tail
-    return IID(s["dim"], noise_var=s["noise_var"] if noise_var is None else noise_var, cov_beta=np.diag(l))
+    l[s.head:] *= tail
+    return IID(s.dim, noise_var=s.noise_var if noise_var is None else noise_var, cov_beta=np.diag(l))
 
 
 def crossing(risk_at):
@@ -33,18 +35,20 @@ def crossing(risk_at):
     return float("inf") if b - a >= 0 else float(a / (a - b))
 
 
-def run(s, seed, progress):
-    d, n = s["dim"], s["n"]
+def run(s, seed, context):
+    progress = context.progress
+    d, n = s.dim, s.n
     train_design = shifted(s)
-    seeds = [seed + k for k in range(s["seeds"])]
+    seeds = [seed + k for k in range(s.seeds)]
     progress(f"  training {len(seeds)} PGD models on the power-law design, library defaults")
-    fitted = train.fit_sweep(models.PGD(d), train_design, [n], seeds, TrainConfig(steps=s["steps"]))
+    fitted = train.fit_sweep(models.PGD(d), train_design, [n], seeds, TrainConfig(steps=s.steps),
+                             cache=context.cache)
     W_star, L_star = theory.optimal_pgd(train_design, n)
     trained = [np.asarray(fitted.params["W"][0, 0, i], np.float64) / n for i in range(len(seeds))]  # theory's W
     passed = quality.gate([float(theory.pgd_risk(train_design, n, W)) for W in trained], float(L_star))
     rows = []
-    axes = [("noise", v, shifted(s, noise_var=v)) for v in s["test_noise_vars"]] + \
-           [("tail", t, shifted(s, tail=t)) for t in s["tails"]]
+    axes = [("noise", v, shifted(s, noise_var=v)) for v in s.test_noise_vars] + \
+           [("tail", t, shifted(s, tail=t)) for t in s.tails]
     for axis, value, test in axes:
         full = float(theory.pgd_risk(test, n, W_star))
         for k in range(1, d + 1):
@@ -72,14 +76,14 @@ def run(s, seed, progress):
 def _closed_form_grid(s, axis, xs):
     """Relative test-risk change of [W*]_k against W*, [ranks 1..d-1, len(xs)], on a fine grid."""
     train_design = shifted(s)
-    W_star = theory.optimal_pgd(train_design, s["n"])[0]
+    W_star = theory.optimal_pgd(train_design, s.n)[0]
     out = []
-    for k in range(1, s["dim"]):
+    for k in range(1, s.dim):
         row = []
         for x in xs:
             test = shifted(s, noise_var=x) if axis == "noise" else shifted(s, tail=x)
-            full = float(theory.pgd_risk(test, s["n"], W_star))
-            row.append((float(theory.truncated_optimum_risk(train_design, s["n"], test, s["n"], k)) - full) / full)
+            full = float(theory.pgd_risk(test, s.n, W_star))
+            row.append((float(theory.truncated_optimum_risk(train_design, s.n, test, s.n, k)) - full) / full)
         out.append(row)
     return np.array(out)
 
@@ -88,9 +92,9 @@ def plot(rows, s):
     from matplotlib.colors import SymLogNorm
 
     fig, axes = plotting.plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
-    d = s["dim"]
-    panels = [(axes[0], "noise", f"test label-noise variance (train: {s['noise_var']:g})", s["test_noise_vars"]),
-              (axes[1], "tail", f"test / train variance of the task tail (directions > {s['head']})", s["tails"])]
+    d = s.dim
+    panels = [(axes[0], "noise", f"test label-noise variance (train: {s.noise_var:g})", s.test_noise_vars),
+              (axes[1], "tail", f"test / train variance of the task tail (directions > {s.head})", s.tails)]
     for ax, axis, label, values in panels:
         xs = np.geomspace(min(values), max(values), 80)
         grid = _closed_form_grid(s, axis, xs)
@@ -116,7 +120,7 @@ def plot(rows, s):
         for m, lab in [("v", "trained PGD: pruning helps (95% CI over seeds < 0)"), ("^", "trained PGD: pruning hurts"),
                        ("o", "trained PGD: not resolved")]]
     fig.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=8)
-    fig.suptitle(f"When SVD truncation of W helps: d = {d}, n = {s['n']}, task variances ~ i^-{s['power']:g}; "
+    fig.suptitle(f"When SVD truncation of W helps: d = {d}, n = {s.n}, task variances ~ i^-{s.power:g}; "
                  "blue: truncation lowers the test risk")
     return fig
 
@@ -134,9 +138,26 @@ def summary(rows):
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The shifted training design (``power``, ``head``), training, and the phase diagram's axes
+    (``test_noise_vars`` x ``tails``)."""
+
+    dim: int = 5
+    n: int = 20
+    noise_var: float = 0.1
+    power: float = 1.5
+    head: int = 2
+    seeds: int = 8
+    steps: int = 4000
+    test_noise_vars: tuple[float, ...] = (0.1, 1, 3, 10, 30, 100)
+    tails: tuple[float, ...] = (1.0, 0.5, 0.25, 0.1, 0.03, 0.01)
+
+
+SETTINGS = Settings()
+QUICK = dataclasses.replace(SETTINGS, seeds=3, steps=600, test_noise_vars=(0.1, 10, 100), tails=(1.0, 0.1, 0.01))
+
 EXPERIMENT = Experiment(
     name="pruning_phase", title="When SVD pruning helps: closed-form phase diagram vs trained models",
-    settings={"dim": 5, "n": 20, "noise_var": 0.1, "power": 1.5, "head": 2, "seeds": 8, "steps": 4000,
-              "test_noise_vars": [0.1, 1, 3, 10, 30, 100], "tails": [1.0, 0.5, 0.25, 0.1, 0.03, 0.01]},
-    quick={"seeds": 3, "steps": 600, "test_noise_vars": [0.1, 10, 100], "tails": [1.0, 0.1, 0.01]},
+    settings=SETTINGS, quick=QUICK,
     run=run, plot=plot, summary=summary)

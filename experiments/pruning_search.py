@@ -33,6 +33,8 @@ Summaries per setting and seed base: medians with their exact order-statistic in
 (``pruning.paired_prompt_change``: the change with squared errors winsorised at the 99.9% quantile, the
 median per-prompt difference, and the share of the mean change the top 0.1% of prompts carry)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -52,14 +54,14 @@ def options(s):
     """The edits scored for every network: (family, Candidate) with the unpruned network first, in the order
     ties are broken in (mildest edit first: larger kept rank, scale nearer 1); the random subspaces get each
     seed's own ``value`` in ``_edited``."""
-    d, L = s["dim"], s["layers"]
-    ranks = [k for _, k in pruning.rate_options((d, d), s["rates"]) if k is not None]
+    d, L = s.dim, s.layers
+    ranks = [k for _, k in pruning.rate_options((d, d), s.rates) if k is not None]
     opts = [("unpruned", pruning.Candidate(0, "attn", None))]
     for layer in range(L):
         opts += [("svd", pruning.Candidate(layer, "attn", k)) for k in ranks]
     opts += [("delete", pruning.Candidate(layer, "attn", None, "delete")) for layer in range(L)]
     for layer in range(L):
-        opts += [("scale", pruning.Candidate(layer, "attn", None, "scale", v)) for v in s["scales"]]
+        opts += [("scale", pruning.Candidate(layer, "attn", None, "scale", v)) for v in s.scales]
     for family in ("random", "product_svd"):
         for layer in range(L):
             opts += [(family, pruning.Candidate(layer, "attn", k, family, 0 if family == "random" else None))
@@ -82,12 +84,13 @@ def _edited(params, opts, seeds):
     return jax.tree_util.tree_map(lambda *a: jnp.stack(a, axis=1), *columns)
 
 
-def run(s, seed, progress):
-    d, L = s["dim"], s["layers"]
-    bases = _paper_b.seed_bases(seed, s["seeds"])
+def run(s, seed, context):
+    progress = context.progress
+    d, L = s.dim, s.layers
+    bases = _paper_b.seed_bases(seed, s.seeds)
     seeds = bases["A"] + bases["B"]
     base_of = {sd: b for b, sds in bases.items() for sd in sds}
-    model, params, design = _paper_b.train_networks(s, seeds, progress)
+    model, params, design = _paper_b.train_networks(s, seeds, context)
     steps = _paper_b.layer_steps(model, params)
     order = _paper_b.step_order(steps)
     opts = options(s)
@@ -99,16 +102,16 @@ def run(s, seed, progress):
     rows, passed = [], None
     for setting, (test_design, test_n) in _paper_b.test_settings(s).items():
         progress(f"  {setting}: oracle, validation and test of every option")
-        oracle = theory.optimal_multistep_gd(test_design, test_n, L, jax.random.PRNGKey(seed), s["num_reference"])
+        oracle = theory.optimal_multistep_gd(test_design, test_n, L, jax.random.PRNGKey(seed), s.num_reference)
         oracle_net = pruning.multistep_gd_params(d, oracle.step_sizes, model.dtype)
         with_oracle = jax.tree_util.tree_map(
             lambda a, o: jnp.concatenate([a, jnp.broadcast_to(o, (a.shape[0], 1) + o.shape)], axis=1),
             nets, oracle_net)
-        val, _ = pruning.evaluate_networks(model, with_oracle, test_design, test_n, val_keys, s["num_val"])
-        test, test_se = pruning.evaluate_networks(model, with_oracle, test_design, test_n, test_keys, s["num_test"])
+        val, _ = pruning.evaluate_networks(model, with_oracle, test_design, test_n, val_keys, s.num_val)
+        test, test_se = pruning.evaluate_networks(model, with_oracle, test_design, test_n, test_keys, s.num_test)
         if passed is None:  # the gate: the matched test risk against the best L-step GD (the matched oracle)
             passed = quality.gate(test[:, 0], oracle.risk, se=np.hypot(test_se[:, 0], oracle.se))
-        null = _null_gain(model, params, test_design, test_n, null_keys, len(joint), s["num_val"], val[:, 0])
+        null = _null_gain(model, params, test_design, test_n, null_keys, len(joint), s.num_val, val[:, 0])
         chosen = pruning.select_on_validation(val[:, joint])
         for i, sd in enumerate(seeds):
             pick = joint[chosen[i]]
@@ -148,7 +151,7 @@ def _robust(model, params, nets, i, pick, design, n, key, s):
         return {"mean_change": 0.0, "winsorised_change": 0.0, "median_difference": 0.0, "top_share": None}
     one = jax.tree_util.tree_map(lambda a: a[i], params)
     edit = jax.tree_util.tree_map(lambda a: a[i, pick], nets)
-    rc = pruning.paired_prompt_change(model, one, edit, design, n, key, s["num_robust"], s["quantile"])
+    rc = pruning.paired_prompt_change(model, one, edit, design, n, key, s.num_robust, s.quantile)
     return {"mean_change": rc.mean_change, "winsorised_change": rc.winsorised_change,
             "median_difference": rc.median_difference, "top_share": rc.top_share}
 
@@ -321,7 +324,7 @@ def plot(rows, s):
         ax.set_title(f"{setting}: claim (i) {v['across_bases']}\n(o base A, ^ base B; black: median, "
                      f"order-statistic interval)", fontsize=9)
         ax = axes[1, j]
-        layers = range(1, s["layers"] + 1)
+        layers = range(1, s.layers + 1)
         for b_i, b in enumerate(bases):
             recs = per_seed(rows, setting, b)
             for k, layer in enumerate(layers):
@@ -341,8 +344,8 @@ def plot(rows, s):
         ax.legend(fontsize=7)
     failed = {b: sum(1 for r in rows if r["kind"] == "seed" and r["setting"] == settings[0] and r["base"] == b
                      and not r["passed"]) for b in bases}
-    fig.suptitle(f"Paper B's search against controls ({s['layers']}-layer GD-form transformers, d = {s['dim']}); "
-                 f"gate failures: " + ", ".join(f"base {b} {failed[b]} of {s['seeds']}" for b in bases)
+    fig.suptitle(f"Paper B's search against controls ({s.layers}-layer GD-form transformers, d = {s.dim}); "
+                 f"gate failures: " + ", ".join(f"base {b} {failed[b]} of {s.seeds}" for b in bases)
                  + "; joint-search points coloured by the step rank of the pruned layer (C0 = shortest)",
                  fontsize=10)
     return fig
@@ -358,10 +361,25 @@ def summary(rows):
             "claims": claims(rows)}
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings(_paper_b.Study):
+    """Paper B's shared recipe and test settings (``_paper_b.Study``), the search grid (``rates``, ``scales``),
+    validation, test and robustness prompts, the robust quantile and the reference's prompts."""
+
+    rates: tuple[float, ...] = tuple(pruning.DEFAULT_RATES)
+    scales: tuple[float, ...] = (0.75, 0.5, 0.25)
+    num_val: int = 2_000
+    num_test: int = 10_000
+    num_robust: int = 20_000
+    quantile: float = 0.999
+    num_reference: int = 100_000
+
+
+SETTINGS = Settings()
+QUICK = dataclasses.replace(SETTINGS, **_paper_b.QUICK, num_val=1_000, num_test=4_000, num_robust=4_000,
+                            num_reference=20_000)
+
 EXPERIMENT = Experiment(
     name="pruning_search", title="Paper B: SVD pruning and its search against controls, two seed bases",
-    settings={**_paper_b.RECIPE, **_paper_b.SHIFTS, "seeds": _paper_b.SEEDS_PER_BASE,
-              "rates": list(pruning.DEFAULT_RATES), "scales": [0.75, 0.5, 0.25], "num_val": 2_000,
-              "num_test": 10_000, "num_robust": 20_000, "quantile": 0.999, "num_reference": 100_000},
-    quick={**_paper_b.QUICK, "num_val": 1_000, "num_test": 4_000, "num_robust": 4_000, "num_reference": 20_000},
+    settings=SETTINGS, quick=QUICK,
     run=run, plot=plot, summary=summary)

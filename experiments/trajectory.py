@@ -16,40 +16,43 @@ had an error 18,000 times the mean): a set of 1e5 prompts is more often below th
 reference's Monte Carlo risk on a seed's prompts sits below the exact one more often than not (z summarised
 per depth) while pooled sets agree with it."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iclsim import IID, evaluate, models, plotting, quality, sweeps, theory, train
+from iclsim import IID, evaluate, plotting, quality, sweeps, theory
 from iclsim.runner import Experiment
-from iclsim.train import TrainConfig
+
+from . import _paper_b
 
 TEST_KEY = sweeps.TEST_STREAM - 2  # fold_in(PRNGKey(seed), TEST_KEY): each seed's test prompts, all depths
 
 
 def base_seeds(s, seed):
     """{base name: its seeds}: base A seed..seed + seeds - 1, base B the same from seed + the second offset."""
-    return {f"{name} (seeds {seed + o}-{seed + o + s['seeds'] - 1})": [seed + o + k for k in range(s["seeds"])]
-            for name, o in zip("AB", s["seed_bases"])}
+    return {f"{name} (seeds {seed + o}-{seed + o + s.seeds - 1})": [seed + o + k for k in range(s.seeds)]
+            for name, o in zip("AB", s.seed_bases)}
 
 
-def run(s, seed, progress):
-    d, n = s["dim"], s["n"]
-    design = IID(d, noise_var=s["noise_var"])
+def run(s, seed, context):
+    progress = context.progress
+    d, n = s.dim, s.n
+    design = IID(d, noise_var=s.noise_var)
     rows = []
     bases = base_seeds(s, seed)
     seeds = [sd for base in bases.values() for sd in base]  # both bases in one sweep: one compiled program
     base_of = {sd: base for base, members in bases.items() for sd in members}
     keys = sweeps.stream_keys(seeds, TEST_KEY)
-    for L in range(1, s["layers"] + 1):
-        model = models.LinearTransformer(d, L)
+    for L in range(1, s.layers + 1):
         ref = theory.optimal_multistep_gd(design, n, L)
-        progress(f"  depth {L}: training {len(seeds)} networks ({len(bases)} seed bases), {s['steps']} steps")
-        fitted = train.fit_sweep(model, design, [n], seeds, TrainConfig(steps=s["steps"]))
-        params = jax.tree_util.tree_map(lambda a: a[0, 0], fitted.params)
+        progress(f"  depth {L}: {len(seeds)} networks ({len(bases)} seed bases)")
+        # the recipe's networks at depth L: the pruning studies' own (same fit, same cache keys)
+        model, params, _ = _paper_b.train_networks(dataclasses.replace(s, layers=L), seeds, context, design)
         reference = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (len(seeds),) + a.shape),
                                            model.steps_params(ref.step_sizes))
-        pr = evaluate.paired_risks(model, params, reference, design, n, keys, s["num_test"])
+        pr = evaluate.paired_risks(model, params, reference, design, n, keys, s.num_test)
         passed = quality.gate(pr.risk, ref.risk, se=pr.risk_se)
         for k, sd in enumerate(seeds):
             rows.append({"base": base_of[sd], "layers": L, "seed": sd, "risk": float(pr.risk[k]),
@@ -111,8 +114,8 @@ def plot(rows, s):
         ax.set_xticks(depths)
         ax.set_xlabel("layers L / GD steps")
         ax.legend(fontsize=6)
-    fig.suptitle(f"L-layer linear transformers vs the best L-step GD on the same prompts (d = {s['dim']}, "
-                 f"n = {s['n']}, noise {s['noise_var']})")
+    fig.suptitle(f"L-layer linear transformers vs the best L-step GD on the same prompts (d = {s.dim}, "
+                 f"n = {s.n}, noise {s.noise_var})")
     return fig
 
 
@@ -141,9 +144,20 @@ def summary(rows):
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings(_paper_b.Recipe):
+    """Paper B's recipe (``_paper_b.Recipe``: the same networks as the pruning studies) at depths 1..layers,
+    ``seeds`` per base, the bases' offsets and the test prompts per network."""
+
+    seeds: int = 8
+    seed_bases: tuple[int, ...] = (0, 1000)
+    num_test: int = 100_000
+
+
+SETTINGS = Settings()
+QUICK = dataclasses.replace(SETTINGS, **_paper_b.QUICK, num_test=10_000)
+
 EXPERIMENT = Experiment(
     name="trajectory", title="Paper B: L-layer transformers vs L-step GD",
-    settings={"dim": 5, "n": 20, "layers": 4, "noise_var": 0.1, "seeds": 8, "seed_bases": [0, 1000], "steps": 4000,
-              "num_test": 100_000},
-    quick={"layers": 2, "seeds": 3, "steps": 500, "num_test": 10_000},
+    settings=SETTINGS, quick=QUICK,
     run=run, plot=plot, summary=summary)

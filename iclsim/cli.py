@@ -1,6 +1,8 @@
 """Command line: ``iclsim list`` and
 ``iclsim run NAME|all [--quick] [--out DIR] [--seed S] [--set KEY=VALUE ...] [--cache DIR | --no-cache]
-[--jobs N] [--force]``. Also ``python -m iclsim``.
+[--jobs N] [--force]``. Also ``python -m iclsim``. ``--experiments DIR`` (before or after the command,
+repeatable) adds the experiments of DIR to the shipped ones; a shipped name wins a clash (a warning names
+both files).
 
 Expected failures (bad arguments, unknown experiment, missing experiments folder, unusable output
 or cache folder, a folder in use, an interrupt) print one line and exit non-zero (2 for usage, 1 for
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import re
 import sys
@@ -18,10 +21,11 @@ from pathlib import Path
 
 from iclsim import runner
 from iclsim.cache import SweepCache, persist_compilations
+from iclsim.compiler import quick_compilation, set_xla_flag, use_all_cpu_cores
 
 
 class _UsageError(Exception):
-    pass
+    """A bad command line: one line, exit status 2."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,44 +52,26 @@ def _order(experiments: dict, names: list[str]) -> list[str]:
     return ordered
 
 
-def use_all_cpu_cores() -> None:
-    """Expose one XLA CPU device per core (unless XLA_FLAGS already sets a count), so that sweeps, whose
-    axis ``fit_sweep`` splits over the devices, use every core (XLA CPU otherwise runs a program's
-    vmapped points on one device). Must run before JAX starts its backends; no effect on GPUs/TPUs."""
-    _xla_flag("xla_force_host_platform_device_count", os.cpu_count() or 1)
-
-
-def quick_compilation() -> None:
-    """For --quick runs, whose wall time is mostly XLA compiling small programs: XLA CPU's fusion emitters
-    off (unless XLA_FLAGS names them), which shortens compilation (docs/performance.md §2.8). Must run
-    before JAX starts its backends; the sweep cache keys cover XLA_FLAGS."""
-    _xla_flag("xla_cpu_use_fusion_emitters", "false")
-
-
-def _xla_flag(name: str, value, replace: bool = False) -> None:
-    """Set --NAME=VALUE in XLA_FLAGS: kept as it is where XLA_FLAGS already names it, unless ``replace``."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if name in flags and not replace:
-        return
-    flags = re.sub(rf"--{name}=\S*", "", flags)
-    os.environ["XLA_FLAGS"] = " ".join(f"{flags} --{name}={value}".split())
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="iclsim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--experiments", type=Path, default=runner.EXPERIMENTS_DIR, help="experiments folder")
+    experiments = dict(type=Path, action="append", metavar="DIR",
+                       help="a folder of more experiments, added to the shipped ones (repeatable; a shipped name wins "
+                            "a clash, with a warning)")
+    parser.add_argument("--experiments", default=[], **experiments)
     parser.add_argument("--traceback", action="store_true", help="show full tracebacks of failures")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list the experiments")
+    listing = sub.add_parser("list", help="list the experiments")
     run = sub.add_parser("run", help="run experiments and write results and figures")
+    for command in (listing, run):  # also after the command: iclsim run all --experiments DIR
+        command.add_argument("--experiments", dest="more_experiments", default=[], **experiments)
     run.add_argument("names", nargs="+", help="experiment names, or 'all'")
     run.add_argument("--quick", action="store_true", help="small settings that run in under a minute")
     run.add_argument("--out", type=Path, default=None,
                      help="output folder (default: figures, or results/quick with --quick)")
     run.add_argument("--seed", type=int, default=0, help="base seed (default 0)")
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a setting (typed as its default: int, float, bool, str, list of numbers "
-                          "as 1,2,4); repeatable; recorded in the JSON")
+                     help="override a setting (typed by its field: int, float, bool, str, a choice, a list as "
+                          "1,2,4); repeatable; recorded in the JSON")
     run.add_argument("--cache", type=Path, default=Path(".iclsim-cache"),
                      help="folder of trained sweep points and compiled programs (in xla/), reused by later runs "
                           "(default: .iclsim-cache)")
@@ -110,6 +96,8 @@ class _Session:
 
 
 def main(argv=None) -> int:
+    """The ``iclsim`` command: parse ``argv`` (default sys.argv[1:]), run, and return the exit status (0 ok,
+    1 a failed run, 2 a usage error, 130 an interrupt)."""
     use_all_cpu_cores()
     session = _Session()
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -163,7 +151,8 @@ def _main(argv: list[str], session: _Session) -> int:
         broken.append(message)
         print(f"iclsim: warning: {message}", file=sys.stderr)
 
-    experiments = runner.discover(args.experiments, on_broken=warn)
+    args.experiments = [*args.experiments, *args.more_experiments]
+    experiments = runner.discover(runner.EXPERIMENTS_DIR, on_broken=warn, extra=args.experiments)
     if args.command == "list":
         for name, exp in experiments.items():
             print(f"{name:16s} {exp.title}")
@@ -184,8 +173,8 @@ def _main(argv: list[str], session: _Session) -> int:
     for key in overrides:
         if key in ("out", "quick"):
             raise _UsageError(f"--set {key}=...: use --{key} instead")
-        if not any(key in {**experiments[n].settings, **experiments[n].quick} for n in names):
-            known = sorted({k for n in names for k in experiments[n].settings})
+        if not any(key in _fields(experiments[n].settings) for n in names):
+            known = sorted({k for n in names for k in _fields(experiments[n].settings)})
             raise _UsageError(f"--set {key}=...: no setting {key!r} in {', '.join(names)}; settings: {', '.join(known)}")
     if args.quick:
         quick_compilation()
@@ -193,7 +182,7 @@ def _main(argv: list[str], session: _Session) -> int:
     applied = False
     for name in names:
         exp = experiments[name]
-        applied |= bool(runner.apply_overrides(exp, {**exp.settings, **(exp.quick if args.quick else {})}, overrides))
+        applied |= bool(runner.apply_overrides(exp.settings_for(args.quick), overrides)[1])
     # committed figures come only from full runs with the experiments' own settings: quick runs and runs with
     # --set go elsewhere by default (and a folder of committed results refuses them unless --force)
     default = "results/quick" if args.quick else "results/overrides" if applied else "figures"
@@ -232,6 +221,10 @@ def _main(argv: list[str], session: _Session) -> int:
     return _all_failed(results)
 
 
+def _fields(settings) -> list[str]:
+    return [f.name for f in dataclasses.fields(settings)]
+
+
 def _all_failed(results) -> int:
     """1 (with a line) where an experiment's networks all failed their quality gate: its numbers describe
     no trained network, whatever its table says; else 0."""
@@ -266,7 +259,7 @@ def _run_parallel(experiments, names, args, overrides, jobs, session) -> list:
                 if name in written or name in running.values():
                     continue
                 if all(dep in written for dep in experiments[name].after if dep in names):
-                    running[pool.submit(_compute_in_worker, name, str(args.experiments), args.out, args.quick,
+                    running[pool.submit(_compute_in_worker, name, [str(f) for f in args.experiments], args.out, args.quick,
                                         args.seed, overrides, cache_dir, args.force)] = name
             finished, _ = futures.wait(running, return_when=futures.FIRST_COMPLETED)
             for future in finished:
@@ -290,7 +283,7 @@ def _device_count() -> int:
 def _worker_init(devices: int, parent: int | None = None) -> None:
     """In a worker, before JAX starts its backend: the parent's CPU device count; and a watchdog that ends
     the worker once its parent is gone (a parent killed with SIGKILL cannot stop its workers itself)."""
-    _xla_flag("xla_force_host_platform_device_count", devices, replace=True)
+    set_xla_flag("xla_force_host_platform_device_count", devices, replace=True)
     if parent is not None:
         import threading
 
@@ -302,8 +295,8 @@ def _worker_init(devices: int, parent: int | None = None) -> None:
         threading.Thread(target=watch, name="iclsim-parent-watchdog", daemon=True).start()
 
 
-def _compute_in_worker(name, experiments_dir, out, quick, seed, overrides, cache_dir, force):
-    experiments = runner.discover(Path(experiments_dir))
+def _compute_in_worker(name, extra_dirs, out, quick, seed, overrides, cache_dir, force):
+    experiments = runner.discover(runner.EXPERIMENTS_DIR, extra=[Path(f) for f in extra_dirs])
     cache = None if cache_dir is None else SweepCache(Path(cache_dir), force=force)
     with contextlib.nullcontext() if cache_dir is None else persist_compilations(Path(cache_dir) / "xla"):
         return runner.compute(experiments[name], out, quick, seed, None, cache, overrides)

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iclsim import _validate as check
-from iclsim import layout, montecarlo, protocols
+from iclsim import compiler, layout, montecarlo, protocols
 from iclsim import progress as _progress
 from iclsim._precision import float64
 from iclsim.designs import _check_n, stack
@@ -30,10 +30,8 @@ __all__ = ["make_score", "evaluate", "evaluate_sweep", "PairedRisks", "paired_ri
 # risk for every network at batches of 8000 and more (4096 with 68 networks); every batch up to 5000 was right.
 # The cause is XLA CPU's YNNPACK library fusion (on by default): the smallest case found, a vmap over 24
 # networks of the float64 sum of float32 squared errors at 10000 prompts, is wrong with it, right without it
-# and right with the sum in float32. The evaluation program is compiled without it (NO_LIBRARY_FUSION).
+# and right with the sum in float32. The evaluation program is compiled without it (``compiler.NO_LIBRARY_FUSION``).
 MAX_BATCH = 12_288
-# XLA options of the evaluation program on CPU: no YNNPACK library fusion (see MAX_BATCH)
-NO_LIBRARY_FUSION = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 def make_score(model, n_slots: int, num_prompts: int = 100_000, batch_size: int = 10_000, sampler: str = "auto"):
@@ -44,7 +42,7 @@ def make_score(model, n_slots: int, num_prompts: int = 100_000, batch_size: int 
     may be traced). ``batch_size`` only groups draw blocks (memory); Gram draws where
     ``gram.uses_gram(model, design, n_slots, sampler)``. Float64 must be on where it is traced (``with
     jax.enable_x64(True):``; RuntimeError otherwise). On CPU compile it with
-    ``compiler_options=NO_LIBRARY_FUSION`` (as ``evaluate_sweep`` does: XLA CPU's YNNPACK fusion rounds float32
+    ``compiler_options=compiler.evaluation_options(jax.devices())`` (as ``evaluate_sweep`` does: XLA CPU's YNNPACK fusion rounds float32
     differently, and at large vmapped batches summed wrongly, see ``MAX_BATCH``); so compiled, one network's
     score equals ``evaluate_sweep``'s for that point under the same key (the same prompts and float64 sums)."""
     n_slots = check.positive_int("n_slots", n_slots)
@@ -248,19 +246,6 @@ def _key_rows(key, num_seeds: int, name: str = "key"):
     return None if data.ndim == 1 else data
 
 
-@functools.cache
-def _library_fusion_off():
-    """NO_LIBRARY_FUSION where this jaxlib knows the option, else None (an XLA without the option has no
-    YNNPACK fusion to turn off). Asked once per process by compiling a one-operation program."""
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=NO_LIBRARY_FUSION).lower(np.float32(0)).compile()
-    except jax.errors.JaxRuntimeError as err:
-        if "No such compile option" in str(err):
-            return None
-        raise
-    return NO_LIBRARY_FUSION
-
-
 @functools.lru_cache(maxsize=64)
 def _compiled_evaluation(model, n_slots: int, group: int, gram: bool, devices: tuple, treedef, shared: tuple,
                          block_keys: bool = False):
@@ -274,6 +259,6 @@ def _compiled_evaluation(model, n_slots: int, group: int, gram: bool, devices: t
     def point(params, varying, common, n, key, count):
         return sums(params, layout.merge_design(treedef, shared, varying, common), n, key, count)
 
-    options = _library_fusion_off() if devices[0].platform == "cpu" else None
+    options = compiler.evaluation_options(devices)
     return layout.blocked(point, (MEMBER, MEMBER, None, MEMBER, BLOCK if block_keys else None, None), devices,
                           compiler_options=options)

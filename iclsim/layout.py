@@ -20,8 +20,6 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from iclsim import cache as _cache
-
 __all__ = ["BATCH_AXIS", "Layout", "plan", "seed_blocks", "batch_shards", "seed_keys", "DesignSplit",
            "split_design", "merge_design", "blocked", "gather", "load_or_run", "as_list"]
 
@@ -172,10 +170,11 @@ def gather(outputs, layout: Layout, count: int):
 
 
 def load_or_run(cache, run: Callable, points: list, template, settings: Callable):
-    """Load the stored points of a sweep cache, run the missing ones in balanced chunks of at most
-    ``cache.chunk`` points, store them. ``run(points) -> (params, losses)``; ``settings(point)`` is
-    what fingerprints a point."""
-    keys = [_cache.fingerprint(*settings(p)) for p in points]
+    """Load the stored points of a sweep cache (a ``cache.SweepCache``, passed explicitly by the caller),
+    run the missing ones in balanced chunks of at most ``cache.chunk`` points, store them.
+    ``run(points) -> (params, losses)``; ``settings(point)`` is what keys a point (``cache.key``).
+    The engine never imports the cache: it only calls the object it is handed."""
+    keys = [cache.key(*settings(p)) for p in points]
     found = [cache.load(k, template) for k in keys]
     missing = [i for i, f in enumerate(found) if f is None]
     if missing:

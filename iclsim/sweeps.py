@@ -32,14 +32,15 @@ def stream_keys(seeds: Sequence[int], stream: int = TEST_STREAM) -> np.ndarray:
 @float64
 def risk_curves(models: Mapping[str, tuple], designs: Mapping[str, object], ns: Sequence[int], seeds: Sequence[int],
                 theory_risk: Callable, key, num_test: int, progress=print,
-                optimum: Callable | None = None, extra: Callable | None = None) -> list[dict]:
+                optimum: Callable | None = None, extra: Callable | None = None, cache=None) -> list[dict]:
     """Train every model on every design at every n and seed (one compiled program per model),
     score on ``num_test`` fresh prompts, and compare with theory.
 
     models: name -> (model, TrainConfig); designs: label -> design (same structure, stacked);
     theory_risk(design, n, model) -> L; optimum(design, n, model) -> a result with ``.W`` (``theory.Optimum``) for the effective-W
     comparison (only for models with ``effective_pgd``); extra(model, W, omega, design, n) -> dict
-    of more columns. Each row: design, model, n, seed, risk, se, theory, gap (relative), and where
+    of more columns; cache: a ``cache.SweepCache`` handed to ``train.fit_sweep`` (the run context's, in an
+    experiment), or None. Each row: design, model, n, seed, risk, se, theory, gap (relative), and where
     available exact_risk (closed-form risk of the trained model, ``exact_risk``) and w_rel
     (relative Frobenius distance to W*); passed: the quality gate (``quality.gate``: risk within 10% plus
     4 Monte Carlo SE of the theory column).
@@ -50,7 +51,7 @@ def risk_curves(models: Mapping[str, tuple], designs: Mapping[str, object], ns: 
     for name, (model, config) in models.items():
         progress(f"  training {name}: {len(design_list)} designs x {len(ns)} n x {len(seeds)} seeds, "
                  f"{config.steps} steps")
-        fitted = train.fit_sweep(model, design_list, ns, seeds, config)
+        fitted = train.fit_sweep(model, design_list, ns, seeds, config, cache=cache)
         risk, se = evaluate.evaluate_sweep(model, fitted.params, design_list, ns, key, num_test)
         for i, (label, design) in enumerate(zip(labels, design_list)):
             for j, n in enumerate(ns):

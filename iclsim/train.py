@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import functools
 import warnings
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -27,13 +27,15 @@ import numpy as np
 import optax
 
 from iclsim import _validate as check
-from iclsim import cache as _cache
-from iclsim import layout, loop, protocols
+from iclsim import compiler, layout, loop, protocols
 from iclsim import progress as _progress
 from iclsim.designs import GramPrompts, Prompts, _check_n, stack
 from iclsim.gram import SAMPLERS, uses_gram
 from iclsim.layout import BLOCK, MEMBER
 from iclsim.records import Record
+
+if TYPE_CHECKING:  # the engine never imports the cache: it calls the object it is handed
+    from iclsim.cache import SweepCache
 
 __all__ = ["TrainConfig", "FitResult", "Record", "make_train", "fit", "fit_sweep", "squared_loss", "uses_gram",
            "SAMPLERS"]
@@ -223,14 +225,14 @@ def fit(model, design, n: int, steps: int = 4000, batch_size: int = 512, learnin
 
 def fit_sweep(model, designs, ns: Sequence[int], seeds: Sequence[int], config: TrainConfig = TrainConfig(),
               loss_fn: Callable = squared_loss, devices: Sequence | None = None,
-              cache: _cache.SweepCache | None = None, progress: Callable | None = None) -> FitResult:
+              cache: SweepCache | None = None, progress: Callable | None = None) -> FitResult:
     """Train one model per (design, n, seed) in one compiled, vmapped program.
 
     ``designs``: one design or a list of same-structure designs (stacked and vmapped);
     ``ns``: context lengths (sharing max(ns) slots); ``seeds``: integer seeds, each giving the
     initialisation and the data stream (shared across designs and ns, so curves use common random
     numbers). The sweep is split over ``devices`` (default ``jax.devices()``, ``layout``).
-    With a ``cache`` (default ``cache.current()``) finished points are loaded, not retrained, and
+    With a ``cache`` (a ``cache.SweepCache``; default none) finished points are loaded, not retrained, and
     the rest are trained ``cache.chunk`` points per call and stored. Returns params with leading
     axes [designs, ns, seeds], losses [designs, ns, seeds, steps] and, where ``config`` records, a
     ``Record`` (steps [R], loss [designs, ns, seeds, R], summaries [designs, ns, seeds, R, ...]). Each point
@@ -254,7 +256,6 @@ def _fit_sweep(model, designs, ns, seeds, config, loss_fn, devices, cache, repor
     gram = uses_gram(model, design_list, n_slots, config.sampler)
     check.padding(model, ns, gram, "fit_sweep")
     devices = tuple(jax.devices() if devices is None else devices)
-    cache = _cache.current() if cache is None else cache
     if cache is not None and isinstance(config.optimizer, optax.GradientTransformation):
         warnings.warn("the sweep cache cannot fingerprint an optax GradientTransformation object (its settings live "
                       "in closures): training without the cache; pass a module-level function schedule -> "
@@ -263,7 +264,7 @@ def _fit_sweep(model, designs, ns, seeds, config, loss_fn, devices, cache, repor
     points = [(i, j, k) for i in range(len(design_list)) for j in range(len(ns)) for k in range(len(seeds))]
     _fits(model, config, len(points), n_slots, design_list[0].dim, cache)
     stacked = stack(design_list)
-    # a single fit's program gets SMALL_PROGRAM_OPTIONS: decided by the sweep, not by how many of its points
+    # a single fit's program gets ``compiler.SMALL_PROGRAM_OPTIONS``: decided by the sweep, not by how many of its points
     # a cache left to train, so a point's numbers are those its key names
     small = len(points) == 1
     recording = config.recorded_steps() is not None
@@ -287,15 +288,14 @@ def _fit_sweep(model, designs, ns, seeds, config, loss_fn, devices, cache, repor
     else:
         # the key: what every point shares (the model, settings, loss, the engine's code and the XLA options
         # its programs get) hashed once, then each point's design, n and seed
-        shared = _cache.fingerprint(model, n_slots, config, loss_fn, gram, _fit_sweep,
-                                    compiler_options(small, devices))
+        shared = (model, n_slots, config, loss_fn, gram, _fit_sweep, compiler.training_options(small, devices))
         template = jax.eval_shape(model.init, layout.seed_keys([0])[0])
         if recording:
             out = jax.eval_shape(make_train(model, config, n_slots, loss_fn), layout.seed_keys([0])[0],
                                  design_list[0], n_slots)
             template = {"params": out.params, "record": out.record[1:]}
         payload, losses = layout.load_or_run(
-            cache, run, points, template, lambda p: (shared, design_list[p[0]], ns[p[1]], seeds[p[2]]))
+            cache, run, points, template, lambda p: (*shared, design_list[p[0]], ns[p[1]], seeds[p[2]]))
     if tracker is not None:
         tracker.finish()
     shape = (len(design_list), len(ns), len(seeds))
@@ -310,8 +310,8 @@ def _fit_sweep(model, designs, ns, seeds, config, loss_fn, devices, cache, repor
 def _run_points(model, config, n_slots, loss_fn, gram, devices, designs, ns, seeds, small=None,
                 report_every=None) -> FitResult:
     """Train a flat batch of sweep points laid out in seed blocks (``layout.plan``): FitResult with leading
-    axis [points]; ``small``: compile with SMALL_PROGRAM_OPTIONS (default: where the batch is one point);
-    ``report_every``: the program reports its steps to ``progress`` (``loop.trainer``)."""
+    axis [points]; ``small``: compile with ``compiler.SMALL_PROGRAM_OPTIONS`` (default: where the batch is one
+    point); ``report_every``: the program reports its steps to ``progress`` (``loop.trainer``)."""
     plan = layout.plan(seeds, devices, config.batch_size)
     split = layout.split_design(designs)
     keys = layout.seed_keys(seeds[plan.blocks[:, 0]])
@@ -321,16 +321,6 @@ def _run_points(model, config, n_slots, loss_fn, gram, devices, designs, ns, see
     b = plan.blocks
     outputs = program([a[b] for a in split.varying], split.common, jnp.asarray(ns[b]), keys)
     return layout.gather(outputs, plan, len(ns))
-
-
-# XLA options for a single fit's program on CPU (see _compiled_sweep)
-SMALL_PROGRAM_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
-
-
-def compiler_options(one_point: bool, devices) -> dict | None:
-    """The XLA options a training program is compiled with (in the cache key: they move numbers at float
-    level): SMALL_PROGRAM_OPTIONS for a single fit on CPU, else none."""
-    return SMALL_PROGRAM_OPTIONS if one_point and tuple(devices)[0].platform == "cpu" else None
 
 
 @functools.lru_cache(maxsize=64)
@@ -347,7 +337,7 @@ def _compiled_sweep(model, config: TrainConfig, n_slots: int, loss_fn: Callable,
     def point(varying, common, n, key):
         return FitResult(*train(layout.merge_design(treedef, shared, varying, common), n, key))
 
-    options = compiler_options(one_point, devices)
+    options = compiler.training_options(one_point, devices)
     return layout.blocked(point, (MEMBER, None, MEMBER, BLOCK), devices, shards, options)
 
 

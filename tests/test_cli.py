@@ -16,22 +16,33 @@ from iclsim import cli, runner
 ROOT = Path(__file__).resolve().parent.parent
 
 FAKE = '''
+import dataclasses
 import matplotlib.pyplot as plt
 import numpy as np
-from iclsim import cache
 from iclsim.runner import Experiment
 
-def run(s, seed, progress):
-    store = cache.current()
-    if store is not None:  # a sweep of s["points"] points: all missing, then each trained and stored
-        keys = [cache.fingerprint("fake", s["scale"], seed, k) for k in range(s["points"])]
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    scale: float = 1.5
+    points: int = 3
+    ns: tuple[int, ...] = (2, 4)
+    widths: tuple[float, ...] = (0.5, 1.0)
+    label: str = "a"
+    log: bool = False
+    interrupt_after: int = 0
+    table: dict = dataclasses.field(default_factory=lambda: {"a": 1})
+
+def run(s, seed, context):
+    store = context.cache
+    if store is not None:  # a sweep of s.points points: all missing, then each trained and stored
+        keys = [store.key("fake", s.scale, seed, k) for k in range(s.points)]
         found = [store.load(k, {"w": np.zeros(2)}) for k in keys]
         for k, f in zip(keys, found):
             if f is None:
                 store.save(k, {"w": np.ones(2)}, np.ones(3))
-            if s["interrupt_after"] and store.trained == s["interrupt_after"]:
+            if s.interrupt_after and store.trained == s.interrupt_after:
                 raise KeyboardInterrupt
-    return [{"k": k, "value": s["scale"] * k} for k in range(s["points"])]
+    return [{"k": k, "value": s.scale * k} for k in range(s.points)]
 
 def plot(rows, s):
     fig, ax = plt.subplots(figsize=(2, 2))
@@ -39,8 +50,7 @@ def plot(rows, s):
     return fig
 
 EXPERIMENT = Experiment(name="fake", title="a fake experiment",
-                        settings={"scale": 1.5, "points": 3, "ns": [2, 4], "widths": [0.5, 1.0], "label": "a",
-                                  "log": False, "interrupt_after": 0, "table": {"a": 1}},
+                        settings=Settings(),
                         run=run, plot=plot,
                         summary=lambda rows: {"points": len(rows), "eps": 4.440892098500626e-16,
                                               "risk": 2.0 / 3.0})
@@ -71,7 +81,7 @@ def one_line(text):
     (["run"], "the following arguments are required: names"),
     (["run", "fake", "--seed", "x"], "invalid int value"),
     (["run", "fake", "--seed", "-1"], "--seed must be an integer in [0, "),
-    (["run", "nope"], "unknown experiment(s): nope; known: fake"),
+    (["run", "nope"], "unknown experiment(s): nope; known: "),
     (["frobnicate"], "invalid choice"),
     (["run", "fake", "--set", "scale"], "--set takes KEY=VALUE"),
     (["run", "fake", "--set", "nope=1"], "no setting 'nope' in fake"),
@@ -178,17 +188,22 @@ def test_python_dash_m_iclsim(exps):
     done = subprocess.run([sys.executable, "-m", "iclsim", "--experiments", str(exps), "list"], capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["fake", "a", "fake", "experiment"]
+    assert "fake             a fake experiment" in done.stdout.splitlines()
 
 
 READER = '''
+import dataclasses
 import matplotlib.pyplot as plt
 import os
 from iclsim import runner
 from iclsim.runner import Experiment
 
-def run(s, seed, progress):
-    source = runner.read_results(__import__("pathlib").Path(s["out"]), "fake", quick=s["quick"], seed=seed)
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    pass
+
+def run(s, seed, context):
+    source = runner.read_results(context.out, "fake", quick=context.quick, seed=seed)
     return [{"k": r["k"], "double": 2 * r["value"], "pid": os.getpid()} for r in source]
 
 def plot(rows, s):
@@ -196,7 +211,7 @@ def plot(rows, s):
     ax.plot([r["k"] for r in rows], [r["double"] for r in rows])
     return fig
 
-EXPERIMENT = Experiment(name="reader", title="reads fake's results", settings={}, run=run, plot=plot,
+EXPERIMENT = Experiment(name="reader", title="reads fake's results", settings=Settings(), run=run, plot=plot,
                         summary=lambda rows: {"rows": len(rows)}, after=("fake",))
 '''
 
@@ -210,8 +225,8 @@ def test_jobs_run_experiments_in_workers_after_what_they_read(exps, tmp_path, ca
     (exps / "other.py").write_text(FAKE.replace('name="fake"', 'name="other"'))
     parallel, sequential = tmp_path / "parallel", tmp_path / "sequential"
     for out, jobs in ((parallel, "3"), (sequential, "1")):  # 3: the reader would start at once if it could
-        code, _, err = call(capsys, "--experiments", str(exps), "run", "all", "--quick", "--no-cache",
-                            "--jobs", jobs, "--out", str(out))
+        code, _, err = call(capsys, "--experiments", str(exps), "run", "fake", "other", "reader", "--quick",
+                            "--no-cache", "--jobs", jobs, "--out", str(out))
         assert code == 0, err
     for name in ("fake", "other"):
         assert (parallel / f"{name}.csv").read_bytes() == (sequential / f"{name}.csv").read_bytes()
@@ -229,7 +244,7 @@ def test_jobs_without_out_write_to_the_default_folder(exps, tmp_path, capsys, mo
     --quick). Planted bug caught: the workers given None (the run stopped with nothing written)."""
     (exps / "other.py").write_text(FAKE.replace('name="fake"', 'name="other"'))  # two: the parallel path
     monkeypatch.chdir(tmp_path)
-    code, _, err = call(capsys, "--experiments", str(exps), "run", "all", "--quick", "--no-cache", "--jobs", "2")
+    code, _, err = call(capsys, "--experiments", str(exps), "run", "fake", "other", "--quick", "--no-cache", "--jobs", "2")
     assert code == 0, err
     written = tmp_path / "results" / "quick"
     for name in ("fake", "other"):
@@ -239,11 +254,50 @@ def test_jobs_without_out_write_to_the_default_folder(exps, tmp_path, capsys, mo
 
 def test_jobs_failure_in_a_worker_is_one_line(exps, tmp_path, capsys):
     (exps / "broken.py").write_text(FAKE.replace('name="fake"', 'name="broken"').replace(
-        "def run(s, seed, progress):", "def run(s, seed, progress):\n    raise FloatingPointError('diverged here')"))
-    code, _, err = call(capsys, "--experiments", str(exps), "run", "all", "--quick", "--no-cache", "--jobs", "2",
-                        "--out", str(tmp_path / "o"))
+        "def run(s, seed, context):", "def run(s, seed, context):\n    raise FloatingPointError('diverged here')"))
+    code, _, err = call(capsys, "--experiments", str(exps), "run", "fake", "broken", "--quick", "--no-cache",
+                        "--jobs", "2", "--out", str(tmp_path / "o"))
     # one line for the failure, no traceback; the fake experiment's own "done" line may come first (a race)
     errors = [line for line in err.strip().splitlines() if not line.startswith("[fake] done")]
     assert code == 1 and len(errors) == 1 and "diverged here" in errors[0] and "Traceback" not in err, err
-    code, _, err = call(capsys, "--experiments", str(exps), "run", "all", "--jobs", "0", "--out", str(tmp_path / "o"))
+    code, _, err = call(capsys, "--experiments", str(exps), "run", "fake", "--jobs", "0", "--out", str(tmp_path / "o"))
     assert code == 2 and "--jobs must be >= 1" in err
+
+
+def test_experiments_folder_after_the_command_adds_to_the_shipped_ones(exps, tmp_path, capsys):
+    """Issue 35: `--experiments DIR` is accepted after the command too, and adds DIR's experiments to the
+    shipped ones instead of hiding them; a shipped name wins a clash, and a warning names both files.
+    Planted bugs caught: the option refused after `run`/`list`, the shipped experiments hidden, the user's
+    file silently replacing a shipped experiment."""
+    code, out, err = call(capsys, "list", "--experiments", str(exps))
+    assert code == 0, err
+    names = [line.split()[0] for line in out.splitlines()]
+    assert "fake" in names and {"fig2", "trajectory", "pruning_depth"} <= set(names)
+    (exps / "fig2.py").write_text(FAKE.replace('name="fake"', 'name="fig2"'))
+    code, out, err = call(capsys, "list", "--experiments", str(exps))
+    assert code == 0 and "clashes" in err and str(exps / "fig2.py") in err and "kept" in err, err
+    assert any(line.startswith("fig2") and "Paper A Fig. 2" in line for line in out.splitlines())
+    code, _, err = call(capsys, "run", "fake", "--experiments", str(exps), "--out", str(tmp_path / "o"), "--no-cache")
+    assert code == 0, err
+    assert json.loads((tmp_path / "o" / "fake.json").read_text())["experiment"] == "fake"
+
+
+def test_set_is_typed_by_the_settings_field(exps, tmp_path, capsys):
+    """Issue 31: `--set` is parsed by the field's declared type: a choice names its allowed values, a tuple of
+    choices checks each item, and the JSON records the settings as a plain dict. Planted bugs caught: a value
+    outside a Literal accepted, a tuple recorded as a string."""
+    from typing import Literal
+
+    from iclsim import configs
+
+    with pytest.raises(runner.RunError, match=r"mode must be one of 'fast', 'slow'"):
+        configs.parse_setting("mode", "medium", Literal["fast", "slow"])
+    with pytest.raises(runner.RunError, match=r"designs must be a list of values among 'a', 'b'"):
+        configs.parse_setting("designs", "a,c", tuple[Literal["a", "b"], ...])
+    assert configs.parse_setting("designs", "b, a", tuple[Literal["a", "b"], ...]) == ("b", "a")
+    assert configs.parse_setting("x", "3", float) == 3.0 and isinstance(configs.parse_setting("x", "3", float), float)
+    code, _, err = call(capsys, "--experiments", str(exps), "run", "fake", "--out", str(tmp_path / "o"), "--no-cache",
+                        "--set", "ns=3,6")
+    assert code == 0, err
+    meta = json.loads((tmp_path / "o" / "fake.json").read_text())
+    assert meta["settings"]["ns"] == [3, 6] and meta["overrides"] == {"ns": [3, 6]} and meta["settings"]["points"] == 3

@@ -4,6 +4,7 @@ test_quick_paper_b.py and test_quick_pruning.py), and the command line's runs.""
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -60,7 +61,7 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(runner.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)  # the module atomic_write uses
     with pytest.raises(KeyboardInterrupt):
         runner.atomic_write(target, b"new\n")
     assert target.read_bytes() == b"old\n"
@@ -72,18 +73,24 @@ import jax
 from iclsim import IID, models, plotting, sweeps, theory
 from iclsim.runner import Experiment
 from iclsim.train import TrainConfig
+import dataclasses
 
-def run(s, seed, progress):
-    zoo = {"PGD": (models.PGD(2), TrainConfig(s["steps"], 64, 0.02, warmup_steps=10))}
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    steps: int = 100
+
+def run(s, seed, context):
+    zoo = {"PGD": (models.PGD(2), TrainConfig(s.steps, 64, 0.02, warmup_steps=10))}
     return sweeps.risk_curves(zoo, {"iid": IID(2, noise_var=0.1)}, [2, 4], [seed, seed + 1],
-                               lambda d, n, m: theory.optimal_pgd(d, n).risk, jax.random.PRNGKey(1), 2000, progress)
+                               lambda d, n, m: theory.optimal_pgd(d, n).risk, jax.random.PRNGKey(1), 2000,
+                               context.progress, cache=context.cache)
 
 def plot(rows, s):
     fig, axes = plotting.panels(1)
     axes[0].plot([r["n"] for r in rows], [r["risk"] for r in rows])
     return fig
 
-EXPERIMENT = Experiment(name="tiny", title="tiny", settings={"steps": 100}, run=run, plot=plot,
+EXPERIMENT = Experiment(name="tiny", title="tiny", settings=Settings(), run=run, plot=plot,
                         summary=lambda rows: {"rows": len(rows)})
 """
 
@@ -118,3 +125,28 @@ def test_cli_exposes_one_cpu_device_per_core_unless_told(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=3")
     cli.use_all_cpu_cores()
     assert os.environ["XLA_FLAGS"] == "--xla_force_host_platform_device_count=3"
+
+
+PAPER_B = ("trajectory", "pruning_depth", "pruning_depth_step", "pruning_search", "pruning_bound", "pruning_anisotropic")
+
+
+def test_paper_b_studies_share_one_recipe():
+    """Issue 31: the studies that read paper B's trained networks take the recipe from one place
+    (experiments/_paper_b.py's Recipe), so the cache shares their networks: every recipe field is equal
+    across the studies, in the default and in the quick settings, and the shifted test settings are the
+    Study's. Planted bugs caught: a study copying the recipe with another step count or depth (the cache
+    would train a second set of networks), a quick override dropped from one study."""
+    import dataclasses
+
+    from tests.quick import EXPERIMENTS
+
+    paper_b = sys.modules["iclsim_experiments._paper_b"]
+    recipe = [f.name for f in dataclasses.fields(paper_b.Recipe) if f.name != "seeds"]
+    for fidelity in ("settings", "quick"):
+        values = {name: {k: getattr(getattr(EXPERIMENTS[name], fidelity), k) for k in recipe} for name in PAPER_B}
+        assert all(isinstance(getattr(EXPERIMENTS[name], fidelity), paper_b.Recipe) for name in PAPER_B)
+        assert len({tuple(v.items()) for v in values.values()}) == 1, values
+        shifted = [getattr(EXPERIMENTS[name], fidelity) for name in PAPER_B if name != "trajectory"]
+        assert all(isinstance(s, paper_b.Study) for s in shifted)
+        assert len({(s.test_noise_var, s.test_n, s.seeds) for s in shifted}) == 1
+    assert EXPERIMENTS["pruning_depth"].quick.layers == 2 and EXPERIMENTS["pruning_depth"].settings.steps == 4000

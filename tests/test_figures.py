@@ -28,19 +28,19 @@ def rows_fig2(s):
     for panel, designs in panels.items():
         for design in designs:
             for model in ("linear attention", "H3"):
-                for n in s["ns"]:
-                    for seed in range(s["seeds"]):
-                        rows.append(_row(s["dim"] * 4 / (n + 4), panel=panel, design=design, model=model, n=n,
+                for n in s.ns:
+                    for seed in range(s.seeds):
+                        rows.append(_row(s.dim * 4 / (n + 4), panel=panel, design=design, model=model, n=n,
                                          seed=seed))
     return rows
 
 
 def rows_h3(s):
-    n, rows = s["n"], []
+    n, rows = s.n, []
     for design in ("drift", "AR(1) drift", "noise ramp", "IID"):
         for model in ("H3 (free filter)", "H3 (SSM filter)", "linear attention"):
             L_H3, L_ATT = 3.7, 4.0 if design != "IID" else 3.7
-            for seed in range(max(s["seeds"], 2)):
+            for seed in range(max(s.seeds, 2)):
                 row = _row(L_ATT if model == "linear attention" else L_H3, design=design, model=model, n=n, seed=seed,
                            L_H3=L_H3, L_ATT=L_ATT)
                 if model.startswith("H3"):
@@ -54,10 +54,10 @@ def rows_h3(s):
 def rows_lowrank(s):
     rows = []
     for design in ("spiked", "flat"):
-        for r in s["ranks"]:
-            for seed in range(s["seeds"]):
-                row = _row(2.0 + (s["dim"] - r) * 0.3, design=design, model=f"rank {r}", n=s["n"], seed=seed, rank=r)
-                if design == "spiked" and r <= s["spikes"]:
+        for r in s.ranks:
+            for seed in range(s.seeds):
+                row = _row(2.0 + (s.dim - r) * 0.3, design=design, model=f"rank {r}", n=s.n, seed=seed, rank=r)
+                if design == "spiked" and r <= s.spikes:
                     row["overlap"] = 0.97
                 rows.append(row)
     return rows
@@ -66,17 +66,17 @@ def rows_lowrank(s):
 def rows_lora(s):
     rows = []
     for family in ("attention", "PGD"):
-        for r in s["ranks"]:
-            rows.append(_row(2.0 - 0.1 * r, design="new", model=f"{family} LoRA r={r}", n=s["n"], seed=0,
+        for r in s.ranks:
+            rows.append(_row(2.0 - 0.1 * r, design="new", model=f"{family} LoRA r={r}", n=s.n, seed=0,
                              family=family, rank=r, W_rank=r, no_adaptation=2.5, retrained=1.8))
     return rows
 
 
 def rows_correlated(s, approximation):
     rows = []
-    for a in s["alphas"]:
-        for n in s["ns"]:
-            row = _row(s["dim"] * 4 / (n * (1 + a) + 4), design=f"alpha={a:g}", model="linear attention", n=n, seed=0,
+    for a in s.alphas:
+        for n in s.ns:
+            row = _row(s.dim * 4 / (n * (1 + a) + 4), design=f"alpha={a:g}", model="linear attention", n=n, seed=0,
                        n_eff_ratio=1 + a + RNG.normal(0, 0.01), n_eff_ratio_theory=1 + a)
             if approximation:
                 row["approximation"] = row["theory"] * 1.01
@@ -86,7 +86,7 @@ def rows_correlated(s, approximation):
 
 def quick(name):
     exp = EXPERIMENTS[name]
-    return {**exp.settings, **exp.quick, "out": "unused"}
+    return exp.quick
 
 
 BUILDERS = {

@@ -393,16 +393,16 @@ def test_quality_statistics_known_values():
 def test_library_fusion_is_turned_off_only_where_jaxlib_knows_the_option(monkeypatch):
     """The evaluation program's CPU options: NO_LIBRARY_FUSION where this jaxlib has the option, None where
     it does not (an older jaxlib would otherwise refuse every evaluation program)."""
-    from iclsim import evaluate
+    from iclsim import compiler
 
-    evaluate._library_fusion_off.cache_clear()
+    compiler.library_fusion_off.cache_clear()
     try:
-        assert evaluate._library_fusion_off() == {"xla_cpu_experimental_ynn_fusion_type": ""}
-        evaluate._library_fusion_off.cache_clear()
-        monkeypatch.setattr(evaluate, "NO_LIBRARY_FUSION", {"xla_cpu_no_such_option_anywhere": ""})
-        assert evaluate._library_fusion_off() is None
+        assert compiler.library_fusion_off() == {"xla_cpu_experimental_ynn_fusion_type": ""}
+        compiler.library_fusion_off.cache_clear()
+        monkeypatch.setattr(compiler, "NO_LIBRARY_FUSION", {"xla_cpu_no_such_option_anywhere": ""})
+        assert compiler.library_fusion_off() is None
     finally:
-        evaluate._library_fusion_off.cache_clear()
+        compiler.library_fusion_off.cache_clear()
 
 
 def test_vmapped_evaluation_scores_each_network_as_alone(key, monkeypatch):
@@ -410,7 +410,7 @@ def test_vmapped_evaluation_scores_each_network_as_alone(key, monkeypatch):
     alone on the same prompts, at the bound evaluate_sweep keeps (at most MAX_BATCH networks x prompts per
     batch) and with the bound lifted to batches of 10_000. Regression: there the vmapped evaluation returned the first
     network's risk for all three (jax 0.10.2, CPU: XLA's YNNPACK library fusion, now off for the evaluation
-    program, evaluate.NO_LIBRARY_FUSION); the test fails with the fusion back on."""
+    program, compiler.NO_LIBRARY_FUSION); the test fails with the fusion back on."""
     from iclsim import evaluate
 
     model = models.LinearTransformer(5, 2)

@@ -55,8 +55,8 @@ def test_fig1_reads_without_retraining(quick_results, monkeypatch):
     for name in ("fit_sweep", "_run_points"):
         monkeypatch.setattr(train, name, refuse)
     monkeypatch.setattr(evaluate, "evaluate_sweep", refuse)
-    rows = EXPERIMENTS["fig1"].run({**EXPERIMENTS["fig1"].settings, "out": str(out), "quick": True}, 0,
-                                   lambda m: None)  # the sources are quick runs: fig1 checks their provenance
+    rows = EXPERIMENTS["fig1"].run(EXPERIMENTS["fig1"].settings, 0,
+                                   runner.RunContext(lambda m: None, None, out, True))  # the sources are quick runs: fig1 checks their provenance
     for name in ("h3_weighting", "rag", "lowrank"):
         source = runner.read_rows(out / f"{name}.csv")
         assert [{k: v for k, v in r.items() if k != "source"} for r in rows if r["source"] == name] == source

@@ -24,10 +24,10 @@ def test_pruning_bound_quick(tmp_path):
     correlations taken over the wrong rows (the unpruned row included, seeds or bases mixed: the recomputed
     medians differ), a verdict outside the across-bases vocabulary."""
     meta, rows = run_quick("pruning_bound", tmp_path)
-    s = {**EXPERIMENTS["pruning_bound"].settings, **EXPERIMENTS["pruning_bound"].quick}
+    s = EXPERIMENTS["pruning_bound"].quick
     summary = meta["summary"]
     assert summary["networks_failed"] == 0
-    d, L = s["dim"], s["layers"]
+    d, L = s.dim, s.layers
     for r in rows:
         if r["op"] == "none":
             assert r["bound_change"] == 0 and r["relative_change"] == 0
@@ -53,7 +53,7 @@ def test_pruning_bound_quick(tmp_path):
                 rhos = [_rho([r[measure] for r in sub if r["seed"] == sd],
                              [r["relative_change"] for r in sub if r["seed"] == sd])
                         for sd in sorted({r["seed"] for r in sub})]
-                assert len(rhos) == s["seeds"]
+                assert len(rhos) == s.seeds
                 assert abs(result[f"base_{base}"]["median"] - np.median(rhos)) < 1e-3, (setting, measure, base)
     bound = summary["claim_iii"]["matched"]["bound"]
     report(f"pruning_bound quick: matched median rho (bound vs harm) A {bound['base_A']['median']}, "

@@ -16,7 +16,7 @@ VERDICTS = {"supported", "contradicted", "not resolved at this sample size", qua
 
 
 def _settings(name):
-    return {**EXPERIMENTS[name].settings, **EXPERIMENTS[name].quick}
+    return EXPERIMENTS[name].quick
 
 
 @pytest.mark.slow  # a whole quick study (make test's budget); its library is unit-tested in the default tier
@@ -33,12 +33,12 @@ def test_pruning_depth_quick_controls_and_mechanism(tmp_path):
     s = _settings("pruning_depth")
     summ = meta["summary"]
     assert summ["networks_failed"] == 0
-    L, ranks, seeds = s["layers"], s["ranks"], 2 * s["seeds"]
+    L, ranks, seeds = s.layers, s.ranks, 2 * s.seeds
     assert len(rows) == 3 * seeds * (L * (3 * len(ranks) + 2) + 1)
     worst_z = 0.0
-    settings = {"matched": (IID(s["dim"], noise_var=s["noise_var"]), s["n"]),
-                "noisier test labels": (IID(s["dim"], noise_var=s["test_noise_var"]), s["n"]),
-                "shorter context": (IID(s["dim"], noise_var=s["noise_var"]), s["test_n"])}
+    settings = {"matched": (IID(s.dim, noise_var=s.noise_var), s.n),
+                "noisier test labels": (IID(s.dim, noise_var=s.test_noise_var), s.n),
+                "shorter context": (IID(s.dim, noise_var=s.noise_var), s.test_n)}
     for setting, (design, n) in settings.items():
         oracle = [r for r in rows if r["setting"] == setting and r["op"] == "oracle"]
         steps = np.array([float(g) for g in str(oracle[0]["oracle_steps"]).split()])
@@ -73,9 +73,9 @@ def test_pruning_depth_step_quick_identity_and_decomposition(tmp_path):
     s = _settings("pruning_depth_step")
     summ = meta["summary"]
     assert summ["networks_failed"] == 0
-    L = s["layers"]
-    sets = 2 * s["seeds"] + 2 * s["reference_sets"]
-    assert len(rows) == 2 * sets * math.factorial(L) * L * len(s["ranks"])
+    L = s.layers
+    sets = 2 * s.seeds + 2 * s.reference_sets
+    assert len(rows) == 2 * sets * math.factorial(L) * L * len(s.ranks)
     for setting in ("matched", "shorter context"):
         gd = [r for r in rows if r["setting"] == setting and r["kind"] == "best GD"]
         for sd in {r["seed"] for r in gd}:

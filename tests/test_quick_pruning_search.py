@@ -37,18 +37,18 @@ def _by_seed(rows, setting):
 
 
 def test_quick_every_seed_scored_and_gated(quick_run):
-    """Two bases of s["seeds"] networks each, every one with the full option list in every setting (unpruned
+    """Two bases of s.seeds networks each, every one with the full option list in every setting (unpruned
     first, oracle last) and counted as passed or failed. Planted bugs caught: a base dropped, failed networks
     silently removed, a setting scored on a subset of the options."""
     meta, rows = quick_run
-    s = {**EXPERIMENTS["pruning_search"].settings, **EXPERIMENTS["pruning_search"].quick}
+    s = EXPERIMENTS["pruning_search"].quick
     summary = meta["summary"]
     for b in ("A", "B"):
-        assert summary["networks_passed"][b] + summary["networks_failed"][b] == s["seeds"]
+        assert summary["networks_passed"][b] + summary["networks_failed"][b] == s.seeds
     n_options = len(_module().options(s)) + 1
     for setting in ("matched", "noisier test labels", "shorter context"):
         by_seed = _by_seed(rows, setting)
-        assert len(by_seed) == 2 * s["seeds"]
+        assert len(by_seed) == 2 * s.seeds
         for opts in by_seed.values():
             assert [r["option"] for r in opts] == list(range(n_options))
             assert opts[0]["family"] == "unpruned" and opts[-1]["family"] == "oracle"

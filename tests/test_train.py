@@ -381,8 +381,7 @@ def test_interrupted_sweep_resumes_from_finished_chunks(tmp_path):
         train.fit_sweep(model, design, [2, 4, 6, 8], [0], CFG,
                         cache=cache.SweepCache(tmp_path, chunk=2, progress=interrupt))
     resumed = cache.SweepCache(tmp_path, chunk=2)
-    with cache.active(resumed):  # the way the runner passes it
-        result = train.fit_sweep(model, design, [2, 4, 6, 8], [0], CFG)
+    result = train.fit_sweep(model, design, [2, 4, 6, 8], [0], CFG, cache=resumed)
     assert (resumed.hits, resumed.trained) == (2, 2)
     assert_close(result.losses, train.fit_sweep(model, design, [2, 4, 6, 8], [0], CFG).losses, rtol=1e-6, atol=1e-7)
     assert not list(tmp_path.rglob("*.tmp*"))

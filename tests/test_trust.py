@@ -2,6 +2,7 @@
 that are checked, result sets that never mix runs, provenance checks, closed forms free of n.
 Each test names the finding of issue 20 whose planted bug it catches."""
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -20,7 +21,7 @@ import numpy as np
 import optax
 import pytest
 
-from iclsim import IID, RAG, Drift, cache, designs, gram, models, runner, theory, train
+from iclsim import IID, RAG, Drift, cache, designs, fingerprint, gram, models, runner, theory, train
 from iclsim._files import atomic_write
 from tests.tolerance import assert_close
 
@@ -125,16 +126,16 @@ def test_cache_key_follows_versions_devices_and_package_source(monkeypatch, tmp_
     code as it runs: the training engine is one of the hashed settings, issue 32 finding 2)."""
     settings = (models.PGD(3), IID(3, noise_var=0.1), 4, 0, 4, train.TrainConfig(steps=10), train.squared_loss)
     base = cache.fingerprint(*settings)
-    env = cache.environment()
+    env = fingerprint.environment()
     for change in [{"jax": "0.0.1"}, {"iclsim": "9.9"}, {"jaxlib": "x"}]:
-        monkeypatch.setattr(cache, "environment", lambda c=change: {**env, **c})
+        monkeypatch.setattr(fingerprint, "environment", lambda c=change: {**env, **c})
         assert cache.fingerprint(*settings) != base, change
-    monkeypatch.setattr(cache, "environment", lambda: env)
+    monkeypatch.setattr(fingerprint, "environment", lambda: env)
     assert cache.fingerprint(*settings) == base
-    runtime = cache._runtime()
-    monkeypatch.setattr(cache, "_runtime", lambda: (runtime[0], runtime[1] + 1, *runtime[2:]))
+    runtime = fingerprint.runtime()
+    monkeypatch.setattr(fingerprint, "runtime", lambda: (runtime[0], runtime[1] + 1, *runtime[2:]))
     assert cache.fingerprint(*settings) != base
-    monkeypatch.setattr(cache, "_runtime", lambda: runtime)
+    monkeypatch.setattr(fingerprint, "runtime", lambda: runtime)
     # an iclsim helper the engine reaches through a module attribute (layout.plan) is in the key
     from iclsim import layout
     engine = cache.fingerprint(train._fit_sweep)
@@ -241,12 +242,12 @@ def _fake(name="fake", fail=None, seen=None):
     """An Experiment that trains nothing: rows carry the seed; ``fail(stage, seed)`` may raise."""
     import matplotlib.pyplot as plt
 
-    def run(s, seed, progress):
+    def run(s, seed, context):
         if seen is not None:
             seen.append(seed)
         if fail:
             fail("run", seed)
-        return [{"seed": seed, "k": k, "value": s["scale"] * k + seed} for k in range(s["points"])]
+        return [{"seed": seed, "k": k, "value": s.scale * k + seed} for k in range(s.points)]
 
     def plot(rows, s):
         if fail:
@@ -256,9 +257,16 @@ def _fake(name="fake", fail=None, seen=None):
         ax.set_title(f"seed {rows[0]['seed']}")
         return fig
 
-    return runner.Experiment(name=name, title=name, settings={"scale": 1.5, "points": 3}, run=run, plot=plot,
+    settings = _FakeSettings()
+    return runner.Experiment(name=name, title=name, settings=settings, run=run, plot=plot,
                              summary=lambda rows: {"rows": len(rows), "tiny": 4.440892098500626e-16},
-                             quick={"points": 2})
+                             quick=dataclasses.replace(settings, points=2))
+
+
+@dataclasses.dataclass(frozen=True)
+class _FakeSettings:
+    scale: float = 1.5
+    points: int = 3
 
 
 def assert_one_set(folder: Path, name="fake"):
@@ -415,10 +423,10 @@ def test_fig1_checks_the_provenance_of_its_sources(tmp_path):
     for name in fig1.SOURCES:
         runner.run_experiment(_fake(name=name), tmp_path, quick=True, seed=0, progress=lambda m: None)
     with pytest.raises(runner.RunError, match="quick results, this run is full-fidelity"):
-        fig1.run({"out": str(tmp_path), "quick": False}, 0, print)
+        fig1.run(fig1.EXPERIMENT.settings, 0, runner.RunContext(print, None, tmp_path, False))
     with pytest.raises(runner.RunError, match="seed 0, this run seed 3"):
-        fig1.run({"out": str(tmp_path), "quick": True}, 3, print)
-    rows = fig1.run({"out": str(tmp_path), "quick": True}, 0, print)
+        fig1.run(fig1.EXPERIMENT.settings, 3, runner.RunContext(print, None, tmp_path, True))
+    rows = fig1.run(fig1.EXPERIMENT.settings, 0, runner.RunContext(print, None, tmp_path, True))
     assert {r["source"] for r in rows} == set(fig1.SOURCES)
 
 

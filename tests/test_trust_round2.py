@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iclsim import IID, cache, evaluate, models, runner, theory, train
+from iclsim import IID, cache, compiler, evaluate, models, results, runner, theory, train
 from tests.test_trust import _fake, _module, assert_one_set
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,7 +42,7 @@ def test_a_pending_set_listing_outside_names_is_refused(tmp_path):
     """Finding 1: a planted .iclsim-pending-*/READY listing '../x' made the next run move files outside
     --out. Now such a list is refused (RunError naming the entry) and nothing moves."""
     out = tmp_path / "out"
-    pending = out / (runner._PENDING + "planted")
+    pending = out / (results._PENDING + "planted")
     pending.mkdir(parents=True)
     (out / "escaped.txt").write_text("inside")
     (pending / "READY").write_text("../escaped.txt")
@@ -139,10 +139,43 @@ def test_the_xla_options_of_a_fit_are_in_its_key(tmp_path, monkeypatch):
     again = cache.SweepCache(tmp_path)
     train.fit_sweep(model, design, [3], [0], cfg, cache=again)
     assert (again.hits, again.trained) == (1, 0)
-    monkeypatch.setattr(train, "SMALL_PROGRAM_OPTIONS", {"xla_cpu_use_fusion_emitters": True})
+    monkeypatch.setattr(compiler, "SMALL_PROGRAM_OPTIONS", {"xla_cpu_use_fusion_emitters": True})
     other = cache.SweepCache(tmp_path)
     train.fit_sweep(model, design, [3], [0], cfg, cache=other)
     assert (other.hits, other.trained) == (0, 1)
+
+
+
+@pytest.mark.parametrize("change", ["evaluation option", "XLA_FLAGS"])
+def test_a_cache_entry_made_under_one_compiler_option_is_not_served_under_another(tmp_path, monkeypatch, change):
+    """Issue 31: every compiler option the engine applies is in the key (``compiler.key``), not only the
+    training program's: a point stored under one evaluation option set, or under other XLA_FLAGS (which
+    ``iclsim run --quick`` sets), is retrained, never served. Planted bug caught: ``compiler.key`` or the
+    fingerprint leaving out an option set (the second store would be a hit)."""
+    model, design = models.PGD(2), IID(2, noise_var=0.2)
+    cfg = train.TrainConfig(steps=10, batch_size=16, warmup_steps=2)
+    first = cache.SweepCache(tmp_path)
+    train.fit_sweep(model, design, [3], [0], cfg, cache=first)
+    assert (first.hits, first.trained) == (0, 1)
+    if change == "XLA_FLAGS":
+        monkeypatch.setenv("XLA_FLAGS", compiler.xla_flags() + " --xla_cpu_use_fusion_emitters=false")
+    else:
+        monkeypatch.setattr(compiler, "NO_LIBRARY_FUSION", {"xla_cpu_experimental_ynn_fusion_type": "default"})
+    other = cache.SweepCache(tmp_path)
+    train.fit_sweep(model, design, [3], [0], cfg, cache=other)
+    assert (other.hits, other.trained) == (0, 1)
+    monkeypatch.undo()
+    back = cache.SweepCache(tmp_path)
+    train.fit_sweep(model, design, [3], [0], cfg, cache=back)
+    assert (back.hits, back.trained) == (1, 0)  # the first entry is still served under its own options
+
+
+def test_no_ambient_state_in_iclsim():
+    """Issue 31: the cache is an explicit argument: no module of iclsim keeps a context variable."""
+    import iclsim
+
+    for path in Path(iclsim.__file__).parent.glob("*.py"):
+        assert "contextvars" not in path.read_text() and "ContextVar" not in path.read_text(), path
 
 
 # ---- finding 3: forged cache entries, a cache folder of others ----
@@ -389,17 +422,26 @@ EXPS = '''
 import os, time
 import jax
 import matplotlib.pyplot as plt
+import dataclasses
 from iclsim import IID, theory
 from iclsim.runner import Experiment
 
-def run(s, seed, progress):
-    if s["sleep"]:
-        with open(os.path.join(s["out"], f"pid-{s['tag']}"), "w") as f:
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    points: int = 2
+    sleep: float = 0.0
+    tag: str = "{name}"
+    passes: bool = True
+    num_test: int = 100
+
+def run(s, seed, context):
+    if s.sleep:
+        with open(os.path.join(context.out, f"pid-{{s.tag}}"), "w") as f:
             f.write(str(os.getpid()))
-        time.sleep(s["sleep"])
-    if s["num_test"] != 100:
-        theory.monte_carlo_risk(lambda p: p.x[:, 0], IID(2), 2, jax.random.PRNGKey(0), num_prompts=s["num_test"])
-    return [{"k": k, "devices": jax.device_count(), "passed": s["pass"]} for k in range(s["points"])]
+        time.sleep(s.sleep)
+    if s.num_test != 100:
+        theory.monte_carlo_risk(lambda p: p.x[:, 0], IID(2), 2, jax.random.PRNGKey(0), num_prompts=s.num_test)
+    return [{{"k": k, "devices": jax.device_count(), "passed": s.passes}} for k in range(s.points)]
 
 def plot(rows, s):
     fig, ax = plt.subplots(figsize=(2, 2))
@@ -407,7 +449,7 @@ def plot(rows, s):
     return fig
 
 EXPERIMENT = Experiment(name="{name}", title="{name}", run=run, plot=plot, summary=lambda rows: {{"rows": len(rows)}},
-                        settings={{"points": 2, "sleep": 0.0, "tag": "{name}", "pass": True, "num_test": 100}})
+                        settings=Settings())
 '''
 
 
@@ -447,7 +489,7 @@ def test_runs_with_overrides_never_write_the_committed_figures(two_exps, tmp_pat
 def test_a_run_whose_networks_all_fail_exits_non_zero(two_exps, tmp_path, capsys):
     """Finding 7: `trajectory --set num_reference=1` exited 0 with every network failed. Now the command
     exits 1 saying every network failed its gate (the results are still written, for inspection)."""
-    code = _cli("--experiments", two_exps, "run", "alpha", "--no-cache", "--out", tmp_path / "o", "--set", "pass=false")
+    code = _cli("--experiments", two_exps, "run", "alpha", "--no-cache", "--out", tmp_path / "o", "--set", "passes=false")
     assert code == 1
     assert "every network (2) failed its quality gate" in capsys.readouterr().err
     assert (tmp_path / "o" / "alpha.json").exists()
@@ -587,3 +629,15 @@ def test_check_model_refuses_a_class():
         protocols.check_model(models.LinearAttention)
     with pytest.raises(TypeError, match="must be an instance"):
         train.fit_sweep(models.LinearAttention, IID(2), [3], [0], train.TrainConfig(steps=2))
+
+
+def test_persistence_sits_above_the_engine():
+    """Issue 31: the cache imports neither the models nor the engine, and the engine (train, evaluate, layout)
+    imports neither the cache nor the fingerprints: it calls the cache object it is handed. Planted bugs
+    caught: train importing iclsim.cache for a default cache, cache importing models to recognise Frozen."""
+    code = ("import sys; import iclsim.cache; bad = [m for m in ('iclsim.models', 'iclsim.train', 'iclsim.layout') "
+            "if m in sys.modules]; assert not bad, bad; "
+            "[sys.modules.pop(m) for m in list(sys.modules) if m.startswith('iclsim')]; "
+            "import iclsim.train, iclsim.evaluate; bad = [m for m in ('iclsim.cache', 'iclsim.fingerprint') "
+            "if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

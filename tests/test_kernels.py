@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iclsim import IID, evaluate, layout, models, progress, train
+from iclsim import IID, compiler, evaluate, layout, models, progress, train
 from iclsim.designs import stack
 from tests.tolerance import assert_close
 
@@ -56,7 +56,7 @@ def test_make_score_is_evaluate_sweeps_referee():
     swept = jax.tree_util.tree_map(lambda a: a[None, None], params)  # [1 design, 1 n, 3 seeds]
     key = jax.random.PRNGKey(9)
     risk, se = evaluate.evaluate_sweep(MODEL, swept, design, [6], key, 3000, 1000)
-    score = jax.jit(evaluate.make_score(MODEL, 6, 3000, 1000), compiler_options=evaluate._library_fusion_off())
+    score = jax.jit(evaluate.make_score(MODEL, 6, 3000, 1000), compiler_options=compiler.evaluation_options(jax.devices()))
     for k in range(3):
         got = score(jax.tree_util.tree_map(lambda a: a[k], params), design, 6, key)
         assert_close(got.mean, risk[0, 0, k], rtol=1e-14)

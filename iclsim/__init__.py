@@ -14,8 +14,9 @@ __version__ = "0.1.0"
 # the other submodules load on first access (PEP 562), so ``import iclsim`` pulls in neither matplotlib
 # (plotting) nor hypothesis (testing, a test dependency)
 _SUBMODULES = ("asymptotics", "bound", "bridge", "cache", "cli", "compiler", "configs", "depth", "dmmse", "evaluate",
-               "fingerprint", "gating", "gla", "layout", "models", "montecarlo", "multitask", "plotting", "pretraining",
-               "protocols", "pruning", "quality", "registry", "results", "runner", "sweeps", "testing", "train", "wishart")
+               "fingerprint", "gating", "gla", "layout", "loop", "models", "montecarlo", "multitask", "plotting",
+               "pretraining", "progress", "protocols", "pruning", "quality", "records", "registry", "results",
+               "runner", "sweeps", "testing", "train", "wishart")
 
 
 def __getattr__(name):

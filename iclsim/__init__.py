@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 # the other submodules load on first access (PEP 562), so ``import iclsim`` pulls in neither matplotlib
 # (plotting) nor hypothesis (testing, a test dependency)
-_SUBMODULES = ("bound", "bridge", "cache", "cli", "depth", "evaluate", "layout", "models", "montecarlo", "plotting",
+_SUBMODULES = ("bound", "bridge", "cache", "cli", "depth", "evaluate", "layout", "models", "montecarlo", "multihead", "dynamics", "plotting",
                "protocols", "pruning", "quality", "runner", "sweeps", "testing", "train", "wishart")
 
 

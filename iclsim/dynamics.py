@@ -159,12 +159,15 @@ def merged_time_course(design: IID, n: int, times, heads: int = 1, init_scale: f
 
 
 def merged_drop_time(design: IID, n: int, heads: int = 1, init_scale: float = 1e-2) -> float:
-    """The time s(t) of ``merged_time_course`` reaches s*/2 (the middle of the drop): log(s*/s0 - 1) / (4 b)."""
+    """The time the loss of ``merged_time_course`` crosses the middle (L0 + L*) / 2 of its drop (the
+    measure of ``drop_times``): s = s* (1 - 1/sqrt 2), t = log((s*/s0 - 1) / (1/a - 1)) / (4 b), a = 1 - 1/sqrt 2."""
     n = _checked(design, n, "merged_drop_time")
+    _white(design)
     sp = spectrum(design, n)
     d = design.dim
     b, c = np.sum(sp.lam * sp.c) / math.sqrt(d), np.sum(sp.lam * sp.m) / d
-    return float(np.log(b / c / (heads * init_scale**2) - 1.0) / (4 * b))
+    a = 1.0 - 0.5**0.5
+    return float(np.log((b / c / (heads * init_scale**2) - 1.0) / (1.0 / a - 1.0)) / (4 * b))
 
 
 def _rk4(f, y0, dt: float, steps_per_record: int, records: int):

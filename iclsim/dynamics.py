@@ -235,25 +235,37 @@ def separate_kq_flow(design: IID, n: int, t_end: float, heads: int | None = None
 @float64
 def population_flow(model, design: IID, n: int, params, t_end: float, records: int = 400,
                     dt: float = 0.05) -> TimeCourse:
-    """The exact gradient flow of the population loss from ``params`` (one network's pytree), by RK4 in
-    float64: d theta/dt = -grad_theta L(W(theta)), W(theta) = n * model.effective_pgd(theta, n).W (the
-    scaled W). Exact for ``multihead`` models on their invariant subspace (ValueError if params leave it:
-    a label in the keys or features in the value read). weights: None."""
+    """The exact gradient flow of the population loss from ``params``, by RK4 in float64:
+    d theta/dt = -grad_theta L(W(theta)), W(theta) = n * model.effective_pgd(theta, n).W (the scaled W).
+    Exact for ``multihead`` models on their invariant subspace (ValueError if params leave it: a label in
+    the keys or features in the value read). ``params``: one network's pytree, or a stack of them with a
+    leading axis (e.g. one per seed, as ``fit_sweep`` returns them), then loss is [networks, T].
+    weights: None."""
     n = _checked(design, n, "population_flow")
     d = design.dim
-    Q = model.merged(params) if hasattr(model, "merged") else params["KQ"]
-    if np.abs(np.asarray(Q)[:, :d, d]).max() > 0 or np.abs(np.asarray(params["v"])[:, :d]).max() > 0:
+    one = jax.eval_shape(model.init, jax.random.PRNGKey(0))
+    batched = np.ndim(params["v"]) == len(one["v"].shape) + 1
+    stack = params if batched else jax.tree_util.tree_map(lambda a: np.asarray(a)[None], params)
+    Q = np.asarray(jax.vmap(model.merged)(stack) if hasattr(model, "merged") else stack["KQ"])
+    if np.abs(Q[:, :, :d, d]).max() > 0 or np.abs(np.asarray(stack["v"])[:, :, :d]).max() > 0:
         raise ValueError("population_flow needs params on the invariant subspace: Q_h[:d, d] = 0 and v_h[:d] = 0")
     per, step, times = _grid(t_end, records, dt)
     loss_W = population_loss(design, n)
-    flat, unravel = jax.flatten_util.ravel_pytree(jax.tree_util.tree_map(lambda a: jnp.asarray(a, F64), params))
+    first = jax.tree_util.tree_map(lambda a: jnp.asarray(a[0], F64), stack)
+    _, unravel = jax.flatten_util.ravel_pytree(first)
+    flat = jax.vmap(lambda p: jax.flatten_util.ravel_pytree(p)[0])(jax.tree_util.tree_map(lambda a: jnp.asarray(a, F64),
+                                                                                          stack))
 
     def loss(theta):
         return loss_W(n * model.effective_pgd(unravel(theta), n).W)
 
     grad = jax.grad(loss)
-    path = jax.jit(lambda y: _rk4(lambda z: -grad(z), y, step, per, records))(flat)
-    return TimeCourse(times, np.asarray(jax.vmap(loss)(path)), None)
+
+    def path_loss(y0):
+        return jax.vmap(loss)(_rk4(lambda z: -grad(z), y0, step, per, records))
+
+    out = np.asarray(jax.jit(jax.vmap(path_loss))(flat))
+    return TimeCourse(times, out if batched else out[0], None)
 
 
 def drop_times(times, loss, levels) -> np.ndarray:

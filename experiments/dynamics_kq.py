@@ -94,6 +94,8 @@ def run(s, seed, progress):
         # drop times on the running mean over ``window`` steps (per-step resolution), centred
         smooth = np.stack([np.convolve(row, np.ones(w) / w, mode="valid") for row in losses])
         t_smooth = lr * (np.arange(smooth.shape[1]) + (w - 1) / 2)
+        sp = dy.spectrum(design, n)  # separate KQ, aligned: drop j near 1 / (2 lam_j c_j u0) for small u0
+        small_init = 1 / (2 * sp.lam * sp.c * scale) if (kind, start) == ("separate", "aligned") else None
         for k, sd in enumerate(seeds):
             th_k = th[min(k, len(th) - 1)]
             theory_k = np.interp(t, times, th_k)
@@ -105,17 +107,22 @@ def run(s, seed, progress):
             drops = dy.drop_times(t_smooth, smooth[k], ladder)
             for j, (dt_, dth) in enumerate(zip(drops, drops_theory)):
                 rows.append({"kind": "drop", "run": name, "seed": sd, "drop": j + 1, "t_trained": float(dt_),
-                             "t_theory": float(dth), "ratio": float(dt_ / dth)})
-            # plateau j: the window nearest the middle (geometric) of its stretch in the theory curve
+                             "t_theory": float(dth), "ratio": float(dt_ / dth),
+                             "t_small_init": float(small_init[j]) if small_init is not None else float("nan")})
+            # plateau j: the window nearest the middle (geometric) of its stretch in the theory curve, the
+            # last plateau at the end of the run; on_plateau: the theory curve itself is there within 1% of
+            # the ladder's span (a random start can leave L_0 before the first window)
             edges = np.concatenate([[t[0]], drops_theory, [t[-1]]])
+            span = float(ladder[0] - ladder[-1])
             for j in range(len(ladder)):
                 lo, hi = edges[j], edges[j + 1]
                 if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
                     continue  # the theory does not reach this plateau within the run
-                i = int(np.argmin(np.abs(t - np.sqrt(lo * hi))))
+                i = len(t) - 1 if j == len(ladder) - 1 else int(np.argmin(np.abs(t - np.sqrt(lo * hi))))
                 mean, se = float(blocks[k, i].mean()), float(blocks[k, i].std(ddof=1) / np.sqrt(w))
                 rows.append({"kind": "plateau", "run": name, "seed": sd, "components": comps[j], "t": float(t[i]),
                              "loss": mean, "se": se, "pcr_risk": float(ladder[j]), "theory": float(theory_k[i]),
+                             "on_plateau": bool(abs(theory_k[i] - ladder[j]) <= 0.01 * span),
                              "z": (mean - float(ladder[j])) / se})
     return rows
 
@@ -165,11 +172,19 @@ def summary(rows):
             entry[f"drop{j}_ratio_range"] = [round(min(ok), 3), round(max(ok), 3)] if ok else None
             entry[f"drop{j}_missed"] = len(ratios) - len(ok)
             entry[f"drop{j}_t_theory_median"] = round(float(np.median([r["t_theory"] for r in drops if r["drop"] == j])), 3)
+            small = [r["t_small_init"] for r in drops if r["drop"] == j and np.isfinite(r["t_small_init"])]
+            if small:
+                entry[f"drop{j}_t_small_init"] = round(small[0], 3)
         for c in sorted({r["components"] for r in plats}):
             sub = [r for r in plats if r["components"] == c]
+            on = [r for r in sub if r["on_plateau"]]
+            pooled = (np.mean([r["loss"] for r in on]) - sub[0]["pcr_risk"]) / np.sqrt(sum(r["se"] ** 2 for r in on)) \
+                * len(on) if on else None
             entry[f"plateau_k{c}"] = {"pcr_risk": round(sub[0]["pcr_risk"], 5),
-                                      "trained_mean": round(float(np.mean([r["loss"] for r in sub])), 5),
-                                      "max_abs_z": round(max(abs(r["z"]) for r in sub), 2),
+                                      "trained_mean": round(float(np.mean([r["loss"] for r in on])), 5) if on else None,
+                                      "max_abs_z": round(max(abs(r["z"]) for r in on), 2) if on else None,
+                                      "pooled_z": round(float(pooled), 2) if on else None,
+                                      "seeds_off_plateau": len(sub) - len(on),
                                       "theory_curve_there": round(float(np.mean([r["theory"] for r in sub])), 5)}
         out[name] = entry
     return out

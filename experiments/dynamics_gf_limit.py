@@ -67,7 +67,7 @@ def run(s, seed, progress):
     W = np.stack([n * np.asarray(model.effective_pgd(jax.tree_util.tree_map(lambda a: a[k], params), n).W)
                   for k in range(len(seeds))])
     w_gap = np.linalg.norm(W - W_limit, axis=(1, 2)) / np.linalg.norm(W_limit)
-    limit = {"KQ": jnp.zeros((len(seeds), 1, d + 1, d + 1), jnp.float32).at[:, 0, :d, :d].set(W_limit),
+    limit = {"KQ": jnp.zeros((len(seeds), 1, d + 1, d + 1), jnp.float32).at[:, 0, :d, :d].set(W_limit.astype(np.float32)),
              "v": jnp.zeros((len(seeds), 1, d + 1), jnp.float32).at[:, 0, d].set(1.0)}
     keys = sweeps.stream_keys(seeds, TEST_KEY)
     rows = []
@@ -134,5 +134,5 @@ EXPERIMENT = Experiment(
     settings={"eigenvalues": [1.0, 0.6, 0.35], "n": 20, "n_test": 40, "angle": 0.6, "scale": 2.0, "sigma": 0.05,
               "seeds": 8, "batch": 512, "learning_rate": 0.05, "final_lr_fraction": 0.02, "steps": 1500,
               "num_test": 50_000, "gate": 0.02, "tests": ["no shift", "rotated", "white", "scaled", "longer context"]},
-    quick={"seeds": 2, "batch": 256, "steps": 600, "num_test": 5_000, "tests": ["no shift", "rotated"]},
+    quick={"seeds": 2, "batch": 256, "steps": 600, "num_test": 2_000, "tests": ["rotated"]},
     run=run, plot=plot, summary=summary)

@@ -13,8 +13,9 @@ __version__ = "0.1.0"
 
 # the other submodules load on first access (PEP 562), so ``import iclsim`` pulls in neither matplotlib
 # (plotting) nor hypothesis (testing, a test dependency)
-_SUBMODULES = ("bound", "bridge", "cache", "cli", "depth", "evaluate", "layout", "models", "montecarlo", "multihead", "dynamics", "plotting",
-               "protocols", "pruning", "quality", "runner", "sweeps", "testing", "train", "wishart")
+_SUBMODULES = ("bound", "bridge", "cache", "cli", "depth", "dynamics", "evaluate", "layout", "loop", "models",
+               "montecarlo", "multihead", "plotting", "protocols", "pruning", "quality", "records", "runner", "sweeps",
+               "testing", "train", "wishart")
 
 
 def __getattr__(name):

@@ -1,11 +1,12 @@
 """Test risk of trained models on fresh prompts: every point of a sweep (design, n, seed) scored on
 the same prompts (common random numbers) or each seed on its own, in one compiled program laid out
-like training (``layout``), the squared errors accumulated in float64."""
+like training (``layout``), the squared errors accumulated in float64. One network's score is the
+public pure function ``make_score``; ``evaluate_sweep`` maps it over a sweep."""
 
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -13,12 +14,13 @@ import numpy as np
 
 from iclsim import _validate as check
 from iclsim import layout, montecarlo, protocols
+from iclsim import progress as _progress
 from iclsim._precision import float64
 from iclsim.designs import _check_n, stack
-from iclsim.gram import draw, uses_gram
+from iclsim.gram import SAMPLERS, draw, uses_gram
 from iclsim.layout import BLOCK, MEMBER
 
-__all__ = ["evaluate", "evaluate_sweep", "PairedRisks", "paired_risks"]
+__all__ = ["make_score", "evaluate", "evaluate_sweep", "PairedRisks", "paired_risks"]
 
 
 # the most prompts one round of the evaluation loop draws, over the networks vmapped on one device: a memory
@@ -34,10 +36,47 @@ MAX_BATCH = 12_288
 NO_LIBRARY_FUSION = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
+def make_score(model, n_slots: int, num_prompts: int = 100_000, batch_size: int = 10_000, sampler: str = "auto"):
+    """One network's test risk as a pure function (params, design, n, key) -> ``Estimate(mean, se)`` on
+    ``num_prompts`` fresh prompts of ``key`` with n active pairs in ``n_slots`` slots (static), drawn in
+    ``model.dtype`` by the one referee (``montecarlo``: fixed draw blocks, squared errors summed in float64):
+    the kernel ``evaluate_sweep`` maps over a sweep, for users to jit or vmap themselves (design, n and key
+    may be traced). ``batch_size`` only groups draw blocks (memory); Gram draws where
+    ``gram.uses_gram(model, design, n_slots, sampler)``. On CPU compile it with
+    ``compiler_options=NO_LIBRARY_FUSION`` (as ``evaluate_sweep`` does: XLA CPU's YNNPACK fusion rounds float32
+    differently, and at large vmapped batches summed wrongly, see ``MAX_BATCH``); so compiled, one network's
+    score equals ``evaluate_sweep``'s for that point under the same key (the same prompts and float64 sums)."""
+    n_slots = check.positive_int("n_slots", n_slots)
+    count = montecarlo.check_count("num_prompts", num_prompts)
+    group = montecarlo.group_size(count, check.positive_int("batch_size", batch_size))
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+
+    def score(params, design, n, key) -> montecarlo.Estimate:
+        with jax.enable_x64(True):  # the float64 sums, whatever the caller's flag
+            gram = uses_gram(model, design, n_slots, sampler)
+            total, total_sq = _risk_sums(model, n_slots, group, gram)(params, design, n, key, count)
+            return montecarlo.Estimate(*montecarlo.estimate(total, total_sq, count))
+
+    return score
+
+
+def _risk_sums(model, n_slots: int, group: int, gram: bool):
+    """(params, design, n, key, count) -> the float64 (sum, sum of squares) of the squared errors of ``model``
+    on the first ``count`` prompts of ``key`` (``montecarlo.risk_sums``): the core of ``make_score`` and of
+    the evaluation program."""
+
+    def sums(params, design, n, key, count):
+        return montecarlo.risk_sums(lambda p: protocols.predict(model, params, p), design, n_slots, n, key, count,
+                                    group, model.dtype, gram)
+
+    return sums
+
+
 @float64
 def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: int = 100_000,
                    batch_size: int = 10_000, sampler: str = "auto", devices: Sequence | None = None,
-                   n_slots: int | None = None):
+                   n_slots: int | None = None, progress: Callable | None = None):
     """Test risk on fresh prompts of every model of a sweep: (risk, se), each [designs, ns, seeds].
 
     ``params``: leaves with leading axes [designs, ns, seeds] (``FitResult.params`` of ``fit_sweep`` over the
@@ -56,6 +95,8 @@ def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: 
     networks share a device (at most ``MAX_BATCH`` networks x prompts per round, in whole blocks), on the
     device count or the process count, so a network scored alone, inside a sweep or on another machine
     gets the same numbers, and a smaller ``num_prompts`` scores a prefix of a larger one's prompts.
+    ``progress``: None (silent) or a function called with ``progress.Progress(done, total, elapsed, remaining)``
+    after each of up to ``progress.REPORTS`` chunks of points (the numbers are the same: see above).
     """
     design_list, ns = layout.as_list(designs), check.context_lengths(layout.as_list(ns))
     protocols.check_sweep(model, design_list, "evaluate")  # the door: named errors
@@ -73,22 +114,35 @@ def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: 
     shape = (len(design_list), len(ns), num_seeds)
     count = int(np.prod(shape))
     rows = _key_rows(key, num_seeds)
-    devices = tuple(jax.devices() if devices is None else devices)[:count]
     di, nj, sk = np.unravel_index(np.arange(count), shape)
     # points with equal keys form one random stream: a block's members share it and its draw
     streams = np.zeros(count, int) if rows is None else np.unique(rows, axis=0, return_inverse=True)[1].ravel()[sk]
-    plan = layout.plan(streams, devices)
-    networks = plan.blocks.size // len(plan.devices)  # networks vmapped together on one device
-    group = montecarlo.group_size(num_prompts, min(batch_size, MAX_BATCH // networks))  # memory only
-    split = layout.split_design(jax.tree_util.tree_map(lambda a: np.asarray(a)[di], stack(design_list)))
-    program = _compiled_evaluation(model, n_slots, group, gram, plan.devices, split.treedef, split.shared,
-                                   rows is not None)
-    b = plan.blocks
-    flat = jax.tree_util.tree_map(lambda a: np.asarray(a).reshape((count,) + np.shape(a)[3:])[b], params)
-    keys = key if rows is None else jnp.asarray(rows[sk[b[:, 0]]])
-    sums = program(flat, [a[b] for a in split.varying], split.common, jnp.asarray(np.asarray(ns)[nj][b]), keys,
-                   jnp.asarray(num_prompts, jnp.int32))
-    total, total_sq = layout.gather(sums, plan, count)
+    stacked = stack(design_list)
+    flat = jax.tree_util.tree_map(lambda a: np.asarray(a).reshape((count,) + np.shape(a)[3:]), params)
+
+    def score(points):  # flat point indices -> (total, total_sq) [len(points)], laid out in blocks over the devices
+        plan = layout.plan(streams[points], tuple(jax.devices() if devices is None else devices)[:len(points)])
+        networks = plan.blocks.size // len(plan.devices)  # networks vmapped together on one device
+        group = montecarlo.group_size(num_prompts, min(batch_size, MAX_BATCH // networks))  # memory only
+        split = layout.split_design(jax.tree_util.tree_map(lambda a: np.asarray(a)[di[points]], stacked))
+        program = _compiled_evaluation(model, n_slots, group, gram, plan.devices, split.treedef, split.shared,
+                                       rows is not None)
+        b = plan.blocks
+        keys = key if rows is None else jnp.asarray(rows[sk[points][b[:, 0]]])
+        sums = program(jax.tree_util.tree_map(lambda a: a[points][b], flat), [a[b] for a in split.varying],
+                       split.common, jnp.asarray(np.asarray(ns)[nj[points]][b]), keys,
+                       jnp.asarray(num_prompts, jnp.int32))
+        return layout.gather(sums, plan, len(points))
+
+    if progress is None:
+        total, total_sq = score(np.arange(count))
+    else:  # chunks of points, one report after each (a point's score does not depend on its chunk)
+        tracker = _progress.Tracker(progress, count)
+        parts = []
+        for chunk in np.array_split(np.arange(count), min(count, _progress.REPORTS)):
+            with tracker.chunk(len(chunk)):
+                parts.append(score(chunk))
+        total, total_sq = (np.concatenate(a) for a in zip(*parts))
     mean, se = montecarlo.estimate(total, total_sq, num_prompts)
     return np.reshape(np.asarray(mean), shape), np.reshape(np.asarray(se), shape)
 
@@ -212,10 +266,10 @@ def _compiled_evaluation(model, n_slots: int, group: int, gram: bool, devices: t
     sweeps of the same shape never recompile, whatever their prompt count (a validation set and a test set
     share the program where they group alike)."""
 
+    sums = _risk_sums(model, n_slots, group, gram)
+
     def point(params, varying, common, n, key, count):
-        design = layout.merge_design(treedef, shared, varying, common)
-        return montecarlo.risk_sums(lambda p: protocols.predict(model, params, p), design, n_slots, n, key, count,
-                                    group, model.dtype, gram)
+        return sums(params, layout.merge_design(treedef, shared, varying, common), n, key, count)
 
     options = _library_fusion_off() if devices[0].platform == "cpu" else None
     return layout.blocked(point, (MEMBER, MEMBER, None, MEMBER, BLOCK if block_keys else None, None), devices,

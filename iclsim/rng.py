@@ -38,6 +38,8 @@ class Stream(enum.IntEnum):
     SEARCH_TEST = 2**32 - 5  # pruning_search: the test prompts that score the chosen pruning
     NULL = 2**32 - 6  # pruning_search: the prompts of the null (untuned) comparison
     ONE_LAYER_TEST = 2**32 - 7  # pruning_one_layer: the test prompts
+    RECORD = 2**32 - 8  # training records: each point's fixed evaluation set (``records``)
+    PRETRAINING = 2**32 - 9  # finite pretraining: each point's stored set of prompts (``TrainConfig.pretraining_prompts``)
     REFERENCE = 2**32 - 12  # trajectory: the 1-step GD reference; L steps use REFERENCE - L + 1 (``reference_stream``)
 
 

@@ -27,7 +27,7 @@ if len(sys.argv) > 3:
 
 import numpy as np  # noqa: E402
 
-from iclsim import IID, models, train  # noqa: E402
+from iclsim import IID, evaluate, models, train  # noqa: E402
 
 DIM, NS, SEEDS = 3, [2, 4], [0, 1]  # n <= 4: token prompts, which compile in half the time of Gram draws
 CONFIG = train.TrainConfig(steps=100, batch_size=64, learning_rate=1e-2, warmup_steps=10)
@@ -48,7 +48,7 @@ def main():
     np.savez(f"{out}.fit.npz", losses=sweep.losses, single_losses=single.losses, process_count=jax.process_count(),
              device_count=jax.device_count(), **leaves(sweep.params, "param_"),
              **leaves(single.params, "single_param_"))
-    risk, se = train.evaluate_sweep(model, sweep.params, design, NS, jax.random.PRNGKey(EVAL_KEY), EVAL_PROMPTS,
+    risk, se = evaluate.evaluate_sweep(model, sweep.params, design, NS, jax.random.PRNGKey(EVAL_KEY), EVAL_PROMPTS,
                                     EVAL_BATCH)
     np.savez(f"{out}.evaluate.npz", risk=risk, se=se)
     if jax.process_count() > 1:

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import iclsim.evaluate as evaluation
-from iclsim import IID, cache, layout, models, montecarlo, sweeps, theory, train
+from iclsim import IID, cache, layout, loop, models, montecarlo, sweeps, theory, train
 from iclsim.evaluate import evaluate, evaluate_sweep
 from iclsim.gram import draw
 from tests.tolerance import TRAINED_EXACT_GAP, TRAINED_W_REL_LONG, assert_close, assert_within_se
@@ -415,7 +415,7 @@ def test_a_seed_block_draws_once_for_all_its_members():
     threefry works on as many words for a block of 4 members as for 1. A draw that came to depend on a
     member's value (say inside a loop whose counter vmap batches per member) would run 4 times as wide;
     that regression made alignment's full run 39 s instead of 17 s (docs/performance.md §6)."""
-    one_point = train._train_one(models.LinearAttention(3), train.TrainConfig(steps=3, batch_size=64), 12,
+    one_point = loop.trainer(models.LinearAttention(3), train.TrainConfig(steps=3, batch_size=64), 12,
                                  train.squared_loss, True)
 
     def width(members):

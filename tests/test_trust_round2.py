@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iclsim import IID, cache, models, runner, theory, train
+from iclsim import IID, cache, evaluate, models, runner, theory, train
 from tests.test_trust import _fake, _module, assert_one_set
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -230,7 +230,7 @@ def test_predictions_of_shape_b_by_1_are_refused_by_fit_evaluate_and_monte_carlo
     with pytest.raises(ValueError, match=r"predictions have shape \(\d+, 1\).*\[B\]"):
         train.fit(model, design, 3, steps=2, batch_size=8, warmup_steps=1)
     with pytest.raises(ValueError, match=r"predictions have shape \(\d+, 1\)"):
-        train.evaluate(model, model.init(key), design, 3, key, num_prompts=50, batch_size=50)
+        evaluate.evaluate(model, model.init(key), design, 3, key, num_prompts=50, batch_size=50)
     with pytest.raises(ValueError, match=r"predictions have shape \(\d+, 1\)"):
         theory.monte_carlo_risk(lambda p: p.x[:, :1], design, 3, key, num_prompts=50, batch_size=50)
     from iclsim import testing

@@ -35,7 +35,7 @@ def test_initial_params_are_the_trained_start():
     design = mod.designs(module.settings)["aniso"]
     model = mod.build("separate", 3, "random", 0.5, design.dim)
     fit = train.fit_sweep(model, design, [8], [4, 9], train.TrainConfig(
-        steps=3, batch_size=16, learning_rate=1e-30, warmup_steps=0, final_lr_fraction=1.0, optimizer=mod.sgd))
+        steps=3, batch_size=16, learning_rate=1e-30, optimizer="sgd"))
     start = mod.initial_params(model, [4, 9], 3)
     for got, want in zip(jax.tree_util.tree_leaves(fit.params), jax.tree_util.tree_leaves(start)):
         np.testing.assert_allclose(np.asarray(got)[0, 0], np.asarray(want), rtol=1e-6, atol=1e-25)

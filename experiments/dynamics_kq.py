@@ -14,8 +14,9 @@ set of ``record_prompts`` prompts every ``record_every`` steps; drop times are r
 are read from each step's loss on its fresh batch (an unbiased Monte Carlo estimate of the population loss
 at that step's parameters) averaged over a window of ``window`` steps, its SE from the spread in the window
 (a fixed evaluation set would carry the same error at every step). Plateau levels (the loss in the middle of
-each plateau the theory predicts, the last at the end of the run) are compared with the closed-form PCR risks L_k (``dynamics.pcr_risks``) in units of their Monte Carlo SE; drop times (the
-loss crossing the midpoint between two plateau levels, ``dynamics.drop_times``) as a ratio to the theory's.
+each plateau the theory predicts, the last at the end of the run) are compared with the closed-form PCR
+risks L_k (``dynamics.pcr_risks``) in units of their Monte Carlo SE; drop times (the loss crossing the
+midpoint between two plateau levels, ``dynamics.drop_times``) as a ratio to the theory's.
 SGD is gradient flow's Euler scheme: in the merged model's exponential phase s grows by 1 + 4 b eta per step
 against exp(4 b eta), so its drops come a few per cent late (about 4 b eta / log(1 + 4 b eta) - 1 of the
 growth time); the separate model grows polynomially and is barely affected.

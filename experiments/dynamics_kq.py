@@ -164,7 +164,9 @@ def plot(rows, s):
     for ax in axes[len(names) + 1:]:
         ax.axis("off")
     fig.suptitle(f"Linear attention over training: merged vs separate key-query (d = {len(s['eigenvalues'])}, "
-                 f"n = {s['n']}, eigenvalues {s['eigenvalues']}, {s['seeds']} seeds)")
+                 f"n = {s['n']}, eigenvalues {s['eigenvalues']}, {s['seeds']} seeds)\ncurves: each seed's fixed "
+                 f"evaluation set of {s['record_prompts']} prompts, which carries its own Monte Carlo offset at every "
+                 "step; plateau levels are read from fresh batches (summary)", fontsize=10)
     return fig
 
 

@@ -11,6 +11,8 @@ gap), and on each test condition the trained network and the limit itself scored
 Monte Carlo risk against its closed form (z in SE). A network passes the gate when its test risk on the
 training distribution is within 2% + 4 SE of the limit's closed form (``quality.gate``)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,7 +21,7 @@ import optax
 from iclsim import IID, evaluate, plotting, quality, sweeps, train
 from iclsim import dynamics as dy
 from iclsim import multihead as mh
-from iclsim.runner import Experiment
+from iclsim.registry import Experiment
 
 TEST_KEY = sweeps.TEST_STREAM - 3
 
@@ -41,27 +43,28 @@ def rotation(d, angle):
 
 def shifts(s):
     """{name: (test design, n_test)}: no shift, the covariance rotated, white, scaled, and a longer context."""
-    lam = np.asarray(s["eigenvalues"], np.float64)
-    d, n = len(lam), s["n"]
+    lam = np.asarray(s.eigenvalues, np.float64)
+    d, n = len(lam), s.n
     Sx = np.diag(lam)
-    R = rotation(d, s["angle"])
+    R = rotation(d, s.angle)
     return {"no shift": (IID(d, cov_x=Sx), n),
             "rotated": (IID(d, cov_x=R @ Sx @ R.T), n),
             "white": (IID(d, cov_x=np.mean(lam) * np.eye(d)), n),
-            "scaled": (IID(d, cov_x=s["scale"] * Sx), n),
-            "longer context": (IID(d, cov_x=Sx), s["n_test"])}
+            "scaled": (IID(d, cov_x=s.scale * Sx), n),
+            "longer context": (IID(d, cov_x=Sx), s.n_test)}
 
 
-def run(s, seed, progress):
-    lam = np.asarray(s["eigenvalues"], np.float64)
-    d, n = len(lam), s["n"]
+def run(s, seed, context):
+    progress = context.progress
+    lam = np.asarray(s.eigenvalues, np.float64)
+    d, n = len(lam), s.n
     design = IID(d, cov_x=np.diag(lam))
-    seeds = [seed + k for k in range(s["seeds"])]
-    model = mh.MergedAttention(d, heads=1, init_scale=s["sigma"], start="aligned")
-    progress(f"  {len(seeds)} seeds x {s['steps']} SGD steps")
+    seeds = [seed + k for k in range(s.seeds)]
+    model = mh.MergedAttention(d, heads=1, init_scale=s.sigma, start="aligned")
+    progress(f"  {len(seeds)} seeds x {s.steps} SGD steps")
     fit = train.fit_sweep(model, design, [n], seeds, train.TrainConfig(
-        steps=s["steps"], batch_size=s["batch"], learning_rate=s["learning_rate"], warmup_steps=0,
-        final_lr_fraction=s["final_lr_fraction"], optimizer=sgd))
+        steps=s.steps, batch_size=s.batch, learning_rate=s.learning_rate, warmup_steps=0,
+        final_lr_fraction=s.final_lr_fraction, optimizer=sgd), cache=context.cache)
     params = jax.tree_util.tree_map(lambda a: a[0, 0], fit.params)
     W_limit = dy.zfb_limit(design, n)
     W = np.stack([n * np.asarray(model.effective_pgd(jax.tree_util.tree_map(lambda a: a[k], params), n).W)
@@ -72,11 +75,11 @@ def run(s, seed, progress):
     keys = sweeps.stream_keys(seeds, TEST_KEY)
     rows = []
     conditions = shifts(s)
-    for name in s["tests"]:
+    for name in s.tests:
         test, n_test = conditions[name]
         closed = dy.zfb_limit_risk(design, n, test, n_test)
-        pr = evaluate.paired_risks(model, params, limit, test, n_test, keys, s["num_test"])
-        passed = quality.gate(pr.risk, closed, tolerance=s["gate"], se=pr.risk_se)
+        pr = evaluate.paired_risks(model, params, limit, test, n_test, keys, s.num_test)
+        passed = quality.gate(pr.risk, closed, tolerance=s.gate, se=pr.risk_se)
         for k, sd in enumerate(seeds):
             rows.append({"test": name, "n_test": n_test, "seed": sd, "limit_closed": closed,
                          "limit_mc": float(pr.reference[k]), "limit_mc_se": float(pr.reference_se[k]),
@@ -111,8 +114,8 @@ def plot(rows, s):
     gaps = [r["w_rel_gap"] for r in rows if r["test"] == tests[0]]
     ax2.set_title(f"learned W vs Gamma^-1: relative gap {np.median(gaps):.4f} (median over seeds)", fontsize=9)
     ax2.legend(fontsize=7)
-    fig.suptitle(f"Zhang-Frei-Bartlett limit: one merged head from their start, SGD (d = {len(s['eigenvalues'])}, "
-                 f"n = {s['n']}, eigenvalues {s['eigenvalues']}, {s['seeds']} seeds)")
+    fig.suptitle(f"Zhang-Frei-Bartlett limit: one merged head from their start, SGD (d = {len(s.eigenvalues)}, "
+                 f"n = {s.n}, eigenvalues {s.eigenvalues}, {s.seeds} seeds)")
     return fig
 
 
@@ -129,10 +132,24 @@ def summary(rows):
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    eigenvalues: tuple[float, ...] = (1.0, 0.6, 0.35)
+    n: int = 20
+    n_test: int = 40
+    angle: float = 0.6
+    scale: float = 2.0
+    sigma: float = 0.05
+    seeds: int = 8
+    batch: int = 512
+    learning_rate: float = 0.05
+    final_lr_fraction: float = 0.02
+    steps: int = 1500
+    num_test: int = 50_000
+    gate: float = 0.02
+    tests: tuple[str, ...] = ("no shift", "rotated", "white", "scaled", "longer context")
+
 EXPERIMENT = Experiment(
     name="dynamics_gf_limit", title="ZFB: the gradient-flow limit of one linear attention head under covariance shift",
-    settings={"eigenvalues": [1.0, 0.6, 0.35], "n": 20, "n_test": 40, "angle": 0.6, "scale": 2.0, "sigma": 0.05,
-              "seeds": 8, "batch": 512, "learning_rate": 0.05, "final_lr_fraction": 0.02, "steps": 1500,
-              "num_test": 50_000, "gate": 0.02, "tests": ["no shift", "rotated", "white", "scaled", "longer context"]},
-    quick={"seeds": 2, "batch": 256, "steps": 600, "num_test": 2_000, "tests": ["rotated"]},
+    settings=Settings(), quick=dataclasses.replace(Settings(), seeds=2, batch=256, steps=600, num_test=2_000, tests=("rotated",)),
     run=run, plot=plot, summary=summary)

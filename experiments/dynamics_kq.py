@@ -22,6 +22,8 @@ against exp(4 b eta), so its drops come a few per cent late (about 4 b eta / log
 growth time); the separate model grows polynomially and is barely affected.
 """
 
+import dataclasses
+
 import jax
 import numpy as np
 
@@ -29,7 +31,7 @@ from iclsim import IID, plotting, quality, train
 from iclsim import dynamics as dy
 from iclsim import multihead as mh
 from iclsim.rng import seed_keys
-from iclsim.runner import Experiment
+from iclsim.registry import Experiment
 
 RUNS = {  # name: (model kind, heads, start, init_scale, design, steps)
     "merged, 1 head, aligned": ("merged", 1, "aligned", 1e-3, "white", 300),
@@ -43,9 +45,9 @@ RUNS = {  # name: (model kind, heads, start, init_scale, design, steps)
 
 
 def designs(s):
-    lam = np.asarray(s["eigenvalues"], np.float64)
-    return {"aniso": IID(len(lam), cov_x=np.diag(lam), noise_var=s["noise_var"]),
-            "white": IID(len(lam), cov_x=np.mean(lam) * np.eye(len(lam)), noise_var=s["noise_var"])}
+    lam = np.asarray(s.eigenvalues, np.float64)
+    return {"aniso": IID(len(lam), cov_x=np.diag(lam), noise_var=s.noise_var),
+            "white": IID(len(lam), cov_x=np.mean(lam) * np.eye(len(lam)), noise_var=s.noise_var)}
 
 
 def build(kind, heads, start, scale, d):
@@ -59,31 +61,32 @@ def initial_params(model, seeds, steps):
 
 
 def theory_curve(model, kind, start, design, n, params0, t_end, s):
-    """[seeds or 1, T] theory loss on a grid of ``s['records']`` + 1 times in [0, t_end]."""
+    """[seeds or 1, T] theory loss on a grid of ``s.records`` + 1 times in [0, t_end]."""
     if start == "aligned" and kind == "merged":
-        times = np.linspace(0.0, t_end, s["records"] + 1)
+        times = np.linspace(0.0, t_end, s.records + 1)
         return times, dy.merged_time_course(design, n, times, model.heads, model.init_scale).loss[None]
     if start == "aligned":
-        tc = dy.separate_kq_flow(design, n, t_end, model.heads, model.init_scale, s["records"], s["dt"])
+        tc = dy.separate_kq_flow(design, n, t_end, model.heads, model.init_scale, s.records, s.dt)
         return tc.times, tc.loss[None]
-    tc = dy.population_flow(model, design, n, params0, t_end, s["records"], s["dt"])
+    tc = dy.population_flow(model, design, n, params0, t_end, s.records, s.dt)
     return tc.times, tc.loss
 
 
-def run(s, seed, progress):
-    n, lr, w = s["n"], s["learning_rate"], s["window"]
-    seeds = [seed + k for k in range(s["seeds"])]
+def run(s, seed, context):
+    progress = context.progress
+    n, lr, w = s.n, s.learning_rate, s.window
+    seeds = [seed + k for k in range(s.seeds)]
     des = designs(s)
     rows = []
-    for name in s["runs"]:
+    for name in s.runs:
         kind, heads, start, scale, dname, steps = RUNS[name]
-        steps = int(steps * s["step_factor"])
+        steps = int(steps * s.step_factor)
         design = des[dname]
         model = build(kind, heads, start, scale, design.dim)
         progress(f"  {name}: {len(seeds)} seeds x {steps} SGD steps")
         fit = train.fit_sweep(model, design, [n], seeds, train.TrainConfig(
-            steps=steps, batch_size=s["batch"], learning_rate=lr, optimizer="sgd", record_every=s["record_every"],
-            record_prompts=s["record_prompts"]))
+            steps=steps, batch_size=s.batch, learning_rate=lr, optimizer="sgd", record_every=s.record_every,
+            record_prompts=s.record_prompts), cache=context.cache)
         losses = fit.losses[0, 0]  # [seeds, steps]: each step's fresh batch, for the plateau levels' SE
         rec_t, rec = lr * np.asarray(fit.record.steps, np.float64), np.asarray(fit.record.loss[0, 0], np.float64)
         blocks = losses[:, : steps // w * w].reshape(len(seeds), steps // w, w)
@@ -163,9 +166,9 @@ def plot(rows, s):
         ax.legend(fontsize=5)
     for ax in axes[len(names) + 1:]:
         ax.axis("off")
-    fig.suptitle(f"Linear attention over training: merged vs separate key-query (d = {len(s['eigenvalues'])}, "
-                 f"n = {s['n']}, eigenvalues {s['eigenvalues']}, {s['seeds']} seeds)\ncurves: each seed's fixed "
-                 f"evaluation set of {s['record_prompts']} prompts, which carries its own Monte Carlo offset at every "
+    fig.suptitle(f"Linear attention over training: merged vs separate key-query (d = {len(s.eigenvalues)}, "
+                 f"n = {s.n}, eigenvalues {s.eigenvalues}, {s.seeds} seeds)\ncurves: each seed's fixed "
+                 f"evaluation set of {s.record_prompts} prompts, which carries its own Monte Carlo offset at every "
                  "step; plateau levels are read from fresh batches (summary)", fontsize=10)
     return fig
 
@@ -202,12 +205,24 @@ def summary(rows):
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    eigenvalues: tuple[float, ...] = (1.0, 0.6, 0.35)  # the feature covariance's spectrum (the aniso design)
+    noise_var: float = 0.0
+    n: int = 20
+    seeds: int = 8
+    batch: int = 512
+    learning_rate: float = 0.05
+    window: int = 20
+    step_factor: float = 1.0
+    records: int = 800
+    dt: float = 0.025
+    record_every: int = 4
+    record_prompts: int = 2048
+    runs: tuple[str, ...] = tuple(RUNS)
+
 EXPERIMENT = Experiment(
     name="dynamics_kq", title="Training dynamics: merged vs separate key-query linear attention",
-    settings={"eigenvalues": [1.0, 0.6, 0.35], "noise_var": 0.0, "n": 20, "seeds": 8, "batch": 512,
-              "learning_rate": 0.05, "window": 20, "step_factor": 1.0, "records": 800, "dt": 0.025,
-              "record_every": 4, "record_prompts": 2048,
-              "runs": list(RUNS)},
-    quick={"seeds": 2, "batch": 128, "records": 200, "dt": 0.1, "record_prompts": 512,
-           "runs": ["separate, 3 heads, aligned u0=0.1"]},
+    settings=Settings(), quick=dataclasses.replace(Settings(), seeds=2, batch=128, records=200, dt=0.1, record_prompts=512,
+                              runs=("separate, 3 heads, aligned u0=0.1",)),
     run=run, plot=plot, summary=summary)

@@ -1,7 +1,7 @@
 """Which GD step each layer of paper B's 4-layer GD-form linear transformer acquires, and when: the
 course of training behind the depth result's dependence on the seed (issue 34, item 3).
 
-The networks are paper B's recipe (``_paper_b.RECIPE``: d = 5, n = 20, L = 4, noise 0.1, Adam, library
+The networks are paper B's recipe (``_paper_b.Recipe``: d = 5, n = 20, L = 4, noise 0.1, Adam, library
 defaults), trained with the engine's records (``records.layer_step_sizes``: layer l's step
 tr(Gamma_l) / d every ``record_every`` steps). On isotropic data the L layers implement L-step GD with
 scalar steps, and its predictor is the polynomial prod_l (I - gamma_l S) in the steps: any permutation of the
@@ -13,16 +13,15 @@ stays there). The GD form starts every layer at step ``init_step`` = 0.5 (``mode
 near the second-shortest best step for this recipe (0.52), so a layer that keeps a short step has it from the
 start."""
 
+import dataclasses
+
 import numpy as np
 
 from iclsim import IID, models, plotting, quality, records, theory, train
-from iclsim.runner import Experiment
+from iclsim.registry import Experiment
 from iclsim.train import TrainConfig
 
-try:  # the shared paper-B recipe, imported as a sibling by the runner
-    from ._paper_b import RECIPE
-except ImportError:  # pragma: no cover - imported outside the runner
-    RECIPE = {"dim": 5, "n": 20, "layers": 4, "noise_var": 0.1, "steps": 4000}
+from ._paper_b import Recipe
 
 
 def acquisition(steps, path, final, tolerance):
@@ -34,16 +33,17 @@ def acquisition(steps, path, final, tolerance):
     return float(steps[int(np.argmax(ok))]), settled
 
 
-def run(s, seed, progress):
-    d, n, L = s["dim"], s["n"], s["layers"]
-    design = IID(d, noise_var=s["noise_var"])
+def run(s, seed, context):
+    progress = context.progress
+    d, n, L = s.dim, s.n, s.layers
+    design = IID(d, noise_var=s.noise_var)
     model = models.LinearTransformer(d, L)
-    seeds = [seed + k for k in range(s["seeds"])]
+    seeds = [seed + k for k in range(s.seeds)]
     best = np.sort(np.asarray(theory.optimal_multistep_gd(design, n, L).step_sizes, np.float64))
-    progress(f"  {len(seeds)} {L}-layer GD-form transformers, {s['steps']} steps, recorded every {s['record_every']}")
+    progress(f"  {len(seeds)} {L}-layer GD-form transformers, {s.steps} steps, recorded every {s.record_every}")
     fit = train.fit_sweep(model, design, [n], seeds, TrainConfig(
-        steps=s["steps"], record_every=s["record_every"], record_prompts=s["record_prompts"],
-        summarize=records.layer_step_sizes(model)))
+        steps=s.steps, record_every=s.record_every, record_prompts=s.record_prompts,
+        summarize=records.layer_step_sizes(model)), cache=context.cache)
     steps = np.asarray(fit.record.steps)
     paths = np.asarray(fit.record.summaries[0, 0], np.float64)  # [seeds, R, L]
     loss = np.asarray(fit.record.loss[0, 0], np.float64)
@@ -56,7 +56,7 @@ def run(s, seed, progress):
             rows.append({"kind": "layer", "seed": sd, "layer": layer + 1, "final_step": float(final[layer]),
                          "rank": int(rank[layer]), "best_step_of_rank": float(best[rank[layer] - 1]),
                          **dict(zip(("acquired_at", "settled_at"),
-                                    acquisition(steps, paths[k, :, layer], final[layer], s["tolerance"]))),
+                                    acquisition(steps, paths[k, :, layer], final[layer], s.tolerance))),
                          "set_gap": gap})
         for j, st in enumerate(steps):
             rows.append({"kind": "path", "seed": sd, "step": int(st), "loss": float(loss[k, j]),
@@ -65,7 +65,7 @@ def run(s, seed, progress):
 
 
 def plot(rows, s):
-    L = s["layers"]
+    L = s.layers
     fig, (ax1, ax2, ax3) = plotting.plt.subplots(1, 3, figsize=(15, 4.3), constrained_layout=True)
     seeds = sorted({r["seed"] for r in rows})
     for k, sd in enumerate(seeds):
@@ -95,10 +95,10 @@ def plot(rows, s):
         ax.set_xlabel("layer")
     ax2.set_ylabel("final step (one point per seed)")
     ax2.set_title("final steps against the best set", fontsize=9)
-    ax3.set_ylabel(f"training step the layer first reaches its final step (within {s['tolerance']:.0%})")
+    ax3.set_ylabel(f"training step the layer first reaches its final step (within {s.tolerance:.0%})")
     ax3.set_title("when each layer acquires its step", fontsize=9)
     ax3.legend(fontsize=7)
-    fig.suptitle(f"Paper B's {L}-layer GD-form transformers over training (d = {s['dim']}, n = {s['n']}, "
+    fig.suptitle(f"Paper B's {L}-layer GD-form transformers over training (d = {s.dim}, n = {s.n}, "
                  f"{len(seeds)} seeds)")
     return fig
 
@@ -130,9 +130,16 @@ def summary(rows):
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Settings(Recipe):
+    """Paper B's recipe (the same networks' recipe, recorded), 8 seeds."""
+
+    seeds: int = 8
+    record_every: int = 50
+    record_prompts: int = 1024
+    tolerance: float = 0.1
+
 EXPERIMENT = Experiment(
     name="dynamics_layers", title="Paper B's 4-layer transformer: which step each layer acquires, and when",
-    settings={**{k: RECIPE[k] for k in ("dim", "n", "layers", "noise_var", "steps")}, "seeds": 8,
-              "record_every": 50, "record_prompts": 1024, "tolerance": 0.1},
-    quick={"layers": 2, "seeds": 2, "steps": 300, "record_every": 30, "record_prompts": 256},
+    settings=Settings(), quick=dataclasses.replace(Settings(), layers=2, seeds=2, steps=300, record_every=30, record_prompts=256),
     run=run, plot=plot, summary=summary)

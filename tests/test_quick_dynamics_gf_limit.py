@@ -19,6 +19,6 @@ def test_dynamics_gf_limit_quick(tmp_path):
     assert all(abs(r["rel_gap"]) < 0.05 for r in rows)
     assert all(r["passed"] for r in rows)
     # the rotated covariance raises the limit's risk well above its risk without the shift (the PGD optimum)
-    lam = EXPERIMENTS["dynamics_gf_limit"].settings["eigenvalues"]
-    unshifted = theory.optimal_pgd(IID(len(lam), cov_x=np.diag(lam)), EXPERIMENTS["dynamics_gf_limit"].settings["n"]).risk
+    lam = EXPERIMENTS["dynamics_gf_limit"].settings.eigenvalues
+    unshifted = theory.optimal_pgd(IID(len(lam), cov_x=np.diag(lam)), EXPERIMENTS["dynamics_gf_limit"].settings.n).risk
     assert all(r["limit_closed"] > 1.2 * unshifted for r in rows)

@@ -22,8 +22,8 @@ from iclsim._precision import float64
 from iclsim.gram import draw
 from iclsim.protocols import Estimate
 
-__all__ = ["DRAW_BLOCK", "MAX_BLOCKS", "Estimate", "check_count", "blocks", "group_size", "block_sums", "risk_sums", "estimate", "mean",
-           "risk"]
+__all__ = ["DRAW_BLOCK", "MAX_BLOCKS", "Estimate", "check_count", "blocks", "group_size", "block_sums", "block_totals",
+           "block_values", "prompt_totals", "prompt_values", "risk_sums", "estimate", "mean", "risk"]
 
 F64 = jnp.float64
 
@@ -95,6 +95,66 @@ def _pairwise_sum(vals):
         width //= 2
         vals = vals[..., :width] + vals[..., width:]
     return vals[..., 0]
+
+
+def block_totals(totals: Callable, key, count, group: int = 1):
+    """Float64 sums, of any shape, over the first ``count`` draws of the block stream of ``key``:
+    ``totals(key_b, valid) -> pytree`` is block b's total over its draws where ``valid`` [DRAW_BLOCK] is True
+    (False on the masked tail of the last block), key_b = fold_in(key, b). The block totals are added in
+    block order; ``group`` blocks are drawn per loop round (vmapped), which changes memory and speed, not the
+    draws. For a per-draw scalar and its squares (a mean with its standard error) use ``block_sums``. Pure,
+    vmappable; ``count`` may be traced."""
+    group = check.positive_int("group", group)
+    count = jnp.asarray(count)
+    index = count.dtype
+    rounds = (blocks(count) + group - 1) // group
+    offsets = jnp.arange(DRAW_BLOCK, dtype=index)
+
+    def one(b):
+        return jax.tree_util.tree_map(lambda a: jnp.asarray(a, F64),
+                                      totals(jax.random.fold_in(key, b), b * DRAW_BLOCK + offsets < count))
+
+    zero = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, F64), jax.eval_shape(one, jnp.zeros((), index)))
+
+    def round_(r, carry):
+        sums = jax.vmap(one)(r * group + jnp.arange(group, dtype=index))
+        return jax.lax.fori_loop(0, group, lambda j, c: jax.tree_util.tree_map(lambda a, s: a + s[j], c, sums), carry)
+
+    return jax.lax.fori_loop(0, rounds, round_, zero)
+
+
+def block_values(values: Callable, key, count: int, group: int = 1):
+    """The per-draw values of the first ``count`` draws of the block stream of ``key``, in draw order:
+    ``values(key_b) -> pytree`` with leading axis [DRAW_BLOCK] gives block b's draws' values (key_b =
+    fold_in(key, b)); every leaf of the result has leading axis [count]. For statistics a caller keeps per
+    draw (per-prompt errors, a fixed sample to minimise over); the draws are those ``block_sums`` sums.
+    ``group`` blocks per loop round (memory and speed only); ``count`` concrete."""
+    count = check_count("count", count)
+    group = check.positive_int("group", group)
+    group = min(group, blocks(count))
+    rounds = -(-blocks(count) // group)
+    ids = jnp.arange(rounds * group, dtype=jnp.int32).reshape(rounds, group)
+    out = jax.lax.map(lambda r: jax.vmap(lambda b: values(jax.random.fold_in(key, b)))(r), ids)
+    return jax.tree_util.tree_map(lambda a: a.reshape((rounds * group * DRAW_BLOCK,) + a.shape[3:])[:count], out)
+
+
+def prompt_totals(totals: Callable, design, n: int, key, count, group: int = 1, dtype=F64,
+                  n_slots: int | None = None, gram: bool = False):
+    """``block_totals`` over fresh prompts of ``design`` with n context pairs (in n_slots slots, default n;
+    ``gram.draw``) drawn in ``dtype``: ``totals(prompts, valid) -> pytree`` is a block's total over its
+    prompts where ``valid`` [DRAW_BLOCK] is True."""
+    n_slots = n if n_slots is None else n_slots
+    return block_totals(lambda k, valid: totals(draw(design, k, DRAW_BLOCK, n, n_slots, dtype, gram), valid),
+                        key, count, group)
+
+
+def prompt_values(statistic: Callable, design, n: int, key, count: int, group: int = 1, dtype=F64,
+                  n_slots: int | None = None, gram: bool = False):
+    """``block_values`` over fresh prompts of ``design`` (as ``prompt_totals``): ``statistic(prompts)`` gives
+    one value (any trailing shape) per prompt, leading axis [DRAW_BLOCK]; the result has leading axis [count],
+    the prompts in draw order (the same prompts ``mean`` averages over for the same key)."""
+    n_slots = n if n_slots is None else n_slots
+    return block_values(lambda k: statistic(draw(design, k, DRAW_BLOCK, n, n_slots, dtype, gram)), key, count, group)
 
 
 def risk_sums(predict: Callable, design, n_slots: int, n, key, count, group: int, dtype, gram: bool = False):

@@ -104,7 +104,7 @@ def test_multistep_polynomials_are_the_products_numpy_computes():
         q = np.polynomial.polynomial.polyfromroots(1 / gam) * np.prod(-gam)  # prod (1 - gamma_i l), low degree first
         p = -q[1:]
         with jax.enable_x64(True):
-            qq, lpp = map(np.asarray, theory._multistep_polynomials(jnp.asarray(gam, F64)))
+            qq, lpp = map(np.asarray, theory.multistep._multistep_polynomials(jnp.asarray(gam, F64)))
         assert_close(qq, np.polynomial.polynomial.polymul(q, q), rtol=1e-12, name=f"q^2, L={L}")
         assert_close(lpp, np.concatenate([[0.0], np.polynomial.polynomial.polymul(p, p)]), rtol=1e-12,
                      name=f"l p^2, L={L}")
@@ -112,7 +112,7 @@ def test_multistep_polynomials_are_the_products_numpy_computes():
 
 def _minimiser_inputs(d, n, s2, L):
     one = n / (n + d + 1 + s2)
-    starts = theory._padded_steps(theory._step_starts(L, one))
+    starts = theory.multistep._padded_steps(theory.multistep._step_starts(L, one))
     with jax.enable_x64(True):
         moments = jnp.asarray(wishart.sample_covariance_moments(n, d, 2 * starts.shape[1] + 1))
     return starts, np.arange(starts.shape[1]) < L, moments, 1.0, 1.0, s2, n
@@ -123,7 +123,7 @@ def _bfgs_steps(starts, free, moments, s2, n, ends):
     """The independent answer: jax.scipy's BFGS from the same starts (the minimiser used before); and the
     objective's value at every start and its Hessian at each of ``ends``."""
     def objective(g):
-        return theory._multistep_values(jnp.where(free, g, 0.0), moments[None], 1.0, 1.0, s2, n)[0]
+        return theory.multistep._multistep_values(jnp.where(free, g, 0.0), moments[None], 1.0, 1.0, s2, n)[0]
 
     bfgs = jax.vmap(lambda x0: jax.scipy.optimize.minimize(objective, x0, method="BFGS"))(starts)
     return bfgs.fun, jax.vmap(objective)(starts), jax.vmap(jax.hessian(objective))(ends)
@@ -142,7 +142,7 @@ def test_step_minimiser_finds_the_minimum_bfgs_finds():
         for L, (d, n, s2) in ((1, (5, 20, 0.1)), (2, (5, 10, 4.0)), (3, (3, 7, 0.5)), (4, (5, 20, 0.1))):
             args = _minimiser_inputs(d, n, s2, L)
             starts, free, moments = args[:3]
-            found, values, gradients, returned = map(np.asarray, theory._minimise_steps(*args))
+            found, values, gradients, returned = map(np.asarray, theory.multistep._minimise_steps(*args))
             best = int(np.argmin(values))
             bfgs_best, initial, hessians = _bfgs_steps(jnp.asarray(starts), free, moments, s2, n, found)
             assert np.all(found[:, L:] == 0.0), "padded steps moved"
@@ -161,19 +161,19 @@ def test_step_minimiser_finds_the_minimum_bfgs_finds():
 def test_a_minimiser_that_stops_short_is_an_error(monkeypatch):
     """No silent wrong reference: with too few iterations to reach a stationary point, and with a NaN
     risk (moments that overflow), optimal_multistep_gd raises and says why."""
-    iterations, exact = theory.NEWTON_ITERATIONS, theory._exact_moments
-    monkeypatch.setattr(theory, "NEWTON_ITERATIONS", 1)
-    theory._minimise_steps.clear_cache()
+    iterations, exact = theory.NEWTON_ITERATIONS, theory.multistep._exact_moments
+    monkeypatch.setattr(theory.multistep, "NEWTON_ITERATIONS", 1)
+    theory.multistep._minimise_steps.clear_cache()
     try:
         with pytest.raises(ArithmeticError, match="not a minimum of the risk.*relative gradient.*steps = 3, n = 20"):
             theory.optimal_multistep_gd(IID(5, noise_var=0.1), 20, 3)
-        monkeypatch.setattr(theory, "NEWTON_ITERATIONS", iterations)
-        theory._minimise_steps.clear_cache()
-        monkeypatch.setattr(theory, "_exact_moments", lambda *a: np.where(np.arange(10) == 3, np.inf, exact(*a)))
+        monkeypatch.setattr(theory.multistep, "NEWTON_ITERATIONS", iterations)
+        theory.multistep._minimise_steps.clear_cache()
+        monkeypatch.setattr(theory.multistep, "_exact_moments", lambda *a: np.where(np.arange(10) == 3, np.inf, exact(*a)))
         with pytest.raises(ArithmeticError, match="risk nan"):
             theory.optimal_multistep_gd(IID(5, noise_var=0.1), 20, 3)
     finally:
-        theory._minimise_steps.clear_cache()
+        theory.multistep._minimise_steps.clear_cache()
 
 
 def test_multistep_refuses_non_isotropic_designs(key):
@@ -256,7 +256,7 @@ def test_direction_gains_are_exact_risk_changes():
 
 def test_truncated_optimum_risk_matches_monte_carlo(key):
     train, test = _designs_for_gains()
-    W = theory._truncate(theory.optimal_pgd(train, 12)[0], 2)
+    W = theory._common._truncate(theory.optimal_pgd(train, 12)[0], 2)
     mean, se = theory.monte_carlo_risk(theory.pgd_predict(W), test, 8, key, 100_000)
     assert_within_se(theory.truncated_optimum_risk(train, 12, test, 8, 2), mean, se, name="rank-2 truncated W*")
 

@@ -20,7 +20,7 @@ from typing import Callable, NamedTuple, Sequence
 import jax
 import numpy as np
 
-__all__ = ["BATCH_AXIS", "Layout", "plan", "seed_blocks", "batch_shards", "seed_keys", "DesignSplit",
+__all__ = ["BATCH_AXIS", "Layout", "plan", "seed_blocks", "batch_shards", "DesignSplit",
            "split_design", "merge_design", "blocked", "gather", "load_or_run", "as_list"]
 
 BATCH_AXIS = "batch"  # the mesh axis along which devices split a block's batch
@@ -81,13 +81,6 @@ def batch_shards(blocks: int, devices: int, batch_size: int) -> int:
     blocks' batches, the largest count that divides the devices and the batch and leaves every block
     a device group."""
     return max(s for s in range(1, max(devices // blocks, 1) + 1) if devices % s == 0 and batch_size % s == 0)
-
-
-def seed_keys(seeds) -> np.ndarray:
-    """jax.random.PRNGKey(s) for each seed, [len(seeds), 2] uint32, made on the host (threefry's
-    seeding: the high and low words of the int64 seed), so no seeding program is compiled."""
-    words = np.asarray(seeds, np.int64).astype(np.uint64)
-    return np.stack([words >> np.uint64(32), words & np.uint64(0xFFFFFFFF)], axis=-1).astype(np.uint32)
 
 
 class DesignSplit(NamedTuple):

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from iclsim import _validate as check
-from iclsim import compiler, layout, loop, protocols
+from iclsim import compiler, layout, loop, protocols, rng
 from iclsim import progress as _progress
 from iclsim.designs import GramPrompts, Prompts, _check_n, stack
 from iclsim.gram import SAMPLERS, uses_gram
@@ -289,9 +289,9 @@ def _fit_sweep(model, designs, ns, seeds, config, loss_fn, devices, cache, repor
         # the key: what every point shares (the model, settings, loss, the engine's code and the XLA options
         # its programs get) hashed once, then each point's design, n and seed
         shared = (model, n_slots, config, loss_fn, gram, _fit_sweep, compiler.training_options(small, devices))
-        template = jax.eval_shape(model.init, layout.seed_keys([0])[0])
+        template = jax.eval_shape(model.init, rng.seed_keys([0])[0])
         if recording:
-            out = jax.eval_shape(make_train(model, config, n_slots, loss_fn), layout.seed_keys([0])[0],
+            out = jax.eval_shape(make_train(model, config, n_slots, loss_fn), rng.seed_keys([0])[0],
                                  design_list[0], n_slots)
             template = {"params": out.params, "record": out.record[1:]}
         payload, losses = layout.load_or_run(
@@ -314,7 +314,7 @@ def _run_points(model, config, n_slots, loss_fn, gram, devices, designs, ns, see
     point); ``report_every``: the program reports its steps to ``progress`` (``loop.trainer``)."""
     plan = layout.plan(seeds, devices, config.batch_size)
     split = layout.split_design(designs)
-    keys = layout.seed_keys(seeds[plan.blocks[:, 0]])
+    keys = rng.seed_keys(seeds[plan.blocks[:, 0]])
     one_point = len(np.unique(plan.blocks)) == 1 if small is None else bool(small)  # a single fit
     program = _compiled_sweep(model, config, n_slots, loss_fn, gram, plan.devices, split.treedef, split.shared,
                               plan.shards, one_point, report_every)

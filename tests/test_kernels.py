@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iclsim import IID, compiler, evaluate, layout, models, progress, train
+from iclsim import IID, compiler, evaluate, models, progress, rng, train
 from iclsim.designs import stack
 from tests.tolerance import assert_close
 
@@ -24,7 +24,7 @@ def test_fit_sweep_is_the_vmapped_kernel():
     draws the evaluation set from another stream."""
     design, seeds = IID(3, noise_var=0.3), [0, 1, 2, 3]
     kernel = train.make_train(MODEL, CFG, 6)
-    mapped = jax.jit(jax.vmap(kernel, (0, None, None)))(jnp.asarray(layout.seed_keys(seeds)), design, 6)
+    mapped = jax.jit(jax.vmap(kernel, (0, None, None)))(jnp.asarray(rng.seed_keys(seeds)), design, 6)
     for devices in (jax.devices()[:1], jax.devices()):
         sweep = train.fit_sweep(MODEL, design, [6], seeds, CFG, devices=devices)
         np.testing.assert_array_equal(np.asarray(mapped.losses), sweep.losses[0, 0])
@@ -34,7 +34,7 @@ def test_fit_sweep_is_the_vmapped_kernel():
     designs, ns = [IID(3, noise_var=v) for v in (0.1, 0.5)], [3, 6]
     sweep = train.fit_sweep(MODEL, designs, ns, [0, 1], CFG)
     points = [(i, j, k) for i in range(2) for j in range(2) for k in range(2)]
-    out = jax.jit(jax.vmap(kernel))(jnp.asarray(layout.seed_keys([[0, 1][k] for _, _, k in points])),
+    out = jax.jit(jax.vmap(kernel))(jnp.asarray(rng.seed_keys([[0, 1][k] for _, _, k in points])),
                                     stack([designs[i] for i, _, _ in points]), jnp.asarray([ns[j] for _, j, _ in points]))
     assert_close(np.reshape(out.losses, sweep.losses.shape), sweep.losses, rtol=1e-5, atol=1e-6)
     assert_close(np.reshape(out.record.loss, sweep.record.loss.shape), sweep.record.loss, rtol=1e-5)

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import iclsim.evaluate as evaluation
-from iclsim import IID, cache, layout, loop, models, montecarlo, sweeps, theory, train
+from iclsim import IID, cache, layout, loop, models, montecarlo, rng, sweeps, theory, train
 from iclsim.evaluate import evaluate, evaluate_sweep
 from iclsim.gram import draw
 from tests.tolerance import TRAINED_EXACT_GAP, TRAINED_W_REL_LONG, assert_close, assert_within_se
@@ -71,7 +71,7 @@ def test_sweep_entry_equals_single_fit():
 def test_seed_keys_are_jax_keys():
     seeds = [0, 1, 7, 2**31, 2**40 + 5, -3]
     want = np.stack([np.asarray(jax.random.PRNGKey(s)) for s in seeds])
-    got = layout.seed_keys(seeds)
+    got = rng.seed_keys(seeds)
     assert got.dtype == np.uint32 and np.array_equal(got, want)
 
 
@@ -421,7 +421,7 @@ def test_a_seed_block_draws_once_for_all_its_members():
         program = layout.blocked(lambda n, key: one_point(IID(3), n, key), (layout.MEMBER, layout.BLOCK),
                                  (jax.devices()[0],))
         ns = jnp.asarray(np.linspace(6, 12, members).astype(int)[None])
-        return _largest_xor(jax.make_jaxpr(program.__wrapped__)(ns, layout.seed_keys([0])).jaxpr)
+        return _largest_xor(jax.make_jaxpr(program.__wrapped__)(ns, rng.seed_keys([0])).jaxpr)
 
     assert width(1) > 0 and width(4) == width(1)
 

@@ -13,10 +13,11 @@ __version__ = "0.1.0"
 
 # the other submodules load on first access (PEP 562), so ``import iclsim`` pulls in neither matplotlib
 # (plotting) nor hypothesis (testing, a test dependency)
-_SUBMODULES = ("asymptotics", "bound", "bridge", "cache", "cli", "compiler", "configs", "depth", "dmmse", "dynamics",
-               "evaluate", "fingerprint", "gating", "gla", "layout", "loop", "models", "montecarlo", "multihead",
-               "multitask", "plotting", "pretraining", "progress", "protocols", "pruning", "quality", "records",
-               "registry", "results", "runner", "sweeps", "testing", "train", "wishart")
+_SUBMODULES = ("anisotropic", "asymptotics", "bound", "bridge", "cache", "cli", "compiler", "configs", "depth",
+               "dmmse", "dynamics", "evaluate", "fingerprint", "gating", "gla", "layout", "loop", "models",
+               "montecarlo", "multihead", "multitask", "plotting", "pretraining", "progress", "prompts", "protocols",
+               "pruning", "quality", "records", "registry", "results", "runner", "sweeps", "testing", "train",
+               "wishart")
 
 
 def __getattr__(name):

@@ -22,7 +22,7 @@ nothing, paper B's Appendix B.6), and A_t is
 The first two depend on Gamma_t only (invariant to Wq -> Wq A, Wk -> Wk A^{-T}, w_v -> c w_v, Wq -> Wq / c);
 every form is invariant to a rescaling of Gamma_t itself (G_t and C_t scale together). R, the loss's
 sub-Gaussian constant, is set to 1: it scales every bound alike. Float64; Monte Carlo over contexts drawn
-from the data setting.
+from the data setting by the referee (``montecarlo``).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iclsim import _validate as _check
+from iclsim import montecarlo
 from iclsim._precision import float64
 
 __all__ = ["TrajectoryBound", "trajectory_bound", "layer_term"]
@@ -69,8 +70,8 @@ def layer_term(A, noise_trace, log_pdet, support):
 
 
 def _one_network(params, X, y, n_active):
-    """Per-layer (terms, lemma terms, factor terms, support, E||G||^2, E tr C) of one network on contexts
-    X [B, n, d], y [B, n]."""
+    """Per context and layer (terms, lemma terms, factor terms, ||G||^2, tr C), each [B, L], and the support
+    [L] of one network on contexts X [B, n, d], y [B, n]."""
     layers = params["layers"]
     Wq = jnp.stack([jnp.asarray(a["attn"]["Wq"], jnp.float64) for a in layers])
     Wk = jnp.stack([jnp.asarray(a["attn"]["Wk"], jnp.float64) for a in layers])
@@ -99,14 +100,14 @@ def _one_network(params, X, y, n_active):
         # Example 1: ||Delta W_t||_F <= (1/n) sum_i ||Wv h_i|| ||Wk h_i|| ||Wq||_F, Wv h_i = w_v r_i e_{d+1}
         keys = jnp.linalg.norm(jnp.einsum("dk,bnd->bnk", Wk[t], X), axis=-1)
         fac = (jnp.abs(wv[t]) * jnp.mean(jnp.abs(r) * keys, axis=1) * wq_fro[t]) ** 2
-        terms.append(jnp.mean(layer_term(g2 * carry, tr, log_pdet, support[t])))
-        lemma.append(jnp.mean(layer_term(g2, tr, log_pdet, support[t])))
-        factor.append(jnp.mean(layer_term(fac * carry, tr, log_pdet, support[t])))
-        g2s.append(jnp.mean(g2))
-        trs.append(jnp.mean(tr))
+        terms.append(layer_term(g2 * carry, tr, log_pdet, support[t]))
+        lemma.append(layer_term(g2, tr, log_pdet, support[t]))
+        factor.append(layer_term(fac * carry, tr, log_pdet, support[t]))
+        g2s.append(g2)
+        trs.append(tr)
         w = w + jnp.einsum("ed,bd->be", gamma[t], jnp.einsum("bnd,bn->bd", X, r) / n)
-    stack = jnp.stack
-    return stack(terms), stack(lemma), stack(factor), support, stack(g2s), stack(trs)
+    per_context = tuple(jnp.stack(parts, axis=-1) for parts in (terms, lemma, factor, g2s, trs))
+    return per_context, support
 
 
 def trajectory_bound(model, params, design, n: int, key, num_contexts: int = 2000) -> TrajectoryBound:
@@ -115,7 +116,8 @@ def trajectory_bound(model, params, design, n: int, key, num_contexts: int = 200
 
     ``params``: one network, or a leading network axis (e.g. seeds, or seeds x pruned candidates flattened).
     ``key``: one PRNG key (every network on the same contexts: their differences are paired) or one key per
-    network ([networks, 2]). The expectation over contexts is a Monte Carlo mean over ``num_contexts``."""
+    network ([networks, 2]). The expectation over contexts is a Monte Carlo mean over ``num_contexts`` contexts
+    of the referee's draw blocks (the same contexts whatever the number of networks)."""
     if getattr(model, "form", None) != "gd" or not hasattr(model, "preconditioners"):
         raise ValueError("trajectory_bound needs a GD-form models.LinearTransformer (form='gd')")
     _check.positive_int("n", n)
@@ -151,13 +153,29 @@ def _total(terms, n):
 
 def _grouped(params, keys, design, num_contexts, n):
     """The per-layer parts of every network: chunks of networks one after another (lax.map: memory), the networks
-    of a chunk vmapped, each on its own num_contexts contexts of n demonstrations."""
+    of a chunk vmapped, each averaged over its own num_contexts contexts of n demonstrations, the referee's draws
+    of its key (``montecarlo.prompt_totals``: fixed draw blocks, summed block by block)."""
 
     def one(p, k):
-        prompts = design.sample(k, num_contexts, n, dtype=jnp.float64)
-        return _one_network(p, prompts.X, prompts.y, n)
+        def totals(prompts, valid):
+            per_context, _ = _one_network(p, prompts.X, prompts.y, n)
+            return tuple(jnp.sum(jnp.where(valid[:, None], v, 0.0), axis=0) for v in per_context)
+
+        group = montecarlo.group_size(num_contexts, num_contexts)  # every block in one round: memory as one draw
+        sums = montecarlo.prompt_totals(totals, design, n, k, num_contexts, group, jnp.float64)
+        terms, lemma, factor, g2, tr = (v / num_contexts for v in sums)
+        return terms, lemma, factor, _support(p), g2, tr
 
     return jax.lax.map(lambda a: jax.vmap(one)(*a), (params, keys))
+
+
+def _support(params):
+    """p_t = rank(Gamma_t) [L] of one network (singular values above RANK_RTOL times the largest)."""
+    Wq = jnp.stack([jnp.asarray(a["attn"]["Wq"], jnp.float64) for a in params["layers"]])
+    Wk = jnp.stack([jnp.asarray(a["attn"]["Wk"], jnp.float64) for a in params["layers"]])
+    wv = jnp.stack([jnp.asarray(a["attn"]["w_v"], jnp.float64) for a in params["layers"]])
+    s = jnp.linalg.svd(-wv[:, None, None] * Wq @ jnp.swapaxes(Wk, 1, 2), compute_uv=False)
+    return jnp.sum((s > RANK_RTOL * s[:, :1]) & (s[:, :1] > 0), axis=1)
 
 
 # compiled once per process for each shape (chunks, contexts, n, layers; the design's structure): the

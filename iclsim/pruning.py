@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iclsim import _validate as _check
-from iclsim import evaluate
+from iclsim import evaluate, montecarlo
 
 __all__ = ["DEFAULT_RATES", "MODULES", "OPERATIONS", "Candidate", "SearchResult", "apply_candidate", "kept_singular_values", "ranks_for_rates",
            "svd_truncate", "prune", "module_shape", "evaluate_candidates", "search", "rate_options",
@@ -189,18 +189,18 @@ def evaluate_candidates(model, params, design, n: int, candidates: Sequence[Cand
     """Risk and SE [seeds, candidates] of every pruned network of every seed (``params`` with a leading seed
     axis), all stacked along one vmapped axis: one compiled evaluation. ``key``: one key, every network on
     the same fresh prompts; or one per seed ([seeds, 2]), each seed's networks on its own prompts. Either
-    way the candidates of a seed share their prompts (common random numbers: their differences are paired)."""
+    way the candidates of a seed share their prompts (common random numbers: their differences are paired).
+    Scored by ``evaluate_networks``, the one scorer of network lists."""
     seeds = jax.tree_util.tree_leaves(params)[0].shape[0]
     if not candidates:
         raise ValueError("candidates must not be empty")
-    rows = evaluate._key_rows(key, seeds)  # checked before the SVDs
+    evaluate._key_rows(key, seeds)  # checked before the SVDs
     per_seed = [jax.tree_util.tree_map(lambda a: a[s], params) for s in range(seeds)]
     # stacked on the host: jnp.stack of thousands of operands compiles one concatenation per count
-    stacked = jax.tree_util.tree_map(lambda *a: np.stack([np.asarray(x) for x in a])[None, None],
-                                     *[_apply(p, c) for p in per_seed for c in candidates])
-    keys = key if rows is None else np.repeat(rows, len(candidates), axis=0)
-    risk, se = evaluate.evaluate_sweep(model, stacked, design, [n], keys, num_prompts)
-    return risk[0, 0].reshape(seeds, len(candidates)), se[0, 0].reshape(seeds, len(candidates))
+    networks = jax.tree_util.tree_map(
+        lambda *a: np.stack([np.asarray(x) for x in a]).reshape((seeds, len(candidates)) + np.shape(a[0])),
+        *[_apply(p, c) for p in per_seed for c in candidates])
+    return evaluate_networks(model, networks, design, n, key, num_prompts)
 
 
 class SearchResult(NamedTuple):
@@ -326,24 +326,25 @@ def evaluate_networks(model, networks, design, n: int, key, num_prompts: int):
 
 def prompt_errors(model, networks, design, n: int, key, num_prompts: int, batch: int = 10_000) -> np.ndarray:
     """Per-prompt squared errors (y_query - prediction)^2, [k, prompts] (float64 from the model's dtype), of k
-    networks (leading axis k) on the same ``num_prompts`` prompts (rounded up to whole batches; batch i drawn
-    by ``design.sample`` from fold_in(key, i)): the paired per-prompt changes whose tails a mean hides
-    (``robust_change``)."""
-    _check.positive_int("num_prompts", num_prompts)
+    networks (leading axis k) on the same ``num_prompts`` prompts of ``key``: exactly the prompts the referee
+    draws for that key (``montecarlo.prompt_values``, fixed draw blocks; ``batch`` bounds memory only), the
+    paired per-prompt changes whose tails a mean hides (``robust_change``)."""
+    num_prompts = montecarlo.check_count("num_prompts", num_prompts)
     _check.positive_int("batch", batch)
     _check.positive_int("n", n)
-    batch = min(batch, num_prompts)
     key = jnp.asarray(evaluate._key_data(key, 1, "key"))
-    return np.concatenate([np.asarray(_prompt_batch_errors(model, networks, design, key, i, n, batch), np.float64)
-                           for i in range(-(-num_prompts // batch))], axis=1)
+    group = montecarlo.group_size(num_prompts, batch)
+    return np.asarray(_prompt_errors(model, networks, design, key, n, num_prompts, group), np.float64).T
 
 
-@functools.partial(jax.jit, static_argnames=("model", "n", "batch"))
-def _prompt_batch_errors(model, networks, design, key, i, n: int, batch: int):
-    """Squared errors [k, batch] of k networks on batch i of ``prompt_errors``'s prompts (one compiled program
-    per model, context length and batch size)."""
-    p = design.sample(jax.random.fold_in(key, i), batch, n, model.dtype)
-    return (p.y_query[None] - jax.vmap(lambda q: model.apply(q, p))(networks)) ** 2
+@functools.partial(jax.jit, static_argnames=("model", "n", "count", "group"))
+def _prompt_errors(model, networks, design, key, n: int, count: int, group: int):
+    """Squared errors [count, k] of k networks on ``prompt_errors``'s prompts (one compiled program per model,
+    context length, count and grouping)."""
+    def errors(p):
+        return jnp.swapaxes((p.y_query[None] - jax.vmap(lambda q: model.apply(q, p))(networks)) ** 2, 0, 1)
+
+    return montecarlo.prompt_values(errors, design, n, key, count, group, model.dtype)
 
 
 class RobustChange(NamedTuple):

@@ -14,16 +14,18 @@ D, N = 4, 12
 
 class FixedContexts:
     """A test double for a design: the same handful of contexts for every key, so the bound can be recomputed
-    by hand on exactly those contexts."""
+    by hand on exactly those contexts. The referee draws whole blocks: the first rows of each block are the
+    contexts, the rest repeat them (a count of at most the handful reads only the first rows of block 0)."""
 
     def __init__(self, X, y):
         self.dim = X.shape[-1]
         self.X, self.y = X, y
 
     def sample(self, key, batch, n, dtype=jnp.float32):
-        assert batch == self.X.shape[0] and n == self.X.shape[1]
+        assert batch >= self.X.shape[0] and n == self.X.shape[1]
+        rows = np.arange(batch) % self.X.shape[0]
         zeros = jnp.zeros((batch, self.dim), dtype)
-        return Prompts(jnp.asarray(self.X, dtype), jnp.asarray(self.y, dtype), zeros, jnp.zeros(batch, dtype))
+        return Prompts(jnp.asarray(self.X[rows], dtype), jnp.asarray(self.y[rows], dtype), zeros, jnp.zeros(batch, dtype))
 
 
 def _contexts(count=6, seed=0):

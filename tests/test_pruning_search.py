@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iclsim import IID, models, pruning, sweeps, theory
+from iclsim import IID, models, montecarlo, pruning, sweeps, theory
 from tests.tolerance import assert_close, assert_within_se
 
 F64 = jnp.float64
@@ -106,17 +106,24 @@ def test_evaluate_networks_pairs_within_a_seed_and_matches_evaluate_candidates(k
 def test_prompt_errors_are_paired_and_unbiased(key):
     """Per-prompt errors of [network, same network, other network] on one key: the copies agree prompt by
     prompt, their mean is the oracle's closed-form risk (4 SE), and the paired change of a network to itself
-    is exactly 0. Planted bugs caught: each network on its own prompts (unpaired), the prediction compared
-    with a context label instead of y_query."""
+    is exactly 0. The prompts are the referee's (``montecarlo``): the mean is ``montecarlo.risk``'s on the same
+    key, and a smaller count or another memory batch gives a prefix of the same errors. Planted bugs caught:
+    each network on its own prompts (unpaired), the prediction compared with a context label instead of
+    y_query, prompts drawn per memory batch (a layout-dependent test set)."""
     d, n = 3, 6
     model = models.LinearTransformer(d, 2)
     design = IID(d, noise_var=0.3)
     gd = pruning.multistep_gd_params(d, [0.5, 0.8])
     other = pruning.apply_candidate(gd, pruning.Candidate(1, "attn", None, "delete"))
     three = jax.tree_util.tree_map(lambda *a: jnp.stack(a), gd, gd, other)
-    assert pruning.prompt_errors(model, three, design, n, key, 25_000).shape == (3, 30_000)  # whole batches
     err = pruning.prompt_errors(model, three, design, n, key, 50_000)
+    # exactly the count, the same prompts whatever the batch (float32 predictions may round 1 ulp apart
+    # when another number of blocks is vmapped; other prompts would differ at O(1))
+    np.testing.assert_allclose(pruning.prompt_errors(model, three, design, n, key, 25_001, batch=1_000),
+                               err[:, :25_001], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(err[0], err[1])
+    referee = montecarlo.risk(lambda p: model.apply(gd, p), design, n, key, 50_000, dtype=model.dtype)
+    assert_close(err[0].mean(), referee.mean, rtol=1e-6)  # float32 predictions, one network or three vmapped
     exact, _ = theory.multistep_gd_risk(design, n, [0.5, 0.8], jax.random.fold_in(key, 9), 400_000)
     assert_within_se(exact, err[0].mean(), err[0].std() / np.sqrt(err.shape[1]), name="prompt_errors mean")
     assert pruning.paired_prompt_change(model, gd, gd, design, n, key, 1_000).mean_change == 0.0

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iclsim import IID, quality, theory
+from iclsim import IID, anisotropic, quality, theory
 from tests.quick import EXPERIMENTS, run_quick
 from tests.tolerance import MC_SIGMAS, report
 
@@ -21,18 +21,18 @@ def test_power_law_covariance_has_the_spectrum_in_the_basis():
     its eigenvalue ratios are k^-a. Planted bugs caught: a trace normalised to 1, the basis's rows used as its
     eigenvectors (V^T diag V), the spectrum in increasing order; a non-orthonormal basis is refused."""
     d = 5
-    V = study.eigenbasis(d, 3)
+    V = anisotropic.eigenbasis(d, 3)
     assert np.allclose(V.T @ V, np.eye(d), atol=1e-12) and not np.allclose(np.abs(V), np.eye(d), atol=0.1)
     for power in (0.0, 1.0, 2.0):
-        S = study.power_law_covariance(d, power, V)
+        S = anisotropic.power_law_covariance(d, power, V)
         assert np.trace(S) == pytest.approx(d, rel=1e-12)
         lam = np.diag(V.T @ S @ V)
         assert np.allclose(V.T @ S @ V, np.diag(lam), atol=1e-12)
         assert np.allclose(lam / lam[0], np.arange(1, d + 1) ** -power, rtol=1e-12)
     with pytest.raises(ValueError, match="basis must be an orthonormal"):
-        study.power_law_covariance(d, 1.0, 2 * V)
+        anisotropic.power_law_covariance(d, 1.0, 2 * V)
     with pytest.raises(ValueError, match="power must be"):
-        study.power_law_covariance(d, -1.0, V)
+        anisotropic.power_law_covariance(d, -1.0, V)
 
 
 def test_overlaps_and_diagonal_fraction_on_known_subspaces():
@@ -42,19 +42,19 @@ def test_overlaps_and_diagonal_fraction_on_known_subspaces():
     anisotropic part is off-diagonal there. Planted bugs caught: an overlap not divided by k, the basis's
     rows read as its vectors, the isotropic part left in the diagonal fraction."""
     d, rng = 5, np.random.default_rng(0)
-    V = study.eigenbasis(d, 1)
+    V = anisotropic.eigenbasis(d, 1)
     R = np.linalg.qr(rng.standard_normal((2, 2)))[0]
-    assert study.subspace_overlap(V[:, :2], V[:, :2] @ R) == pytest.approx(1.0, abs=1e-12)
-    assert study.subspace_overlap(V[:, :2], V[:, 2:4]) == pytest.approx(0.0, abs=1e-12)
-    draws = [study.subspace_overlap(np.linalg.qr(rng.standard_normal((d, 2)))[0], np.linalg.qr(rng.standard_normal((d, 2)))[0])
+    assert anisotropic.subspace_overlap(V[:, :2], V[:, :2] @ R) == pytest.approx(1.0, abs=1e-12)
+    assert anisotropic.subspace_overlap(V[:, :2], V[:, 2:4]) == pytest.approx(0.0, abs=1e-12)
+    draws = [anisotropic.subspace_overlap(np.linalg.qr(rng.standard_normal((d, 2)))[0], np.linalg.qr(rng.standard_normal((d, 2)))[0])
              for _ in range(4000)]
     assert abs(np.mean(draws) - 2 / d) <= MC_SIGMAS * np.std(draws) / np.sqrt(len(draws))
-    assert study.best_eigen_overlap(V[:, [3, 1]] @ R, V) == pytest.approx(1.0, abs=1e-12)
-    assert 2 / d < study.random_best_overlap(d, 2, 4000) < 1.0
+    assert anisotropic.best_eigen_overlap(V[:, [3, 1]] @ R, V) == pytest.approx(1.0, abs=1e-12)
+    assert 2 / d < anisotropic.random_best_overlap(d, 2, 4000) < 1.0
     G = (V * np.array([3.0, 1.0, 0.5, 0.2, 0.1])) @ V.T + 2.0 * np.eye(d)
-    assert study.diagonal_fraction(G, V) == pytest.approx(1.0, abs=1e-12)
+    assert anisotropic.diagonal_fraction(G, V) == pytest.approx(1.0, abs=1e-12)
     off = V @ (np.eye(d, k=1) + np.eye(d, k=-1)) @ V.T + 0.7 * np.eye(d)
-    assert study.diagonal_fraction(off, V) == pytest.approx(0.0, abs=1e-12)
+    assert anisotropic.diagonal_fraction(off, V) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_eigenbasis_reference_is_the_best_gd_on_isotropic_data_and_its_risk_is_the_predictors():
@@ -67,13 +67,13 @@ def test_eigenbasis_reference_is_the_best_gd_on_isotropic_data_and_its_risk_is_t
     d, n, L = 4, 12, 2
     key = jax.random.PRNGKey(5)
     iso = IID(d, noise_var=0.3)
-    _, iso_risk, iso_se = study.eigenbasis_multistep_gd(iso, study.eigenbasis(d, 2), n, L, key, 20_000)
+    _, iso_risk, iso_se = anisotropic.eigenbasis_multistep_gd(iso, anisotropic.eigenbasis(d, 2), n, L, key, 20_000)
     best = theory.optimal_multistep_gd(iso, n, L, key, 50_000)
     assert abs(iso_risk - best.risk) <= MC_SIGMAS * np.hypot(iso_se, best.se) + 0.005 * best.risk, (iso_risk, best.risk)
-    V = study.eigenbasis(d, 7)
-    aniso = IID(d, noise_var=0.2, cov_x=study.power_law_covariance(d, 1.0, V),
-                cov_beta=study.power_law_covariance(d, 2.0, V))
-    g, risk, se = study.eigenbasis_multistep_gd(aniso, V, n, L, key, 20_000, 40_000)  # two scoring chunks
+    V = anisotropic.eigenbasis(d, 7)
+    aniso = IID(d, noise_var=0.2, cov_x=anisotropic.power_law_covariance(d, 1.0, V),
+                cov_beta=anisotropic.power_law_covariance(d, 2.0, V))
+    g, risk, se = anisotropic.eigenbasis_multistep_gd(aniso, V, n, L, key, 20_000, 40_000)  # two scoring chunks
     p = aniso.sample(jax.random.PRNGKey(11), 100_000, n, jnp.float32)
     X, y, x = (np.asarray(a, np.float64) for a in (p.X, p.y, p.x))
     w = np.zeros_like(x)
@@ -136,7 +136,7 @@ def test_pruning_anisotropic_quick(tmp_path):
     report(f"pruning_anisotropic quick: anisotropic medians {med}; isotropic anisotropy "
            f"{np.median([r['anisotropy'] for r in iso]):.4f}")
     assert med["diagonal_fraction"] > 0.8
-    assert med["gamma_top1_overlap_best"] > study.random_best_overlap(d, 1) + 0.2
+    assert med["gamma_top1_overlap_best"] > anisotropic.random_best_overlap(d, 1) + 0.2
     assert med["gamma_top1_overlap_bottom"] > 0.5
     assert med["anisotropy"] > 3 * np.median([r["anisotropy"] for r in iso])
     for design in ("anisotropic", "isotropic"):

@@ -217,23 +217,6 @@ def _layers(rows) -> int:
     return max(r["layer"] for r in rows if r.get("kind") == "layer")
 
 
-def _verdict_block(per_base: dict, supports_if_positive: bool) -> dict:
-    """{base: median, interval, coverage, passing seeds, verdict} and the verdict across bases."""
-    out = {}
-    for base, values in per_base.items():
-        if len(values) == 0:
-            out[base] = {"passing_seeds": 0, "verdict": "not resolved: no passing seed"}
-            continue
-        iv = quality.median_interval(values)
-        out[base] = {"median": round(iv.median, 4), "median_interval": [quality.finite_or_none(iv.low),
-                                                                       quality.finite_or_none(iv.high)],
-                     "median_coverage": round(iv.coverage, 4), "passing_seeds": iv.count,
-                     "mean": round(float(np.mean(values)), 4),
-                     "verdict": quality.median_verdict(values, supports_if_positive)}
-    out["across_bases"] = quality.across_bases([out[b]["verdict"] for b in sorted(per_base)])
-    return out
-
-
 def contrasts(rows, design, setting, op="svd") -> dict:
     """Per base: the shallow-minus-deep contrast of ``op`` per passing seed (layer 1 minus layer L)."""
     L = _layers(rows)
@@ -279,7 +262,7 @@ def summarise(rows) -> dict:
         out["geometry"][design] = geometry(rows, design)
         settings = list(dict.fromkeys(r["setting"] for r in _sub(rows, kind="search", design=design)))
         out["claim_ii_shallow_minus_deep"][design] = {
-            setting: {op: _verdict_block(contrasts(rows, design, setting, op), True)
+            setting: {op: quality.verdicts_by_base(contrasts(rows, design, setting, op), True)
                       for op in ("svd",) + CONTROLS} for setting in settings}
         out["claim_i_search"][design] = {}
         for setting in settings:
@@ -289,9 +272,9 @@ def summarise(rows) -> dict:
             ctrl = {b: [r["control_change"] for r in ok if r["base"] == b] for b in bases}
             diff = {b: [r["test_change"] - r["control_change"] for r in ok if r["base"] == b] for b in bases}
             out["claim_i_search"][design][setting] = {
-                "svd_search_test_change": _verdict_block(per, False),
-                "control_search_test_change": _verdict_block(ctrl, False),
-                "svd_minus_control": _verdict_block(diff, False),
+                "svd_search_test_change": quality.verdicts_by_base(per, False),
+                "control_search_test_change": quality.verdicts_by_base(ctrl, False),
+                "svd_minus_control": quality.verdicts_by_base(diff, False),
                 "pruned_seeds": sum(r["layer"] > 0 for r in ok),
                 "mean_apparent_gain": round(float(np.mean([r["apparent_gain"] for r in ok])), 5) if ok else None,
                 "mean_null_gain": round(float(np.mean([r["null_gain"] for r in ok])), 5) if ok else None}

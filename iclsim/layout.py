@@ -94,6 +94,8 @@ class DesignSplit(NamedTuple):
 
 
 def split_design(stacked) -> DesignSplit:
+    """The ``DesignSplit`` of stacked designs (one row per sweep point): leaves equal in every row are passed
+    once, unbatched, so a sweep whose points share a covariance does not copy it per point."""
     leaves, treedef = jax.tree_util.tree_flatten(stacked)
     leaves = [np.asarray(a) for a in leaves]
     shared = tuple(bool(np.all(a == a[:1])) for a in leaves)
@@ -183,6 +185,7 @@ def load_or_run(cache, run: Callable, points: list, template, settings: Callable
 
 
 def as_list(x) -> list:
+    """``x`` as a list: a list, tuple or array element by element, anything else (one design, one n) alone."""
     return list(x) if isinstance(x, (list, tuple, np.ndarray)) else [x]
 
 

@@ -10,7 +10,7 @@ from typing import NamedTuple
 import numpy as np
 
 __all__ = ["GATE_TOLERANCE", "Interval", "MedianInterval", "gate", "seed_interval", "sign_test", "robust",
-           "median_interval", "median_summary", "finite_or_none", "verdict", "median_verdict", "across_bases",
+           "median_interval", "median_summary", "finite_or_none", "verdict", "median_verdict", "across_bases", "verdicts_by_base",
            "UNSTABLE"]
 
 UNSTABLE = "unstable across seed bases"
@@ -136,6 +136,25 @@ def across_bases(verdicts) -> str:
     if all(v == first for v in verdicts):
         return first  # every base unresolved: say so, not "unstable"
     return UNSTABLE
+
+
+def verdicts_by_base(per_base: dict, supports_if_positive: bool = True) -> dict:
+    """Per seed base (``{base: per-seed values}``): the median with its order-statistic interval
+    (``median_interval``; None for an unbounded end), its coverage, the count of passing seeds, the mean and
+    the ``median_verdict``; a base without values is 'not resolved: no passing seed'. Under "across_bases" the
+    one verdict of all bases (``across_bases``): a claim decided only where independent bases agree."""
+    out = {}
+    for base, values in per_base.items():
+        if len(values) == 0:
+            out[base] = {"passing_seeds": 0, "verdict": "not resolved: no passing seed"}
+            continue
+        iv = median_interval(values)
+        out[base] = {"median": round(iv.median, 4), "median_interval": [finite_or_none(iv.low), finite_or_none(iv.high)],
+                     "median_coverage": round(iv.coverage, 4), "passing_seeds": iv.count,
+                     "mean": round(float(np.mean(values)), 4),
+                     "verdict": median_verdict(values, supports_if_positive)}
+    out["across_bases"] = across_bases([out[b]["verdict"] for b in sorted(per_base)])
+    return out
 
 
 def median_summary(values) -> dict:

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast reproduce quick bench docs clean
+.PHONY: test test-fast test-slow reproduce quick bench docs clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ FAST := tests/test_precision.py tests/test_designs.py tests/test_protocols.py \
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile $(FAST)
+
+# the slow tier: every experiment's quick study end to end, the guide's worked examples, the two-process
+# cluster, the installed wheel, the tutorials (with the docs extra), the long layout cases; their library pieces
+# are in make test
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow -n 2 --dist loadfile
 
 reproduce: $(STAMP)
 	$(VENV)/bin/iclsim run all

@@ -32,6 +32,7 @@ def test_alignment_quick(tmp_path):
     check_correlated("alignment", run_quick("alignment", tmp_path)[1])
 
 
+@pytest.mark.slow  # a whole quick study (make test's budget); its library is unit-tested in the default tier
 def test_lora_quick(tmp_path):
     """LoRA lands on lora_optimal_risk (exact gap < 1%); the rank-2 shift is removed by attention's
     factor LoRA at r = 1 (rank 2r) and by PGD's LoRA at r = 2, not at r = 1."""

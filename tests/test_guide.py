@@ -1,6 +1,7 @@
 """docs/extending.md runs: its python blocks, in order, in one namespace (the two worked examples
 train at small size and save their figures; the property tests run their examples)."""
 
+import pytest
 import re
 from pathlib import Path
 
@@ -22,6 +23,7 @@ def test_guide_has_the_worked_examples():
         assert needed in code, needed
 
 
+@pytest.mark.slow  # the guide's worked examples train and plot (the docs tier, with the tutorials)
 def test_guide_code_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace = {"__name__": "guide"}

@@ -20,6 +20,9 @@ import pytest
 
 import iclsim
 
+# two processes that each start JAX (make test's budget); the 1-vs-4-device layout tests stay in the default tier
+pytestmark = pytest.mark.slow
+
 WORKER = Path(__file__).with_name("_multiprocess_worker.py")
 ROOT = Path(iclsim.__file__).resolve().parent.parent  # the tree under test, passed on to the workers
 DEADLINE_S = 300  # compilation of three programs per process on a busy 2-core machine; never reached when healthy

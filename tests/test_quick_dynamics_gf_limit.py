@@ -2,11 +2,15 @@
 risk within 4 SE of its closed form, the learned W within 5% of Gamma^{-1}, the trained risk within 5% of
 the limit's on the same prompts, and every network through the gate."""
 
+import pytest
 import numpy as np
 
 from iclsim import IID, theory
 from tests.quick import EXPERIMENTS, run_quick
 from tests.tolerance import report
+
+# the whole quick study runs in the slow tier (make test's budget); its library is unit-tested in the default tier
+pytestmark = pytest.mark.slow
 
 
 def test_dynamics_gf_limit_quick(tmp_path):

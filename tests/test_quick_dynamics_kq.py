@@ -2,6 +2,7 @@
 ODE's time, every plateau within 4 Monte Carlo SE of its PCR risk; and the helper that rebuilds each seed's
 initial parameters (the start of the population flow) agrees with what fit_sweep trained from."""
 
+import pytest
 import sys
 
 import jax
@@ -10,6 +11,9 @@ import numpy as np
 from iclsim import train
 from tests.quick import EXPERIMENTS, run_quick
 from tests.tolerance import report
+
+# the whole quick study runs in the slow tier (make test's budget); its library is unit-tested in the default tier
+pytestmark = pytest.mark.slow
 
 
 def test_dynamics_kq_quick(tmp_path):

@@ -2,8 +2,12 @@
 set (in some order) within 5%, every layer settles before the end, and the rank of each layer's step is a
 permutation of 1..L per seed."""
 
+import pytest
 from tests.quick import run_quick
 from tests.tolerance import report
+
+# the whole quick study runs in the slow tier (make test's budget); its library is unit-tested in the default tier
+pytestmark = pytest.mark.slow
 
 
 def test_dynamics_layers_quick(tmp_path):

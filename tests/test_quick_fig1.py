@@ -6,6 +6,9 @@ from iclsim import evaluate, runner, train
 from tests.quick import EXPERIMENTS, check_correlated, exact_gaps, run_quick
 from tests.tolerance import FILTER_GAP, TRAINED_EXACT_GAP, TRAINED_RISK_GAP, report
 
+# the whole quick study runs in the slow tier (make test's budget); its library is unit-tested in the default tier
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="module")
 def quick_results(tmp_path_factory):

@@ -1,11 +1,15 @@
 """experiments/gla.py's quick run: GLA, H3 and linear attention on multitask prompts beside their optima."""
 
 import numpy as np
+import pytest
 
 from iclsim import gating, quality
 from iclsim.multitask import Multitask
 from tests.quick import EXPERIMENTS, run_quick
 from tests.tolerance import report
+
+# the whole quick study runs in the slow tier (make test's budget); its library is unit-tested in the default tier
+pytestmark = pytest.mark.slow
 
 
 def test_gla_quick(tmp_path):

@@ -1,6 +1,7 @@
 """Paper B's quick runs: the GD-form transformers' trajectory, the exact one-layer pruning curve and the
 pruning phase boundary."""
 
+import pytest
 import numpy as np
 
 from iclsim import quality
@@ -8,6 +9,7 @@ from tests.quick import run_quick
 from tests.tolerance import report
 
 
+@pytest.mark.slow  # a whole quick study (make test's budget); its library is unit-tested in the default tier
 def test_pruning_one_layer_quick(tmp_path):
     """The trained one-layer models' pruning curves: Monte Carlo within 4 SE of the exact risk of each
     pruned attention (``theory.attention_risk``, no slack for the non-PGD part of the weights); above the
@@ -45,6 +47,7 @@ def test_pruning_one_layer_quick(tmp_path):
     report(f"pruning_one_layer quick: max |MC - exact| / SE = {z:.2f}")
 
 
+@pytest.mark.slow  # a whole quick study (make test's budget); its library is unit-tested in the default tier
 def test_pruning_phase_quick_trained_boundary_on_the_closed_form(tmp_path):
     """Trained-then-pruned PGD models cross from 'pruning hurts' to 'pruning helps' at the test noise the
     closed form predicts: for every kept rank the trained models' mean crossing is within 2% of the
@@ -62,6 +65,7 @@ def test_pruning_phase_quick_trained_boundary_on_the_closed_form(tmp_path):
         f"{summary[f'noise_boundary_rank{k}']['trained_mean']:.2f}" for k in range(1, 5)))
 
 
+@pytest.mark.slow  # a whole quick study (make test's budget); its library is unit-tested in the default tier
 def test_trajectory_quick_every_depth_passes_its_gate(tmp_path):
     """L-layer GD-form transformers trained with the library's defaults pass the gate against the exact
     best L-step GD on every seed of both seed bases, and depth 2 beats depth 1. The gate column is the one

@@ -9,6 +9,9 @@ from iclsim import asymptotics
 from tests.quick import EXPERIMENTS, run_quick
 from tests.tolerance import MC_SIGMAS, report
 
+# the whole quick study runs in the slow tier (make test's budget); its library is unit-tested in the default tier
+pytestmark = pytest.mark.slow
+
 
 def test_pretraining_tau_quick_double_descent_and_formula(tmp_path):
     _, rows = run_quick("pretraining_tau", tmp_path)

@@ -57,6 +57,7 @@ def test_overlaps_and_diagonal_fraction_on_known_subspaces():
     assert anisotropic.diagonal_fraction(off, V) == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.slow  # a whole quick study (make test's budget); its library is unit-tested in the default tier
 def test_eigenbasis_reference_is_the_best_gd_on_isotropic_data_and_its_risk_is_the_predictors():
     """On isotropic data the best L-step GD preconditioned in any basis is the best L-step GD: its risk agrees
     with theory.optimal_multistep_gd within 4 combined SE plus 0.5% (the family holds those steps; the

@@ -2,8 +2,12 @@
 attention on the pool), dMMSE beats ridge on its own pool, and on fresh tasks dMMSE moves toward ridge
 as the pool grows while no trained network beats ridge (the Bayes risk for fresh tasks)."""
 
+import pytest
 from tests.quick import run_quick
 from tests.tolerance import MC_SIGMAS, report
+
+# the whole quick study runs in the slow tier (make test's budget); its library is unit-tested in the default tier
+pytestmark = pytest.mark.slow
 
 
 def test_task_diversity_quick_against_dmmse_and_ridge(tmp_path):

@@ -15,6 +15,10 @@
   sampling_fraction       time to draw one batch of token prompts the naive way / time of one training step
   matmul_fraction         achieved FLOP/s of a training step (XLA cost analysis) / FLOP/s of a 2048^3 matmul
   cost_table              ms per training step over d and n, Gram draws (default) and token draws
+  record_overhead         (--records, and in the full benchmark) a sweep of 50 points (5 context lengths x 10
+                          seeds, linear attention) with training records on (every 20 steps: the loss on 2048
+                          fixed prompts and the preconditioner's spectrum) over the same sweep with them off,
+                          compilation excluded, interleaved, best of three each (issue 34's bar: under 5%)
   reproduce_wall_s        sum of the wall times recorded in figures/*.json (the last `make reproduce`)
   wall_*_s                (--wall) a fresh clone of the committed HEAD in a temporary folder: `make test`
                           with the install (wall_make_test_fresh_clone_s), then `make quick` with its caches
@@ -34,6 +38,7 @@ Usage: python benchmarks/run.py [--quick | --small] [--wall] [--json]
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -119,6 +124,24 @@ def step_time(n, steps, dim=DIM, sampler="auto"):
     model, design = models.LinearAttention(dim), IID(dim)
     train.fit_sweep(model, design, [n], [0], config(steps, sampler))  # compile
     return timed(lambda: train.fit_sweep(model, design, [n], [1], config(steps, sampler)).losses) / steps
+
+
+def record_overhead(steps=1000, every=20, repeats=3):
+    """(seconds off, seconds on, on/off) of a 50-point sweep (5 context lengths x 10 seeds) with training
+    records off and on (``record_every``, the loss on ``record_prompts`` fixed prompts and the effective
+    preconditioner's spectrum), each compiled first, then timed interleaved, best of ``repeats``."""
+    from iclsim import records
+    model, design, ns, seeds = models.LinearAttention(DIM), IID(DIM), [5, 10, 20, 30, 40], list(range(10))
+    off = config(steps)
+    on = dataclasses.replace(off, record_every=every, summarize=records.preconditioner_spectrum(model, max(ns)))
+    for cfg in (off, on):
+        train.fit_sweep(model, design, ns, seeds, cfg)  # compile
+    times = {id(off): [], id(on): []}
+    for _ in range(repeats):
+        for cfg in (off, on):
+            times[id(cfg)].append(timed(lambda: train.fit_sweep(model, design, ns, [s + 100 for s in seeds], cfg).losses))
+    t_off, t_on = min(times[id(off)]), min(times[id(on)])
+    return t_off, t_on, t_on / t_off
 
 
 def sampling_and_flops(n, repeats):
@@ -249,6 +272,8 @@ def main():
     mode.add_argument("--small", action="store_true", help="the full benchmark at smaller sizes")
     parser.add_argument("--wall", action="store_true", help="also time `make test` (fresh clone, install included) "
                                                             "and `make quick` (empty cache)")
+    parser.add_argument("--records", action="store_true", help="also (or, with --quick, only besides the quick "
+                                                               "benchmark) the training-records overhead at 50 points")
     parser.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args()
     result = {"device": str(jax.devices()[0]), "device_count": jax.device_count(), "jax": jax.__version__,
@@ -259,6 +284,8 @@ def main():
     result["machine"]["matmul_gflops_per_s"] = round(mm_rate / 1e9, 1)
     if not args.quick:
         full(result, args.small, mm_rate)
+    elif args.records:
+        add_record_overhead(result)
     if args.wall:
         result.update(wall_times())
     result["machine"]["load_average_end"] = _load()
@@ -291,7 +318,13 @@ def full(result, small, mm_rate):
     dims, lengths = ([5, 10], [10, 160]) if small else ([5, 10, 20], [10, 40, 160, 640])
     result["cost_table_ms"] = {f"d={d},n={n},{s}": round(1e3 * step_time(n, steps // 2, d, s), 3)
                                for d in dims for n in lengths for s in ("gram", "tokens")}
+    add_record_overhead(result)
     result["reproduce_wall_s"], result["reproduce_wall_by_experiment_s"] = reproduce_wall()
+
+
+def add_record_overhead(result):
+    t_off, t_on, ratio = record_overhead()
+    result.update({"record_off_s": round(t_off, 3), "record_on_s": round(t_on, 3), "record_overhead": round(ratio - 1, 4)})
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test test-fast test-slow reproduce quick bench docs clean
+.PHONY: test test-fast test-slow reproduce quick bench docs docs-check clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -52,6 +52,11 @@ $(DOCS_STAMP): $(STAMP)
 
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# CI's check of the site: the strict build (every page, link and public name) without executing the tutorials
+# (they run in the slow tier, tests/test_docs.py), into a scratch folder
+docs-check: $(DOCS_STAMP)
+	rm -rf .site-check && ICLSIM_DOCS_EXECUTE=0 NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -q -d .site-check && rm -rf .site-check
 
 clean:
 	rm -rf $(VENV) results .pytest_cache site

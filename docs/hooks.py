@@ -20,6 +20,7 @@ they cannot drift from it.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import importlib
 import json
 import os
@@ -157,9 +158,12 @@ def result_page(name: str, exp, module) -> str:
     else:
         lines += ["## The committed result", "",
                   f"No committed result in `figures/` yet: `iclsim run {name}` writes it.", ""]
-        settings = dict(exp.settings)
+        settings = dataclasses.asdict(exp.settings)
+    # the quick column shows the fields the quick settings change (a dataclasses.replace of the default)
+    default, quick = dataclasses.asdict(exp.settings), dataclasses.asdict(exp.quick)
+    changed = {k: v for k, v in quick.items() if default.get(k) != v}
     lines += ["## Settings", "", "| setting | value | quick |", "|---|---|---|"]
-    lines += [f"| {k} | {_value(v)} | {_value(exp.quick[k]) if k in exp.quick else ''} |"
+    lines += [f"| {k} | {_value(v)} | {_value(changed[k]) if k in changed else ''} |"
               for k, v in settings.items()]
     lines += ["", f"Run it: `iclsim run {name}` (`--quick` for the quick column, `--set KEY=VALUE` to change one)."]
     anchor = results_anchor(name)

@@ -34,7 +34,7 @@ from iclsim.runner import Experiment
 from . import _paper_b
 from .pruning_depth import _by_base, _plain_ticks, _point_colours, _short
 
-SETTINGS = ("matched", "shorter context")
+TEST_SETTINGS = ("matched", "shorter context")
 PARTS = ("depth_effect", "step_effect", "trained_order_contrast", "contrast_depth_part", "contrast_step_part",
          "contrast_interaction_part")
 
@@ -73,7 +73,7 @@ def run(s, seed, context):
     keys = sweeps.stream_keys(seeds + gd_seeds, _paper_b.TEST_STREAM)
     block = 1 + L * len(ranks)
     rows, passed = [], None
-    for setting in SETTINGS:
+    for setting in TEST_SETTINGS:
         test_design, test_n = _paper_b.test_settings(s)[setting]
         progress(f"  {setting}: {len(networks[0])} networks ({len(orders)} orders) x {len(networks)} prompt sets, "
                  f"{s.num_test} prompts each")

@@ -141,3 +141,19 @@ def test_every_subpackage_ships_in_the_wheel():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     packages = {_module_name(p) for p in (ROOT / "iclsim").rglob("__init__.py")}
     assert packages <= listed, f"subpackages not in pyproject's [tool.setuptools] packages: {sorted(packages - listed)}"
+
+
+def test_no_experiment_rebinds_a_module_level_name():
+    """An experiment module binds each module-level name once: a settings instance named like a constant
+    it shadows (``SETTINGS`` the tuple of test settings, then ``SETTINGS = Settings()``) turned a loop
+    over the tuple into a loop over the dataclass, which only a full or quick run found."""
+    import ast
+    offenders = {}
+    for path in sorted((ROOT / "experiments").glob("*.py")):
+        names = [target.id for node in ast.parse(path.read_text()).body if isinstance(node, (ast.Assign, ast.AnnAssign))
+                 for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                 if isinstance(target, ast.Name)]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            offenders[path.name] = twice
+    assert not offenders, f"module-level names bound twice: {offenders}"

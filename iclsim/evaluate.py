@@ -78,7 +78,8 @@ def _risk_sums(model, n_slots: int, group: int, gram: bool):
 def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: int = 100_000,
                    batch_size: int = 10_000, sampler: str = "auto", devices: Sequence | None = None,
                    n_slots: int | None = None, progress: Callable | None = None):
-    """Test risk on fresh prompts of every model of a sweep: (risk, se), each [designs, ns, seeds].
+    """Test risk on fresh prompts of every model of a sweep: an ``Estimate(mean, se)``, each [designs, ns, seeds]
+    (unpacks as ``risk, se``).
 
     ``params``: leaves with leading axes [designs, ns, seeds] (``FitResult.params`` of ``fit_sweep`` over the
     same designs and ns). ``key``: one PRNG key, and every point sees the same prompts (common random
@@ -145,7 +146,7 @@ def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: 
                 parts.append(score(chunk))
         total, total_sq = (np.concatenate(a) for a in zip(*parts))
     mean, se = montecarlo.estimate(total, total_sq, num_prompts)
-    return np.reshape(np.asarray(mean), shape), np.reshape(np.asarray(se), shape)
+    return montecarlo.Estimate(np.reshape(np.asarray(mean), shape), np.reshape(np.asarray(se), shape))
 
 
 def evaluate(model, params, design, n: int, key, num_prompts: int = 100_000, batch_size: int = 10_000,
@@ -158,7 +159,7 @@ def evaluate(model, params, design, n: int, key, num_prompts: int = 100_000, bat
     expanded = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None, None, None], params)
     mean, se = evaluate_sweep(model, expanded, design, [n], key, num_prompts, batch_size, sampler,
                               n_slots=n_slots)
-    return float(mean[0, 0, 0]), float(se[0, 0, 0])
+    return montecarlo.Estimate(float(mean[0, 0, 0]), float(se[0, 0, 0]))
 
 
 class PairedRisks(NamedTuple):

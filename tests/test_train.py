@@ -526,3 +526,17 @@ def test_a_function_optimizer_is_cached_by_its_source(tmp_path):
     np.testing.assert_array_equal(first.losses, again.losses)
     other = fit(_clipped_adam)
     assert cache.trained == 2 and not np.array_equal(other.losses, first.losses)
+
+
+def test_evaluations_return_named_estimates():
+    """evaluate and evaluate_sweep return an ``Estimate(mean, se)`` (named parts that still unpack as risk, se);
+    the PGD model at W = 0 predicts 0, so its risk is E y^2 = tr(Sb) + s^2 = 3 + 0.5 within 4 SE."""
+    design, model = IID(3, noise_var=0.5), models.PGD(3)
+    params = jax.tree_util.tree_map(jnp.zeros_like, model.init(jax.random.PRNGKey(0)))
+    one = evaluate(model, params, design, 4, jax.random.PRNGKey(1), 20_000)
+    assert isinstance(one, montecarlo.Estimate) and (one.mean, one.se) == tuple(one)
+    assert abs(one.mean - 3.5) < 4 * one.se
+    stacked = jax.tree_util.tree_map(lambda a: a[None, None, None], params)
+    sweep = evaluate_sweep(model, stacked, design, [4], jax.random.PRNGKey(1), 20_000)
+    assert isinstance(sweep, montecarlo.Estimate) and sweep.mean.shape == sweep.se.shape == (1, 1, 1)
+    assert sweep.mean[0, 0, 0] == one.mean

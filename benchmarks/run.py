@@ -16,9 +16,9 @@
   matmul_fraction         achieved FLOP/s of a training step (XLA cost analysis) / FLOP/s of a 2048^3 matmul
   cost_table              ms per training step over d and n, Gram draws (default) and token draws
   record_overhead         (--records, and in the full benchmark) a sweep of 50 points (5 context lengths x 10
-                          seeds, linear attention) with training records on (every 20 steps: the loss on 2048
+                          seeds, linear attention, 2000 steps) with 50 training records (every 40 steps: the loss on 2048
                           fixed prompts and the preconditioner's spectrum) over the same sweep with them off,
-                          compilation excluded, interleaved, best of three each (issue 34's bar: under 5%)
+                          compilation excluded, interleaved, best of two each (issue 34's bar: under 5%)
   reproduce_wall_s        sum of the wall times recorded in figures/*.json (the last `make reproduce`)
   wall_*_s                (--wall) a fresh clone of the committed HEAD in a temporary folder: `make test`
                           with the install (wall_make_test_fresh_clone_s), then `make quick` with its caches
@@ -126,7 +126,7 @@ def step_time(n, steps, dim=DIM, sampler="auto"):
     return timed(lambda: train.fit_sweep(model, design, [n], [1], config(steps, sampler)).losses) / steps
 
 
-def record_overhead(steps=1000, every=20, repeats=3):
+def record_overhead(steps=2000, every=40, repeats=2):
     """(seconds off, seconds on, on/off) of a 50-point sweep (5 context lengths x 10 seeds) with training
     records off and on (``record_every``, the loss on ``record_prompts`` fixed prompts and the effective
     preconditioner's spectrum), each compiled first, then timed interleaved, best of ``repeats``."""

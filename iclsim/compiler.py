@@ -6,8 +6,8 @@ under one set of options must never be served under another: ``fingerprint.finge
 ``key()``, which holds every option set below and XLA_FLAGS as this process sees them.
 
 - ``SMALL_PROGRAM_OPTIONS``: a single fit's training program on CPU is compiled with XLA CPU's fusion
-  emitters off: compiling is most of a short fit's time, and this shortens it (docs/performance.md §2.8;
-  for vmapped sweeps the emitters' faster code pays). ``training_options`` says which programs get them.
+  emitters off, vmapped sweeps keep them (the measurements behind the choice: docs/performance.md §2.8).
+  ``training_options`` says which programs get them.
 - ``NO_LIBRARY_FUSION``: the evaluation program on CPU is compiled without XLA CPU's YNNPACK library
   fusion, which returned the first network's risk for every network of a vmapped sweep
   (docs/performance.md, the evaluation fault). ``evaluation_options`` applies it where this jaxlib
@@ -85,7 +85,7 @@ def use_all_cpu_cores() -> None:
 
 def quick_compilation() -> None:
     """For --quick runs, whose wall time is mostly XLA compiling small programs: XLA CPU's fusion emitters
-    off (unless XLA_FLAGS names them), which shortens compilation (docs/performance.md §2.8). Must run
+    off (unless XLA_FLAGS names them; docs/performance.md §2.8 has the measurements). Must run
     before JAX starts its backends; the sweep cache's keys cover XLA_FLAGS (``key``)."""
     set_xla_flag("xla_cpu_use_fusion_emitters", "false")
 

@@ -58,8 +58,8 @@ def _gamma(z, u, key, alpha, shard: BatchShard | None = None, needed=None):
     alpha.shape + (PROPOSALS,)): the first success of i.i.d. proposals, so the draw stays exact. While
     any entry has none accepted (a proposal is rejected about 5% of the time at alpha = 1, 0.5% at 6,
     0.1% at 37), every entry gets a fresh proposal from ``key`` and the unaccepted ones take it.
-    Redrawing all entries, not only the rejected, keeps the loop free of gathers and scatters, which
-    cost more to compile than the extra draw costs to run. Entries where ``needed`` (boolean, alpha's
+    Redrawing all entries, not only the rejected, keeps the loop free of gathers and scatters (the
+    trade-off is measured in docs/performance.md). Entries where ``needed`` (boolean, alpha's
     shape) is False are not waited for: their values are discarded by the caller."""
     shape, dtype = jnp.shape(alpha), z.dtype
     shifted = jnp.reshape(alpha, (-1,)) - 1.0 / 3.0

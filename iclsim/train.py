@@ -329,9 +329,8 @@ def _compiled_sweep(model, config: TrainConfig, n_slots: int, loss_fn: Callable,
     """One jitted program per (model, config, n_slots, loss, sampler, devices, which design leaves are
     shared): designs, ns and seeds are arguments, so sweeps of the same size over other noise levels,
     context lengths or seeds never recompile. The members of a block share its key, so one draw per
-    step serves them all. A single fit on CPU (``one_point``) is compiled with XLA's fusion emitters
-    off: compiling is most of a short fit's time, and this shortens it (docs/performance.md §2.8; for
-    vmapped sweeps the emitters' faster code pays)."""
+    step serves them all. Compiler options come from ``compiler.training_options`` (a single fit on CPU,
+    ``one_point``, gets its own; why and what it buys: docs/performance.md §2.8)."""
     train = loop.trainer(model, config, n_slots, loss_fn, gram, shards, report_every)
 
     def point(varying, common, n, key):

@@ -77,7 +77,9 @@ def _fit(design, P, n, ridge, seed):
         return pretraining.fit_ridge(design.sample(jax.random.PRNGKey(seed), P, n, jnp.float64), ridge)
 
 
-@pytest.mark.parametrize("d,n,rho", [(2, 3, 0.0), (3, 6, 0.2), (4, 4, 1.0)])
+# make test fits one case; the slow tier the other two
+@pytest.mark.parametrize("d,n,rho", [pytest.param(2, 3, 0.0, marks=pytest.mark.slow), (3, 6, 0.2),
+                                    pytest.param(4, 4, 1.0, marks=pytest.mark.slow)])
 def test_finite_pretraining_fit_tends_to_the_infinite_data_optimum(d, n, rho):
     """Fresh tasks (kappa = inf), lambda -> 0: as tau = P/d^2 grows the fitted attention's exact excess risk
     over theory.optimal_pgd falls (at least 8x from tau = 20 to tau = 640) and its PGD block Gamma[:, :d] / n

@@ -239,6 +239,7 @@ def test_jobs_run_experiments_in_workers_after_what_they_read(exps, tmp_path, ca
     assert sorted(p.name for p in parallel.iterdir() if p.name.startswith(".")) == []  # no pending sets, no lock
 
 
+@pytest.mark.slow  # two worker processes (make test keeps test_jobs_run_experiments_in_workers_after_what_they_read)
 def test_jobs_without_out_write_to_the_default_folder(exps, tmp_path, capsys, monkeypatch):
     """--jobs without --out: the workers are handed the resolved default folder (results/quick under
     --quick). Planted bug caught: the workers given None (the run stopped with nothing written)."""
@@ -252,6 +253,7 @@ def test_jobs_without_out_write_to_the_default_folder(exps, tmp_path, capsys, mo
         assert json.loads((written / f"{name}.json").read_text())["experiment"] == name
 
 
+@pytest.mark.slow  # two worker processes
 def test_jobs_failure_in_a_worker_is_one_line(exps, tmp_path, capsys):
     (exps / "broken.py").write_text(FAKE.replace('name="fake"', 'name="broken"').replace(
         "def run(s, seed, context):", "def run(s, seed, context):\n    raise FloatingPointError('diverged here')"))

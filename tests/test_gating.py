@@ -1,6 +1,8 @@
 """Gating is weighting (docs/theory.md §10): the multitask design, GLA's two forms and its effective WPGD, and the
 optimal-WPGD / GLA / linear-attention closed forms against Monte Carlo (4 SE), special cases and identities."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,6 +26,7 @@ def multitask_designs(draw, max_tasks=4):
                      delimiters=draw(st.booleans()))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2))  # one program per model: eager, init's ops dispatch one by one
 def _random_params(model, key, scale=0.4):
     params = model.init(key)
     leaves, tree = jax.tree_util.tree_flatten(params)
@@ -82,7 +85,14 @@ def test_recurrent_equals_parallel(gate, layers, seed):
     par = GLA(design.dim, gate, layers, dtype=jnp.float64)
     params = _random_params(par, key)
     rec = GLA(design.dim, gate, layers, form="recurrent", dtype=jnp.float64)
-    np.testing.assert_allclose(rec.apply(params, p), par.apply(params, p), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(*_applied((rec, par), params, p), rtol=1e-10, atol=1e-12)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _applied(models_, params, prompts):
+    """Each model's prediction, as one compiled program per tuple of (hashable) models: run eagerly, a
+    lax.scan compiles anew at every call."""
+    return tuple(m.apply(params, prompts) for m in models_)
 
 
 @FAST

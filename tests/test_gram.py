@@ -161,12 +161,32 @@ def _both_draws(design, k1, k2, n, n_slots):
     return gram.draw(design, k1, NUM, n, n_slots, jnp.float64, gram=True), toks, context_gram(toks)
 
 
-@settings(max_examples=8, deadline=None, derandomize=True)
-@given(gram_designs())
+# one case of each family with a context law, n active pairs in n_slots >= n slots (make test); the slow tier
+# fuzzes the same check over random designs (test_gram_prompts_match_token_prompts_fuzzed)
+FAMILY_CASES = [
+    (IID(3, np.array([[1.5, 0.3, 0.0], [0.3, 1.0, -0.2], [0.0, -0.2, 0.6]]), np.diag([2.0, 1.0, 0.5]), 0.3), 4, 6),
+    (RAG(2, 0.5, 0.8, 0.1), 5, 5),
+    (TaskFeatureAlignment(3, -0.6, 0.2), 3, 6),
+    (TaskPool(2, 3, 0.5, 4), 2, 4),
+]
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES, ids=lambda c: type(c[0]).__name__)
 def test_gram_prompts_match_token_prompts(case):
     """S drawn directly vs S of prompts drawn token by token (n active pairs in n_slots slots): every
     entry's mean within 4 SE, and the loss of a fixed linear attention equal in law (KS)."""
-    design, n, n_slots = case
+    _check_gram_against_tokens(*case)
+
+
+@pytest.mark.slow
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(gram_designs())
+def test_gram_prompts_match_token_prompts_fuzzed(case):
+    """The same check over random designs of every family, dims 1-4, n 1-7, up to 3 padded slots."""
+    _check_gram_against_tokens(*case)
+
+
+def _check_gram_against_tokens(design, n, n_slots):
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(n * 31 + n_slots), 3)
     direct, toks, S_tok = _both_draws(design, k1, k2, n, n_slots)
     S_gram, S_tok = np.asarray(direct.S), np.asarray(S_tok)

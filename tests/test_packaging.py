@@ -39,6 +39,7 @@ def installed(tmp_path_factory):
     return run, site, tmp
 
 
+@pytest.mark.slow  # builds and installs the wheel (the slow tier's wheel tests share the fixture)
 def test_wheel_ships_the_experiments_and_the_module_entry_point(installed):
     """Planted bugs caught: experiments left out of the wheel (list prints nothing), a runner that looks
     for them beside the source tree, a missing __main__."""

@@ -133,7 +133,7 @@ def test_importing_iclsim_does_not_import_hypothesis():
 
 # ---- theory.bayes_risk, checked with the helpers above ----
 
-@pytest.mark.parametrize("d, n, s2", [(3, 2, 0.5), (3, 6, 1.0), (2, 5, 0.1)])
+@pytest.mark.parametrize("d, n, s2", [(3, 2, 0.5), (3, 6, 1.0), pytest.param(2, 5, 0.1, marks=pytest.mark.slow)])
 def test_bayes_risk_is_the_risk_of_ridge_at_penalty_s2(d, n, s2):
     """For Sx = Sb = I the posterior mean is ridge with penalty s^2 (models.Ridge)."""
     design = IID(d, noise_var=s2)

@@ -551,6 +551,7 @@ def test_jobs_give_the_numbers_and_devices_of_a_sequential_run(two_exps, tmp_pat
         assert len(meta["versions"]["devices"]) == 4
 
 
+@pytest.mark.slow  # waits for two worker processes to start and to notice their parent's death
 def test_killing_a_jobs_parent_ends_its_workers(two_exps, tmp_path):
     """Finding 10: kill -9 of an `iclsim run --jobs` parent left its workers running indefinitely. Now each
     worker watches its parent and exits within about a second of its death."""

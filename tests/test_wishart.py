@@ -114,13 +114,13 @@ def test_power_moments_match_monte_carlo_up_to_the_ninth(key):
 
 def test_sample_covariance_moments_are_exact_ratios_and_do_not_overflow():
     """m_k = E tr W^k / n^k rounded once (m_2 = d (n + d + 1) / n = 6.5 at n = 20, d = 5); a large n
-    whose n^k and E tr W^k exceed float64 (n^49 > 1e308 for n = 10^7) still gives a finite m_k near d
+    whose n^k and E tr W^k exceed float64 (n^17 > 1e308 for n = 10^20) still gives a finite m_k near d
     (S -> I as n grows: m_k -> d). Planted bug caught: float(E) / float(n)**k (inf / inf = nan)."""
     m = wishart.sample_covariance_moments(20, 5, 9)
     assert m[0] == 5 and m[1] == 5 and m[2] == 5 * 26 / 20
-    big = wishart.sample_covariance_moments(10**7, 2, 49)
+    big = wishart.sample_covariance_moments(10**20, 2, 17)
     assert np.all(np.isfinite(big)) and np.all(np.abs(big[1:] - 2) < 1e-3), big
-    assert wishart.power_moment(49, 10**7, 2) > 10**308  # the integer itself is beyond float64
+    assert wishart.power_moment(17, 10**20, 2) > 10**308  # the integer itself is beyond float64
 
 
 def test_wishart_arguments_are_checked():

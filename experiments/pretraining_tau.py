@@ -10,8 +10,18 @@ are also scored on fresh prompts by the Monte Carlo referee (the finite-d formul
 The finite-d correction is measured, not assumed: at each tau the seed means over d = dims are fitted by
 a + b/d (weighted least squares) and the intercept a, with its 95% interval, is set against the asymptote.
 The double-descent peak: per seed, the tau of the largest error on a fine grid around tau = 1, with its
-interval over seeds, per d and extrapolated in 1/d the same way. Closed-form fits, not trained networks:
-no quality gate applies (none can fail to converge)."""
+interval over seeds, per d and extrapolated in 1/d the same way. The closed-form fits need no quality gate
+(none can fail to converge).
+
+Trained networks: at d = ``train_dim`` on fresh tasks, for each tau in ``train_taus`` (spanning the peak), the
+reduced attention ``pretraining.ReducedAttention`` is trained by full-batch gradient descent on each seed's
+stored set of P prompts (``TrainConfig(pretraining_prompts=P, batch_size=P, optimizer="sgd")``) with the loss
+``pretraining.ridge_objective``, fit_ridge's objective with its penalty, so the optimum is the ridge solution on
+that set. The step is ``step_fraction / max_seeds lambda_max(A)`` (A = H^T H / P + (ridge/d) I: GD is stable for
+step < 1 / lambda_max(A), docs/theory.md §12). Each network is paired with ``fit_ridge`` on its own stored set
+(``pretraining.stored_prompts``, the trainer's draw, not the curve's nested draw) and both are scored by the
+exact finite-d formula; the gate passes a network whose Gamma is within ``gate_tolerance`` (relative Frobenius)
+of its ridge solution, failures counted and shown, never averaged in."""
 
 import dataclasses
 import functools
@@ -20,8 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iclsim import TaskPool, asymptotics, models, montecarlo, plotting, pretraining, quality, theory
-from iclsim.runner import Experiment
+from iclsim import TaskPool, asymptotics, models, montecarlo, plotting, pretraining, quality, theory, train
+from iclsim.runner import Experiment, RunError
 
 
 def _design(d, kappa, rho, pool_seed):
@@ -32,6 +42,7 @@ def _design(d, kappa, rho, pool_seed):
 
 # one compiled fit per shape, shared by every kappa and grid (vmapped over seeds; the count is traced)
 _FIT = jax.jit(jax.vmap(pretraining.fit_ridge, in_axes=(0, None, None)))
+_FEATURES = jax.jit(jax.vmap(pretraining.features))
 
 
 @functools.lru_cache(maxsize=None)
@@ -79,6 +90,59 @@ def run(s, seed, context):
                         if grid == "curve" and d == max(s.dims) and k == 0:
                             row.update(_monte_carlo(gammas[i][0], d, row["n"], rho, s.num_test, sd))
                         rows.append(row)
+    return rows + _trained(s, seeds, progress, context.cache)
+
+
+def _span_spectrum(H, ridge):
+    """The eigenvalues of A = H^T H / P + (ridge / d) I on the span of the features (the subspace gradient
+    descent from Gamma = 0 moves in): the nonzero eigenvalues of H^T H / P, plus ridge / d."""
+    P, N = H.shape
+    d = int(round((np.sqrt(1 + 4 * N) - 1) / 2))
+    ev = np.linalg.eigvalsh(H.T @ H / P)
+    return ev[ev > 1e-9 * ev[-1]] + ridge / d
+
+
+def _trained(s, seeds, progress, cache):
+    """Rows of the gradient-trained networks (module docstring): per tau in ``train_taus`` one sweep over seeds."""
+    d, rho, lam = s.train_dim, s.noise_var, s.ridge
+    if not 0 < s.step_fraction < 1:
+        raise RunError(f"step_fraction must be in (0, 1) (gradient descent is stable for step < 1 / lambda_max), "
+                       f"got {s.step_fraction!r}")
+    if not 0 < s.gate_tolerance < 1:
+        raise RunError(f"gate_tolerance must be in (0, 1) (relative distance to the ridge solution), "
+                       f"got {s.gate_tolerance!r}")
+    n = int(round(s.alpha * d))
+    design, model = pretraining.lu_design(d, rho), pretraining.ReducedAttention(d)
+    loss = functools.partial(pretraining.ridge_objective, ridge=lam)
+    errors = _errors_program(d, n, rho)
+    rows = []
+    for tau in s.train_taus:
+        P = max(1, int(round(tau * d * d)))
+        with jax.enable_x64(True):
+            stacked = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
+                                             pretraining.stored_prompts(design, seeds, P, n))
+            ridge = _FIT(stacked, lam, P)
+            H = np.asarray(_FEATURES(stacked))
+        spectra = [_span_spectrum(h, lam) for h in H]
+        lr = float(s.step_fraction / max(sp[-1] for sp in spectra))
+        progress(f"  trained: d = {d}, tau = {tau:g} (P = {P}): {len(seeds)} seeds x {s.train_steps} GD steps, "
+                 f"step {lr:.3g}")
+        config = train.TrainConfig(steps=s.train_steps, batch_size=P, learning_rate=lr, optimizer="sgd",
+                                   pretraining_prompts=P)
+        fit = train.fit_sweep(model, design, [n], seeds, config, loss_fn=loss, cache=cache)
+        gammas = np.asarray(fit.params["Gamma"][0, 0], np.float64)
+        ridge = np.asarray(ridge)
+        with jax.enable_x64(True):
+            e_gd, e_ridge = np.asarray(errors(jnp.asarray(gammas))), np.asarray(errors(jnp.asarray(ridge)))
+        asym = asymptotics.ridge_icl_error(s.alpha, np.inf, tau, rho, lam)
+        for k, sd in enumerate(seeds):
+            gap = float(np.linalg.norm(gammas[k] - ridge[k]) / np.linalg.norm(ridge[k]))
+            rate = float(np.max(np.abs(1 - 2 * lr * spectra[k])))
+            row = {"grid": "trained", "kappa": "inf", "d": d, "tau": tau, "P": P, "seed": sd, "n": n,
+                   "icl_error": float(e_gd[k]), "ridge_error": float(e_ridge[k]), "param_gap": gap,
+                   "gd_bound": rate ** s.train_steps, "passed": bool(np.isfinite(gap) and gap <= s.gate_tolerance),
+                   "learning_rate": lr, "final_loss": float(fit.losses[0, 0, k, -1]), "asymptotic": asym}
+            rows.append(row)
     return rows
 
 
@@ -150,8 +214,39 @@ def summary(rows):
                                    [max((iv.high - iv.low) / 3.92, 1e-3) for iv in peaks.values()])
             out[f"kappa={kappa}: peak tau extrapolated to d=inf (95%)"] = [round(a - 1.96 * a_se, 4),
                                                                            round(a + 1.96 * a_se, 4)]
-    mc = [r["mc_z"] for r in rows if "mc_z" in r and np.isfinite(r["mc_z"])]
+    mc = [r["mc_z"] for r in rows if r["grid"] == "curve" and "mc_z" in r and np.isfinite(r["mc_z"])]
     out["finite-d formula vs Monte Carlo: worst |z|"] = round(float(np.max(np.abs(mc))), 2) if mc else None
+    out.update(_trained_summary(rows))
+    return out
+
+
+def _trained_summary(rows):
+    """The gradient-trained networks: gate counts, paired gaps to their ridge fits, seed means (passers only)
+    against the closed-form curve at the same d and tau and against the asymptote."""
+    mine = [r for r in rows if r["grid"] == "trained"]
+    if not mine:
+        return {}
+    d = mine[0]["d"]
+    passed = [r for r in mine if r["passed"]]
+    out = {f"GD d={d}: gate failures (||Gamma - ridge|| / ||ridge|| > tolerance)": f"{len(mine) - len(passed)} of {len(mine)}",
+           f"GD d={d}: worst ||Gamma_GD - Gamma_ridge|| / ||Gamma_ridge||": float(f"{max(r['param_gap'] for r in mine):.3g}"),
+           f"GD d={d}: worst predicted (max |1 - 2 step lambda|)^steps": float(f"{max(r['gd_bound'] for r in mine):.3g}")}
+    for tau in sorted({r["tau"] for r in mine}):
+        sub = [r for r in passed if r["tau"] == tau]
+        if not sub:
+            continue
+        paired = [(r["icl_error"] - r["ridge_error"]) / r["ridge_error"] for r in sub]
+        out[f"GD d={d} tau={tau:g}: paired (GD - ridge) / ridge error, worst |.|"] = float(f"{max(np.abs(paired)):.3g}")
+        if len(sub) < 2:
+            continue
+        iv, asym = quality.seed_interval([r["icl_error"] for r in sub]), sub[0]["asymptotic"]
+        out[f"GD d={d} tau={tau:g}: GD error mean (95%)"] = [round(iv.low, 4), round(iv.mean, 4), round(iv.high, 4)]
+        if _by(rows, "curve", kappa="inf", d=d, tau=tau):
+            cf = _stats(rows, "curve", "inf", d, tau)[2]
+            out[f"GD d={d} tau={tau:g}: closed-form curve mean (95%, own draws)"] = [round(cf.low, 4), round(cf.mean, 4),
+                                                                                     round(cf.high, 4)]
+        out[f"GD d={d} tau={tau:g}: (GD mean - asymptotic) / asymptotic (95%)"] = [round((iv.low - asym) / asym, 4),
+                                                                                   round((iv.high - asym) / asym, 4)]
     return out
 
 
@@ -187,13 +282,14 @@ def plot(rows, s):
         pax.errorbar([1 / d for d in dims], m, yerr=[m - [iv.low for iv in ivs], [iv.high for iv in ivs] - m],
                      fmt="o", color=c, capsize=3, label=f"kappa = {kappa}")
         pax.plot([0], [asymptotics.interpolation_peak(alpha, kap, rho, lam)], "*", ms=10, color=c)
+    _plot_trained(ax, rows, colours)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks([0.25, 0.5, 1, 2, 4], ["0.25", "0.5", "1", "2", "4"])
     ax.minorticks_off()
     ax.set_xlabel("tau = P / d^2")
     ax.set_ylabel("ICL error (paper's units; 1 + rho: predict 0)")
-    ax.set_title(f"ridge fits (8 seeds, 95%) vs Lu et al.\n(alpha = {alpha:g}, rho = {rho:g}, lambda = {lam:g})",
+    ax.set_title(f"ridge fits and GD-trained (8 seeds, 95%) vs Lu et al.\n(alpha = {alpha:g}, rho = {rho:g}, lambda = {lam:g})",
                  fontsize=9)
     ax.legend(fontsize=6)
     gax.axhline(0, color="k", ls=":", lw=1)
@@ -211,11 +307,37 @@ def plot(rows, s):
     return fig
 
 
+def _plot_trained(ax, rows, colours):
+    """The GD-trained networks' seed means (gate passers, 95% over seeds) on the tau panel, set a little to the
+    right of their tau so they do not hide the closed-form fits at the same d."""
+    mine = [r for r in rows if r["grid"] == "trained"]
+    if not mine:
+        return
+    taus, ivs = [], []
+    for tau in sorted({r["tau"] for r in mine}):
+        vals = [r["icl_error"] for r in mine if r["tau"] == tau and r["passed"]]
+        if len(vals) >= 2:
+            taus.append(tau)
+            ivs.append(quality.seed_interval(vals))
+    fails = sum(not r["passed"] for r in mine)
+    gaps = [abs(r["icl_error"] - r["ridge_error"]) / r["ridge_error"] for r in mine if r["passed"]]
+    paired = max(gaps) if gaps else float("nan")
+    if ivs:
+        m = np.array([iv.mean for iv in ivs])
+        ax.errorbar(np.array(taus) * 1.06, m, yerr=[m - [iv.low for iv in ivs], [iv.high for iv in ivs] - m], fmt="D",
+                    mfc="none", ms=6, mew=1.3, color=colours.get("inf", "k"), capsize=3,
+                    label=f"GD-trained, d = {mine[0]['d']} ({len(mine) - fails}/{len(mine)} passed;\n"
+                          f"  = ridge on its own prompts within {paired:.0e})")
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Lu et al.'s (alpha, rho, lambda); the pools (kappa = k/d, and with ``fresh_tasks`` kappa = inf, a fresh task
     per prompt); the tau grids (``taus`` for the curve, ``peak_taus`` around the threshold); seeds (each its own
-    pool and prompts); the Monte Carlo prompts of the finite-d check."""
+    pool and prompts); the Monte Carlo prompts of the finite-d check. The trained networks: at d = ``train_dim``
+    on fresh tasks, one tau in ``train_taus`` per sweep (empty: none), ``train_steps`` full-batch GD steps of
+    ``step_fraction / max_seeds lambda_max(A)`` each, passed when their Gamma is within ``gate_tolerance``
+    (relative) of the ridge solution on the same prompts (float32 training reaches about 1e-4 at the peak)."""
 
     dims: tuple[int, ...] = (8, 12, 16)
     alpha: float = 1.0
@@ -227,12 +349,18 @@ class Settings:
     peak_taus: tuple[float, ...] = tuple(round(0.95 + 0.025 * i, 3) for i in range(13))
     seeds: int = 8
     num_test: int = 10_000
+    train_dim: int = 8
+    train_taus: tuple[float, ...] = (0.5, 1.0, 1.25, 2.5)
+    train_steps: int = 50_000
+    step_fraction: float = 0.9
+    gate_tolerance: float = 1e-3
 
 
 SETTINGS = Settings()
-QUICK = dataclasses.replace(SETTINGS, dims=(6,), kappas=(), taus=(0.5, 2.0), peak_taus=(1.0, 1.15, 1.3), num_test=1_000)
+QUICK = dataclasses.replace(SETTINGS, dims=(6,), kappas=(), taus=(0.5, 2.0), peak_taus=(1.0, 1.15, 1.3), num_test=1_000,
+                            train_dim=6, train_taus=(0.5, 2.0), train_steps=20_000)
 
 EXPERIMENT = Experiment(
     name="pretraining_tau",
-    title="Lu et al.: ICL error of ridge-fitted linear attention vs pretraining data tau = P/d^2",
+    title="Lu et al.: ICL error of ridge-fitted and GD-trained linear attention vs pretraining data tau = P/d^2",
     settings=SETTINGS, quick=QUICK, run=run, plot=plot, summary=summary)

@@ -10,9 +10,17 @@ The fit minimises (1/P) sum_mu (y_mu / sqrt(d) - <Gamma, H_mu>)^2 + (lambda / d)
 objective divided by P / d, so lambda is the paper's ridge. In iclsim's linear attention the same predictor
 is Q11 = Gamma[:, :d], q12 = Gamma[:, d] / d (query-key block rows of the feature part), p_y = 1, and
 its exact ICL error is ``theory.attention_risk`` on fresh tasks divided by d (the finite-d formula).
+The same objective can be minimised by gradient descent: ``ReducedAttention`` is the predictor as a trainable
+model and ``ridge_objective`` its training loss, so ``train.fit_sweep`` with a stored set of P prompts
+(``TrainConfig(pretraining_prompts=P, batch_size=P, optimizer="sgd")``) descends to ``fit_ridge``'s solution on
+that set (docs/theory.md §12, "Gradient descent").
 """
 
 from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,8 +30,11 @@ from iclsim import _validate as check
 from iclsim import theory
 from iclsim._precision import float64
 from iclsim.designs import IID, Prompts
+from iclsim.gram import draw
+from iclsim.rng import Stream, stream_keys
 
-__all__ = ["features", "fit_ridge", "attention_form", "attention_params", "icl_error", "lu_design"]
+__all__ = ["features", "fit_ridge", "attention_form", "attention_params", "icl_error", "lu_design", "ReducedAttention",
+           "ridge_objective", "stored_prompts"]
 
 F64 = jnp.float64
 
@@ -42,7 +53,7 @@ def features(prompts: Prompts) -> jax.Array:
     B, n, d = prompts.X.shape
     h = jnp.concatenate([jnp.einsum("bni,bn->bi", prompts.X, prompts.y) / n,
                          jnp.einsum("bn,bn->b", prompts.y, prompts.y)[:, None] / (n * d)], axis=1)
-    return (prompts.x[:, :, None] * h[:, None, :]).reshape(B, d * (d + 1)) / np.sqrt(d)
+    return (prompts.x[:, :, None] * h[:, None, :]).reshape(B, d * (d + 1)) / d**0.5  # a Python float: keeps the prompts' dtype
 
 
 def fit_ridge(prompts: Prompts, ridge, count=None) -> jax.Array:
@@ -61,6 +72,57 @@ def fit_ridge(prompts: Prompts, ridge, count=None) -> jax.Array:
     A = H.T @ H / P + (ridge / d) * jnp.eye(d * (d + 1), dtype=H.dtype)
     b = H.T @ (prompts.y_query * keep) / (P * np.sqrt(d))
     return jnp.linalg.solve(A, b).reshape(d, d + 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReducedAttention:
+    """Lu et al.'s reduced linear attention as a trainable model: params {"Gamma": [d, d+1]}, prediction
+    yhat = sqrt(d) <Gamma, H> in iclsim units (``features``; the attention form's prediction, ``attention_form``),
+    linear in Gamma. Starts at Gamma = 0 (the key is unused): gradient descent on ``ridge_objective`` then
+    never leaves the span of the features, the subspace that holds the ridge solution, so its rate is set by
+    the smallest nonzero eigenvalue of the objective's Hessian, not by ridge / d (docs/theory.md §12)."""
+
+    dim: int
+    dtype: Any = jnp.float32
+    inert_padding = True  # zero context pairs add nothing to H's sums (n stays the slot count, as in ``features``)
+
+    def __post_init__(self):
+        check.positive_int("dim", self.dim)
+        check.float_dtype("dtype", self.dtype)
+
+    def init(self, key) -> dict:
+        return {"Gamma": jnp.zeros((self.dim, self.dim + 1), self.dtype)}
+
+    def apply(self, params: dict, prompts: Prompts) -> jax.Array:
+        d = self.dim
+        return d**0.5 * (features(prompts) @ params["Gamma"].reshape(d * (d + 1)))
+
+
+def ridge_objective(model: ReducedAttention, params: dict, prompts: Prompts, ridge: float) -> jax.Array:
+    """``fit_ridge``'s objective on a batch, as a training loss (``train.fit_sweep``'s ``loss_fn`` once ridge is
+    bound, e.g. ``functools.partial(ridge_objective, ridge=1e-3)``): mean (y - yhat)^2 / d + (ridge / d)
+    ||Gamma||_F^2 = (1/P) sum_mu (y_mu / sqrt(d) - <Gamma, H_mu>)^2 + (ridge / d) ||Gamma||_F^2 on the full set,
+    so its minimiser is ``fit_ridge(prompts, ridge)``."""
+    d = model.dim
+    gamma = params["Gamma"]
+    residual = prompts.y_query - model.apply(params, prompts)
+    return (jnp.mean(residual**2) + ridge * jnp.sum(gamma**2)) / d
+
+
+def stored_prompts(design, seeds, count: int, n: int, dtype=jnp.float32) -> Prompts:
+    """The stored pretraining sets ``train.fit_sweep`` trains each of ``seeds`` on with ``TrainConfig(
+    pretraining_prompts=count)`` and context length n (a sweep over one n), stacked [seeds, count, ...]: drawn
+    once from fold_in(PRNGKey(seed), ``rng.Stream.PRETRAINING``) in ``dtype`` (the config's), so a closed-form
+    fit on a seed's set is paired with that seed's trained network."""
+    count, n = check.positive_int("count", count), check.positive_int("n", n)
+    keys = stream_keys(seeds, Stream.PRETRAINING)  # validates the seeds
+    with jax.enable_x64(True):  # as fit_sweep draws it
+        return _draw(design, jnp.asarray(keys), count, n, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _draw(design, keys, count, n, dtype):
+    return jax.vmap(lambda k: draw(design, k, count, n, n, dtype))(keys)
 
 
 def attention_form(gamma) -> tuple[jax.Array, jax.Array]:

@@ -2,12 +2,14 @@
 pretraining set: identities, limits from the paper, and the fit against the infinite-data optimum and
 against Monte Carlo."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iclsim import TaskPool, asymptotics, models, montecarlo, pretraining, theory
+from iclsim import TaskPool, asymptotics, models, montecarlo, pretraining, theory, train
 from tests.tolerance import assert_within_se, report
 
 KAPPAS = [0.3, 1.0, 4.0, np.inf]
@@ -128,3 +130,68 @@ def test_finite_d_error_of_a_fit_matches_monte_carlo():
     est = montecarlo.risk(lambda p: model.apply(params, p), pretraining.lu_design(d, rho), n, jax.random.PRNGKey(3),
                           100_000)
     assert_within_se(pretraining.icl_error(g, n, rho), est.mean / d, est.se / d, "pretraining.icl_error")
+
+
+GD_REL = 1e-4  # float32 gradient descent vs the float64 ridge solution, ||Gamma_GD - Gamma*|| / ||Gamma*||
+
+
+@pytest.mark.parametrize("P", [8, 30])  # below and above the d(d+1) = 12 parameters
+def test_gradient_descent_on_the_ridge_objective_reaches_fit_ridge(P):
+    """Full-batch GD (optax sgd) on ``ridge_objective`` over a seed's stored set ends at ``fit_ridge`` on the same
+    set (``stored_prompts``), to GD_REL, once the predicted contraction max |1 - 2 step lambda_i|^steps over the
+    features' span (docs/theory.md §12) is far below it. A penalty d times too large or too small moves the
+    optimum by more than 100 GD_REL here, so a mis-scaled ``ridge_objective`` fails, as do a set drawn from
+    another stream or a model predicting other than <Gamma, H>."""
+    d, n, rho, ridge, seed, steps = 3, 4, 0.2, 0.6, 7, 3000
+    design = pretraining.lu_design(d, rho)
+    with jax.enable_x64(True):
+        stored = jax.tree_util.tree_map(lambda a: a[0].astype(jnp.float64),
+                                        pretraining.stored_prompts(design, [seed], P, n))
+        best = np.asarray(pretraining.fit_ridge(stored, ridge))
+        H = np.asarray(pretraining.features(stored))
+    ev = np.linalg.eigvalsh(H.T @ H / P)
+    span = ev[ev > 1e-9 * ev[-1]] + ridge / d
+    step = 0.9 / span[-1]
+    assert np.max(np.abs(1 - 2 * step * span)) ** steps < 1e-3 * GD_REL  # converged, in theory
+    config = train.TrainConfig(steps=steps, batch_size=P, learning_rate=float(step), optimizer="sgd",
+                               pretraining_prompts=P)
+    fit = train.fit_sweep(pretraining.ReducedAttention(d), design, [n], [seed], config,
+                          loss_fn=functools.partial(pretraining.ridge_objective, ridge=ridge))
+    trained = np.asarray(fit.params["Gamma"][0, 0, 0], np.float64)
+    gap = np.linalg.norm(trained - best) / np.linalg.norm(best)
+    with jax.enable_x64(True):
+        moved = [np.linalg.norm(np.asarray(pretraining.fit_ridge(stored, r)) - best) / np.linalg.norm(best)
+                 for r in (ridge * d, ridge / d)]
+    report(f"GD on the ridge objective, P = {P}: ||Gamma_GD - Gamma*|| / ||Gamma*|| = {gap:.2e} "
+           f"(penalty x d or / d moves Gamma* by {min(moved):.2e})")
+    assert gap < GD_REL and min(moved) > 100 * GD_REL
+    assert float(fit.losses[0, 0, 0, -1]) == pytest.approx(float(_ridge_objective(stored, best, ridge)), rel=1e-5)
+
+
+def _ridge_objective(prompts, gamma, ridge):
+    """fit_ridge's objective written out: (1/P) sum (y/sqrt(d) - <Gamma, H>)^2 + (ridge/d) ||Gamma||_F^2."""
+    d = gamma.shape[0]
+    H = np.asarray(pretraining.features(prompts))
+    return np.mean((np.asarray(prompts.y_query) / np.sqrt(d) - H @ gamma.ravel()) ** 2) + ridge / d * np.sum(gamma**2)
+
+
+def test_reduced_attention_predicts_as_its_attention_form():
+    """ReducedAttention with Gamma predicts sqrt(d) <Gamma, H> (iclsim units), which is LinearAttention with
+    ``attention_params(Gamma)``; it starts at Gamma = 0 and refuses a bad dim by name."""
+    d, n = 4, 6
+    rng = np.random.default_rng(0)
+    gamma = rng.normal(size=(d, d + 1))
+    model = pretraining.ReducedAttention(d, dtype=jnp.float64)
+    with jax.enable_x64(True):
+        p = TaskPool(d, 3, noise_var=0.5, pool_seed=0).sample(jax.random.PRNGKey(1), 32, n, jnp.float64)
+        mine = np.asarray(model.apply({"Gamma": jnp.asarray(gamma)}, p))
+        attention = np.asarray(models.LinearAttention(d, dtype=jnp.float64).apply(
+            pretraining.attention_params(gamma, jnp.float64), p))
+        assert not np.any(np.asarray(model.init(jax.random.PRNGKey(0))["Gamma"]))
+    H = np.einsum("bi,bj->bij", np.asarray(p.x), np.concatenate(
+        [np.einsum("bni,bn->bi", np.asarray(p.X), np.asarray(p.y)) / n,
+         np.sum(np.asarray(p.y) ** 2, axis=1, keepdims=True) / (n * d)], axis=1)) / np.sqrt(d)
+    np.testing.assert_allclose(mine, np.sqrt(d) * np.einsum("bij,ij->b", H, gamma), rtol=1e-10)
+    np.testing.assert_allclose(mine, attention, rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match="dim"):
+        pretraining.ReducedAttention(0)

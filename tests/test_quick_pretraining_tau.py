@@ -1,6 +1,8 @@
 """pretraining_tau's quick run (d = 6, fresh tasks): the finite-d formula of each fit agrees with the Monte
 Carlo referee, and every seed's error curve rises into the interpolation threshold P = d(d+1) and falls
-after it (double descent), with the peak on the grid point nearest the threshold for most seeds."""
+after it (double descent), with the peak on the grid point nearest the threshold for most seeds; the
+gradient-trained networks all pass their gate, sit on their paired ridge fits, and are no further from them
+than gradient descent's predicted contraction allows (plus float32's floor)."""
 
 import numpy as np
 import pytest
@@ -13,11 +15,16 @@ from tests.tolerance import MC_SIGMAS, report
 pytestmark = pytest.mark.slow
 
 
-def test_pretraining_tau_quick_double_descent_and_formula(tmp_path):
-    _, rows = run_quick("pretraining_tau", tmp_path)
+@pytest.fixture(scope="module")
+def quick_rows(tmp_path_factory):
+    return run_quick("pretraining_tau", tmp_path_factory.mktemp("pretraining_tau"))[1]
+
+
+def test_pretraining_tau_quick_double_descent_and_formula(quick_rows):
+    rows = quick_rows
     s = EXPERIMENTS["pretraining_tau"].quick
     d = s.dims[0]
-    z = [abs(r["mc_z"]) for r in rows if "mc_z" in r and r["mc_z"] != ""]
+    z = [abs(r["mc_z"]) for r in rows if r["grid"] == "curve" and "mc_z" in r and r["mc_z"] != ""]
     assert len(z) == len(s.taus) and max(z) < MC_SIGMAS
     for r in rows:
         assert r["asymptotic"] == pytest.approx(asymptotics.ridge_icl_error(s.alpha, np.inf, r["tau"], s.noise_var,
@@ -33,3 +40,17 @@ def test_pretraining_tau_quick_double_descent_and_formula(tmp_path):
         peaks.append(top["tau"])
     report(f"pretraining_tau quick: per-seed peak tau {peaks}, threshold {threshold:.3f}, worst MC |z| {max(z):.2f}")
     assert sum(p == nearest for p in peaks) >= len(peaks) // 2
+
+
+FLOAT32_FLOOR = 1e-4  # ||Gamma_GD - Gamma_ridge|| / ||Gamma_ridge|| float32 GD reaches at these conditionings
+
+
+def test_pretraining_tau_quick_trained_networks_reach_their_ridge_fits(quick_rows):
+    rows = quick_rows
+    s = EXPERIMENTS["pretraining_tau"].quick
+    mine = [r for r in rows if r["grid"] == "trained"]
+    assert sorted({r["tau"] for r in mine}) == sorted(s.train_taus) and len(mine) == len(s.train_taus) * s.seeds
+    for r in mine:
+        assert r["passed"] and r["param_gap"] <= r["gd_bound"] + FLOAT32_FLOOR
+        assert abs(r["icl_error"] - r["ridge_error"]) <= 1e-3 * r["ridge_error"]
+    report(f"pretraining_tau quick: GD vs ridge worst parameter gap {max(r['param_gap'] for r in mine):.2e}")

@@ -15,10 +15,12 @@
   sampling_fraction       time to draw one batch of token prompts the naive way / time of one training step
   matmul_fraction         achieved FLOP/s of a training step (XLA cost analysis) / FLOP/s of a 2048^3 matmul
   cost_table              ms per training step over d and n, Gram draws (default) and token draws
-  record_overhead         (--records, and in the full benchmark) a sweep of 50 points (5 context lengths x 10
-                          seeds, linear attention, 2000 steps) with 50 training records (every 40 steps: the loss on 2048
-                          fixed prompts and the preconditioner's spectrum) over the same sweep with them off,
-                          compilation excluded, interleaved, best of two each (issue 34's bar: under 5%)
+  record_overhead_*       (--records, and in the full benchmark) a sweep of 50 points (5 context lengths x 10
+                          seeds, linear attention, batch 512, 1000 and 2000 steps) with 50 training records (every 20
+                          or 40 steps: the loss on record_prompts fixed prompts, TrainConfig's default, and the
+                          preconditioner's spectrum) over the same sweep with them off, compilation excluded,
+                          alternating off/on, best of three each; wall and (record_overhead_cpu_*) CPU seconds
+                          (issue 34's bar: under 5%)
   reproduce_wall_s        sum of the wall times recorded in figures/*.json (the last `make reproduce`)
   wall_*_s                (--wall) a fresh clone of the committed HEAD in a temporary folder: `make test`
                           with the install (wall_make_test_fresh_clone_s), then `make quick` with its caches
@@ -126,22 +128,26 @@ def step_time(n, steps, dim=DIM, sampler="auto"):
     return timed(lambda: train.fit_sweep(model, design, [n], [1], config(steps, sampler)).losses) / steps
 
 
-def record_overhead(steps=2000, every=40, repeats=2):
-    """(seconds off, seconds on, on/off) of a 50-point sweep (5 context lengths x 10 seeds) with training
-    records off and on (``record_every``, the loss on ``record_prompts`` fixed prompts and the effective
-    preconditioner's spectrum), each compiled first, then timed interleaved, best of ``repeats``."""
-    from iclsim import records
+def record_overhead(steps, records=50, repeats=3, record_prompts=None):
+    """{"off", "on"}: (best wall seconds, best CPU seconds of this process) of a 50-point sweep (5 context
+    lengths x 10 seeds) with training records off and on (``records`` of them, every steps / records steps: the
+    loss on ``record_prompts`` fixed prompts, None for ``TrainConfig``'s default, and the effective
+    preconditioner's spectrum), each compiled first, then timed alternating off/on, best of ``repeats``. CPU
+    seconds (all threads) are the steadier measure on a shared machine, where wall time follows the load."""
+    from iclsim import records as rec
     model, design, ns, seeds = models.LinearAttention(DIM), IID(DIM), [5, 10, 20, 30, 40], list(range(10))
     off = config(steps)
-    on = dataclasses.replace(off, record_every=every, summarize=records.preconditioner_spectrum(model, max(ns)))
+    on = dataclasses.replace(off, record_every=steps // records, summarize=rec.preconditioner_spectrum(model, max(ns)),
+                             **({} if record_prompts is None else {"record_prompts": record_prompts}))
     for cfg in (off, on):
         train.fit_sweep(model, design, ns, seeds, cfg)  # compile
-    times = {id(off): [], id(on): []}
-    for _ in range(repeats):
-        for cfg in (off, on):
-            times[id(cfg)].append(timed(lambda: train.fit_sweep(model, design, ns, [s + 100 for s in seeds], cfg).losses))
-    t_off, t_on = min(times[id(off)]), min(times[id(on)])
-    return t_off, t_on, t_on / t_off
+    times = {"off": [], "on": []}
+    for r in range(repeats):
+        for name, cfg in (("off", off), ("on", on)):
+            wall, cpu = time.perf_counter(), time.process_time()
+            jax.block_until_ready(train.fit_sweep(model, design, ns, [s + 100 + r for s in seeds], cfg).losses)
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {name: (min(w for w, _ in t), min(c for _, c in t)) for name, t in times.items()}
 
 
 def sampling_and_flops(n, repeats):
@@ -323,8 +329,12 @@ def full(result, small, mm_rate):
 
 
 def add_record_overhead(result):
-    t_off, t_on, ratio = record_overhead()
-    result.update({"record_off_s": round(t_off, 3), "record_on_s": round(t_on, 3), "record_overhead": round(ratio - 1, 4)})
+    for steps in (1000, 2000):
+        t = record_overhead(steps)
+        result.update({f"record_off_s_{steps}": round(t["off"][0], 3), f"record_on_s_{steps}": round(t["on"][0], 3),
+                       f"record_off_cpu_s_{steps}": round(t["off"][1], 3), f"record_on_cpu_s_{steps}": round(t["on"][1], 3),
+                       f"record_overhead_{steps}": round(t["on"][0] / t["off"][0] - 1, 4),
+                       f"record_overhead_cpu_{steps}": round(t["on"][1] / t["off"][1] - 1, 4)})
 
 
 if __name__ == "__main__":

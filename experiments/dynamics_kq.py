@@ -5,7 +5,9 @@ step, so time t = learning rate x step follows gradient flow), 8 seeds per run, 
 
 - merged KQ, aligned start on a white design: the closed-form logistic, one abrupt drop;
 - separate KQ (rank one per head), aligned start: the scalar ODEs, one drop per principal component, at
-  two init scales (drop times ~ 1 / (2 lam_i c_i u0): ordered by the eigenvalues, twice as late at u0 / 2);
+  two init scales (drop times ~ 1 / (2 lam_i c_i u0): ordered by the eigenvalues, twice as late at u0 / 2),
+  and on a second, steeper spectrum at the same u0 (c_i = lam_i here, so the later drops come later as
+  1 / lam_i^2: the drops' dependence on the covariance's eigenvalues; ``summary``'s drop_ratio_by_spectrum);
 - both with the authors' random start: the exact population gradient flow from each seed's own initial
   parameters (RK4), one head of rank one stopping at PCR with one component.
 
@@ -39,15 +41,17 @@ RUNS = {  # name: (model kind, heads, start, init_scale, design, steps)
     "merged, 4 heads, random": ("merged", 4, "random", 1e-2, "aniso", 600),
     "separate, 3 heads, aligned u0=0.1": ("separate", 3, "aligned", 0.1, "aniso", 1200),
     "separate, 3 heads, aligned u0=0.05": ("separate", 3, "aligned", 0.05, "aniso", 2200),
+    "separate, 3 heads, aligned u0=0.1, steeper": ("separate", 3, "aligned", 0.1, "steeper", 2000),
     "separate, 1 head, random": ("separate", 1, "random", 0.5, "aniso", 1000),
     "separate, 3 heads, random": ("separate", 3, "random", 0.5, "aniso", 2200),
 }
 
 
 def designs(s):
-    lam = np.asarray(s.eigenvalues, np.float64)
+    lam, steep = np.asarray(s.eigenvalues, np.float64), np.asarray(s.eigenvalues_steeper, np.float64)
     return {"aniso": IID(len(lam), cov_x=np.diag(lam), noise_var=s.noise_var),
-            "white": IID(len(lam), cov_x=np.mean(lam) * np.eye(len(lam)), noise_var=s.noise_var)}
+            "white": IID(len(lam), cov_x=np.mean(lam) * np.eye(len(lam)), noise_var=s.noise_var),
+            "steeper": IID(len(steep), cov_x=np.diag(steep), noise_var=s.noise_var)}
 
 
 def build(kind, heads, start, scale, d):
@@ -97,6 +101,7 @@ def run(s, seed, context):
         comps = [0, design.dim] if kind == "merged" else list(range(len(ladder)))
         sp = dy.spectrum(design, n)  # separate KQ, aligned: drop j near 1 / (2 lam_j c_j u0) for small u0
         small_init = 1 / (2 * sp.lam * sp.c * scale) if (kind, start) == ("separate", "aligned") else None
+        spectrum = "/".join(f"{x:g}" for x in np.diag(np.asarray(design.cov_x)))
         for k, sd in enumerate(seeds):
             th_k = th[min(k, len(th) - 1)]
             theory_k = np.interp(t, times, th_k)
@@ -106,8 +111,8 @@ def run(s, seed, context):
             drops_theory = dy.drop_times(times, th_k, ladder)
             drops = dy.drop_times(rec_t, rec[k], ladder)
             for j, (dt_, dth) in enumerate(zip(drops, drops_theory)):
-                rows.append({"kind": "drop", "run": name, "seed": sd, "drop": j + 1, "t_trained": float(dt_),
-                             "t_theory": float(dth), "ratio": float(dt_ / dth),
+                rows.append({"kind": "drop", "run": name, "seed": sd, "drop": j + 1, "spectrum": spectrum,
+                             "t_trained": float(dt_), "t_theory": float(dth), "ratio": float(dt_ / dth),
                              "t_small_init": float(small_init[j]) if small_init is not None else float("nan")})
             # plateau j: the window nearest the middle (geometric) of its stretch in the theory curve, the
             # last plateau at the end of the run; on_plateau: the theory curve itself is there within 1% of
@@ -167,7 +172,7 @@ def plot(rows, s):
     for ax in axes[len(names) + 1:]:
         ax.axis("off")
     fig.suptitle(f"Linear attention over training: merged vs separate key-query (d = {len(s.eigenvalues)}, "
-                 f"n = {s.n}, eigenvalues {s.eigenvalues}, {s.seeds} seeds)\ncurves: each seed's fixed "
+                 f"n = {s.n}, eigenvalues {s.eigenvalues}; steeper {s.eigenvalues_steeper}, {s.seeds} seeds)\ncurves: each seed's fixed "
                  f"evaluation set of {s.record_prompts} prompts, which carries its own Monte Carlo offset at every "
                  "step; plateau levels are read from fresh batches (summary)", fontsize=10)
     return fig
@@ -178,7 +183,7 @@ def summary(rows):
     for name in dict.fromkeys(r["run"] for r in rows):
         drops = [r for r in rows if r["kind"] == "drop" and r["run"] == name]
         plats = [r for r in rows if r["kind"] == "plateau" and r["run"] == name]
-        entry = {}
+        entry = {"spectrum": drops[0]["spectrum"]} if drops else {}
         for j in sorted({r["drop"] for r in drops}):
             ratios = [r["ratio"] for r in drops if r["drop"] == j]
             ok = [x for x in ratios if np.isfinite(x)]
@@ -202,12 +207,21 @@ def summary(rows):
                                       "seeds_off_plateau": len(sub) - len(on),
                                       "theory_curve_there": round(float(np.mean([r["theory"] for r in sub])), 5)}
         out[name] = entry
+    # the drops' dependence on the covariance's eigenvalues: per spectrum (Sx's diagonal), each run's mean
+    # drop time trained / theory, drop by drop (missed drops left out and counted above)
+    by_spectrum = {}
+    for name, entry in out.items():
+        if "spectrum" in entry:
+            means = [entry[f"drop{j}_ratio_mean_ci95"] for j in range(1, 4) if f"drop{j}_ratio_mean_ci95" in entry]
+            by_spectrum.setdefault(entry["spectrum"], {})[name] = [m[0] if m else None for m in means]
+    out["drop_ratio_by_spectrum"] = by_spectrum
     return out
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     eigenvalues: tuple[float, ...] = (1.0, 0.6, 0.35)  # the feature covariance's spectrum (the aniso design)
+    eigenvalues_steeper: tuple[float, ...] = (1.0, 0.5, 0.25)  # a steeper one (the steeper design): later drops
     noise_var: float = 0.0
     n: int = 20
     seeds: int = 8

@@ -4,9 +4,9 @@ linear attention: Zhang, Singh, Latham & Saxe 2025; Zhang, Frei & Bartlett 2024)
 
 At each recorded step s (the parameters after s optimizer updates; 0 is the initialisation) the
 engine records the training loss on a fixed evaluation set, not the noisy batch loss: the first
-``TrainConfig.record_prompts`` prompts drawn from fold_in(PRNGKey(seed), ``rng.Stream.RECORD``) with
-the point's design, n and n_slots (``evaluation_key``), the same at every step, drawn once per point,
-and independent of the layout (alone, in a sweep, over any devices). With ``TrainConfig.summarize``
+``TrainConfig.recorded_prompts()`` prompts (``record_prompts``, by default the batch size) drawn from
+fold_in(PRNGKey(seed), ``rng.Stream.RECORD``) with the point's design, n and n_slots (``evaluation_key``),
+the same at every step, drawn once per point, and independent of the layout (alone, in a sweep, over any devices). With ``TrainConfig.summarize``
 it records ``summarize(params)`` too, a pytree of arrays: ``preconditioner_spectrum`` (PGD-form
 models) and ``layer_step_sizes`` (the GD-form ``LinearTransformer``) are ready-made. Inside the
 compiled step loop a recorded step is a ``lax.cond`` whose predicate is the step index (not batched,
@@ -109,7 +109,7 @@ def recorder(model, config, loss_fn: Callable, n_slots: int, gram: bool):
         return loss, (None if config.summarize is None else config.summarize(params))
 
     def start(design, n, key, params):
-        prompts = draw(design, evaluation_key(key), config.record_prompts, n, n_slots, config.dtype, gram)
+        prompts = draw(design, evaluation_key(key), config.recorded_prompts(), n, n_slots, config.dtype, gram)
         shapes = jax.eval_shape(measure, params, prompts)
         buffers = jax.tree_util.tree_map(lambda s: jnp.zeros((count,) + s.shape, s.dtype), shapes)
         return prompts, buffers

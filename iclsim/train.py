@@ -61,7 +61,13 @@ class TrainConfig:
     record_every / record_steps (at most one): record the course of training (``records``, ``FitResult.record``)
     at steps 0, K, 2K, ... and ``steps`` (record_every = K), or at the given increasing steps in [0, steps]
     (step s: the parameters after s updates); None records nothing. record_prompts: the size of each point's
-    fixed evaluation set the recorded loss is measured on. summarize: None, or a function params -> pytree
+    fixed evaluation set the recorded loss is measured on; None (the default) takes batch_size
+    (``recorded_prompts``): a record is one forward pass over as many prompts as a training step sees, so
+    recording costs a fixed fraction of a run whatever the batch (docs/performance.md §2.13). The set's Monte
+    Carlo error (a relative SE of about sqrt(2 / record_prompts) of the loss for Gaussian residuals: 6% at
+    512) is an offset that moves slowly with the parameters, not noise from step to step (the same prompts
+    at every step), so the curve stays smooth; pass more prompts where the level itself is compared.
+    summarize: None, or a function params -> pytree
     of arrays recorded beside the loss (``records.preconditioner_spectrum``, ``records.layer_step_sizes``).
     pretraining_prompts: None trains on fresh prompts every step (infinite pretraining data); P trains on
     one stored set of P prompts per point, drawn once from fold_in(PRNGKey(seed), ``rng.Stream.PRETRAINING``)
@@ -82,7 +88,7 @@ class TrainConfig:
     divergence_factor: float | None = 1e6
     record_every: int | None = None
     record_steps: tuple | None = None
-    record_prompts: int = 2048
+    record_prompts: int | None = None
     summarize: Callable | None = None
     pretraining_prompts: int | None = None
 
@@ -116,7 +122,8 @@ class TrainConfig:
                                  f"set; batch_size = pretraining_prompts is full-batch training), got {self.batch_size}")
 
     def _check_records(self):
-        check.positive_int("record_prompts", self.record_prompts)
+        if self.record_prompts is not None:
+            check.positive_int("record_prompts", self.record_prompts)
         if self.record_every is not None and self.record_steps is not None:
             raise ValueError("give at most one of record_every and record_steps")
         if self.record_every is not None:
@@ -135,6 +142,10 @@ class TrainConfig:
                                 f"{type(self.summarize).__name__}")
             if self.recorded_steps() is None:
                 raise ValueError("summarize needs record_every or record_steps (the steps to record at)")
+
+    def recorded_prompts(self) -> int:
+        """The size of each point's record evaluation set: ``record_prompts``, or batch_size where it is None."""
+        return self.batch_size if self.record_prompts is None else self.record_prompts
 
     def recorded_steps(self) -> tuple | None:
         """The recorded steps, increasing in [0, steps] (see ``record_every``, ``record_steps``); None when off."""
@@ -366,7 +377,7 @@ def _fits(model, config, points: int, n_slots: int, dim: int, cache) -> None:
     size = sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize
                for leaf in jax.tree_util.tree_leaves(jax.eval_shape(model.init, jax.random.PRNGKey(0))))
     at_once = points if cache is None else min(points, cache.chunk)
-    held = config.batch_size + (config.pretraining_prompts or 0) + (config.record_prompts if config.recorded_steps() else 0)
+    held = config.batch_size + (config.pretraining_prompts or 0) + (config.recorded_prompts() if config.recorded_steps() else 0)
     batch = held * (n_slots + 1) * (dim + 1) * np.dtype(config.dtype).itemsize
     check.memory(f"fit_sweep of {at_once} network(s) of {size / 2**20:.3g} MiB of parameters each",
                  float(at_once) * (4 * size + batch),

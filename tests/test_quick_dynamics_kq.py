@@ -29,6 +29,11 @@ def test_dynamics_kq_quick(tmp_path):
     # the plateaus descend: more components, lower risk
     levels = {r["components"]: r["pcr_risk"] for r in plateaus}
     assert all(levels[k] > levels[k + 1] for k in range(3))
+    # the summary's drop ratios per spectrum: the run's three drops under its design's eigenvalues
+    by_spectrum = EXPERIMENTS["dynamics_kq"].summary(rows)["drop_ratio_by_spectrum"]
+    assert list(by_spectrum) == ["1/0.6/0.35"]
+    assert [len(v) for v in by_spectrum["1/0.6/0.35"].values()] == [3]
+    assert all(0.8 < x < 1.25 for x in by_spectrum["1/0.6/0.35"]["separate, 3 heads, aligned u0=0.1"])
 
 
 def test_initial_params_are_the_trained_start():

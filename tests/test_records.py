@@ -49,6 +49,28 @@ def test_recorded_loss_is_the_evaluation_set_loss_of_that_steps_parameters():
     assert_close(fitted.losses, steps.losses, rtol=0, atol=0)  # recording leaves training alone
 
 
+def test_the_default_evaluation_set_is_one_batch_of_prompts():
+    """record_prompts=None (the default) scores each record on batch_size prompts of the evaluation stream,
+    the record an explicit record_prompts=batch_size gives, and follows batch_size when it is replaced.
+    Planted bugs caught: a fixed default size (another set: another loss), the size read once at
+    construction (the replaced config would keep the old one)."""
+    design, n, seed = IID(3, noise_var=0.3), 5, 2
+    config = train.TrainConfig(steps=20, batch_size=64, learning_rate=0.02, warmup_steps=5, record_every=10)
+    assert config.record_prompts is None and config.recorded_prompts() == 64
+    default = train.fit_sweep(MODEL, design, [n], [seed], config)
+    explicit = train.fit_sweep(MODEL, design, [n], [seed], dataclasses.replace(config, record_prompts=64))
+    np.testing.assert_array_equal(default.record.loss, explicit.record.loss)
+    init = MODEL.init(jax.random.split(jax.random.PRNGKey(seed), config.steps + 1)[0])
+    for size in (64, 48):
+        sized = dataclasses.replace(config, batch_size=size)
+        assert sized.recorded_prompts() == size
+        fitted = train.fit_sweep(MODEL, design, [n], [seed], sized)
+        want = _evaluation_loss(MODEL, init, design, n, n, seed, dataclasses.replace(sized, record_prompts=size))
+        assert_close(fitted.record.loss[0, 0, 0, 0], want, rtol=1e-6)
+    other = _evaluation_loss(MODEL, init, design, n, n, seed, dataclasses.replace(config, record_prompts=2048))
+    assert abs(other - default.record.loss[0, 0, 0, 0]) > 1e-3 * other  # another set size, another loss
+
+
 def test_with_no_updates_the_record_is_flat():
     """optax.set_to_zero() (a zero learning rate) and sgd at a tiny learning rate: every recorded loss and
     spectrum equals the first. Planted bug caught: the noisy batch loss recorded (it varies step to step)."""

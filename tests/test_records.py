@@ -57,16 +57,11 @@ def test_the_default_evaluation_set_is_one_batch_of_prompts():
     design, n, seed = IID(3, noise_var=0.3), 5, 2
     config = train.TrainConfig(steps=20, batch_size=64, learning_rate=0.02, warmup_steps=5, record_every=10)
     assert config.record_prompts is None and config.recorded_prompts() == 64
+    assert dataclasses.replace(config, batch_size=48).recorded_prompts() == 48
     default = train.fit_sweep(MODEL, design, [n], [seed], config)
     explicit = train.fit_sweep(MODEL, design, [n], [seed], dataclasses.replace(config, record_prompts=64))
     np.testing.assert_array_equal(default.record.loss, explicit.record.loss)
     init = MODEL.init(jax.random.split(jax.random.PRNGKey(seed), config.steps + 1)[0])
-    for size in (64, 48):
-        sized = dataclasses.replace(config, batch_size=size)
-        assert sized.recorded_prompts() == size
-        fitted = train.fit_sweep(MODEL, design, [n], [seed], sized)
-        want = _evaluation_loss(MODEL, init, design, n, n, seed, dataclasses.replace(sized, record_prompts=size))
-        assert_close(fitted.record.loss[0, 0, 0, 0], want, rtol=1e-6)
     other = _evaluation_loss(MODEL, init, design, n, n, seed, dataclasses.replace(config, record_prompts=2048))
     assert abs(other - default.record.loss[0, 0, 0, 0]) > 1e-3 * other  # another set size, another loss
 

@@ -32,8 +32,10 @@ test-fast: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow -n 2 --dist loadfile
 
+# two experiments at once, each in a worker with every CPU device (the numbers are those of a sequential run:
+# tests/test_trust_round2.py); on 2 cores 21.8 min against 24.9 (docs/performance.md §5)
 reproduce: $(STAMP)
-	$(VENV)/bin/iclsim run all
+	$(VENV)/bin/iclsim run all --jobs 2
 
 quick: $(STAMP)
 	$(VENV)/bin/iclsim run all --quick --out results/quick

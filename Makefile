@@ -27,13 +27,14 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile $(FAST)
 
 # the slow tier: every experiment's quick study end to end, the guide's worked examples, the two-process
-# cluster, the installed wheel, the tutorials (with the docs extra), the long layout cases; their library pieces
-# are in make test
+# cluster, the installed wheel (make test checks no packaging), a failing or killed --jobs worker, the fuzzed
+# cases of checks make test runs once, the tutorials (with the docs extra), the long layout cases; their
+# library pieces are in make test. Run it before a release.
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow -n 2 --dist loadfile
 
 # two experiments at once, each in a worker with every CPU device (the numbers are those of a sequential run:
-# tests/test_trust_round2.py); on 2 cores 21.8 min against 24.9 (docs/performance.md §5)
+# tests/test_trust_round2.py; the measured times: docs/performance.md §5)
 reproduce: $(STAMP)
 	$(VENV)/bin/iclsim run all --jobs 2
 

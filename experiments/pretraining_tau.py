@@ -72,6 +72,7 @@ def _sweep(d, kappa, s, seeds, taus):
 
 def run(s, seed, context):
     progress = context.progress
+    _check_training(s)
     seeds = [seed + k for k in range(s.seeds)]
     alpha, rho, lam = s.alpha, s.noise_var, s.ridge
     rows = []
@@ -93,6 +94,20 @@ def run(s, seed, context):
     return rows + _trained(s, seeds, progress, context.cache)
 
 
+def _check_training(s):
+    """The trained networks' settings, checked before any fit (a wrong one would fail after the closed forms)."""
+    if s.train_taus and (not s.fresh_tasks or s.train_dim not in s.dims):
+        raise RunError(f"the trained networks are compared with the fresh-task curve at d = train_dim: train_dim must "
+                       f"be one of dims = {s.dims} and fresh_tasks true (got train_dim = {s.train_dim}, fresh_tasks = "
+                       f"{s.fresh_tasks}); or set train_taus to ()")
+    if not 0 < s.step_fraction < 1:
+        raise RunError(f"step_fraction must be in (0, 1) (gradient descent is stable for step < 1 / lambda_max), "
+                       f"got {s.step_fraction!r}")
+    if not 0 < s.gate_tolerance < 1:
+        raise RunError(f"gate_tolerance must be in (0, 1) (relative distance to the ridge solution), "
+                       f"got {s.gate_tolerance!r}")
+
+
 def _span_spectrum(H, ridge):
     """The eigenvalues of A = H^T H / P + (ridge / d) I on the span of the features (the subspace gradient
     descent from Gamma = 0 moves in): the nonzero eigenvalues of H^T H / P, plus ridge / d."""
@@ -105,12 +120,6 @@ def _span_spectrum(H, ridge):
 def _trained(s, seeds, progress, cache):
     """Rows of the gradient-trained networks (module docstring): per tau in ``train_taus`` one sweep over seeds."""
     d, rho, lam = s.train_dim, s.noise_var, s.ridge
-    if not 0 < s.step_fraction < 1:
-        raise RunError(f"step_fraction must be in (0, 1) (gradient descent is stable for step < 1 / lambda_max), "
-                       f"got {s.step_fraction!r}")
-    if not 0 < s.gate_tolerance < 1:
-        raise RunError(f"gate_tolerance must be in (0, 1) (relative distance to the ridge solution), "
-                       f"got {s.gate_tolerance!r}")
     n = int(round(s.alpha * d))
     design, model = pretraining.lu_design(d, rho), pretraining.ReducedAttention(d)
     loss = functools.partial(pretraining.ridge_objective, ridge=lam)
@@ -184,9 +193,14 @@ def _peaks(rows, kappa, d):
     return np.array(out)
 
 
+def _axes(rows):
+    """The kappas and dims of the closed-form fits (the curve and peak grids, not the trained rows)."""
+    fits = [r for r in rows if r["grid"] in ("curve", "peak")]
+    return list(dict.fromkeys(r["kappa"] for r in fits)), sorted({r["d"] for r in fits})
+
+
 def summary(rows):
-    kappas = list(dict.fromkeys(r["kappa"] for r in rows))
-    dims = sorted({r["d"] for r in rows})
+    kappas, dims = _axes(rows)
     out = {}
     for kappa in kappas:
         base = _by(rows, "curve", kappa=kappa, d=dims[-1])
@@ -252,8 +266,7 @@ def _trained_summary(rows):
 
 def plot(rows, s):
     alpha, rho, lam = s.alpha, s.noise_var, s.ridge
-    kappas = list(dict.fromkeys(r["kappa"] for r in rows))
-    dims = sorted({r["d"] for r in rows})
+    kappas, dims = _axes(rows)
     colours = plotting.colour_map(kappas)
     fig, (ax, gax, pax) = plotting.panels(3, width=4.8)
     dense = np.geomspace(min(s.taus), max(s.taus), 240)

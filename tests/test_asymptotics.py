@@ -195,3 +195,28 @@ def test_reduced_attention_predicts_as_its_attention_form():
     np.testing.assert_allclose(mine, attention, rtol=1e-9, atol=1e-12)
     with pytest.raises(ValueError, match="dim"):
         pretraining.ReducedAttention(0)
+
+
+def test_pretraining_tau_refuses_trained_settings_it_cannot_compare_and_reads_axes_from_the_fits():
+    """The experiment's trained networks are compared with the fresh-task curve at d = train_dim: a train_dim not
+    among dims, fresh_tasks off, or a step fraction / gate tolerance outside (0, 1) is a RunError naming the
+    setting, raised before any fit; its summary and plot take kappa and d from the closed-form rows only.
+    Planted bug caught: the trained rows' d = train_dim read as a curve's d (summary and plot crashed on an
+    empty curve)."""
+    import dataclasses
+    import sys
+
+    from iclsim.registry import RunContext
+    from iclsim.runner import RunError
+    from tests.quick import EXPERIMENTS
+
+    study = sys.modules[EXPERIMENTS["pretraining_tau"].run.__module__]
+    quick = EXPERIMENTS["pretraining_tau"].quick
+    context = RunContext(progress=lambda line: None)
+    for change, name in (({"train_dim": quick.dims[0] + 1}, "train_dim"), ({"fresh_tasks": False}, "fresh_tasks"),
+                         ({"step_fraction": 1.0}, "step_fraction"), ({"gate_tolerance": 0.0}, "gate_tolerance")):
+        with pytest.raises(RunError, match=name):
+            study.run(dataclasses.replace(quick, **change), 0, context)
+    rows = [{"grid": "curve", "kappa": "0.5", "d": 6}, {"grid": "peak", "kappa": "inf", "d": 12},
+            {"grid": "trained", "kappa": "inf", "d": 8}]
+    assert study._axes(rows) == (["0.5", "inf"], [6, 12])

@@ -239,7 +239,6 @@ def test_jobs_run_experiments_in_workers_after_what_they_read(exps, tmp_path, ca
     assert sorted(p.name for p in parallel.iterdir() if p.name.startswith(".")) == []  # no pending sets, no lock
 
 
-@pytest.mark.slow  # two worker processes (make test keeps test_jobs_run_experiments_in_workers_after_what_they_read)
 def test_jobs_without_out_write_to_the_default_folder(exps, tmp_path, capsys, monkeypatch):
     """--jobs without --out: the workers are handed the resolved default folder (results/quick under
     --quick). Planted bug caught: the workers given None (the run stopped with nothing written)."""

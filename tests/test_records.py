@@ -23,7 +23,7 @@ def _evaluation_loss(model, params, design, n, n_slots, seed, config):
     """The loss of ``params`` on the point's evaluation set, drawn here from the named stream by hand."""
     key = jax.random.fold_in(jax.random.PRNGKey(seed), np.uint32(2**32 - 8))
     gram = train.uses_gram(model, design, n_slots, config.sampler)
-    prompts = draw(design, key, config.record_prompts, n, n_slots, config.dtype, gram)
+    prompts = draw(design, key, config.recorded_prompts(), n, n_slots, config.dtype, gram)
     return float(train.squared_loss(model, params, prompts))
 
 

@@ -257,3 +257,12 @@ def predictions(pred, y_query, where: str):
                          f"shape {tuple(np.shape(y_query))} (one prediction per prompt, [B]); a [B, 1] output would "
                          "broadcast the squared error to [B, B]: return preds[..., 0] or reshape to [B]")
     return pred
+
+
+def model_fields(model, *positive: str) -> None:
+    """The checks every model's fields share: ``dim`` a positive integer, ``dtype`` a float dtype, and each
+    field named in ``positive`` (context, steps, layers, ...) a positive integer, in that order."""
+    positive_int("dim", model.dim)
+    float_dtype("dtype", model.dtype)
+    for name in positive:
+        positive_int(name, getattr(model, name))

@@ -84,8 +84,8 @@ def use_all_cpu_cores() -> None:
 
 
 def quick_compilation() -> None:
-    """For --quick runs, whose wall time is mostly XLA compiling small programs: XLA CPU's fusion emitters
-    off (unless XLA_FLAGS names them; docs/performance.md §2.8 has the measurements). Must run
+    """For --quick runs, whose programs are small and so dominated by their compilation: XLA CPU's fusion
+    emitters off (unless XLA_FLAGS names them; docs/performance.md §2.8 has the measurements). Must run
     before JAX starts its backends; the sweep cache's keys cover XLA_FLAGS (``key``)."""
     set_xla_flag("xla_cpu_use_fusion_emitters", "false")
 

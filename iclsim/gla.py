@@ -59,9 +59,7 @@ class GLA:
     inert_padding = False  # a padded token's gate multiplies the weights of everything before it
 
     def __post_init__(self):
-        check.positive_int("dim", self.dim)
-        check.positive_int("layers", self.layers)
-        check.float_dtype("dtype", self.dtype)
+        check.model_fields(self, "layers")
         if self.gate not in ("scalar", "vector"):
             raise ValueError(f"gate must be 'scalar' or 'vector', got {self.gate!r}")
         if self.form not in ("recurrent", "parallel"):

@@ -46,9 +46,9 @@ def uses_gram(model, designs, n_slots: int, sampler: str = "auto") -> bool:
     return sampler == "gram"
 
 
-# first-pass Marsaglia-Tsang proposals per entry: with one, a vmapped sweep's rejection loop ran about
-# 2.5 rounds per step for all members (it runs until every entry of every member is accepted); with four,
-# it rarely runs (docs/performance.md §2.9)
+# first-pass Marsaglia-Tsang proposals per entry: a vmapped sweep's rejection loop runs for all members until
+# every entry of every member is accepted, so one proposal makes it run most steps and four make it rare
+# (the measurement: docs/performance.md §2.9)
 PROPOSALS = 4
 
 

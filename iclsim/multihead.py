@@ -37,9 +37,7 @@ STARTS = ("random", "aligned")
 
 
 def _check_common(model):
-    check.positive_int("dim", model.dim)
-    check.positive_int("heads", model.heads)
-    check.float_dtype("dtype", model.dtype)
+    check.model_fields(model, "heads")
     scale = model.init_scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale < np.inf:
         raise ValueError(f"init_scale must be a finite number > 0, got {scale!r}")

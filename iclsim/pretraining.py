@@ -87,8 +87,7 @@ class ReducedAttention:
     inert_padding = True  # zero context pairs add nothing to H's sums (n stays the slot count, as in ``features``)
 
     def __post_init__(self):
-        check.positive_int("dim", self.dim)
-        check.float_dtype("dtype", self.dtype)
+        check.model_fields(self)
 
     def init(self, key) -> dict:
         return {"Gamma": jnp.zeros((self.dim, self.dim + 1), self.dtype)}

@@ -35,8 +35,8 @@ class Progress(NamedTuple):
 
 
 def printer(label: str = "sweep", file=None) -> Callable[[Progress], None]:
-    """A progress function that prints one line per report, e.g. 'fit_sweep: 12.0 of 48 points, 31 s elapsed,
-    about 93 s left', to ``file`` (default sys.stderr)."""
+    """A progress function that prints one line per report, 'LABEL: K of N points, E s elapsed, about R s
+    left', to ``file`` (default sys.stderr)."""
 
     def report(p: Progress) -> None:
         left = "" if p.remaining is None else f", about {p.remaining:.0f} s left"

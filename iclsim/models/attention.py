@@ -34,8 +34,7 @@ class LinearAttention:
     inert_padding = True  # no biases: a zero context token adds nothing to S
 
     def __post_init__(self):
-        check.positive_int("dim", self.dim)
-        check.float_dtype("dtype", self.dtype)
+        check.model_fields(self)
         _check_rank(self.rank, self.dim + 1)
 
     def init(self, key) -> Params:
@@ -94,9 +93,7 @@ class H3:
     inert_padding = True  # no biases: zero context tokens add nothing
 
     def __post_init__(self):
-        check.positive_int("dim", self.dim)
-        check.float_dtype("dtype", self.dtype)
-        check.positive_int("context", self.context)
+        check.model_fields(self, "context")
         if self.channels is not None:
             check.positive_int("channels", self.channels)
         check.positive_int("shift_size", self.shift_size)

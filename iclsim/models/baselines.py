@@ -28,8 +28,7 @@ class Ridge:
     inert_padding = True  # no biases: zero context tokens add nothing
 
     def __post_init__(self):
-        check.positive_int("dim", self.dim)
-        check.float_dtype("dtype", self.dtype)
+        check.model_fields(self)
         if isinstance(self.penalty, bool) or not (isinstance(self.penalty, (int, float)) or hasattr(self.penalty, "dtype")) \
                 or not float(self.penalty) >= 0 or not float(self.penalty) < float("inf"):  # inf: a NaN-prone pinv
             raise ValueError(f"penalty must be >= 0 and finite, got {self.penalty!r}")
@@ -60,9 +59,7 @@ class GD:
     inert_padding = True  # no biases: zero context tokens add nothing
 
     def __post_init__(self):
-        check.positive_int("dim", self.dim)
-        check.float_dtype("dtype", self.dtype)
-        check.positive_int("steps", self.steps)
+        check.model_fields(self, "steps")
 
     def init(self, key) -> Params:
         return {"eta": jnp.asarray(0.01, self.dtype)}

@@ -26,8 +26,7 @@ class PGD:
     inert_padding = True  # no biases: zero context tokens add nothing
 
     def __post_init__(self):
-        check.positive_int("dim", self.dim)
-        check.float_dtype("dtype", self.dtype)
+        check.model_fields(self)
         _check_rank(self.rank, self.dim)
 
     def init(self, key) -> Params:
@@ -65,9 +64,7 @@ class WPGD:
     inert_padding = True  # no biases: zero context tokens add nothing
 
     def __post_init__(self):
-        check.positive_int("dim", self.dim)
-        check.float_dtype("dtype", self.dtype)
-        check.positive_int("context", self.context)
+        check.model_fields(self, "context")
 
     def init(self, key) -> Params:
         d = self.dim

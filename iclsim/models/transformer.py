@@ -51,9 +51,7 @@ class LinearTransformer:
     inert_padding = True  # no biases: zero context tokens add nothing
 
     def __post_init__(self):
-        check.positive_int("dim", self.dim)
-        check.float_dtype("dtype", self.dtype)
-        check.positive_int("layers", self.layers)
+        check.model_fields(self, "layers")
         if self.form not in FORMS:
             raise ValueError(f"form must be one of {FORMS}, got {self.form!r}")
         if self.mlp and self.form != "full":

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from iclsim import _validate as check
+from iclsim import rng
 from iclsim.designs import Prompts
 
 __all__ = ["GLA", "EffectiveWPGD"]
@@ -74,7 +75,7 @@ class GLA:
     def init(self, key) -> Params:
         """W_l = 0.01 I / d-ish noise, gate weights 0 and biases ``gate_bias`` (near-constant initial gates)."""
         L, d, g = self.layers, self.dim, self.channels
-        W = 0.01 / d * jax.random.normal(key, (L, d, d), self.dtype)
+        W = 0.01 / d * rng.normal(key, (L, d, d), self.dtype)
         return {"W": W, "gate_w": jnp.zeros((L, g, d + 1), self.dtype),
                 "gate_b": jnp.full((L, g), self.gate_bias, self.dtype)}
 

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["BatchShard", "draw_many", "normals", "Stream", "reference_stream", "seed_keys", "stream_key",
+__all__ = ["BatchShard", "draw_many", "normal", "normals", "Stream", "reference_stream", "seed_keys", "stream_key",
            "stream_keys"]
 
 
@@ -183,6 +183,13 @@ def _cut(flat, shapes) -> list[jax.Array]:
     """Consecutive pieces of ``flat`` reshaped to ``shapes``."""
     ends = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
     return [flat[a:b].reshape(shape) for a, b, shape in zip(ends[:-1], ends[1:], shapes)]
+
+
+def normal(key, shape, dtype) -> jax.Array:
+    """``jax.random.normal(key, shape, dtype)``, bit for bit (partitionable threefry counts the flattened
+    index), drawn as one flat vector and reshaped: XLA compiles a rank-1 threefry loop instead of one over
+    every axis of ``shape`` (docs/performance.md §6: the compile of a Monte Carlo draw block)."""
+    return jax.random.normal(key, (int(np.prod(shape)),), dtype).reshape(shape)
 
 
 def normals(key, dtype, *shapes, shard: BatchShard | None = None):

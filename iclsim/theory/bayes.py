@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iclsim import _validate as check
-from iclsim import montecarlo
+from iclsim import montecarlo, rng
 from iclsim._precision import float64
 from iclsim.designs import IID, _check_n
 from iclsim.theory._common import F64
@@ -65,7 +65,7 @@ def bayes_risk(design: IID, n: int, key=None, num_draws: int = 20_000, batch_siz
         Sb_j, Sx_j, D = jnp.asarray(Sb), jnp.asarray(Sx), jnp.diag(jnp.asarray(noise))
 
         def excess(k):  # tr(Sx Sigma_post) of one draw block of X
-            X = jax.random.normal(k, (montecarlo.DRAW_BLOCK, n, d), F64) @ lx.T
+            X = rng.normal(k, (montecarlo.DRAW_BLOCK, n, d), F64) @ lx.T
             XSb = X @ Sb_j  # [B, n, d]
             K = jnp.einsum("bnd,bmd->bnm", XSb, X) + D[None]
             # tr(Sx Sigma_post) = tr(Sx Sb) - tr(Sx Sb X^T K^+ X Sb)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from iclsim import _validate as check
-from iclsim import montecarlo, wishart
+from iclsim import montecarlo, rng, wishart
 from iclsim._precision import float64
 from iclsim.designs import IID, _check_n
 from iclsim.theory._common import F64, _require
@@ -65,7 +65,7 @@ def _power_traces(key, dim, n, num, max_power):
 
 def _block_traces(key, dim, n, max_power):
     """tr((X^T X)^k), k = 0..max_power, of one draw block of X [DRAW_BLOCK, n, dim]: [DRAW_BLOCK, max_power + 1]."""
-    X = jax.random.normal(key, (montecarlo.DRAW_BLOCK, n, dim), F64)
+    X = rng.normal(key, (montecarlo.DRAW_BLOCK, n, dim), F64)
     W = jnp.einsum("bni,bnj->bij", X, X)
     traces, power = [jnp.full((X.shape[0],), float(dim), F64)], jnp.broadcast_to(jnp.eye(dim, dtype=F64), W.shape)
     for _ in range(max_power):

@@ -381,8 +381,24 @@ def format_number(x, digits: int = 4) -> str:
     return str(x)
 
 
+# the longest list ``format_summary`` prints inline (an interval, a pair of counts)
+_SHORT_LIST = 4
+
+
 def format_summary(summary: dict, digits: int = 4) -> str:
-    """A summary dict as one line, "key = value, ..." in ``digits`` significant digits."""
-    return ", ".join(f"{k} = {format_number(v, digits)}" for k, v in summary.items())
+    """A summary dict as one line, "key = value, ..." in ``digits`` significant digits: its numbers, strings
+    and short lists (at most four numbers: an interval); the nested tables (dicts, longer lists),
+    which would flood a terminal, are named at the end and left to the experiment's JSON."""
+    shown, nested = [], []
+    for k, v in summary.items():
+        if isinstance(v, dict) or (isinstance(v, (list, tuple)) and (
+                len(v) > _SHORT_LIST or any(isinstance(x, (dict, list, tuple)) for x in v))):
+            nested.append(str(k))
+        else:
+            shown.append(f"{k} = {format_number(v, digits)}")
+    if nested:
+        shown.append(f"(in the JSON's summary: {', '.join(nested)})")
+    return ", ".join(shown)
+
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from iclsim import cli, runner
+from iclsim import cli, results, runner
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -302,3 +302,16 @@ def test_set_is_typed_by_the_settings_field(exps, tmp_path, capsys):
     assert code == 0, err
     meta = json.loads((tmp_path / "o" / "fake.json").read_text())
     assert meta["settings"]["ns"] == [3, 6] and meta["overrides"] == {"ns": [3, 6]} and meta["settings"]["points"] == 3
+
+
+def test_headline_line_names_nested_tables_instead_of_printing_them():
+    """A paper-B summary holds tables (per design, setting, base): printed whole, one experiment's line ran to
+    tens of kilobytes. The line keeps numbers, strings and short intervals, and names the tables. Planted bugs
+    caught: a table printed inline, an interval dropped, the names of the tables lost."""
+    summary = {"networks_passed": 12, "verdict": "supported", "gap (95%)": [-0.3575, 0.1100123],
+               "networks": {"anisotropic": {"A": {"passed": 3}}}, "per_seed": list(range(10)),
+               "pairs": [[1, 2], [3, 4]]}
+    line = results.format_summary(summary)
+    assert line == ("networks_passed = 12, verdict = supported, gap (95%) = [-0.3575, 0.11], "
+                    "(in the JSON's summary: networks, per_seed, pairs)")
+    assert results.format_summary({"risk": 0.123456}) == "risk = 0.1235"

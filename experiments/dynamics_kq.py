@@ -29,10 +29,10 @@ import dataclasses
 import jax
 import numpy as np
 
-from iclsim import IID, plotting, quality, train
+from iclsim import IID, evaluate, models, plotting, quality, theory, train
 from iclsim import dynamics as dy
 from iclsim import multihead as mh
-from iclsim.rng import seed_keys
+from iclsim.rng import Stream, seed_keys, stream_keys
 from iclsim.registry import Experiment
 
 RUNS = {  # name: (model kind, heads, start, init_scale, design, steps)
@@ -57,6 +57,21 @@ def designs(s):
 def build(kind, heads, start, scale, d):
     cls = mh.MergedAttention if kind == "merged" else mh.SeparateAttention
     return cls(d, heads=heads, init_scale=scale, start=start)
+
+
+def effective_w(model, n):
+    """A ``TrainConfig.summarize``: params -> the PGD matrix W the heads implement (``effective_pgd``), recorded
+    so that a plateau's level can be read without Monte Carlo error (``theory.pgd_risk``)."""
+    return lambda params: model.effective_pgd(params, n)[0]
+
+
+def pgd_part(model, params, n):
+    """The PGD predictor each network implements, as ``models.PGD`` parameters (its W is n times theory's):
+    the network minus its terms outside the PGD form (x^T KQ[:d, :d] X^T X v[:d] / n and
+    x^T KQ[:d, d] y^T y v[d] / n, zero on the subspace KQ[:d, d] = 0, v[:d] = 0 that gradient flow from the
+    aligned start never leaves)."""
+    W = jax.vmap(lambda p: model.effective_pgd(p, n)[0])(params)
+    return models.PGD(model.dim, dtype=model.dtype), {"W": n * W}
 
 
 def initial_params(model, seeds, steps):
@@ -90,7 +105,18 @@ def run(s, seed, context):
         progress(f"  {name}: {len(seeds)} seeds x {steps} SGD steps")
         fit = train.fit_sweep(model, design, [n], seeds, train.TrainConfig(
             steps=steps, batch_size=s.batch, learning_rate=lr, optimizer="sgd", record_every=s.record_every,
-            record_prompts=s.record_prompts), cache=context.cache)
+            record_prompts=s.record_prompts, summarize=effective_w(model, n)), cache=context.cache)
+        # the PGD part's exact risk at every record (float64 closed form: no Monte Carlo error)
+        rec_w = np.asarray(fit.record.summaries[0, 0], np.float64)  # [seeds, records, d, d]
+        with jax.enable_x64(True):
+            exact = np.asarray(jax.vmap(jax.vmap(lambda W: theory.pgd_risk(design, n, W)))(rec_w), np.float64)
+        # at the end, paired on each seed's own fresh prompts: the network against the PGD predictor it implements
+        final = jax.tree_util.tree_map(lambda a: a[0, 0], fit.params)
+        keys = stream_keys(seeds, Stream.FINAL)
+        full, full_se = evaluate.evaluate_sweep(model, fit.params, design, [n], keys, s.num_final)
+        pgd, pgd_params = pgd_part(model, final, n)
+        part, _ = evaluate.evaluate_sweep(pgd, jax.tree_util.tree_map(lambda a: a[None, None], pgd_params), design,
+                                          [n], keys, s.num_final)
         losses = fit.losses[0, 0]  # [seeds, steps]: each step's fresh batch, for the plateau levels' SE
         rec_t, rec = lr * np.asarray(fit.record.steps, np.float64), np.asarray(fit.record.loss[0, 0], np.float64)
         blocks = losses[:, : steps // w * w].reshape(len(seeds), steps // w, w)
@@ -107,7 +133,11 @@ def run(s, seed, context):
             theory_k = np.interp(t, times, th_k)
             for j in range(len(rec_t)):  # the record: the loss on the seed's fixed evaluation set
                 rows.append({"kind": "curve", "run": name, "seed": sd, "t": float(rec_t[j]), "loss": float(rec[k, j]),
-                             "theory": float(np.interp(rec_t[j], times, th_k))})
+                             "theory": float(np.interp(rec_t[j], times, th_k)), "exact_pgd": float(exact[k, j])})
+            rows.append({"kind": "final", "run": name, "seed": sd, "pcr_risk": float(ladder[-1]),
+                         "risk": float(full[0, 0, k]), "se": float(full_se[0, 0, k]), "pgd_part": float(part[0, 0, k]),
+                         "exact_pgd": float(exact[k, -1]),
+                         "non_pgd_cost": float((full[0, 0, k] - part[0, 0, k]) / ladder[-1])})
             drops_theory = dy.drop_times(times, th_k, ladder)
             drops = dy.drop_times(rec_t, rec[k], ladder)
             for j, (dt_, dth) in enumerate(zip(drops, drops_theory)):
@@ -125,8 +155,11 @@ def run(s, seed, context):
                     continue  # the theory does not reach this plateau within the run
                 i = len(t) - 1 if j == len(ladder) - 1 else int(np.argmin(np.abs(t - np.sqrt(lo * hi))))
                 mean, se = float(blocks[k, i].mean()), float(blocks[k, i].std(ddof=1) / np.sqrt(w))
+                near = int(np.argmin(np.abs(rec_t - t[i])))  # the record nearest the window's middle
                 rows.append({"kind": "plateau", "run": name, "seed": sd, "components": comps[j], "t": float(t[i]),
                              "loss": mean, "se": se, "pcr_risk": float(ladder[j]), "theory": float(theory_k[i]),
+                             "exact_pgd": float(exact[k, near]), "exact_pgd_gap": float(exact[k, near] / ladder[j] - 1),
+                             "exact_theory_gap": float(exact[k, near] / np.interp(rec_t[near], times, th_k) - 1),
                              "on_plateau": bool(abs(theory_k[i] - ladder[j]) <= 0.01 * span),
                              "z": (mean - float(ladder[j])) / se})
     return rows
@@ -146,6 +179,13 @@ def plot(rows, s):
                     label="trained (SGD), one line per seed" if k == 0 else None)
             ax.plot([r["t"] for r in c], [r["theory"] for r in c], color="k", ls="--", lw=0.8,
                     label="theory (closed form / ODE / population flow)" if k == 0 else None)
+        if RUNS[name][2] == "aligned":  # one theory curve for every seed: their PGD parts' mean is comparable to it
+            by_t = {}
+            for r in curves:
+                by_t.setdefault(r["t"], []).append(r["exact_pgd"])
+            ts = sorted(by_t)
+            ax.plot(ts, [np.mean(by_t[x]) for x in ts], color="C2", lw=1.0,
+                    label="the networks' PGD parts, exact risk (mean over seeds)")
         plateaus = [r for r in rows if r["kind"] == "plateau" and r["run"] == name]
         for level in sorted({r["pcr_risk"] for r in plateaus}):
             ax.axhline(level, color="C3", lw=0.6, ls=":")
@@ -205,7 +245,13 @@ def summary(rows):
                                       "max_abs_z": round(max(abs(r["z"]) for r in on), 2) if on else None,
                                       "pooled_z": round(float(pooled), 2) if on else None,
                                       "seeds_off_plateau": len(sub) - len(on),
+                                      "exact_pgd_gap_mean_range": _mean_range([r["exact_pgd_gap"] for r in on]),
+                                      "exact_theory_gap_mean_range": _mean_range([r["exact_theory_gap"] for r in on]),
                                       "theory_curve_there": round(float(np.mean([r["theory"] for r in sub])), 5)}
+        finals = [r for r in rows if r["kind"] == "final" and r["run"] == name]
+        if finals:
+            entry["final_non_pgd_cost_mean_range"] = _mean_range([r["non_pgd_cost"] for r in finals])
+            entry["final_risk_gap_mean_range"] = _mean_range([r["risk"] / r["pcr_risk"] - 1 for r in finals])
         out[name] = entry
     # the drops' dependence on the covariance's eigenvalues: per spectrum (Sx's diagonal), each run's mean
     # drop time trained / theory, drop by drop (missed drops left out and counted above)
@@ -216,6 +262,12 @@ def summary(rows):
             by_spectrum.setdefault(entry["spectrum"], {})[name] = [m[0] if m else None for m in means]
     out["drop_ratio_by_spectrum"] = by_spectrum
     return out
+
+
+def _mean_range(values):
+    """[mean, min, max] of per-seed values (5 decimals), or None."""
+    return [round(float(np.mean(values)), 5), round(float(np.min(values)), 5), round(float(np.max(values)), 5)] \
+        if values else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,10 +285,11 @@ class Settings:
     dt: float = 0.025
     record_every: int = 4
     record_prompts: int = 2048
+    num_final: int = 400_000  # fresh prompts per seed for the final paired comparison
     runs: tuple[str, ...] = tuple(RUNS)
 
 EXPERIMENT = Experiment(
     name="dynamics_kq", title="Training dynamics: merged vs separate key-query linear attention",
-    settings=Settings(), quick=dataclasses.replace(Settings(), seeds=2, batch=128, records=200, dt=0.1, record_prompts=512,
+    settings=Settings(), quick=dataclasses.replace(Settings(), seeds=2, batch=128, records=200, dt=0.1, record_prompts=512, num_final=20_000,
                               runs=("separate, 3 heads, aligned u0=0.1",)),
     run=run, plot=plot, summary=summary)

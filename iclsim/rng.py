@@ -40,6 +40,7 @@ class Stream(enum.IntEnum):
     ONE_LAYER_TEST = 2**32 - 7  # pruning_one_layer: the test prompts
     RECORD = 2**32 - 8  # training records: each point's fixed evaluation set (``records``)
     PRETRAINING = 2**32 - 9  # finite pretraining: each point's stored set of prompts (``TrainConfig.pretraining_prompts``)
+    FINAL = 2**32 - 10  # dynamics_kq: each network's prompts for the final paired comparison with its PGD part
     REFERENCE = 2**32 - 12  # trajectory: the 1-step GD reference; L steps use REFERENCE - L + 1 (``reference_stream``)
 
 

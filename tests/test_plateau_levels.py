@@ -1,0 +1,64 @@
+"""dynamics_kq's plateau instruments (experiments/dynamics_kq.py): the PGD part of a multi-head network, whose
+exact risk reads a plateau's level without Monte Carlo error, and the paired cost of the terms outside it."""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from iclsim import IID, theory
+from iclsim import multihead as mh
+from tests.quick import EXPERIMENTS
+
+study = sys.modules[EXPERIMENTS["dynamics_kq"].run.__module__]
+
+
+@pytest.mark.parametrize("cls", [mh.MergedAttention, mh.SeparateAttention])
+def test_pgd_part_predicts_as_the_network_on_the_subspace_and_not_off_it(cls):
+    """On the subspace KQ[:d, d] = 0, v[:d] = 0 (the aligned start) the network's prediction is its PGD part's
+    (``models.PGD`` with W = n W_eff), prompt by prompt; moved off it (KQ[:d, d] or Wq[:d]... and v[:d]
+    nonzero) the two differ by the terms outside the PGD form. Planted bugs caught: W not scaled by n, the
+    PGD part read at another n, a pgd_part that copies the network."""
+    d, n = 3, 7
+    design = IID(d, cov_x=np.diag([1.0, 0.6, 0.35]))
+    model = cls(d, heads=2, init_scale=1.0, start="aligned", dtype=jnp.float64)
+    params = model.init(jax.random.PRNGKey(0))
+    params = jax.tree_util.tree_map(lambda a: a * (1.0 + 0.1 * jnp.arange(a.size, dtype=a.dtype).reshape(a.shape) / a.size),
+                                    params)  # still on the subspace (its zeros stay zero), heads no longer equal
+    off = dict(params, v=params["v"].at[:, :d].set(0.2))
+    prompts = jax.jit(lambda k: design.sample(k, 64, n, jnp.float64))(jax.random.PRNGKey(1))
+
+    @jax.jit
+    def network_and_part(p):
+        pgd, part = study.pgd_part(model, jax.tree_util.tree_map(lambda a: a[None], p), n)
+        return model.apply(p, prompts), pgd.apply(jax.tree_util.tree_map(lambda a: a[0], part), prompts)
+
+    on, on_part = network_and_part(params)
+    np.testing.assert_allclose(on, on_part, rtol=1e-10)
+    assert float(jnp.std(on)) > 0.1  # a network that predicts something
+    moved, moved_part = network_and_part(off)
+    assert float(jnp.max(jnp.abs(moved - moved_part))) > 1e-2
+
+def test_recorded_w_gives_the_exact_plateau_level():
+    """``effective_w`` as a record summary returns theory's W (pgd_risk of it is the network's risk on the
+    subspace): at the aligned start's optimum scale the exact risk is the PCR risk with every component,
+    and at zero scale L_0 = E y^2. Planted bugs caught: W scaled by n (risk far from L_d), the summary read at
+    another n."""
+    d, n = 3, 20
+    design = IID(d, cov_x=np.mean([1.0, 0.6, 0.35]) * np.eye(d))
+    model = mh.MergedAttention(d, heads=1, init_scale=1.0, start="aligned", dtype=jnp.float64)
+    W_star = theory.optimal_pgd(design, n).W
+    c = float(W_star[0, 0])  # W* = c I on a white design
+    # KQ[:d, :d] = a I / sqrt(d) and v[d] = a give W = a^2 I / (sqrt(d) n): pick a for W = W*
+    a = np.sqrt(c * np.sqrt(d) * n)
+    params = {"KQ": jnp.zeros((1, d + 1, d + 1)).at[0, :d, :d].set(a / np.sqrt(d) * jnp.eye(d)),
+              "v": jnp.zeros((1, d + 1)).at[0, d].set(a)}
+    W = study.effective_w(model, n)(params)
+    levels = study.dy.pcr_risks(design, n).risks
+    with jax.enable_x64(True):
+        assert float(theory.pgd_risk(design, n, W)) == pytest.approx(float(levels[-1]), rel=1e-9)
+        zero = jax.tree_util.tree_map(jnp.zeros_like, params)
+        assert float(theory.pgd_risk(design, n, study.effective_w(model, n)(zero))) == pytest.approx(float(levels[0]),
+                                                                                                       rel=1e-12)

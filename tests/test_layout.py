@@ -180,7 +180,7 @@ def test_bayes_risk_does_not_depend_on_the_batch():
 # the offsets below 2**32 - 1 the experiments used before the names (experiments/*.py at fd749e7), and the
 # engine's own streams (RECORD, PRETRAINING)
 OLD_OFFSETS = {"TEST": 0, "DEPTH_TEST": 1, "TRAJECTORY_TEST": 2, "VALIDATION": 3, "SEARCH_TEST": 4, "NULL": 5,
-               "ONE_LAYER_TEST": 6, "RECORD": 7, "PRETRAINING": 8, "REFERENCE": 11}
+               "ONE_LAYER_TEST": 6, "RECORD": 7, "PRETRAINING": 8, "FINAL": 9, "REFERENCE": 11}
 
 
 def test_named_streams_keep_the_experiments_keys():

@@ -13,7 +13,8 @@ The double-descent peak: per seed, the tau of the largest error on a fine grid a
 interval over seeds, per d and extrapolated in 1/d the same way. The closed-form fits need no quality gate
 (none can fail to converge).
 
-Trained networks: at d = ``train_dim`` on fresh tasks, for each tau in ``train_taus`` (spanning the peak), the
+Trained networks: at d = ``train_dim`` on fresh tasks and on each seed's own pool at every kappa in
+``train_kappas`` (the pool of that seed's closed-form fits), for each tau in ``train_taus`` (spanning the peak), the
 reduced attention ``pretraining.ReducedAttention`` is trained by full-batch gradient descent on each seed's
 stored set of P prompts (``TrainConfig(pretraining_prompts=P, batch_size=P, optimizer="sgd")``) with the loss
 ``pretraining.ridge_objective``, fit_ridge's objective with its penalty, so the optimum is the ridge solution on
@@ -100,6 +101,10 @@ def _check_training(s):
         raise RunError(f"the trained networks are compared with the fresh-task curve at d = train_dim: train_dim must "
                        f"be one of dims = {s.dims} and fresh_tasks true (got train_dim = {s.train_dim}, fresh_tasks = "
                        f"{s.fresh_tasks}); or set train_taus to ()")
+    missing = [k for k in s.train_kappas if k not in s.kappas]
+    if s.train_taus and missing:
+        raise RunError(f"the networks trained on a pool are compared with the curve at their kappa: every train_kappas "
+                       f"must be one of kappas = {s.kappas} (got {missing})")
     if not 0 < s.step_fraction < 1:
         raise RunError(f"step_fraction must be in (0, 1) (gradient descent is stable for step < 1 / lambda_max), "
                        f"got {s.step_fraction!r}")
@@ -118,40 +123,57 @@ def _span_spectrum(H, ridge):
 
 
 def _trained(s, seeds, progress, cache):
-    """Rows of the gradient-trained networks (module docstring): per tau in ``train_taus`` one sweep over seeds."""
+    """Rows of the gradient-trained networks (module docstring): per kappa (fresh tasks, then ``train_kappas``)
+    and tau in ``train_taus``, one sweep over the seeds on fresh tasks; on a finite pool one fit per seed, each
+    on its own pool (the pool of that seed's closed-form fits, ``_design``)."""
     d, rho, lam = s.train_dim, s.noise_var, s.ridge
     n = int(round(s.alpha * d))
-    design, model = pretraining.lu_design(d, rho), pretraining.ReducedAttention(d)
+    model = pretraining.ReducedAttention(d)
     loss = functools.partial(pretraining.ridge_objective, ridge=lam)
     errors = _errors_program(d, n, rho)
     rows = []
-    for tau in s.train_taus:
-        P = max(1, int(round(tau * d * d)))
-        with jax.enable_x64(True):
-            stacked = jax.tree_util.tree_map(lambda a: a.astype(jnp.float64),
-                                             pretraining.stored_prompts(design, seeds, P, n))
-            ridge = _FIT(stacked, lam, P)
-            H = np.asarray(_FEATURES(stacked))
-        spectra = [_span_spectrum(h, lam) for h in H]
-        lr = float(s.step_fraction / max(sp[-1] for sp in spectra))
-        progress(f"  trained: d = {d}, tau = {tau:g} (P = {P}): {len(seeds)} seeds x {s.train_steps} GD steps, "
-                 f"step {lr:.3g}")
-        config = train.TrainConfig(steps=s.train_steps, batch_size=P, learning_rate=lr, optimizer="sgd",
-                                   pretraining_prompts=P)
-        fit = train.fit_sweep(model, design, [n], seeds, config, loss_fn=loss, cache=cache)
-        gammas = np.asarray(fit.params["Gamma"][0, 0], np.float64)
-        ridge = np.asarray(ridge)
-        with jax.enable_x64(True):
-            e_gd, e_ridge = np.asarray(errors(jnp.asarray(gammas))), np.asarray(errors(jnp.asarray(ridge)))
-        asym = asymptotics.ridge_icl_error(s.alpha, np.inf, tau, rho, lam)
-        for k, sd in enumerate(seeds):
-            gap = float(np.linalg.norm(gammas[k] - ridge[k]) / np.linalg.norm(ridge[k]))
-            rate = float(np.max(np.abs(1 - 2 * lr * spectra[k])))
-            row = {"grid": "trained", "kappa": "inf", "d": d, "tau": tau, "P": P, "seed": sd, "n": n,
-                   "icl_error": float(e_gd[k]), "ridge_error": float(e_ridge[k]), "param_gap": gap,
-                   "gd_bound": rate ** s.train_steps, "passed": bool(np.isfinite(gap) and gap <= s.gate_tolerance),
-                   "learning_rate": lr, "final_loss": float(fit.losses[0, 0, k, -1]), "asymptotic": asym}
-            rows.append(row)
+    for kappa in (None, *s.train_kappas):
+        label = "inf" if kappa is None else f"{kappa:g}"
+        groups = [(pretraining.lu_design(d, rho), seeds)] if kappa is None else \
+            [(_design(d, kappa, rho, sd), [sd]) for sd in seeds]
+        for tau in s.train_taus:
+            rows += _trained_tau(s, model, loss, errors, groups, label, tau, n, progress, cache)
+    return rows
+
+
+def _trained_tau(s, model, loss, errors, groups, label, tau, n, progress, cache):
+    """The rows of one (kappa, tau): each group (design, its seeds) trained in one sweep on its stored sets, at
+    one step for every seed (``step_fraction`` of the stablest over all of them)."""
+    d, rho, lam = s.train_dim, s.noise_var, s.ridge
+    kap = np.inf if label == "inf" else float(label)
+    P = max(1, int(round(tau * d * d)))
+    seeds = [sd for _, ss in groups for sd in ss]
+    with jax.enable_x64(True):
+        stacked = [jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), pretraining.stored_prompts(g, ss, P, n))
+                   for g, ss in groups]
+        stacked = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *stacked)
+        ridge = np.asarray(_FIT(stacked, lam, P))
+        H = np.asarray(_FEATURES(stacked))
+    spectra = [_span_spectrum(h, lam) for h in H]
+    lr = float(s.step_fraction / max(sp[-1] for sp in spectra))
+    progress(f"  trained: kappa = {label}, d = {d}, tau = {tau:g} (P = {P}): {len(seeds)} seeds x {s.train_steps} "
+             f"GD steps, step {lr:.3g}")
+    config = train.TrainConfig(steps=s.train_steps, batch_size=P, learning_rate=lr, optimizer="sgd",
+                               pretraining_prompts=P)
+    fits = [train.fit_sweep(model, g, [n], ss, config, loss_fn=loss, cache=cache) for g, ss in groups]
+    gammas = np.concatenate([np.asarray(f.params["Gamma"][0, 0], np.float64) for f in fits])
+    final = np.concatenate([np.asarray(f.losses[0, 0, :, -1], np.float64) for f in fits])
+    with jax.enable_x64(True):
+        e_gd, e_ridge = np.asarray(errors(jnp.asarray(gammas))), np.asarray(errors(jnp.asarray(ridge)))
+    asym = asymptotics.ridge_icl_error(s.alpha, kap, tau, rho, lam)
+    rows = []
+    for k, sd in enumerate(seeds):
+        gap = float(np.linalg.norm(gammas[k] - ridge[k]) / np.linalg.norm(ridge[k]))
+        rate = float(np.max(np.abs(1 - 2 * lr * spectra[k])))
+        rows.append({"grid": "trained", "kappa": label, "d": d, "tau": tau, "P": P, "seed": sd, "n": n,
+                     "icl_error": float(e_gd[k]), "ridge_error": float(e_ridge[k]), "param_gap": gap,
+                     "gd_bound": rate ** s.train_steps, "passed": bool(np.isfinite(gap) and gap <= s.gate_tolerance),
+                     "learning_rate": lr, "final_loss": float(final[k]), "asymptotic": asym})
     return rows
 
 
@@ -235,32 +257,39 @@ def summary(rows):
 
 
 def _trained_summary(rows):
-    """The gradient-trained networks: gate counts, paired gaps to their ridge fits, seed means (passers only)
-    against the closed-form curve at the same d and tau and against the asymptote."""
-    mine = [r for r in rows if r["grid"] == "trained"]
-    if not mine:
-        return {}
+    """The gradient-trained networks, per kappa (fresh tasks keyed "GD d=..", a pool "GD kappa=K d=.."): gate
+    counts, paired gaps to their ridge fits, seed means (passers only) against the closed-form curve at the same
+    kappa, d and tau and against the asymptote."""
+    out = {}
+    for label in dict.fromkeys(r["kappa"] for r in rows if r["grid"] == "trained"):
+        out.update(_trained_summary_of(rows, label))
+    return out
+
+
+def _trained_summary_of(rows, label):
+    mine = [r for r in rows if r["grid"] == "trained" and r["kappa"] == label]
     d = mine[0]["d"]
+    head = f"GD d={d}" if label == "inf" else f"GD kappa={label} d={d}"
     passed = [r for r in mine if r["passed"]]
-    out = {f"GD d={d}: gate failures (||Gamma - ridge|| / ||ridge|| > tolerance)": f"{len(mine) - len(passed)} of {len(mine)}",
-           f"GD d={d}: worst ||Gamma_GD - Gamma_ridge|| / ||Gamma_ridge||": float(f"{max(r['param_gap'] for r in mine):.3g}"),
-           f"GD d={d}: worst predicted (max |1 - 2 step lambda|)^steps": float(f"{max(r['gd_bound'] for r in mine):.3g}")}
+    out = {f"{head}: gate failures (||Gamma - ridge|| / ||ridge|| > tolerance)": f"{len(mine) - len(passed)} of {len(mine)}",
+           f"{head}: worst ||Gamma_GD - Gamma_ridge|| / ||Gamma_ridge||": float(f"{max(r['param_gap'] for r in mine):.3g}"),
+           f"{head}: worst predicted (max |1 - 2 step lambda|)^steps": float(f"{max(r['gd_bound'] for r in mine):.3g}")}
     for tau in sorted({r["tau"] for r in mine}):
         sub = [r for r in passed if r["tau"] == tau]
         if not sub:
             continue
         paired = [(r["icl_error"] - r["ridge_error"]) / r["ridge_error"] for r in sub]
-        out[f"GD d={d} tau={tau:g}: paired (GD - ridge) / ridge error, worst |.|"] = float(f"{max(np.abs(paired)):.3g}")
+        out[f"{head} tau={tau:g}: paired (GD - ridge) / ridge error, worst |.|"] = float(f"{max(np.abs(paired)):.3g}")
         if len(sub) < 2:
             continue
         iv, asym = quality.seed_interval([r["icl_error"] for r in sub]), sub[0]["asymptotic"]
-        out[f"GD d={d} tau={tau:g}: GD error mean (95%)"] = [round(iv.low, 4), round(iv.mean, 4), round(iv.high, 4)]
-        if _by(rows, "curve", kappa="inf", d=d, tau=tau):
-            cf = _stats(rows, "curve", "inf", d, tau)[2]
-            out[f"GD d={d} tau={tau:g}: closed-form curve mean (95%, own draws)"] = [round(cf.low, 4), round(cf.mean, 4),
-                                                                                     round(cf.high, 4)]
-        out[f"GD d={d} tau={tau:g}: (GD mean - asymptotic) / asymptotic (95%)"] = [round((iv.low - asym) / asym, 4),
-                                                                                   round((iv.high - asym) / asym, 4)]
+        out[f"{head} tau={tau:g}: GD error mean (95%)"] = [round(iv.low, 4), round(iv.mean, 4), round(iv.high, 4)]
+        if _by(rows, "curve", kappa=label, d=d, tau=tau):
+            cf = _stats(rows, "curve", label, d, tau)[2]
+            out[f"{head} tau={tau:g}: closed-form curve mean (95%, own draws)"] = [round(cf.low, 4), round(cf.mean, 4),
+                                                                                   round(cf.high, 4)]
+        out[f"{head} tau={tau:g}: (GD mean - asymptotic) / asymptotic (95%)"] = [round((iv.low - asym) / asym, 4),
+                                                                                 round((iv.high - asym) / asym, 4)]
     return out
 
 
@@ -321,26 +350,26 @@ def plot(rows, s):
 
 
 def _plot_trained(ax, rows, colours):
-    """The GD-trained networks' seed means (gate passers, 95% over seeds) on the tau panel, set a little to the
-    right of their tau so they do not hide the closed-form fits at the same d."""
-    mine = [r for r in rows if r["grid"] == "trained"]
-    if not mine:
-        return
-    taus, ivs = [], []
-    for tau in sorted({r["tau"] for r in mine}):
-        vals = [r["icl_error"] for r in mine if r["tau"] == tau and r["passed"]]
-        if len(vals) >= 2:
-            taus.append(tau)
-            ivs.append(quality.seed_interval(vals))
-    fails = sum(not r["passed"] for r in mine)
-    gaps = [abs(r["icl_error"] - r["ridge_error"]) / r["ridge_error"] for r in mine if r["passed"]]
-    paired = max(gaps) if gaps else float("nan")
-    if ivs:
-        m = np.array([iv.mean for iv in ivs])
-        ax.errorbar(np.array(taus) * 1.06, m, yerr=[m - [iv.low for iv in ivs], [iv.high for iv in ivs] - m], fmt="D",
-                    mfc="none", ms=6, mew=1.3, color=colours.get("inf", "k"), capsize=3,
-                    label=f"GD-trained, d = {mine[0]['d']} ({len(mine) - fails}/{len(mine)} passed;\n"
-                          f"  = ridge on its own prompts within {paired:.0e})")
+    """The GD-trained networks' seed means (gate passers, 95% over seeds) on the tau panel, one colour per kappa as
+    its curve, set a little to the right of their tau so they do not hide the closed-form fits at the same d."""
+    labels = list(dict.fromkeys(r["kappa"] for r in rows if r["grid"] == "trained"))
+    for label in labels:
+        mine = [r for r in rows if r["grid"] == "trained" and r["kappa"] == label]
+        taus, ivs = [], []
+        for tau in sorted({r["tau"] for r in mine}):
+            vals = [r["icl_error"] for r in mine if r["tau"] == tau and r["passed"]]
+            if len(vals) >= 2:
+                taus.append(tau)
+                ivs.append(quality.seed_interval(vals))
+        fails = sum(not r["passed"] for r in mine)
+        gaps = [abs(r["icl_error"] - r["ridge_error"]) / r["ridge_error"] for r in mine if r["passed"]]
+        paired = max(gaps) if gaps else float("nan")
+        if ivs:
+            m = np.array([iv.mean for iv in ivs])
+            ax.errorbar(np.array(taus) * 1.06, m, yerr=[m - [iv.low for iv in ivs], [iv.high for iv in ivs] - m],
+                        fmt="D", mfc="none", ms=6, mew=1.3, color=colours.get(label, "k"), capsize=3,
+                        label=f"GD-trained, kappa = {label}, d = {mine[0]['d']} ({len(mine) - fails}/{len(mine)} "
+                              f"passed;\n  = ridge on its own prompts within {paired:.0e})")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,7 +377,8 @@ class Settings:
     """Lu et al.'s (alpha, rho, lambda); the pools (kappa = k/d, and with ``fresh_tasks`` kappa = inf, a fresh task
     per prompt); the tau grids (``taus`` for the curve, ``peak_taus`` around the threshold); seeds (each its own
     pool and prompts); the Monte Carlo prompts of the finite-d check. The trained networks: at d = ``train_dim``
-    on fresh tasks, one tau in ``train_taus`` per sweep (empty: none), ``train_steps`` full-batch GD steps of
+    on fresh tasks and on each seed's pool at every kappa in ``train_kappas``, at each tau in ``train_taus`` (empty:
+    none), ``train_steps`` full-batch GD steps of
     ``step_fraction / max_seeds lambda_max(A)`` each, passed when their Gamma is within ``gate_tolerance``
     (relative) of the ridge solution on the same prompts (float32 training reaches about 1e-4 at the peak)."""
 
@@ -364,6 +394,7 @@ class Settings:
     num_test: int = 10_000
     train_dim: int = 8
     train_taus: tuple[float, ...] = (0.5, 1.0, 1.25, 2.5)
+    train_kappas: tuple[float, ...] = (0.5, 2.0)
     train_steps: int = 50_000
     step_fraction: float = 0.9
     gate_tolerance: float = 1e-3
@@ -371,7 +402,7 @@ class Settings:
 
 SETTINGS = Settings()
 QUICK = dataclasses.replace(SETTINGS, dims=(6,), kappas=(), taus=(0.5, 2.0), peak_taus=(1.0, 1.15, 1.3), num_test=1_000,
-                            train_dim=6, train_taus=(0.5, 2.0), train_steps=20_000)
+                            train_dim=6, train_taus=(0.5, 2.0), train_kappas=(), train_steps=20_000)
 
 EXPERIMENT = Experiment(
     name="pretraining_tau",

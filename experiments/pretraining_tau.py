@@ -351,14 +351,16 @@ def plot(rows, s):
 
 def _plot_trained(ax, rows, colours):
     """The GD-trained networks' seed means (gate passers, 95% over seeds) on the tau panel, one colour per kappa as
-    its curve, set a little to the right of their tau so they do not hide the closed-form fits at the same d."""
+    its curve, set a little to the right of their tau so they do not hide the closed-form fits at the same d; a
+    tau where fewer than half the seeds pass is left out (its count is in the legend, its interval in the
+    summary)."""
     labels = list(dict.fromkeys(r["kappa"] for r in rows if r["grid"] == "trained"))
     for label in labels:
         mine = [r for r in rows if r["grid"] == "trained" and r["kappa"] == label]
         taus, ivs = [], []
         for tau in sorted({r["tau"] for r in mine}):
             vals = [r["icl_error"] for r in mine if r["tau"] == tau and r["passed"]]
-            if len(vals) >= 2:
+            if len(vals) >= max(2, sum(r["tau"] == tau for r in mine) / 2):
                 taus.append(tau)
                 ivs.append(quality.seed_interval(vals))
         fails = sum(not r["passed"] for r in mine)

@@ -245,8 +245,8 @@ def check_design(design, n: int | None = None, key=None) -> None:
     if len(leaves) == 1 and leaves[0] is design:
         raise TypeError(f"design {kind} is not a pytree: register it (jax.tree_util.register_dataclass, with dim "
                         "as a meta field) so fit_sweep can stack and trace it")
-    if n is not None:
-        p = design.sample(jax.random.PRNGKey(0) if key is None else key, 2, n, jnp.float32)
+    if n is not None:  # traced, not run: shapes and dtypes need no compiled program
+        p = jax.eval_shape(lambda k: design.sample(k, 2, n, jnp.float32), jax.random.PRNGKey(0) if key is None else key)
         d = design.dim
         expected = {"X": (2, n, d), "y": (2, n), "x": (2, d), "y_query": (2,)}
         for name, shape in expected.items():
@@ -292,13 +292,14 @@ def check_model(model, design=None, n: int | None = None, key=None) -> None:
                         "compiled training program") from None
     if design is not None and n is not None:
         k1, k2 = jax.random.split(jax.random.PRNGKey(0) if key is None else key)
-        params = model.init(k1)
-        yhat = model.apply(params, design.sample(k2, 2, n, model.dtype))
-        if tuple(jnp.shape(yhat)) != (2,):
+        # traced, not run (jax.eval_shape): the shape and dtype of a prediction need no compiled program
+        yhat = jax.eval_shape(lambda a, b: model.apply(model.init(a), design.sample(b, 2, n, model.dtype)), k1, k2)
+        shape = tuple(getattr(yhat, "shape", ()))
+        if not hasattr(yhat, "dtype") or shape != (2,):
             raise TypeError(f"model {kind}: apply must return one prediction per prompt, shape (2,) for 2 prompts, "
-                            f"got {tuple(jnp.shape(yhat))}")
-        if jnp.result_type(yhat) != jnp.dtype(model.dtype):
-            raise TypeError(f"model {kind}: apply returned {jnp.result_type(yhat)} for prompts in its dtype "
+                            f"got {shape if hasattr(yhat, 'dtype') else type(yhat).__name__}")
+        if jnp.dtype(yhat.dtype) != jnp.dtype(model.dtype):
+            raise TypeError(f"model {kind}: apply returned {jnp.dtype(yhat.dtype)} for prompts in its dtype "
                             f"{jnp.dtype(model.dtype)}")
 
 

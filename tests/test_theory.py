@@ -14,7 +14,7 @@ from tests.tolerance import GROUND_TRUTH_REL, MC_SIGMAS, Z_SCORES, assert_close,
 
 MC = settings(max_examples=4, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 FAST = settings(max_examples=40, deadline=None, derandomize=True)
-FEW = settings(max_examples=10, deadline=None, derandomize=True)  # make test, where the slow tier repeats at FAST
+FEW = settings(max_examples=10, deadline=None, derandomize=True)  # make test; its ..._fuzzed copy repeats at FAST
 KEY = jax.random.PRNGKey(7)
 NUM = 60_000
 
@@ -89,11 +89,21 @@ def _attention_risk_of_any_attention(design, n, seed):
     _check(_attention_predict(Q, v), design, n, L, "attention_risk IID")
 
 
-@FAST
+@FEW
 @given(strategies.iid_designs(max_dim=4, max_n=10, per_position=False), st.integers(0, 2**31 - 1))
 def test_attention_risk_in_the_pgd_subspace_is_pgd_risk(dn, seed):
     """Q[:d, d] = 0 and v[:d] = 0: yhat = x^T (v_y Q[:d, :d] / n) X^T y, so L = L(W) of that W."""
-    design, n = dn
+    _attention_in_pgd_subspace(*dn, seed)
+
+
+@pytest.mark.slow
+@FAST
+@given(strategies.iid_designs(max_dim=4, max_n=10, per_position=False), st.integers(0, 2**31 - 1))
+def test_attention_risk_in_the_pgd_subspace_is_pgd_risk_fuzzed(dn, seed):
+    _attention_in_pgd_subspace(*dn, seed)
+
+
+def _attention_in_pgd_subspace(design, n, seed):
     rng = np.random.default_rng(seed)
     d = design.dim
     Q = np.zeros((d + 1, d + 1))
@@ -181,11 +191,21 @@ def test_drift_reference_numbers_from_theory():
     assert float(theory.optimal_pgd(design, 8).risk) == pytest.approx(4.001, abs=5e-4)
 
 
-@FAST
+@FEW
 @given(strategies.iid_designs(max_dim=4, max_n=10), st.integers(0, 2**31 - 1))
 def test_excess_risk_identity_and_stationarity(dn, seed):
     """L(W) - L* = ||Sx^{1/2} (W - W*) M^{1/2}||_F^2 and grad L(W*) = 0."""
-    design, n = dn
+    _excess_risk_identity(*dn, seed)
+
+
+@pytest.mark.slow
+@FAST
+@given(strategies.iid_designs(max_dim=4, max_n=10), st.integers(0, 2**31 - 1))
+def test_excess_risk_identity_and_stationarity_fuzzed(dn, seed):
+    _excess_risk_identity(*dn, seed)
+
+
+def _excess_risk_identity(design, n, seed):
     W_star, L_star = theory.optimal_pgd(design, n)
     W = W_star + np.random.default_rng(seed).normal(size=W_star.shape) * 0.1
     m = theory.pgd_moments(design, n)
@@ -263,10 +283,20 @@ def test_lowrank_optimum_beats_random_low_rank(dn, seed):
         assert float(theory.pgd_risk(design, n, U2 @ V2)) >= best - 1e-10
 
 
-@FAST
+@FEW
 @given(strategies.iid_designs(max_dim=4, max_n=8, per_position=False), st.integers(0, 2**31 - 1))
 def test_lora_lossless_for_low_rank_shift(dn, seed):
-    design, n = dn
+    _lora_lossless(*dn, seed)
+
+
+@pytest.mark.slow
+@FAST
+@given(strategies.iid_designs(max_dim=4, max_n=8, per_position=False), st.integers(0, 2**31 - 1))
+def test_lora_lossless_for_low_rank_shift_fuzzed(dn, seed):
+    _lora_lossless(*dn, seed)
+
+
+def _lora_lossless(design, n, seed):
     d = design.dim
     rng = np.random.default_rng(seed)
     W_star, L_star = theory.optimal_pgd(design, n)

@@ -35,6 +35,12 @@ def test_truncate_context_keeps_last_n(key):
     np.testing.assert_array_equal(t.X[:, 4:], p.X[:, 4:])
 
 
+def _draw(design, key, batch, n):
+    """design.sample(key, batch, n, float64) as one compiled program (run eagerly, every op of the sampler
+    compiles a program of its own)."""
+    return jax.jit(design.sample, static_argnums=(1, 2, 3))(key, batch, n, jnp.float64)
+
+
 def _mc(samples):
     samples = np.asarray(samples, dtype=np.float64)
     return samples.mean(), samples.std(ddof=1) / np.sqrt(samples.size)
@@ -44,17 +50,17 @@ def test_iid_second_moments(key):
     cov_x = np.array([[2.0, 0.5], [0.5, 1.0]])
     cov_beta = np.array([[1.0, -0.3], [-0.3, 0.5]])
     design = IID(2, cov_x, cov_beta, noise_var=[0.1, 0.7], query_noise_var=0.3)
-    p = design.sample(key, 200_000, 2, jnp.float64)
+    p = _draw(design, key, 200_000, 2)
     assert_within_se(np.trace(cov_x @ cov_beta) + 0.3, *_mc(p.y_query**2), name="E[y^2] IID")
     assert_within_se(np.trace(cov_x @ cov_beta) + 0.7, *_mc(p.y[:, 1] ** 2), name="E[y_2^2] IID")
     assert_within_se(cov_x[0, 1], *_mc(p.X[:, 0, 0] * p.X[:, 0, 1]), name="cov_x[0,1]")
 
 
 def test_rag_and_alignment_moments(key):
-    p = RAG(4, 0.6, gamma=0.5).sample(key, 100_000, 3, jnp.float64)
+    p = _draw(RAG(4, 0.6, gamma=0.5), key, 100_000, 3)
     assert_within_se(0.6 * 4, *_mc(jnp.einsum("bd,bd->b", p.X[:, 0], p.x)), name="E[x_i.x] RAG")
     assert_within_se(0.36 * 4 + 0.25 * 4, *_mc(jnp.sum(p.X[:, 0] ** 2, -1)), name="E|x_i|^2 RAG")
-    p = TaskFeatureAlignment(4, 0.5).sample(key, 100_000, 3, jnp.float64)
+    p = _draw(TaskFeatureAlignment(4, 0.5), key, 100_000, 3)
     # E[x_i . x_j] = alpha^2 E|beta|^2 for i != j
     assert_within_se(0.25 * 4, *_mc(jnp.einsum("bd,bd->b", p.X[:, 0], p.X[:, 1])), name="E[x_i.x_j] align")
 
@@ -62,7 +68,7 @@ def test_rag_and_alignment_moments(key):
 def test_drift_task_correlations(key):
     """E[(x_i y_i).(x y)] = d rho_i and E[(x_i y_i).(x_j y_j)] = d P_ij (i != j)."""
     design = Drift.ar1(3, 4, 0.7)
-    p = design.sample(key, 200_000, 4, jnp.float64)
+    p = _draw(design, key, 200_000, 4)
     g = p.X * p.y[..., None]
     q = p.x * p.y_query[:, None]
     for i in range(4):
@@ -72,7 +78,7 @@ def test_drift_task_correlations(key):
 
 def test_stacked_designs_vmap(key):
     stacked = designs.stack([IID(2, noise_var=s) for s in (0.0, 1.0, 4.0)])
-    ys = jax.vmap(lambda d: d.sample(key, 50_000, 3, jnp.float64).y_query)(stacked)
+    ys = jax.jit(jax.vmap(lambda d: d.sample(key, 50_000, 3, jnp.float64).y_query))(stacked)
     np.testing.assert_allclose(np.mean(np.asarray(ys) ** 2, axis=1), [2.0, 3.0, 6.0], rtol=MOMENT_RTOL)
 
 

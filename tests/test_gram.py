@@ -20,6 +20,11 @@ from tests.tolerance import (SAMPLER_AGREEMENT, SAMPLER_GAP, assert_distribution
 
 NUM = 20_000
 
+# the gamma CDF P(a, x) as one compiled program for every shape parameter a (run eagerly, each of its ops
+# compiles a program of its own)
+_gamma_cdf = jax.jit(jax.scipy.special.gammainc)
+_standard_gamma = jax.jit(gram.standard_gamma)  # likewise, one program for every shape parameter
+
 
 @settings(max_examples=20, deadline=None, derandomize=True)
 @given(st.lists(st.integers(0, 2**32 - 1), min_size=4, max_size=4))
@@ -76,10 +81,12 @@ def test_task_pool_draws_its_tasks_uniformly():
     token prompts (beta solved from 4 noiseless pairs) and in the context law (beta in its factor)."""
     d, K, num = 3, 7, 70_000
     design = TaskPool(d, K)
-    p = design.sample(jax.random.PRNGKey(1), num, 4, jnp.float64)
+    # each draw as one compiled program (run eagerly, every op compiles one program of its own)
+    p = jax.jit(design.sample, static_argnums=(1, 2, 3))(jax.random.PRNGKey(1), num, 4, jnp.float64)
     X, y = np.asarray(p.X), np.asarray(p.y)
     from_tokens = np.linalg.solve(np.einsum("bni,bnj->bij", X, X), np.einsum("bni,bn->bi", X, y)[..., None])[..., 0]
-    from_law = np.asarray(design.context_law(jax.random.PRNGKey(2), num, jnp.float64).factor[:, d, :d])
+    law = jax.jit(design.context_law, static_argnums=(1, 2))(jax.random.PRNGKey(2), num, jnp.float64)
+    from_law = np.asarray(law.factor[:, d, :d])
     for beta in (from_tokens, from_law):
         task = np.argmin(((beta[:, None, :] - design.pool[None]) ** 2).sum(-1), axis=1)
         assert np.allclose(beta, design.pool[task], atol=1e-6)
@@ -91,12 +98,12 @@ def test_task_pool_draws_its_tasks_uniformly():
 @pytest.mark.parametrize("alpha", [1.0, 1.5, 4.0, 37.5])
 def test_standard_gamma_matches_gamma_law(alpha, key):
     a = jnp.full((NUM,), alpha, jnp.float32)
-    g = np.asarray(gram.standard_gamma(key, a), np.float64)
+    g = np.asarray(_standard_gamma(key, a), np.float64)
     assert np.all(g > 0)
     assert_within_se(alpha, g.mean(), g.std() / np.sqrt(NUM), f"gamma({alpha}) mean")
     # variance alpha: its estimator's SE from the fourth moment
     assert_within_se(alpha, g.var(), np.std((g - g.mean()) ** 2) / np.sqrt(NUM), f"gamma({alpha}) variance")
-    assert_distribution(g, lambda x: jax.scipy.special.gammainc(alpha, x), f"gamma({alpha})")
+    assert_distribution(g, lambda x: _gamma_cdf(alpha, x), f"gamma({alpha})")
 
 
 @pytest.mark.parametrize("alpha", [1.0, 4.0])
@@ -111,7 +118,7 @@ def test_gamma_redraw_loop_matches_gamma_law(alpha, key):
     g = np.asarray(jax.jit(gram._gamma)(z, u, key, a), np.float64)
     assert np.all(g > 0)
     assert_within_se(alpha, g.mean(), g.std() / np.sqrt(NUM), f"gamma({alpha}) from the loop, mean")
-    assert_distribution(g, lambda x: jax.scipy.special.gammainc(alpha, x), f"gamma({alpha}) from the loop")
+    assert_distribution(g, lambda x: _gamma_cdf(alpha, x), f"gamma({alpha}) from the loop")
 
 
 @pytest.mark.parametrize("dof", [0, 1, 2, 5, 12])
@@ -131,7 +138,7 @@ def test_bartlett_factor_is_wishart(dof, key):
     if dof:
         assert_within_se(2 * dof, W[:, 0, 0].var(), np.std((W[:, 0, 0] - dof) ** 2) / np.sqrt(NUM),
                          f"Wishart({dof}) Var W_00")
-        assert_distribution(W[:, dim - 1, dim - 1], lambda x: jax.scipy.special.gammainc(dof / 2, x / 2),
+        assert_distribution(W[:, dim - 1, dim - 1], lambda x: _gamma_cdf(dof / 2, x / 2),
                             f"Wishart({dof}) W_44 ~ chi2({dof})")
     assert np.linalg.matrix_rank(W[0]) == min(dof, dim)
 
@@ -198,9 +205,17 @@ def _check_gram_against_tokens(design, n, n_slots):
             continue
         assert_within_se(b.mean(), a.mean(), se, f"E S[{i},{j}] gram vs tokens, {type(design).__name__}")
     model = models.LinearAttention(design.dim, dtype=jnp.float64)
-    params = model.init(k3)
-    loss = lambda p: np.asarray((p.y_query - model.apply(params, p)) ** 2)  # noqa: E731
-    assert_same_distribution(loss(direct), loss(toks), f"attention loss, {type(design).__name__} n={n}/{n_slots}")
+    loss_direct, loss_toks = _attention_losses(model, k3, direct, toks)
+    assert_same_distribution(np.asarray(loss_direct), np.asarray(loss_toks),
+                             f"attention loss, {type(design).__name__} n={n}/{n_slots}")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _attention_losses(model, key, direct, toks):
+    """The squared error of one attention (initialised from key) on the Gram draws and on the token draws, as
+    one compiled program (run eagerly, each shape of each case compiles every op anew)."""
+    params = model.init(key)
+    return tuple((p.y_query - model.apply(params, p)) ** 2 for p in (direct, toks))
 
 
 def test_gram_sampler_refuses_designs_without_a_context_law(key):

@@ -13,10 +13,14 @@ from tests.tolerance import assert_close, assert_within_se
 F64 = jnp.float64
 D, N = 3, 6
 
+# design.sample as compiled programs, the design a (pytree) argument: designs of one family and field shapes
+# share a program (run eagerly, every op of the sampler compiles a program of its own for each shape)
+_sample = jax.jit(lambda design, key, batch: design.sample(key, batch, N, F64), static_argnums=2)
+
 
 @pytest.fixture
 def prompts(key):
-    return IID(D, np.diag([1.0, 2.0, 0.5]), noise_var=0.3).sample(key, 64, N, F64)
+    return _sample(IID(D, np.diag([1.0, 2.0, 0.5]), noise_var=0.3), key, 64)
 
 
 def test_linear_attention_is_pgd_with_hand_built_weights(prompts):
@@ -53,7 +57,7 @@ def test_linear_attention_rank_and_label_key_path(prompts, key):
 
 @pytest.mark.parametrize("filter_kind", ["free", "ssm"])
 def test_h3_is_wpgd_with_hand_built_weights(filter_kind, key):
-    prompts = Drift.ar1(D, N, 0.8, 0.2).sample(key, 64, N, F64)
+    prompts = _sample(Drift.ar1(D, N, 0.8, 0.2), key, 64)
     model = models.H3(D, N, channels=4, filter=filter_kind, dtype=F64)
     rng = np.random.default_rng(2)
     params = model.init(key)
@@ -82,7 +86,7 @@ def test_h3_is_wpgd_with_hand_built_weights(filter_kind, key):
 
 def test_h3_shift_ssm_couples_previous_key(key):
     """A pure lag-1 shift makes the value at i meet the key of i-1."""
-    prompts = IID(D).sample(key, 16, N, F64)
+    prompts = _sample(IID(D), key, 16)
     model = models.H3(D, N, channels=1, dtype=F64)
     params = {"Wq": jnp.zeros((D + 1, 1), F64).at[0, 0].set(1.0), "Wk": jnp.zeros((D + 1, 1), F64).at[1, 0].set(1.0),
               "Wv": jnp.zeros((D + 1, 1), F64).at[D, 0].set(1.0), "w_o": jnp.ones(1, F64),
@@ -98,14 +102,14 @@ def test_padding_is_inert(make, n, key):
     """A prompt truncated to its last n pairs and padded to N gives the n-pair answer times n / N."""
     model = make()
     params = model.init(key)
-    p = IID(D, noise_var=0.2).sample(key, 32, N, F64)
+    p = _sample(IID(D, noise_var=0.2), key, 32)
     short = p._replace(X=p.X[:, N - n:], y=p.y[:, N - n:])
     assert_close(model.apply(params, truncate_context(p, n)) * N / n, model.apply(params, short), rtol=1e-10,
                  atol=1e-12)
 
 
 def test_baselines(key):
-    p = IID(D, noise_var=0.5).sample(key, 32, N, F64)
+    p = _sample(IID(D, noise_var=0.5), key, 32)
     ols = models.OLS(D, F64)
     beta_hat = np.stack([np.linalg.lstsq(np.asarray(X), np.asarray(y), rcond=None)[0] for X, y in zip(p.X, p.y)])
     assert_close(ols.apply({}, p), np.sum(np.asarray(p.x) * beta_hat, -1), rtol=1e-8)
@@ -130,9 +134,10 @@ def test_model_bad_input(make, message):
 
 
 def test_h3_context_mismatch(key):
+    """The check is on shapes, so it is made while tracing (jax.eval_shape: nothing compiled or run)."""
     model = models.H3(D, 5)
     with pytest.raises(ValueError, match="context length 5"):
-        model.apply(model.init(key), IID(D).sample(key, 4, 6))
+        jax.eval_shape(lambda: model.apply(model.init(key), IID(D).sample(key, 4, 6)))
 
 
 def test_lora_starts_at_base_and_moves_by_low_rank(key):
@@ -140,7 +145,7 @@ def test_lora_starts_at_base_and_moves_by_low_rank(key):
     params = base.init(key)
     lora = models.LoRA(base, models.Frozen(params), 1, ("Wq", "Wk"), dtype=F64)
     adapters = lora.init(key)
-    p = IID(D).sample(key, 16, N, F64)
+    p = _sample(IID(D), key, 16)
     np.testing.assert_array_equal(lora.apply(adapters, p), base.apply(params, p))
     moved = jax.tree_util.tree_map(lambda a: a + 0.3, adapters)
     delta = lora.effective_pgd(moved, N).W - base.effective_pgd(params, N).W

@@ -17,6 +17,12 @@ from iclsim.evaluate import evaluate_sweep
 D = 3
 
 
+def _traced(check, *args):
+    """A protocol check made while tracing (jax.eval_shape): what it checks of a model's or a design's
+    output is shapes and dtypes, which tracing gives, with nothing compiled or run."""
+    return jax.eval_shape(lambda: check(*args))
+
+
 @pytest.mark.parametrize("model, gram, pgd", [
     (models.LinearAttention(D), True, True), (models.H3(D, 4), False, True), (models.PGD(D), True, True),
     (models.WPGD(D, 4), False, True), (models.Ridge(D), False, False), (models.GD(D), False, False),
@@ -25,7 +31,7 @@ def test_builtin_models_satisfy_the_model_protocol(model, gram, pgd):
     assert isinstance(model, protocols.Model)
     assert isinstance(model, protocols.GramModel) == gram
     assert isinstance(model, protocols.PGDModel) == pgd
-    protocols.check_model(model, IID(D), 4)
+    _traced(protocols.check_model, model, IID(D), 4)
 
 
 def test_full_form_transformer_reads_tokens():
@@ -34,7 +40,7 @@ def test_full_form_transformer_reads_tokens():
     assert model.apply_gram is None and not protocols.reads_gram(model)
     assert not isinstance(model, protocols.GramModel)  # an apply_gram of None does not count
     assert not gram.uses_gram(model, IID(D), 40)
-    protocols.check_model(model, IID(D), 4)
+    _traced(protocols.check_model, model, IID(D), 4)
 
 
 def test_lora_reads_gram_exactly_when_its_base_does():
@@ -51,7 +57,7 @@ def test_lora_reads_gram_exactly_when_its_base_does():
 def test_builtin_designs_satisfy_the_design_protocol(design, law):
     assert isinstance(design, protocols.Design)
     assert isinstance(design, protocols.ContextLawDesign) == law
-    protocols.check_design(design, 4)
+    _traced(protocols.check_design, design, 4)
 
 
 def test_effective_reads_w_and_w_omega():
@@ -89,7 +95,7 @@ def test_check_model_names_what_is_missing():
         protocols.check_model(NoDtype(D))
     protocols.check_model(WrongShape(D))  # structurally fine ...
     with pytest.raises(TypeError, match=r"one prediction per prompt, shape \(2,\) .* got \(2, 4\)"):
-        protocols.check_model(WrongShape(D), IID(D), 4)  # ... but its predictions have the wrong shape
+        _traced(protocols.check_model, WrongShape(D), IID(D), 4)  # ... but its predictions have the wrong shape
 
     class Unhashable(WrongShape):
         __hash__ = None
@@ -132,7 +138,7 @@ class ShortQuery:
 def test_check_design_draws_and_checks_shapes():
     protocols.check_design(ShortQuery(D))
     with pytest.raises(TypeError, match=r"x of shape \(2, 3\), got \(2, 2\)"):
-        protocols.check_design(ShortQuery(D), 4)
+        _traced(protocols.check_design, ShortQuery(D), 4)
 
 
 @dataclasses.dataclass(frozen=True)

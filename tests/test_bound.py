@@ -72,6 +72,15 @@ def _by_hand(factors, X, y):
     return out
 
 
+_DOUBLES: dict = {}
+
+
+def _fixed(X, y):
+    """One ``FixedContexts`` per (X, y) for the whole module: the bound compiles a test double into its program
+    (a static argument, compared by identity), so the tests share one program per layer count."""
+    return _DOUBLES.setdefault((X.tobytes(), y.tobytes()), FixedContexts(X, y))
+
+
 def _gd(steps):
     return [(np.sqrt(s) * np.eye(D), np.sqrt(s) * np.eye(D), -1.0) for s in steps]
 
@@ -83,7 +92,7 @@ def _random_layers(L, seed):
 
 
 def _bound(factors, X, y):
-    return bound.trajectory_bound(models.LinearTransformer(D, len(factors)), _network(factors), FixedContexts(X, y),
+    return bound.trajectory_bound(models.LinearTransformer(D, len(factors)), _network(factors), _fixed(X, y),
                                   N, jax.random.PRNGKey(0), X.shape[0])
 
 
@@ -116,7 +125,7 @@ def test_rank_of_a_truncated_step_is_the_support():
     params = _network(_random_layers(2, 3))
     X, y = _contexts()
     for k in (1, 2, 3):
-        b = bound.trajectory_bound(model, pruning.prune(params, 0, "attn", rank=k), FixedContexts(X, y), N,
+        b = bound.trajectory_bound(model, pruning.prune(params, 0, "attn", rank=k), _fixed(X, y), N,
                                    jax.random.PRNGKey(0), X.shape[0])
         assert b.support.tolist() == [k, D]
         assert np.all(np.isfinite(b.terms))
@@ -164,7 +173,7 @@ def test_a_deleted_layer_adds_nothing_and_the_rest_is_the_shorter_trajectory():
     X, y = _contexts()
     factors = _random_layers(3, 5)
     deleted = pruning.apply_candidate(_network(factors), pruning.Candidate(1, "attn", None, "delete"))
-    b = bound.trajectory_bound(models.LinearTransformer(D, 3), deleted, FixedContexts(X, y), N,
+    b = bound.trajectory_bound(models.LinearTransformer(D, 3), deleted, _fixed(X, y), N,
                                jax.random.PRNGKey(0), X.shape[0])
     short = _bound([factors[0], factors[2]], X, y)
     assert b.support.tolist() == [D, 0, D]

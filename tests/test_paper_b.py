@@ -24,18 +24,34 @@ def _gd_risk_by_prompts(design, n, steps, key, num=100_000):
     return float(jnp.mean(err)), float(jnp.std(err) / np.sqrt(num))
 
 
+ONE_STEP_DESIGN = IID(4, noise_var=0.3, cov_x=2.0 * np.eye(4), cov_beta=0.5 * np.eye(4))
+
+
+def _one_step_exact(g):
+    """The exact one-step GD risk at step g on ONE_STEP_DESIGN (n = 9), checked against PGD's closed form."""
+    exact, se = theory.multistep_gd_risk(ONE_STEP_DESIGN, 9, [g])
+    assert se == 0.0
+    assert_close(exact, theory.pgd_risk(ONE_STEP_DESIGN, 9, g * np.eye(4) / 9), rtol=1e-12, name=f"1-step GD gamma={g}")
+    return exact
+
+
 def test_one_gd_step_is_pgd_with_a_scaled_identity(key):
     """Two closed forms of one predictor: the exact one-step GD risk equals PGD's with W = gamma I / n
-    (``pgd_risk``, a different formula) to 1e-12, and the Monte Carlo path agrees within 4 SE. Planted bugs
-    caught: a wrong noise term (s^2/n) l p^2, a wrong moment scaling (sigma^k or n^-k)."""
-    d, n = 4, 9
-    design = IID(d, noise_var=0.3, cov_x=2.0 * np.eye(d), cov_beta=0.5 * np.eye(d))
-    for g in (0.2, 0.4):
-        exact, se = theory.multistep_gd_risk(design, n, [g])
-        assert se == 0.0
-        assert_close(exact, theory.pgd_risk(design, n, g * np.eye(d) / n), rtol=1e-12, name=f"1-step GD gamma={g}")
-        mean, se = theory.multistep_gd_risk(design, n, [g], key, 100_000)
-        assert_within_se(exact, mean, se, name=f"1-step GD gamma={g}, Wishart draws")
+    (``pgd_risk``, a different formula) to 1e-12 at gamma = 0.2 and 0.4, and the Monte Carlo path agrees
+    within 4 SE at gamma = 0.2 (0.4: test_one_gd_step_monte_carlo_fuzzed, slow tier; the Monte Carlo program
+    compiles per call). Planted bugs caught: a wrong noise term (s^2/n) l p^2, a wrong moment scaling
+    (sigma^k or n^-k)."""
+    exact = {g: _one_step_exact(g) for g in (0.2, 0.4)}
+    mean, se = theory.multistep_gd_risk(ONE_STEP_DESIGN, 9, [0.2], key, 100_000)
+    assert_within_se(exact[0.2], mean, se, name="1-step GD gamma=0.2, Wishart draws")
+
+
+@pytest.mark.slow
+def test_one_gd_step_monte_carlo_fuzzed(key):
+    """The Monte Carlo path of the test above at the second step size, gamma = 0.4: within 4 SE of the exact
+    one-step risk."""
+    mean, se = theory.multistep_gd_risk(ONE_STEP_DESIGN, 9, [0.4], key, 100_000)
+    assert_within_se(_one_step_exact(0.4), mean, se, name="1-step GD gamma=0.4, Wishart draws")
 
 
 @pytest.mark.parametrize("steps", [(0.5, 1.2), (0.3, 0.6, 1.1), (0.36, 0.52, 0.9, 2.08)])
@@ -161,16 +177,16 @@ def test_step_minimiser_finds_the_minimum_bfgs_finds():
 def test_a_minimiser_that_stops_short_is_an_error(monkeypatch):
     """No silent wrong reference: with too few iterations to reach a stationary point, and with a NaN
     risk (moments that overflow), optimal_multistep_gd raises and says why."""
-    iterations, exact = theory.NEWTON_ITERATIONS, theory.multistep._exact_moments
-    monkeypatch.setattr(theory.multistep, "NEWTON_ITERATIONS", 1)
-    theory.multistep._minimise_steps.clear_cache()
+    exact = theory.multistep._exact_moments
     try:
-        with pytest.raises(ArithmeticError, match="not a minimum of the risk.*relative gradient.*steps = 3, n = 20"):
-            theory.optimal_multistep_gd(IID(5, noise_var=0.1), 20, 3)
-        monkeypatch.setattr(theory.multistep, "NEWTON_ITERATIONS", iterations)
+        # the NaN risk first, with the minimiser the earlier tests compiled (the moments are its arguments)
+        with monkeypatch.context() as patch:
+            patch.setattr(theory.multistep, "_exact_moments", lambda *a: np.where(np.arange(10) == 3, np.inf, exact(*a)))
+            with pytest.raises(ArithmeticError, match="risk nan"):
+                theory.optimal_multistep_gd(IID(5, noise_var=0.1), 20, 3)
+        monkeypatch.setattr(theory.multistep, "NEWTON_ITERATIONS", 1)
         theory.multistep._minimise_steps.clear_cache()
-        monkeypatch.setattr(theory.multistep, "_exact_moments", lambda *a: np.where(np.arange(10) == 3, np.inf, exact(*a)))
-        with pytest.raises(ArithmeticError, match="risk nan"):
+        with pytest.raises(ArithmeticError, match="not a minimum of the risk.*relative gradient.*steps = 3, n = 20"):
             theory.optimal_multistep_gd(IID(5, noise_var=0.1), 20, 3)
     finally:
         theory.multistep._minimise_steps.clear_cache()
@@ -353,15 +369,25 @@ def test_search_with_keys_per_seed_scores_each_seed_on_its_own_sets(key):
                            null_key=keys["null_key"])
 
 
-def test_evaluation_with_keys_per_seed_bounds_networks_per_device(key):
+@pytest.fixture(scope="module")
+def twenty_four_networks():
+    """24 GD-form transformers (d = 5, two layers, float32), network i the init of fold_in(key, i) (the suite's
+    ``key``): the model, the list of networks and the stack [1, 1, 24, ...] a sweep scores. One jitted,
+    vmapped init shared by the evaluation tests (eager inits compile one program per network)."""
+    model = models.LinearTransformer(5, 2)
+    key = jax.random.PRNGKey(20241122)
+    stacked = jax.jit(jax.vmap(lambda i: model.init(jax.random.fold_in(key, i))))(jnp.arange(24))
+    nets = [jax.tree_util.tree_map(lambda a, i=i: a[i], stacked) for i in range(24)]
+    return model, nets, jax.tree_util.tree_map(lambda a: a[None, None], stacked)
+
+
+def test_evaluation_with_keys_per_seed_bounds_networks_per_device(key, twenty_four_networks):
     """8 seeds x 3 GD-form transformers, each seed its own key, on one device: 24 networks vmapped together,
     so each batch draws at most MAX_BATCH // 24 prompts (the bound that sets the prompts a key gives); each
     seed's risks equal that seed's networks scored alone at that batch."""
     from iclsim import evaluate
 
-    model = models.LinearTransformer(5, 2)
-    nets = [model.init(jax.random.fold_in(key, i)) for i in range(24)]
-    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a)[None, None], *nets)
+    model, nets, stacked = twenty_four_networks
     design = IID(5, noise_var=0.1)
     keys = np.repeat(np.stack([np.asarray(jax.random.fold_in(key, 100 + s)) for s in range(8)]), 3, axis=0)
     together, _ = evaluate.evaluate_sweep(model, stacked, design, [20], keys, 20_000, batch_size=10_000,
@@ -405,17 +431,16 @@ def test_library_fusion_is_turned_off_only_where_jaxlib_knows_the_option(monkeyp
         compiler.library_fusion_off.cache_clear()
 
 
-def test_vmapped_evaluation_scores_each_network_as_alone(key, monkeypatch):
+def test_vmapped_evaluation_scores_each_network_as_alone(key, twenty_four_networks, monkeypatch):
     """24 different GD-form transformers scored in one vmapped evaluation: the first three equal each scored
     alone on the same prompts, at the bound evaluate_sweep keeps (at most MAX_BATCH networks x prompts per
-    batch) and with the bound lifted to batches of 10_000. Regression: there the vmapped evaluation returned the first
+    batch) and with the bound lifted to batches of 10_000 (against the same alone scores: a network's prompts
+    do not depend on the batch, test_layout.py). Regression: there the vmapped evaluation returned the first
     network's risk for all three (jax 0.10.2, CPU: XLA's YNNPACK library fusion, now off for the evaluation
     program, compiler.NO_LIBRARY_FUSION); the test fails with the fusion back on."""
     from iclsim import evaluate
 
-    model = models.LinearTransformer(5, 2)
-    nets = [model.init(jax.random.fold_in(key, i)) for i in range(24)]
-    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a)[None, None], *nets)
+    model, nets, stacked = twenty_four_networks
     design = IID(5, noise_var=0.1)
     together, _ = evaluate.evaluate_sweep(model, stacked, design, [20], key, 20_000, batch_size=10_000,
                                           devices=jax.devices()[:1])  # one device: the three are vmapped
@@ -428,7 +453,6 @@ def test_vmapped_evaluation_scores_each_network_as_alone(key, monkeypatch):
     try:
         together, _ = evaluate.evaluate_sweep(model, stacked, design, [20], key, 20_000, batch_size=10_000,
                                               devices=jax.devices()[:1])
-        alone = [evaluate.evaluate(model, p, design, 20, key, 20_000, batch_size=10_000)[0] for p in nets[:3]]
     finally:
         evaluate._compiled_evaluation.cache_clear()
     assert_close(together.ravel()[:3], alone, rtol=1e-5, name="batches of 10_000, bound lifted")

@@ -15,13 +15,19 @@ F64 = jnp.float64
 
 
 def _gd_risk_by_prompts(design, n, steps, key, num=100_000):
-    """Monte Carlo of L-step GD written from its definition, on prompts drawn by the design."""
-    p = design.sample(key, num, n, F64)
-    w = jnp.zeros_like(p.x)
-    for g in steps:
-        w = w + g * jnp.einsum("bnd,bn->bd", p.X, p.y - jnp.einsum("bnd,bd->bn", p.X, w)) / n
-    err = (p.y_query - jnp.sum(p.x * w, axis=-1)) ** 2
-    return float(jnp.mean(err)), float(jnp.std(err) / np.sqrt(num))
+    """Monte Carlo of L-step GD written from its definition, on prompts drawn by the design (one jitted
+    program: eager, each operation compiles its own)."""
+    @jax.jit
+    def run(key):
+        p = design.sample(key, num, n, F64)
+        w = jnp.zeros_like(p.x)
+        for g in steps:
+            w = w + g * jnp.einsum("bnd,bn->bd", p.X, p.y - jnp.einsum("bnd,bd->bn", p.X, w)) / n
+        err = (p.y_query - jnp.sum(p.x * w, axis=-1)) ** 2
+        return jnp.mean(err), jnp.std(err) / np.sqrt(num)
+
+    mean, se = run(key)
+    return float(mean), float(se)
 
 
 ONE_STEP_DESIGN = IID(4, noise_var=0.3, cov_x=2.0 * np.eye(4), cov_beta=0.5 * np.eye(4))
@@ -224,13 +230,20 @@ def test_gd_form_transformer_is_its_token_network_and_reads_only_s(key):
     a Gram path that differs from the token path."""
     d, n = 3, 6
     model = models.LinearTransformer(d, 3, dtype=F64, init_scale=0.5)
-    params = model.init(key)
-    p = IID(d, noise_var=0.2).sample(jax.random.fold_in(key, 1), 32, n, F64)
-    assert_close(model.apply(params, p), _token_network(params, p), rtol=1e-10, atol=1e-12)
-    Z = tokens(p)[:, :-1]
-    gram = GramPrompts.from_matrix(jnp.einsum("bni,bnj->bij", Z, Z) / n, p.x, p.y_query)
-    assert_close(model.apply(params, gram), model.apply(params, p), rtol=1e-9, atol=1e-11)
-    assert model.predictions(params, p).shape == (3, 32)
+
+    @jax.jit
+    def paths(key):  # one program, where eager calls compile one per operation
+        params = model.init(key)
+        p = IID(d, noise_var=0.2).sample(jax.random.fold_in(key, 1), 32, n, F64)
+        Z = tokens(p)[:, :-1]
+        gram = GramPrompts.from_matrix(jnp.einsum("bni,bnj->bij", Z, Z) / n, p.x, p.y_query)
+        return (model.apply(params, p), _token_network(params, p), model.apply(params, gram),
+                model.predictions(params, p))
+
+    on_tokens, token_network, on_gram, predictions = paths(key)
+    assert_close(on_tokens, token_network, rtol=1e-10, atol=1e-12)
+    assert_close(on_gram, on_tokens, rtol=1e-9, atol=1e-11)
+    assert predictions.shape == (3, 32)
 
 
 def test_preconditioners_are_invariant_to_function_preserving_rescalings(key):
@@ -359,8 +372,9 @@ def test_search_with_keys_per_seed_scores_each_seed_on_its_own_sets(key):
     typed = pruning.search(model, params, design, n, cands, wrap(val), wrap(test), 2_000, 2_000, null_key=wrap(null))
     assert_close(typed.val_risk, res.val_risk, rtol=1e-12)
     assert_close(typed.null_gain, res.null_gain, rtol=1e-12)
-    one = pruning.search(model, params, design, n, cands, wrap(val[0]), test[0], 2_000, 2_000,
-                         null_key=wrap(null[0]))  # single typed keys
+    # single typed keys; 4_000 prompts as in the test above, whose programs (one key for 6 networks) this reuses
+    one = pruning.search(model, params, design, n, cands, wrap(val[0]), test[0], 4_000, 4_000,
+                         null_key=wrap(null[0]))
     assert np.all(np.isfinite(one.null_gain))
     for name in ("val_key", "test_key", "null_key"):
         keys = {"val_key": val, "test_key": test, "null_key": null, name: val[:1]}

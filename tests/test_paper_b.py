@@ -348,38 +348,40 @@ def test_evaluate_candidates_is_paired_and_search_takes_the_validation_minimum(k
 
 def test_search_with_keys_per_seed_scores_each_seed_on_its_own_sets(key):
     """With a key per seed, each seed's validation risks, test risks and null control are those of that seed
-    searched alone with its keys; the null control is the minimum over copies i drawn from fold_in(key, i)."""
+    searched alone with its keys; the null control is the minimum over copies i drawn from fold_in(key, i).
+    4_000 prompts per set, as in the test above, whose evaluation programs (6 networks: one key, one key per
+    network) the null controls and the single-key search reuse."""
     d, n = 3, 6
     model = models.LinearTransformer(d, 2, dtype=F64)
     params = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[model.init(jax.random.fold_in(key, s)) for s in range(2)])
     design = IID(d, noise_var=0.3)
     cands = [pruning.Candidate(0, "attn", None), pruning.Candidate(0, "attn", 1), pruning.Candidate(1, "attn", 2)]
     val, test, null = (np.stack([np.asarray(jax.random.fold_in(key, 10 * k + s)) for s in range(2)]) for k in (1, 2, 3))
-    res = pruning.search(model, params, design, n, cands, val, test, 2_000, 2_000, null_key=null)
+    res = pruning.search(model, params, design, n, cands, val, test, 4_000, 4_000, null_key=null)
     for s in range(2):
         alone = jax.tree_util.tree_map(lambda a: a[s:s + 1], params)
-        v = pruning.evaluate_candidates(model, alone, design, n, cands, val[s], 2_000)[0][0]
-        t = pruning.evaluate_candidates(model, alone, design, n, cands, test[s], 2_000)[0][0]
+        v = pruning.evaluate_candidates(model, alone, design, n, cands, val[s], 4_000)[0][0]
+        t = pruning.evaluate_candidates(model, alone, design, n, cands, test[s], 4_000)[0][0]
         copies = [pruning.evaluate_candidates(model, alone, design, n, cands[:1], jax.random.fold_in(null[s], i),
-                                              2_000)[0][0, 0] for i in range(len(cands))]
+                                              4_000)[0][0, 0] for i in range(len(cands))]
         assert_close(res.val_risk[s], v, rtol=1e-9)
         assert_close([res.test_before[s], res.test_after[s]], [t[0], t[res.chosen[s]]], rtol=1e-9)
         assert_close(res.null_gain[s], v[0] - min(copies), rtol=1e-9, atol=1e-12)
     other, _ = pruning.evaluate_candidates(model, jax.tree_util.tree_map(lambda a: a[:1], params), design, n,
-                                           cands[:1], val[1], 2_000)
+                                           cands[:1], val[1], 4_000)
     assert abs(other[0, 0] - res.val_risk[0, 0]) > 1e-6  # seed 0 was scored on its own set, not seed 1's
     wrap = jax.random.wrap_key_data
-    typed = pruning.search(model, params, design, n, cands, wrap(val), wrap(test), 2_000, 2_000, null_key=wrap(null))
+    typed = pruning.search(model, params, design, n, cands, wrap(val), wrap(test), 4_000, 4_000, null_key=wrap(null))
     assert_close(typed.val_risk, res.val_risk, rtol=1e-12)
     assert_close(typed.null_gain, res.null_gain, rtol=1e-12)
-    # single typed keys; 4_000 prompts as in the test above, whose programs (one key for 6 networks) this reuses
+    # single typed keys
     one = pruning.search(model, params, design, n, cands, wrap(val[0]), test[0], 4_000, 4_000,
                          null_key=wrap(null[0]))
     assert np.all(np.isfinite(one.null_gain))
     for name in ("val_key", "test_key", "null_key"):
         keys = {"val_key": val, "test_key": test, "null_key": null, name: val[:1]}
         with pytest.raises(ValueError, match=f"{name} must be one PRNG key"):
-            pruning.search(model, params, design, n, cands, keys["val_key"], keys["test_key"], 2_000, 2_000,
+            pruning.search(model, params, design, n, cands, keys["val_key"], keys["test_key"], 4_000, 4_000,
                            null_key=keys["null_key"])
 
 

@@ -126,7 +126,7 @@ def test_multistep_polynomials_are_the_products_numpy_computes():
         q = np.polynomial.polynomial.polyfromroots(1 / gam) * np.prod(-gam)  # prod (1 - gamma_i l), low degree first
         p = -q[1:]
         with jax.enable_x64(True):
-            qq, lpp = map(np.asarray, theory.multistep._multistep_polynomials(jnp.asarray(gam, F64)))
+            qq, lpp = map(np.asarray, jax.jit(theory.multistep._multistep_polynomials)(jnp.asarray(gam, F64)))
         assert_close(qq, np.polynomial.polynomial.polymul(q, q), rtol=1e-12, name=f"q^2, L={L}")
         assert_close(lpp, np.concatenate([[0.0], np.polynomial.polynomial.polymul(p, p)]), rtol=1e-12,
                      name=f"l p^2, L={L}")
@@ -520,18 +520,19 @@ def test_control_operations_do_what_they_say_on_the_gd_form(key):
     Gamma_l (numpy's SVD); every other layer untouched."""
     d, L = 4, 3
     model = models.LinearTransformer(d, L, init_scale=0.6)
-    params = model.init(key)
-    G = np.asarray(model.preconditioners(params), np.float64)
+    params = jax.jit(model.init)(key)
+    preconditioners = jax.jit(model.preconditioners)  # one program for every network below, not eager operations
+    G = np.asarray(preconditioners(params), np.float64)
     prompts = IID(d, noise_var=0.2).sample(jax.random.fold_in(key, 1), 64, 9, jnp.float32)
     deleted = pruning.apply_candidate(params, pruning.Candidate(1, "attn", None, "delete"))
     shorter = {"layers": [params["layers"][0], params["layers"][2]]}
-    np.testing.assert_allclose(model.apply(deleted, prompts), models.LinearTransformer(d, L - 1).apply(shorter, prompts),
-                               rtol=1e-5, atol=1e-5)
-    scaled = np.asarray(model.preconditioners(pruning.apply_candidate(params, pruning.Candidate(2, "attn", None,
+    np.testing.assert_allclose(jax.jit(model.apply)(deleted, prompts),
+                               jax.jit(models.LinearTransformer(d, L - 1).apply)(shorter, prompts), rtol=1e-5, atol=1e-5)
+    scaled = np.asarray(preconditioners(pruning.apply_candidate(params, pruning.Candidate(2, "attn", None,
                                                                                                    "scale", 0.3))))
     np.testing.assert_allclose(scaled[2], 0.3 * G[2], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(scaled[:2], G[:2], rtol=0, atol=0)
-    rnd = np.asarray(model.preconditioners(pruning.apply_candidate(params, pruning.Candidate(0, "attn", 2, "random", 7))),
+    rnd = np.asarray(preconditioners(pruning.apply_candidate(params, pruning.Candidate(0, "attn", 2, "random", 7))),
                      np.float64)[0]
     assert np.linalg.matrix_rank(rnd, tol=1e-4) == 2
     a = {k: np.asarray(v, np.float64) for k, v in params["layers"][0]["attn"].items()}
@@ -539,10 +540,10 @@ def test_control_operations_do_what_they_say_on_the_gd_form(key):
     np.testing.assert_allclose(P @ P, P, atol=1e-4)
     np.testing.assert_allclose(P, P.T, atol=1e-4)
     assert np.trace(P) == pytest.approx(2.0, abs=1e-4)
-    other = np.asarray(model.preconditioners(pruning.apply_candidate(params, pruning.Candidate(0, "attn", 2, "random", 8))))[0]
+    other = np.asarray(preconditioners(pruning.apply_candidate(params, pruning.Candidate(0, "attn", 2, "random", 8))))[0]
     assert np.max(np.abs(other - rnd)) > 1e-3  # another seed, another subspace
     for k in (1, 2, 3):
-        trunc = np.asarray(model.preconditioners(pruning.apply_candidate(params, pruning.Candidate(1, "attn", k,
+        trunc = np.asarray(preconditioners(pruning.apply_candidate(params, pruning.Candidate(1, "attn", k,
                                                                                                       "product_svd"))))[1]
         U, sv, Vt = np.linalg.svd(G[1])
         np.testing.assert_allclose(trunc, (U[:, :k] * sv[:k]) @ Vt[:k], rtol=1e-4, atol=1e-5)
@@ -564,17 +565,24 @@ def test_steps_params_is_gd_with_those_steps(key):
     steps = np.array([0.3, 0.8, 1.4])
     model = models.LinearTransformer(4, 3, dtype=F64)
     params = model.steps_params(steps)
-    assert_close(model.preconditioners(params), steps[:, None, None] * np.eye(4), rtol=1e-12)
-    with jax.enable_x64(True):
+    preconditioners = jax.jit(model.preconditioners)  # one program, not eager operations
+    assert_close(preconditioners(params), steps[:, None, None] * np.eye(4), rtol=1e-12)
+
+    @jax.jit
+    def both(params, key):  # the network and L-step GD written out, on the same prompts
         p = IID(4, noise_var=0.2).sample(key, 64, 9, F64)
         w = jnp.zeros_like(p.x)
         for g in steps:
             w = w + g * jnp.einsum("bnd,bn->bd", p.X, p.y - jnp.einsum("bnd,bd->bn", p.X, w)) / 9
-        assert_close(model.apply(params, p), jnp.sum(p.x * w, axis=-1), rtol=1e-10, atol=1e-12)
+        return model.apply(params, p), jnp.sum(p.x * w, axis=-1)
+
+    with jax.enable_x64(True):
+        network, gd = both(params, key)
+        assert_close(network, gd, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="step_sizes must be 3 finite numbers"):
         model.steps_params([0.3, 0.8])
     negative = model.steps_params(np.array([0.3, -0.8, 1.4]))  # a negative step: w_v = +1, Gamma = gamma I
-    assert_close(model.preconditioners(negative), np.array([0.3, -0.8, 1.4])[:, None, None] * np.eye(4), rtol=1e-12)
+    assert_close(preconditioners(negative), np.array([0.3, -0.8, 1.4])[:, None, None] * np.eye(4), rtol=1e-12)
 
 
 def test_paired_risks_resolve_the_exact_difference_of_two_gd_networks(key):

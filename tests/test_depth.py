@@ -121,16 +121,18 @@ def test_best_scale_is_exact_on_the_prompts_it_was_fitted_on():
     parabola with the wrong curvature (r2 - r1 + r0), a prediction that is not affine in c (an update applied
     twice)."""
     model, nets = _nets(1, 3)
-    fit_nets = [pruning.apply_candidate(nets[0], pruning.Candidate(1, "attn", None, "scale", c))
-                for c in (0.0, 1.0, 2.0)]
-    risk, _ = depth.evaluate_networks(model, [fit_nets], DESIGN, N, sweeps.stream_keys([2]), 4096)
-    fit = depth.best_scale(*risk[0])
+
+    def scored(scales):  # risks of the network with layer 1's update scaled by each c, on seed 2's prompts
+        edits = [pruning.apply_candidate(nets[0], pruning.Candidate(1, "attn", None, "scale", c)) for c in scales]
+        return depth.evaluate_networks(model, [edits], DESIGN, N, sweeps.stream_keys([2]), 4096)[0][0]
+
     grid = np.round(np.arange(0.0, 2.01, 0.1), 2)
+    # the fit's call holds as many networks (23) as the probe's: one compiled program for both
+    risk = scored([0.6, 0.6] + list(grid))
+    fit = depth.best_scale(risk[2], risk[12], risk[22])  # c = 0, 1, 2
     probe = [float(fit.best), 0.6] + list(grid)
-    direct, _ = depth.evaluate_networks(model, [[pruning.apply_candidate(nets[0], pruning.Candidate(1, "attn", None,
-                                                                                                      "scale", c))
-                                                 for c in probe]], DESIGN, N, sweeps.stream_keys([2]), 4096)
-    # the same prompts need the same number of networks per call: refit on this call's prompts
+    direct = scored(probe)[None]
+    # the same prompts in both calls (same key, count and layout): the refit on this call's risks is the fit
     fit = depth.best_scale(direct[0, 2], direct[0, 12], direct[0, 22])
     assert_close(fit.risk(np.array(probe)), direct[0], rtol=1e-4, name="parabola vs direct")
     assert direct[0, 2:].min() >= fit.risk(fit.best) * (1 - 1e-4)

@@ -50,7 +50,9 @@ def test_gd_network_runs_multistep_gd_its_risk_matches_the_closed_form():
     model = models.LinearTransformer(D, 2)
     net = depth.gd_network(steps, D)
     assert_close(model.preconditioners(net), np.stack([g * np.eye(D) for g in steps]), rtol=1e-6, atol=1e-7)
-    mc, mc_se = depth.evaluate_networks(model, [[net]], DESIGN, N, sweeps.stream_keys([3]), 40_000)
+    # four copies: the layout (and so the compiled program) of the permuted-steps test below
+    mc, mc_se = depth.evaluate_networks(model, [[net] * 4], DESIGN, N, sweeps.stream_keys([3]), 40_000)
+    assert np.all(mc == mc[0, 0])
     closed, closed_se = theory.multistep_gd_risk(DESIGN, N, steps)  # the exact form (Wishart moments): se 0
     assert closed_se == 0.0
     assert_within_se(closed, mc[0, 0], float(np.hypot(mc_se[0, 0], closed_se)), "gd_network vs multistep_gd_risk")
@@ -73,9 +75,10 @@ def test_permuted_scalar_steps_have_one_risk_and_trained_layers_do_not():
     model2 = models.LinearTransformer(D, 2)
     gd = depth.gd_network([0.4, 1.3], D)
     generic = model2.init(jax.random.PRNGKey(5))
+    # 10_000 prompts (40 draw blocks, one round) at n = N: the program of the GD-network test above
     risk, _ = depth.evaluate_networks(model2, [[gd, depth.permute_layers(gd, (1, 0)), generic,
-                                                depth.permute_layers(generic, (1, 0))]], IID(D, noise_var=0.1), 6,
-                                      sweeps.stream_keys([0]), 4096)
+                                                depth.permute_layers(generic, (1, 0))]], DESIGN, N,
+                                      sweeps.stream_keys([0]), 10_000)
     assert abs(risk[0, 0] - risk[0, 1]) <= 1e-5 * risk[0, 0]
     assert abs(risk[0, 2] - risk[0, 3]) > 1e-3 * risk[0, 2]
 

@@ -72,6 +72,15 @@ def _by_hand(factors, X, y):
     return out
 
 
+_DOUBLES: dict = {}
+
+
+def _fixed(X, y):
+    """One ``FixedContexts`` per (X, y) for the whole module: the bound compiles a test double into its program
+    (a static argument, compared by identity), so the tests share one program per layer count."""
+    return _DOUBLES.setdefault((X.tobytes(), y.tobytes()), FixedContexts(X, y))
+
+
 def _gd(steps):
     return [(np.sqrt(s) * np.eye(D), np.sqrt(s) * np.eye(D), -1.0) for s in steps]
 
@@ -83,7 +92,7 @@ def _random_layers(L, seed):
 
 
 def _bound(factors, X, y):
-    return bound.trajectory_bound(models.LinearTransformer(D, len(factors)), _network(factors), FixedContexts(X, y),
+    return bound.trajectory_bound(models.LinearTransformer(D, len(factors)), _network(factors), _fixed(X, y),
                                   N, jax.random.PRNGKey(0), X.shape[0])
 
 
@@ -116,7 +125,7 @@ def test_rank_of_a_truncated_step_is_the_support():
     params = _network(_random_layers(2, 3))
     X, y = _contexts()
     for k in (1, 2, 3):
-        b = bound.trajectory_bound(model, pruning.prune(params, 0, "attn", rank=k), FixedContexts(X, y), N,
+        b = bound.trajectory_bound(model, pruning.prune(params, 0, "attn", rank=k), _fixed(X, y), N,
                                    jax.random.PRNGKey(0), X.shape[0])
         assert b.support.tolist() == [k, D]
         assert np.all(np.isfinite(b.terms))
@@ -164,7 +173,7 @@ def test_a_deleted_layer_adds_nothing_and_the_rest_is_the_shorter_trajectory():
     X, y = _contexts()
     factors = _random_layers(3, 5)
     deleted = pruning.apply_candidate(_network(factors), pruning.Candidate(1, "attn", None, "delete"))
-    b = bound.trajectory_bound(models.LinearTransformer(D, 3), deleted, FixedContexts(X, y), N,
+    b = bound.trajectory_bound(models.LinearTransformer(D, 3), deleted, _fixed(X, y), N,
                                jax.random.PRNGKey(0), X.shape[0])
     short = _bound([factors[0], factors[2]], X, y)
     assert b.support.tolist() == [D, 0, D]
@@ -193,18 +202,18 @@ def test_networks_axis_and_keys_pair_the_networks():
 
 
 def test_monte_carlo_mean_settles():
-    """On GD with steps (0.5, 1.0) the Monte Carlo means over 2000 contexts from two keys agree within 4 standard
+    """On GD with steps (0.5, 1.0) the Monte Carlo means over 250 contexts from two keys agree within 4 standard
     errors, the SE taken from the spread of 16 independent 250-context means (two independent estimates of the
-    same expectation). Planted bug caught: a key ignored or contexts drawn once and reused for every key (then
-    the estimates are identical, which this test also rejects)."""
+    same expectation; one context count: one compiled program). Planted bug caught: a key ignored or contexts
+    drawn once and reused for every key (then the estimates are identical, which this test also rejects)."""
     model = models.LinearTransformer(D, 2)
     design = IID(D, noise_var=0.1)
     net = _network(_gd([0.5, 1.0]))
-    a = bound.trajectory_bound(model, net, design, N, jax.random.PRNGKey(0), 2000)
-    b = bound.trajectory_bound(model, net, design, N, jax.random.PRNGKey(1), 2000)
+    a = bound.trajectory_bound(model, net, design, N, jax.random.PRNGKey(0), 250)
+    b = bound.trajectory_bound(model, net, design, N, jax.random.PRNGKey(1), 250)
     small = np.array([bound.trajectory_bound(model, net, design, N, jax.random.PRNGKey(10 + i), 250).terms
                       for i in range(16)])
-    se = small.std(axis=0, ddof=1) * np.sqrt(250 / 2000) * np.sqrt(2)
+    se = small.std(axis=0, ddof=1) * np.sqrt(2)
     assert np.all(np.abs(a.terms - b.terms) <= 4 * se), (a.terms, b.terms, se)
     assert np.all(a.terms != b.terms)
 

@@ -13,8 +13,11 @@ DESIGN = IID(D, noise_var=0.1)
 
 
 def _nets(seeds=2, L=2):
+    """The model and ``seeds`` networks, network s its init under PRNGKey(s): one jitted, vmapped init (eager
+    inits compile one program per network)."""
     model = models.LinearTransformer(D, L)
-    return model, [model.init(jax.random.PRNGKey(s)) for s in range(seeds)]
+    stacked = jax.jit(jax.vmap(model.init))(jax.vmap(jax.random.PRNGKey)(np.arange(seeds)))
+    return model, [jax.tree_util.tree_map(lambda a, s=s: np.asarray(a)[s], stacked) for s in range(seeds)]
 
 
 def test_evaluate_networks_pairs_each_seed_with_its_own_prompts_as_evaluate_candidates_does():
@@ -27,12 +30,11 @@ def test_evaluate_networks_pairs_each_seed_with_its_own_prompts_as_evaluate_cand
                                                                                                     "delete")]
     keys = sweeps.stream_keys([0, 1])
     want, want_se = pruning.evaluate_candidates(model, params, DESIGN, N, cands, keys, 2048)
-    got, got_se = depth.evaluate_networks(model, [[pruning.apply_candidate(p, c) for c in cands] for p in nets], DESIGN,
-                                          N, keys, 2048)
+    edited = [[pruning.apply_candidate(p, c) for c in cands] for p in nets]
+    got, got_se = depth.evaluate_networks(model, edited, DESIGN, N, keys, 2048)
     assert_close(got, want, rtol=1e-12, name="risk")
     assert_close(got_se, want_se, rtol=1e-12, name="se")
-    swapped, _ = depth.evaluate_networks(model, [[pruning.apply_candidate(p, c) for c in cands] for p in nets], DESIGN,
-                                         N, keys[::-1], 2048)
+    swapped, _ = depth.evaluate_networks(model, edited, DESIGN, N, keys[::-1], 2048)
     assert not np.allclose(swapped, want, rtol=1e-6)
     with pytest.raises(ValueError, match="equal length"):
         depth.evaluate_networks(model, [[nets[0]], [nets[1], nets[1]]], DESIGN, N, keys, 100)
@@ -48,8 +50,11 @@ def test_gd_network_runs_multistep_gd_its_risk_matches_the_closed_form():
     model = models.LinearTransformer(D, 2)
     net = depth.gd_network(steps, D)
     assert_close(model.preconditioners(net), np.stack([g * np.eye(D) for g in steps]), rtol=1e-6, atol=1e-7)
-    mc, mc_se = depth.evaluate_networks(model, [[net]], DESIGN, N, sweeps.stream_keys([3]), 40_000)
-    closed, closed_se = theory.multistep_gd_risk(DESIGN, N, steps, jax.random.PRNGKey(1), 200_000)
+    # four copies: the layout (and so the compiled program) of the permuted-steps test below
+    mc, mc_se = depth.evaluate_networks(model, [[net] * 4], DESIGN, N, sweeps.stream_keys([3]), 40_000)
+    assert np.all(mc == mc[0, 0])
+    closed, closed_se = theory.multistep_gd_risk(DESIGN, N, steps)  # the exact form (Wishart moments): se 0
+    assert closed_se == 0.0
     assert_within_se(closed, mc[0, 0], float(np.hypot(mc_se[0, 0], closed_se)), "gd_network vs multistep_gd_risk")
     with pytest.raises(ValueError, match="step_sizes"):
         depth.gd_network([0.3, -0.1], D)
@@ -70,9 +75,10 @@ def test_permuted_scalar_steps_have_one_risk_and_trained_layers_do_not():
     model2 = models.LinearTransformer(D, 2)
     gd = depth.gd_network([0.4, 1.3], D)
     generic = model2.init(jax.random.PRNGKey(5))
+    # 10_000 prompts (40 draw blocks, one round) at n = N: the program of the GD-network test above
     risk, _ = depth.evaluate_networks(model2, [[gd, depth.permute_layers(gd, (1, 0)), generic,
-                                                depth.permute_layers(generic, (1, 0))]], IID(D, noise_var=0.1), 6,
-                                      sweeps.stream_keys([0]), 4096)
+                                                depth.permute_layers(generic, (1, 0))]], DESIGN, N,
+                                      sweeps.stream_keys([0]), 10_000)
     assert abs(risk[0, 0] - risk[0, 1]) <= 1e-5 * risk[0, 0]
     assert abs(risk[0, 2] - risk[0, 3]) > 1e-3 * risk[0, 2]
 
@@ -118,16 +124,18 @@ def test_best_scale_is_exact_on_the_prompts_it_was_fitted_on():
     parabola with the wrong curvature (r2 - r1 + r0), a prediction that is not affine in c (an update applied
     twice)."""
     model, nets = _nets(1, 3)
-    fit_nets = [pruning.apply_candidate(nets[0], pruning.Candidate(1, "attn", None, "scale", c))
-                for c in (0.0, 1.0, 2.0)]
-    risk, _ = depth.evaluate_networks(model, [fit_nets], DESIGN, N, sweeps.stream_keys([2]), 4096)
-    fit = depth.best_scale(*risk[0])
+
+    def scored(scales):  # risks of the network with layer 1's update scaled by each c, on seed 2's prompts
+        edits = [pruning.apply_candidate(nets[0], pruning.Candidate(1, "attn", None, "scale", c)) for c in scales]
+        return depth.evaluate_networks(model, [edits], DESIGN, N, sweeps.stream_keys([2]), 4096)[0][0]
+
     grid = np.round(np.arange(0.0, 2.01, 0.1), 2)
+    # the fit's call holds as many networks (23) as the probe's: one compiled program for both
+    risk = scored([0.6, 0.6] + list(grid))
+    fit = depth.best_scale(risk[2], risk[12], risk[22])  # c = 0, 1, 2
     probe = [float(fit.best), 0.6] + list(grid)
-    direct, _ = depth.evaluate_networks(model, [[pruning.apply_candidate(nets[0], pruning.Candidate(1, "attn", None,
-                                                                                                      "scale", c))
-                                                 for c in probe]], DESIGN, N, sweeps.stream_keys([2]), 4096)
-    # the same prompts need the same number of networks per call: refit on this call's prompts
+    direct = scored(probe)[None]
+    # the same prompts in both calls (same key, count and layout): the refit on this call's risks is the fit
     fit = depth.best_scale(direct[0, 2], direct[0, 12], direct[0, 22])
     assert_close(fit.risk(np.array(probe)), direct[0], rtol=1e-4, name="parabola vs direct")
     assert direct[0, 2:].min() >= fit.risk(fit.best) * (1 - 1e-4)

@@ -15,9 +15,16 @@ from tests.tolerance import assert_close
 MODEL = models.LinearAttention(3)
 CFG = train.TrainConfig(steps=30, batch_size=64, learning_rate=0.02, warmup_steps=5, record_every=10,
                         record_prompts=300)
+DESIGNS, NS, SEEDS = [IID(3, noise_var=v) for v in (0.1, 0.5)], [3, 6], [0, 1]
 
 
-def test_fit_sweep_is_the_vmapped_kernel():
+@pytest.fixture(scope="module")
+def fitted():
+    """fit_sweep of MODEL over DESIGNS x NS x SEEDS (8 points) with CFG, silent: trained once for the module."""
+    return train.fit_sweep(MODEL, DESIGNS, NS, SEEDS, CFG)
+
+
+def test_fit_sweep_is_the_vmapped_kernel(fitted):
     """A sweep over seeds equals jax.vmap(make_train(...)) on the same points bit for bit, on one device and
     over four. Where points of one seed share a block (designs x ns), members are batched differently, and
     the numbers agree to float32 rounding. Planted bugs caught: a kernel that splits its key otherwise, or
@@ -31,13 +38,11 @@ def test_fit_sweep_is_the_vmapped_kernel():
         np.testing.assert_array_equal(np.asarray(mapped.record.loss), sweep.record.loss[0, 0])
         for name in sweep.params:
             np.testing.assert_array_equal(np.asarray(mapped.params[name]), sweep.params[name][0, 0], err_msg=name)
-    designs, ns = [IID(3, noise_var=v) for v in (0.1, 0.5)], [3, 6]
-    sweep = train.fit_sweep(MODEL, designs, ns, [0, 1], CFG)
     points = [(i, j, k) for i in range(2) for j in range(2) for k in range(2)]
-    out = jax.jit(jax.vmap(kernel))(jnp.asarray(rng.seed_keys([[0, 1][k] for _, _, k in points])),
-                                    stack([designs[i] for i, _, _ in points]), jnp.asarray([ns[j] for _, j, _ in points]))
-    assert_close(np.reshape(out.losses, sweep.losses.shape), sweep.losses, rtol=1e-5, atol=1e-6)
-    assert_close(np.reshape(out.record.loss, sweep.record.loss.shape), sweep.record.loss, rtol=1e-5)
+    out = jax.jit(jax.vmap(kernel))(jnp.asarray(rng.seed_keys([SEEDS[k] for _, _, k in points])),
+                                    stack([DESIGNS[i] for i, _, _ in points]), jnp.asarray([NS[j] for _, j, _ in points]))
+    assert_close(np.reshape(out.losses, fitted.losses.shape), fitted.losses, rtol=1e-5, atol=1e-6)
+    assert_close(np.reshape(out.record.loss, fitted.record.loss.shape), fitted.record.loss, rtol=1e-5)
 
 
 def test_make_train_refuses_a_dtype_other_than_the_models():
@@ -52,7 +57,7 @@ def test_make_score_is_evaluate_sweeps_referee():
     (risk, se) under the same key, to the last bits of the float64 division. Planted bugs caught: other
     prompts (another key derivation, a draw keyed by batch), sums in float32."""
     design = IID(3, noise_var=0.3)
-    params = jax.vmap(MODEL.init)(jax.random.split(jax.random.PRNGKey(3), 3))
+    params = jax.jit(jax.vmap(MODEL.init))(jax.random.split(jax.random.PRNGKey(3), 3))
     swept = jax.tree_util.tree_map(lambda a: a[None, None], params)  # [1 design, 1 n, 3 seeds]
     key = jax.random.PRNGKey(9)
     risk, se = evaluate.evaluate_sweep(MODEL, swept, design, [6], key, 3000, 1000)
@@ -67,15 +72,15 @@ def test_make_score_is_evaluate_sweeps_referee():
         evaluate.make_score(MODEL, 6, 1000)(jax.tree_util.tree_map(lambda a: a[0], params), design, 6, key)
 
 
-def test_progress_reports_increasing_points_and_leaves_the_numbers_alone():
+def test_progress_reports_increasing_points_and_leaves_the_numbers_alone(fitted):
     """fit_sweep and evaluate_sweep with a progress function: reports k of N with k increasing to N, elapsed
-    non-decreasing and a time left once anything is done; the numbers equal the silent run's bit for bit."""
-    designs, ns, seeds = [IID(3, noise_var=v) for v in (0.1, 0.5)], [3, 6], [0, 1]
-    config = train.TrainConfig(steps=40, batch_size=32)
+    non-decreasing and a time left once anything is done; the numbers equal the silent run's (the module's
+    ``fitted``) bit for bit."""
+    designs, ns, seeds, silent = DESIGNS, NS, SEEDS, fitted
     reports = []
-    loud = train.fit_sweep(MODEL, designs, ns, seeds, config, progress=reports.append)
-    silent = train.fit_sweep(MODEL, designs, ns, seeds, config)
+    loud = train.fit_sweep(MODEL, designs, ns, seeds, CFG, progress=reports.append)
     np.testing.assert_array_equal(loud.losses, silent.losses)
+    np.testing.assert_array_equal(loud.record.loss, silent.record.loss)
     _check_reports(reports, 8, inside=True)
     reports.clear()
     key = jax.random.PRNGKey(2)
@@ -86,7 +91,7 @@ def test_progress_reports_increasing_points_and_leaves_the_numbers_alone():
     progress.printer("fit_sweep", out)(progress.Progress(3.0, 8, 10.0, 16.7))
     assert out.getvalue() == "fit_sweep: 3.0 of 8 points, 10 s elapsed, about 17 s left\n"
     with pytest.raises(TypeError, match="progress must be None or a function"):
-        train.fit_sweep(MODEL, designs, ns, seeds, config, progress=3)
+        train.fit_sweep(MODEL, designs, ns, seeds, CFG, progress=3)
 
 
 def _check_reports(reports, total, inside):

@@ -32,9 +32,10 @@ NUM = 2_600  # not a multiple of DRAW_BLOCK: the last block is masked
 
 
 def _networks(model, count: int):
-    """``count`` different parameter sets of ``model`` (its init under different keys), stacked [count, ...]."""
-    params = [model.init(jax.random.PRNGKey(100 + i)) for i in range(count)]
-    return jax.tree_util.tree_map(lambda *a: np.stack(a), *params)
+    """``count`` different parameter sets of ``model`` (its init under keys PRNGKey(100 + i)), stacked
+    [count, ...]: one jitted, vmapped init (one program, where eager inits compile one per network)."""
+    keys = jax.vmap(jax.random.PRNGKey)(jnp.arange(100, 100 + count))
+    return jax.tree_util.tree_map(np.asarray, jax.jit(jax.vmap(model.init))(keys))
 
 
 def _sweep(model, seeds: int = 4):
@@ -99,35 +100,58 @@ def test_per_seed_keys_and_stacked_copies_score_alike_across_layouts():
         assert (r[0, 0, 0], s[0, 0, 0]) == evaluate(model, alone, designs[2], N, KEY, NUM)
 
 
-def test_memory_bound_and_batch_size_only_group(monkeypatch):
-    """Two memory bounds and three batch sizes give the same numbers: a sweep of 6 networks on one device
-    at 2600 prompts (11 blocks) grouped 8 blocks per round (MAX_BATCH 12288, batch_size 10000), 3 (batch
-    777), 2 (MAX_BATCH 3000) and 1 (batch 250). Bit for bit on token draws (n = 6); on Gram draws (n_slots
-    = 24 > d / 2 + 9) bit for bit between rounds of several blocks, and to float64 rounding (rtol 1e-13;
-    measured 1.5e-16) when a round holds one block, where XLA drops the size-1 axis and may pick other
-    kernels for the Gram model's small products. Catches a draw or a sum whose result depends on how many
-    blocks a round holds (other prompts move these risks by about one SE)."""
+def _groupings(monkeypatch, cases):
+    """``evaluate_sweep`` of 6 networks on one device at 2600 prompts (11 blocks), token draws (n = 6) and
+    Gram draws (n_slots = 24 > d / 2 + 9), under each (MAX_BATCH, batch_size) of ``cases``: {n: [(risk, se)]}
+    and the blocks per round each case groups (2048 prompts per network a round at MAX_BATCH 12288)."""
     model = dataclasses.replace(MODELS["attention"], dtype=jnp.float64)
     designs, params, _ = _sweep(model)
-    params = jax.tree_util.tree_map(lambda a: a[:, :, :1], params)  # 6 networks: 2048 prompts per network a round
+    params = jax.tree_util.tree_map(lambda a: a[:, :, :1], params)  # 6 networks
     results = {N: [], 24: []}
-    for bound, batch in ((12_288, 10_000), (12_288, 777), (3_000, 10_000), (12_288, 250)):
+    for bound, batch in cases:
         monkeypatch.setattr(evaluation, "MAX_BATCH", bound)
         for n in results:
             results[n].append(evaluate_sweep(model, params, designs, [n], KEY, NUM, batch_size=batch,
                                              devices=_devices()[:1]))
-    groups = [montecarlo.group_size(NUM, min(b, m // 6)) for m, b in ((12_288, 10_000), (12_288, 777), (3_000, 10_000),
-                                                                      (12_288, 250))]
-    assert groups == [8, 3, 2, 1]
+    return results, [montecarlo.group_size(NUM, min(b, m // 6)) for m, b in cases]
+
+
+def _assert_same_numbers(results, exact):
+    """Token draws: every case bit for bit. Gram draws: the cases of several blocks a round (the first
+    ``exact``) bit for bit, a round of one block (the rest) to float64 rounding (rtol 1e-13)."""
     for risk, se in results[N][1:]:
         np.testing.assert_array_equal(results[N][0][0], risk)
         np.testing.assert_array_equal(results[N][0][1], se)
     gram = results[24]
-    for risk, se in gram[1:3]:
+    for risk, se in gram[1:exact]:
         np.testing.assert_array_equal(gram[0][0], risk)
         np.testing.assert_array_equal(gram[0][1], se)
-    np.testing.assert_allclose(gram[0][0], gram[3][0], rtol=1e-13)
-    np.testing.assert_allclose(gram[0][1], gram[3][1], rtol=1e-13)
+    for risk, se in gram[exact:]:
+        np.testing.assert_allclose(gram[0][0], risk, rtol=1e-13)
+        np.testing.assert_allclose(gram[0][1], se, rtol=1e-13)
+
+
+def test_memory_bound_and_batch_size_only_group(monkeypatch):
+    """Three batch sizes give the same numbers: a sweep of 6 networks on one device at 2600 prompts (11
+    blocks) grouped 8 blocks per round (MAX_BATCH 12288, batch_size 10000), 3 (batch 777) and 1 (batch 250).
+    Bit for bit on token draws (n = 6); on Gram draws (n_slots = 24 > d / 2 + 9) bit for bit between rounds
+    of several blocks, and to float64 rounding (rtol 1e-13; measured 1.5e-16) when a round holds one block,
+    where XLA drops the size-1 axis and may pick other kernels for the Gram model's small products. Catches
+    a draw or a sum whose result depends on how many blocks a round holds (other prompts move these risks by
+    about one SE). The second memory bound is test_memory_bound_only_groups_fuzzed (slow tier)."""
+    results, groups = _groupings(monkeypatch, ((12_288, 10_000), (12_288, 777), (12_288, 250)))
+    assert groups == [8, 3, 1]
+    _assert_same_numbers(results, exact=2)
+
+
+@pytest.mark.slow
+def test_memory_bound_only_groups_fuzzed(monkeypatch):
+    """The memory bound as the test above checks the batch size: MAX_BATCH 3000 groups 2 blocks a round
+    (6 networks x 500 prompts) and gives the numbers of 8 blocks a round (MAX_BATCH 12288), bit for bit on
+    token and Gram draws. Catches prompts that depend on the number of networks sharing the bound."""
+    results, groups = _groupings(monkeypatch, ((12_288, 10_000), (3_000, 10_000)))
+    assert groups == [8, 2]
+    _assert_same_numbers(results, exact=2)
 
 
 def test_block_sums_are_the_first_count_draws_of_the_block_stream():
@@ -148,24 +172,40 @@ def test_block_sums_are_the_first_count_draws_of_the_block_stream():
 
 def test_risk_moments_and_monte_carlo_risk_do_not_depend_on_the_batch():
     """``theory.risk_moments`` over chunks x batch = 5000 prompts as (20, 250), (2, 2500) and (1, 5000),
-    and ``theory.monte_carlo_risk`` at three batch sizes: identical, bit for bit; a prefix of 2500 prompts
+    and ``theory.monte_carlo_risk`` at batch sizes 250 and 100_000 (1 and 20 blocks a round; 1000 in
+    test_monte_carlo_risk_batch_fuzzed, slow tier): identical, bit for bit; a prefix of 2500 prompts
     scores the first half of the 5000. Catches chunked draws keyed by chunk (fold_in(key, chunk)) rather
     than by fixed block."""
     design = IID(D, noise_var=0.3)
     W, _ = theory.optimal_pgd(design, N)
     predict = theory.pgd_predict(W)
-    sums = [jax.jit(lambda k, c=c, b=b: theory.risk_moments(predict, design, N, N, k, c, b, jnp.float64))(KEY)
-            for c, b in ((20, 250), (2, 2500), (1, 5000))]
+    moments = {b: jax.jit(lambda k, c, b=b: theory.risk_moments(predict, design, N, N, k, c, b, jnp.float64))
+               for b in (250, 2500, 5000)}  # chunks traced: one program per batch
+    sums = [moments[b](KEY, c) for c, b in ((20, 250), (2, 2500), (1, 5000))]
     for other in sums[1:]:
         assert (float(other[0]), float(other[1])) == (float(sums[0][0]), float(sums[0][1]))
-    estimates = {theory.monte_carlo_risk(predict, design, N, KEY, 5_000, b) for b in (250, 1_000, 100_000)}
+    estimates = {theory.monte_carlo_risk(predict, design, N, KEY, 5_000, b) for b in (250, 100_000)}
     assert len(estimates) == 1
-    half = jax.jit(lambda k: theory.risk_moments(predict, design, N, N, k, 10, 250, jnp.float64))(KEY)
-    first = np.concatenate([np.asarray((p.y_query - predict(p)) ** 2) for p in
-                            (draw(design, jax.random.fold_in(KEY, b), montecarlo.DRAW_BLOCK, N, N, jnp.float64)
-                             for b in range(10))])
+    half = moments[250](KEY, 10)
+
+    @jax.jit
+    def errors(k):  # the squared errors of block k's prompts, written out here
+        p = draw(design, k, montecarlo.DRAW_BLOCK, N, N, jnp.float64)
+        return (p.y_query - predict(p)) ** 2
+
+    first = np.asarray(jax.vmap(lambda b: errors(jax.random.fold_in(KEY, b)))(jnp.arange(10))).ravel()
     np.testing.assert_allclose(float(half[0]), first.sum(), rtol=1e-12)
     assert float(half[0]) < float(sums[0][0])
+
+
+@pytest.mark.slow
+def test_monte_carlo_risk_batch_fuzzed():
+    """``theory.monte_carlo_risk`` at batch 1000 (4 blocks a round) gives the numbers of batches 250 and
+    100_000, bit for bit (the test above, at a third grouping)."""
+    design = IID(D, noise_var=0.3)
+    predict = theory.pgd_predict(theory.optimal_pgd(design, N)[0])
+    estimates = {theory.monte_carlo_risk(predict, design, N, KEY, 5_000, b) for b in (250, 1_000, 100_000)}
+    assert len(estimates) == 1
 
 
 def test_bayes_risk_does_not_depend_on_the_batch():

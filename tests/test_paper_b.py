@@ -15,27 +15,49 @@ F64 = jnp.float64
 
 
 def _gd_risk_by_prompts(design, n, steps, key, num=100_000):
-    """Monte Carlo of L-step GD written from its definition, on prompts drawn by the design."""
-    p = design.sample(key, num, n, F64)
-    w = jnp.zeros_like(p.x)
-    for g in steps:
-        w = w + g * jnp.einsum("bnd,bn->bd", p.X, p.y - jnp.einsum("bnd,bd->bn", p.X, w)) / n
-    err = (p.y_query - jnp.sum(p.x * w, axis=-1)) ** 2
-    return float(jnp.mean(err)), float(jnp.std(err) / np.sqrt(num))
+    """Monte Carlo of L-step GD written from its definition, on prompts drawn by the design (one jitted
+    program: eager, each operation compiles its own)."""
+    @jax.jit
+    def run(key):
+        p = design.sample(key, num, n, F64)
+        w = jnp.zeros_like(p.x)
+        for g in steps:
+            w = w + g * jnp.einsum("bnd,bn->bd", p.X, p.y - jnp.einsum("bnd,bd->bn", p.X, w)) / n
+        err = (p.y_query - jnp.sum(p.x * w, axis=-1)) ** 2
+        return jnp.mean(err), jnp.std(err) / np.sqrt(num)
+
+    mean, se = run(key)
+    return float(mean), float(se)
+
+
+ONE_STEP_DESIGN = IID(4, noise_var=0.3, cov_x=2.0 * np.eye(4), cov_beta=0.5 * np.eye(4))
+
+
+def _one_step_exact(g):
+    """The exact one-step GD risk at step g on ONE_STEP_DESIGN (n = 9), checked against PGD's closed form."""
+    exact, se = theory.multistep_gd_risk(ONE_STEP_DESIGN, 9, [g])
+    assert se == 0.0
+    assert_close(exact, theory.pgd_risk(ONE_STEP_DESIGN, 9, g * np.eye(4) / 9), rtol=1e-12, name=f"1-step GD gamma={g}")
+    return exact
 
 
 def test_one_gd_step_is_pgd_with_a_scaled_identity(key):
     """Two closed forms of one predictor: the exact one-step GD risk equals PGD's with W = gamma I / n
-    (``pgd_risk``, a different formula) to 1e-12, and the Monte Carlo path agrees within 4 SE. Planted bugs
-    caught: a wrong noise term (s^2/n) l p^2, a wrong moment scaling (sigma^k or n^-k)."""
-    d, n = 4, 9
-    design = IID(d, noise_var=0.3, cov_x=2.0 * np.eye(d), cov_beta=0.5 * np.eye(d))
-    for g in (0.2, 0.4):
-        exact, se = theory.multistep_gd_risk(design, n, [g])
-        assert se == 0.0
-        assert_close(exact, theory.pgd_risk(design, n, g * np.eye(d) / n), rtol=1e-12, name=f"1-step GD gamma={g}")
-        mean, se = theory.multistep_gd_risk(design, n, [g], key, 100_000)
-        assert_within_se(exact, mean, se, name=f"1-step GD gamma={g}, Wishart draws")
+    (``pgd_risk``, a different formula) to 1e-12 at gamma = 0.2 and 0.4, and the Monte Carlo path agrees
+    within 4 SE at gamma = 0.2 (0.4: test_one_gd_step_monte_carlo_fuzzed, slow tier; the Monte Carlo program
+    compiles per call). Planted bugs caught: a wrong noise term (s^2/n) l p^2, a wrong moment scaling
+    (sigma^k or n^-k)."""
+    exact = {g: _one_step_exact(g) for g in (0.2, 0.4)}
+    mean, se = theory.multistep_gd_risk(ONE_STEP_DESIGN, 9, [0.2], key, 100_000)
+    assert_within_se(exact[0.2], mean, se, name="1-step GD gamma=0.2, Wishart draws")
+
+
+@pytest.mark.slow
+def test_one_gd_step_monte_carlo_fuzzed(key):
+    """The Monte Carlo path of the test above at the second step size, gamma = 0.4: within 4 SE of the exact
+    one-step risk."""
+    mean, se = theory.multistep_gd_risk(ONE_STEP_DESIGN, 9, [0.4], key, 100_000)
+    assert_within_se(_one_step_exact(0.4), mean, se, name="1-step GD gamma=0.4, Wishart draws")
 
 
 @pytest.mark.parametrize("steps", [(0.5, 1.2), (0.3, 0.6, 1.1), (0.36, 0.52, 0.9, 2.08)])
@@ -104,7 +126,7 @@ def test_multistep_polynomials_are_the_products_numpy_computes():
         q = np.polynomial.polynomial.polyfromroots(1 / gam) * np.prod(-gam)  # prod (1 - gamma_i l), low degree first
         p = -q[1:]
         with jax.enable_x64(True):
-            qq, lpp = map(np.asarray, theory.multistep._multistep_polynomials(jnp.asarray(gam, F64)))
+            qq, lpp = map(np.asarray, jax.jit(theory.multistep._multistep_polynomials)(jnp.asarray(gam, F64)))
         assert_close(qq, np.polynomial.polynomial.polymul(q, q), rtol=1e-12, name=f"q^2, L={L}")
         assert_close(lpp, np.concatenate([[0.0], np.polynomial.polynomial.polymul(p, p)]), rtol=1e-12,
                      name=f"l p^2, L={L}")
@@ -161,16 +183,16 @@ def test_step_minimiser_finds_the_minimum_bfgs_finds():
 def test_a_minimiser_that_stops_short_is_an_error(monkeypatch):
     """No silent wrong reference: with too few iterations to reach a stationary point, and with a NaN
     risk (moments that overflow), optimal_multistep_gd raises and says why."""
-    iterations, exact = theory.NEWTON_ITERATIONS, theory.multistep._exact_moments
-    monkeypatch.setattr(theory.multistep, "NEWTON_ITERATIONS", 1)
-    theory.multistep._minimise_steps.clear_cache()
+    exact = theory.multistep._exact_moments
     try:
-        with pytest.raises(ArithmeticError, match="not a minimum of the risk.*relative gradient.*steps = 3, n = 20"):
-            theory.optimal_multistep_gd(IID(5, noise_var=0.1), 20, 3)
-        monkeypatch.setattr(theory.multistep, "NEWTON_ITERATIONS", iterations)
+        # the NaN risk first, with the minimiser the earlier tests compiled (the moments are its arguments)
+        with monkeypatch.context() as patch:
+            patch.setattr(theory.multistep, "_exact_moments", lambda *a: np.where(np.arange(10) == 3, np.inf, exact(*a)))
+            with pytest.raises(ArithmeticError, match="risk nan"):
+                theory.optimal_multistep_gd(IID(5, noise_var=0.1), 20, 3)
+        monkeypatch.setattr(theory.multistep, "NEWTON_ITERATIONS", 1)
         theory.multistep._minimise_steps.clear_cache()
-        monkeypatch.setattr(theory.multistep, "_exact_moments", lambda *a: np.where(np.arange(10) == 3, np.inf, exact(*a)))
-        with pytest.raises(ArithmeticError, match="risk nan"):
+        with pytest.raises(ArithmeticError, match="not a minimum of the risk.*relative gradient.*steps = 3, n = 20"):
             theory.optimal_multistep_gd(IID(5, noise_var=0.1), 20, 3)
     finally:
         theory.multistep._minimise_steps.clear_cache()
@@ -208,13 +230,20 @@ def test_gd_form_transformer_is_its_token_network_and_reads_only_s(key):
     a Gram path that differs from the token path."""
     d, n = 3, 6
     model = models.LinearTransformer(d, 3, dtype=F64, init_scale=0.5)
-    params = model.init(key)
-    p = IID(d, noise_var=0.2).sample(jax.random.fold_in(key, 1), 32, n, F64)
-    assert_close(model.apply(params, p), _token_network(params, p), rtol=1e-10, atol=1e-12)
-    Z = tokens(p)[:, :-1]
-    gram = GramPrompts.from_matrix(jnp.einsum("bni,bnj->bij", Z, Z) / n, p.x, p.y_query)
-    assert_close(model.apply(params, gram), model.apply(params, p), rtol=1e-9, atol=1e-11)
-    assert model.predictions(params, p).shape == (3, 32)
+
+    @jax.jit
+    def paths(key):  # one program, where eager calls compile one per operation
+        params = model.init(key)
+        p = IID(d, noise_var=0.2).sample(jax.random.fold_in(key, 1), 32, n, F64)
+        Z = tokens(p)[:, :-1]
+        gram = GramPrompts.from_matrix(jnp.einsum("bni,bnj->bij", Z, Z) / n, p.x, p.y_query)
+        return (model.apply(params, p), _token_network(params, p), model.apply(params, gram),
+                model.predictions(params, p))
+
+    on_tokens, token_network, on_gram, predictions = paths(key)
+    assert_close(on_tokens, token_network, rtol=1e-10, atol=1e-12)
+    assert_close(on_gram, on_tokens, rtol=1e-9, atol=1e-11)
+    assert predictions.shape == (3, 32)
 
 
 def test_preconditioners_are_invariant_to_function_preserving_rescalings(key):
@@ -319,49 +348,64 @@ def test_evaluate_candidates_is_paired_and_search_takes_the_validation_minimum(k
 
 def test_search_with_keys_per_seed_scores_each_seed_on_its_own_sets(key):
     """With a key per seed, each seed's validation risks, test risks and null control are those of that seed
-    searched alone with its keys; the null control is the minimum over copies i drawn from fold_in(key, i)."""
+    searched alone with its keys; the null control is the minimum over copies i drawn from fold_in(key, i).
+    4_000 prompts per set, as in the test above, whose evaluation programs (6 networks: one key, one key per
+    network) the null controls and the single-key search reuse."""
     d, n = 3, 6
     model = models.LinearTransformer(d, 2, dtype=F64)
     params = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[model.init(jax.random.fold_in(key, s)) for s in range(2)])
     design = IID(d, noise_var=0.3)
     cands = [pruning.Candidate(0, "attn", None), pruning.Candidate(0, "attn", 1), pruning.Candidate(1, "attn", 2)]
     val, test, null = (np.stack([np.asarray(jax.random.fold_in(key, 10 * k + s)) for s in range(2)]) for k in (1, 2, 3))
-    res = pruning.search(model, params, design, n, cands, val, test, 2_000, 2_000, null_key=null)
+    res = pruning.search(model, params, design, n, cands, val, test, 4_000, 4_000, null_key=null)
     for s in range(2):
         alone = jax.tree_util.tree_map(lambda a: a[s:s + 1], params)
-        v = pruning.evaluate_candidates(model, alone, design, n, cands, val[s], 2_000)[0][0]
-        t = pruning.evaluate_candidates(model, alone, design, n, cands, test[s], 2_000)[0][0]
-        copies = [pruning.evaluate_candidates(model, alone, design, n, cands[:1], jax.random.fold_in(null[s], i),
-                                              2_000)[0][0, 0] for i in range(len(cands))]
+        v = pruning.evaluate_candidates(model, alone, design, n, cands, val[s], 4_000)[0][0]
+        t = pruning.evaluate_candidates(model, alone, design, n, cands, test[s], 4_000)[0][0]
+        # the unpruned network's risk on copy i's set, scored among the 3 candidates (its prompts do not depend
+        # on the network count): the program of v and t
+        copies = [pruning.evaluate_candidates(model, alone, design, n, cands, jax.random.fold_in(null[s], i),
+                                              4_000)[0][0, 0] for i in range(len(cands))]
         assert_close(res.val_risk[s], v, rtol=1e-9)
         assert_close([res.test_before[s], res.test_after[s]], [t[0], t[res.chosen[s]]], rtol=1e-9)
         assert_close(res.null_gain[s], v[0] - min(copies), rtol=1e-9, atol=1e-12)
     other, _ = pruning.evaluate_candidates(model, jax.tree_util.tree_map(lambda a: a[:1], params), design, n,
-                                           cands[:1], val[1], 2_000)
+                                           cands, val[1], 4_000)
     assert abs(other[0, 0] - res.val_risk[0, 0]) > 1e-6  # seed 0 was scored on its own set, not seed 1's
     wrap = jax.random.wrap_key_data
-    typed = pruning.search(model, params, design, n, cands, wrap(val), wrap(test), 2_000, 2_000, null_key=wrap(null))
+    typed = pruning.search(model, params, design, n, cands, wrap(val), wrap(test), 4_000, 4_000, null_key=wrap(null))
     assert_close(typed.val_risk, res.val_risk, rtol=1e-12)
     assert_close(typed.null_gain, res.null_gain, rtol=1e-12)
-    one = pruning.search(model, params, design, n, cands, wrap(val[0]), test[0], 2_000, 2_000,
-                         null_key=wrap(null[0]))  # single typed keys
+    # single typed keys
+    one = pruning.search(model, params, design, n, cands, wrap(val[0]), test[0], 4_000, 4_000,
+                         null_key=wrap(null[0]))
     assert np.all(np.isfinite(one.null_gain))
     for name in ("val_key", "test_key", "null_key"):
         keys = {"val_key": val, "test_key": test, "null_key": null, name: val[:1]}
         with pytest.raises(ValueError, match=f"{name} must be one PRNG key"):
-            pruning.search(model, params, design, n, cands, keys["val_key"], keys["test_key"], 2_000, 2_000,
+            pruning.search(model, params, design, n, cands, keys["val_key"], keys["test_key"], 4_000, 4_000,
                            null_key=keys["null_key"])
 
 
-def test_evaluation_with_keys_per_seed_bounds_networks_per_device(key):
+@pytest.fixture(scope="module")
+def twenty_four_networks():
+    """24 GD-form transformers (d = 5, two layers, float32), network i the init of fold_in(key, i) (the suite's
+    ``key``): the model, the list of networks and the stack [1, 1, 24, ...] a sweep scores. One jitted,
+    vmapped init shared by the evaluation tests (eager inits compile one program per network)."""
+    model = models.LinearTransformer(5, 2)
+    key = jax.random.PRNGKey(20241122)
+    stacked = jax.jit(jax.vmap(lambda i: model.init(jax.random.fold_in(key, i))))(jnp.arange(24))
+    nets = [jax.tree_util.tree_map(lambda a, i=i: a[i], stacked) for i in range(24)]
+    return model, nets, jax.tree_util.tree_map(lambda a: a[None, None], stacked)
+
+
+def test_evaluation_with_keys_per_seed_bounds_networks_per_device(key, twenty_four_networks):
     """8 seeds x 3 GD-form transformers, each seed its own key, on one device: 24 networks vmapped together,
     so each batch draws at most MAX_BATCH // 24 prompts (the bound that sets the prompts a key gives); each
     seed's risks equal that seed's networks scored alone at that batch."""
     from iclsim import evaluate
 
-    model = models.LinearTransformer(5, 2)
-    nets = [model.init(jax.random.fold_in(key, i)) for i in range(24)]
-    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a)[None, None], *nets)
+    model, nets, stacked = twenty_four_networks
     design = IID(5, noise_var=0.1)
     keys = np.repeat(np.stack([np.asarray(jax.random.fold_in(key, 100 + s)) for s in range(8)]), 3, axis=0)
     together, _ = evaluate.evaluate_sweep(model, stacked, design, [20], keys, 20_000, batch_size=10_000,
@@ -405,17 +449,16 @@ def test_library_fusion_is_turned_off_only_where_jaxlib_knows_the_option(monkeyp
         compiler.library_fusion_off.cache_clear()
 
 
-def test_vmapped_evaluation_scores_each_network_as_alone(key, monkeypatch):
+def test_vmapped_evaluation_scores_each_network_as_alone(key, twenty_four_networks, monkeypatch):
     """24 different GD-form transformers scored in one vmapped evaluation: the first three equal each scored
     alone on the same prompts, at the bound evaluate_sweep keeps (at most MAX_BATCH networks x prompts per
-    batch) and with the bound lifted to batches of 10_000. Regression: there the vmapped evaluation returned the first
+    batch) and with the bound lifted to batches of 10_000 (against the same alone scores: a network's prompts
+    do not depend on the batch, test_layout.py). Regression: there the vmapped evaluation returned the first
     network's risk for all three (jax 0.10.2, CPU: XLA's YNNPACK library fusion, now off for the evaluation
     program, compiler.NO_LIBRARY_FUSION); the test fails with the fusion back on."""
     from iclsim import evaluate
 
-    model = models.LinearTransformer(5, 2)
-    nets = [model.init(jax.random.fold_in(key, i)) for i in range(24)]
-    stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a)[None, None], *nets)
+    model, nets, stacked = twenty_four_networks
     design = IID(5, noise_var=0.1)
     together, _ = evaluate.evaluate_sweep(model, stacked, design, [20], key, 20_000, batch_size=10_000,
                                           devices=jax.devices()[:1])  # one device: the three are vmapped
@@ -428,7 +471,6 @@ def test_vmapped_evaluation_scores_each_network_as_alone(key, monkeypatch):
     try:
         together, _ = evaluate.evaluate_sweep(model, stacked, design, [20], key, 20_000, batch_size=10_000,
                                               devices=jax.devices()[:1])
-        alone = [evaluate.evaluate(model, p, design, 20, key, 20_000, batch_size=10_000)[0] for p in nets[:3]]
     finally:
         evaluate._compiled_evaluation.cache_clear()
     assert_close(together.ravel()[:3], alone, rtol=1e-5, name="batches of 10_000, bound lifted")
@@ -480,18 +522,19 @@ def test_control_operations_do_what_they_say_on_the_gd_form(key):
     Gamma_l (numpy's SVD); every other layer untouched."""
     d, L = 4, 3
     model = models.LinearTransformer(d, L, init_scale=0.6)
-    params = model.init(key)
-    G = np.asarray(model.preconditioners(params), np.float64)
+    params = jax.jit(model.init)(key)
+    preconditioners = jax.jit(model.preconditioners)  # one program for every network below, not eager operations
+    G = np.asarray(preconditioners(params), np.float64)
     prompts = IID(d, noise_var=0.2).sample(jax.random.fold_in(key, 1), 64, 9, jnp.float32)
     deleted = pruning.apply_candidate(params, pruning.Candidate(1, "attn", None, "delete"))
     shorter = {"layers": [params["layers"][0], params["layers"][2]]}
-    np.testing.assert_allclose(model.apply(deleted, prompts), models.LinearTransformer(d, L - 1).apply(shorter, prompts),
-                               rtol=1e-5, atol=1e-5)
-    scaled = np.asarray(model.preconditioners(pruning.apply_candidate(params, pruning.Candidate(2, "attn", None,
+    np.testing.assert_allclose(jax.jit(model.apply)(deleted, prompts),
+                               jax.jit(models.LinearTransformer(d, L - 1).apply)(shorter, prompts), rtol=1e-5, atol=1e-5)
+    scaled = np.asarray(preconditioners(pruning.apply_candidate(params, pruning.Candidate(2, "attn", None,
                                                                                                    "scale", 0.3))))
     np.testing.assert_allclose(scaled[2], 0.3 * G[2], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(scaled[:2], G[:2], rtol=0, atol=0)
-    rnd = np.asarray(model.preconditioners(pruning.apply_candidate(params, pruning.Candidate(0, "attn", 2, "random", 7))),
+    rnd = np.asarray(preconditioners(pruning.apply_candidate(params, pruning.Candidate(0, "attn", 2, "random", 7))),
                      np.float64)[0]
     assert np.linalg.matrix_rank(rnd, tol=1e-4) == 2
     a = {k: np.asarray(v, np.float64) for k, v in params["layers"][0]["attn"].items()}
@@ -499,10 +542,10 @@ def test_control_operations_do_what_they_say_on_the_gd_form(key):
     np.testing.assert_allclose(P @ P, P, atol=1e-4)
     np.testing.assert_allclose(P, P.T, atol=1e-4)
     assert np.trace(P) == pytest.approx(2.0, abs=1e-4)
-    other = np.asarray(model.preconditioners(pruning.apply_candidate(params, pruning.Candidate(0, "attn", 2, "random", 8))))[0]
+    other = np.asarray(preconditioners(pruning.apply_candidate(params, pruning.Candidate(0, "attn", 2, "random", 8))))[0]
     assert np.max(np.abs(other - rnd)) > 1e-3  # another seed, another subspace
     for k in (1, 2, 3):
-        trunc = np.asarray(model.preconditioners(pruning.apply_candidate(params, pruning.Candidate(1, "attn", k,
+        trunc = np.asarray(preconditioners(pruning.apply_candidate(params, pruning.Candidate(1, "attn", k,
                                                                                                       "product_svd"))))[1]
         U, sv, Vt = np.linalg.svd(G[1])
         np.testing.assert_allclose(trunc, (U[:, :k] * sv[:k]) @ Vt[:k], rtol=1e-4, atol=1e-5)
@@ -524,17 +567,24 @@ def test_steps_params_is_gd_with_those_steps(key):
     steps = np.array([0.3, 0.8, 1.4])
     model = models.LinearTransformer(4, 3, dtype=F64)
     params = model.steps_params(steps)
-    assert_close(model.preconditioners(params), steps[:, None, None] * np.eye(4), rtol=1e-12)
-    with jax.enable_x64(True):
+    preconditioners = jax.jit(model.preconditioners)  # one program, not eager operations
+    assert_close(preconditioners(params), steps[:, None, None] * np.eye(4), rtol=1e-12)
+
+    @jax.jit
+    def both(params, key):  # the network and L-step GD written out, on the same prompts
         p = IID(4, noise_var=0.2).sample(key, 64, 9, F64)
         w = jnp.zeros_like(p.x)
         for g in steps:
             w = w + g * jnp.einsum("bnd,bn->bd", p.X, p.y - jnp.einsum("bnd,bd->bn", p.X, w)) / 9
-        assert_close(model.apply(params, p), jnp.sum(p.x * w, axis=-1), rtol=1e-10, atol=1e-12)
+        return model.apply(params, p), jnp.sum(p.x * w, axis=-1)
+
+    with jax.enable_x64(True):
+        network, gd = both(params, key)
+        assert_close(network, gd, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="step_sizes must be 3 finite numbers"):
         model.steps_params([0.3, 0.8])
     negative = model.steps_params(np.array([0.3, -0.8, 1.4]))  # a negative step: w_v = +1, Gamma = gamma I
-    assert_close(model.preconditioners(negative), np.array([0.3, -0.8, 1.4])[:, None, None] * np.eye(4), rtol=1e-12)
+    assert_close(preconditioners(negative), np.array([0.3, -0.8, 1.4])[:, None, None] * np.eye(4), rtol=1e-12)
 
 
 def test_paired_risks_resolve_the_exact_difference_of_two_gd_networks(key):

@@ -74,9 +74,16 @@ def test_bad_arguments_are_refused_by_name():
         pretraining.icl_error(np.zeros((3, 3)), 4, 0.1)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _fit_program(design, P, n, ridge, key):
+    """fit_ridge on P float64 prompts of ``design`` drawn from ``key``: one program per design layout, P and n
+    (the design, ridge and key traced); eager, each operation compiles on its own for each P."""
+    return pretraining.fit_ridge(design.sample(key, P, n, jnp.float64), ridge)
+
+
 def _fit(design, P, n, ridge, seed):
     with jax.enable_x64(True):
-        return pretraining.fit_ridge(design.sample(jax.random.PRNGKey(seed), P, n, jnp.float64), ridge)
+        return _fit_program(design, P, n, ridge, jax.random.PRNGKey(seed))
 
 
 # make test fits one case; the slow tier the other two
@@ -102,7 +109,9 @@ def test_fit_is_the_ridge_normal_equation_and_masks_the_rest():
     """The fit zeroes the gradient of (1/P) sum (y/sqrt(d) - <Gamma, H>)^2 + (lambda/d) ||Gamma||^2 over the
     first ``count`` prompts only; vmapped over seeds it equals seed-by-seed fits."""
     design = TaskPool(3, 5, noise_var=0.3, pool_seed=1)
-    with jax.enable_x64(True):
+
+    @jax.jit  # one program (eager, each operation compiled on its own)
+    def fits(design):
         p = design.sample(jax.random.PRNGKey(0), 40, 4, jnp.float64)
         g = pretraining.fit_ridge(p, 0.7, 25)
         head = jax.tree_util.tree_map(lambda a: a[:25], p)
@@ -111,10 +120,14 @@ def test_fit_is_the_ridge_normal_equation_and_masks_the_rest():
             fit = pretraining.features(head) @ G.ravel()
             return jnp.mean((head.y_query / jnp.sqrt(3.0) - fit) ** 2) + 0.7 / 3 * jnp.sum(G**2)
 
-        assert float(jnp.abs(jax.grad(loss)(g)).max()) < 1e-10
         stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), p, design.sample(jax.random.PRNGKey(1), 40, 4,
                                                                                               jnp.float64))
         both = jax.vmap(pretraining.fit_ridge, in_axes=(0, None, None))(stacked, 0.7, 25)
+        return g, jax.grad(loss)(g), both
+
+    with jax.enable_x64(True):
+        g, grad, both = fits(design)
+    assert float(jnp.abs(grad).max()) < 1e-10
     np.testing.assert_allclose(np.asarray(both[0]), np.asarray(g), rtol=1e-10)
 
 

@@ -104,8 +104,9 @@ def test_training_equals_a_plain_optax_loop():
                        warmup_steps=cfg.warmup_steps)
     keys = jax.random.split(jax.random.PRNGKey(seed), cfg.steps + 1)
     schedule = optax.warmup_cosine_decay_schedule(0.0, 0.02, 10, 40, 0.02 * 1e-3)
-    params, opt = model.init(keys[0]), optax.adam(schedule)
-    state = opt.init(params)
+    opt = optax.adam(schedule)
+    params = jax.jit(model.init)(keys[0])  # init and opt.init compiled (eager: one program per operation)
+    state = jax.jit(opt.init)(params)
     gram = train.uses_gram(model, design, n)
 
     @jax.jit  # one step compiled once (eager, its ops dispatch one by one: 30-60 s of the suite)

@@ -383,8 +383,8 @@ def test_cache_trains_only_missing_points_and_force_retrains(tmp_path):
     assert (forced.hits, forced.trained) == (0, 2)
     # other settings (noise, steps) are other points
     other = cache.SweepCache(tmp_path)
-    train.fit_sweep(model, IID(3, noise_var=0.31), [2], [0], CFG, cache=other)
-    assert (other.hits, other.trained) == (0, 1)
+    train.fit_sweep(model, IID(3, noise_var=0.31), [2, 4], [0], CFG, cache=other)  # forced's shapes: its program
+    assert (other.hits, other.trained) == (0, 2)
     assert not list(tmp_path.rglob("*.tmp*"))
 
 

@@ -145,6 +145,7 @@ def test_finite_d_error_of_a_fit_matches_monte_carlo():
     assert_within_se(pretraining.icl_error(g, n, rho), est.mean / d, est.se / d, "pretraining.icl_error")
 
 
+_fit_ridge = jax.jit(pretraining.fit_ridge)  # one program per prompt shape (eager: one per operation)
 GD_REL = 1e-4  # float32 gradient descent vs the float64 ridge solution, ||Gamma_GD - Gamma*|| / ||Gamma*||
 
 
@@ -158,9 +159,9 @@ def test_gradient_descent_on_the_ridge_objective_reaches_fit_ridge(P):
     d, n, rho, ridge, seed, steps = 3, 4, 0.2, 0.6, 7, 3000
     design = pretraining.lu_design(d, rho)
     with jax.enable_x64(True):
-        stored = jax.tree_util.tree_map(lambda a: a[0].astype(jnp.float64),
+        stored = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a)[0], jnp.float64),
                                         pretraining.stored_prompts(design, [seed], P, n))
-        best = np.asarray(pretraining.fit_ridge(stored, ridge))
+        best = np.asarray(_fit_ridge(stored, ridge))
         H = np.asarray(pretraining.features(stored))
     ev = np.linalg.eigvalsh(H.T @ H / P)
     span = ev[ev > 1e-9 * ev[-1]] + ridge / d
@@ -173,7 +174,7 @@ def test_gradient_descent_on_the_ridge_objective_reaches_fit_ridge(P):
     trained = np.asarray(fit.params["Gamma"][0, 0, 0], np.float64)
     gap = np.linalg.norm(trained - best) / np.linalg.norm(best)
     with jax.enable_x64(True):
-        moved = [np.linalg.norm(np.asarray(pretraining.fit_ridge(stored, r)) - best) / np.linalg.norm(best)
+        moved = [np.linalg.norm(np.asarray(_fit_ridge(stored, r)) - best) / np.linalg.norm(best)
                  for r in (ridge * d, ridge / d)]
     report(f"GD on the ridge objective, P = {P}: ||Gamma_GD - Gamma*|| / ||Gamma*|| = {gap:.2e} "
            f"(penalty x d or / d moves Gamma* by {min(moved):.2e})")

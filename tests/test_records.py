@@ -118,7 +118,7 @@ def test_sgd_is_plain_gradient_descent_at_a_constant_learning_rate():
 def test_summaries_read_the_models_preconditioners():
     """preconditioner_spectrum: the eigenvalues of the symmetric part of n W (protocols.effective, float64);
     layer_step_sizes: the step sizes a GD-form network was built with."""
-    params = MODEL.init(jax.random.PRNGKey(4))
+    params = _init(jax.random.PRNGKey(4))
     W = np.asarray(protocols.effective(MODEL, params, 7).W) * 7
     assert_close(records.preconditioner_spectrum(MODEL, 7)(params), np.linalg.eigvalsh((W + W.T) / 2), rtol=1e-4,
                  atol=1e-6)

@@ -99,7 +99,7 @@ def test_authors_init_scales():
     assert abs(np.std(np.asarray(q["KQ"])[:, :, :d]) / s - 1) < 0.05
 
 
-@pytest.mark.parametrize("heads", [1, 3])
+@pytest.mark.parametrize("heads", [pytest.param(1, marks=pytest.mark.slow), 3])  # make test: 3 heads; slow: 1
 def test_merged_time_course_matches_the_population_flow(heads):
     """White design, aligned balanced start: the logistic closed form against RK4 on the model's own
     parameters (the gradient of the exact population loss by autodiff), and its drop time."""

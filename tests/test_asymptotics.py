@@ -196,12 +196,18 @@ def test_reduced_attention_predicts_as_its_attention_form():
     rng = np.random.default_rng(0)
     gamma = rng.normal(size=(d, d + 1))
     model = pretraining.ReducedAttention(d, dtype=jnp.float64)
-    with jax.enable_x64(True):
+
+    @jax.jit  # one program (eager, each operation compiles on its own)
+    def predictions(gamma):
         p = TaskPool(d, 3, noise_var=0.5, pool_seed=0).sample(jax.random.PRNGKey(1), 32, n, jnp.float64)
-        mine = np.asarray(model.apply({"Gamma": jnp.asarray(gamma)}, p))
-        attention = np.asarray(models.LinearAttention(d, dtype=jnp.float64).apply(
-            pretraining.attention_params(gamma, jnp.float64), p))
-        assert not np.any(np.asarray(model.init(jax.random.PRNGKey(0))["Gamma"]))
+        attention = models.LinearAttention(d, dtype=jnp.float64).apply(pretraining.attention_params(gamma, jnp.float64),
+                                                                        p)
+        return p, model.apply({"Gamma": gamma}, p), attention, model.init(jax.random.PRNGKey(0))["Gamma"]
+
+    with jax.enable_x64(True):
+        p, mine, attention, start = predictions(jnp.asarray(gamma))
+    mine, attention = np.asarray(mine), np.asarray(attention)
+    assert not np.any(np.asarray(start))
     H = np.einsum("bi,bj->bij", np.asarray(p.x), np.concatenate(
         [np.einsum("bni,bn->bi", np.asarray(p.X), np.asarray(p.y)) / n,
          np.sum(np.asarray(p.y) ** 2, axis=1, keepdims=True) / (n * d)], axis=1)) / np.sqrt(d)

@@ -74,9 +74,16 @@ def test_bad_arguments_are_refused_by_name():
         pretraining.icl_error(np.zeros((3, 3)), 4, 0.1)
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _fit_program(design, P, n, ridge, key):
+    """fit_ridge on P float64 prompts of ``design`` drawn from ``key``: one program per design layout, P and n
+    (the design, ridge and key traced); eager, each operation compiles on its own for each P."""
+    return pretraining.fit_ridge(design.sample(key, P, n, jnp.float64), ridge)
+
+
 def _fit(design, P, n, ridge, seed):
     with jax.enable_x64(True):
-        return pretraining.fit_ridge(design.sample(jax.random.PRNGKey(seed), P, n, jnp.float64), ridge)
+        return _fit_program(design, P, n, ridge, jax.random.PRNGKey(seed))
 
 
 # make test fits one case; the slow tier the other two
@@ -102,7 +109,9 @@ def test_fit_is_the_ridge_normal_equation_and_masks_the_rest():
     """The fit zeroes the gradient of (1/P) sum (y/sqrt(d) - <Gamma, H>)^2 + (lambda/d) ||Gamma||^2 over the
     first ``count`` prompts only; vmapped over seeds it equals seed-by-seed fits."""
     design = TaskPool(3, 5, noise_var=0.3, pool_seed=1)
-    with jax.enable_x64(True):
+
+    @jax.jit  # one program (eager, each operation compiled on its own)
+    def fits(design):
         p = design.sample(jax.random.PRNGKey(0), 40, 4, jnp.float64)
         g = pretraining.fit_ridge(p, 0.7, 25)
         head = jax.tree_util.tree_map(lambda a: a[:25], p)
@@ -111,10 +120,14 @@ def test_fit_is_the_ridge_normal_equation_and_masks_the_rest():
             fit = pretraining.features(head) @ G.ravel()
             return jnp.mean((head.y_query / jnp.sqrt(3.0) - fit) ** 2) + 0.7 / 3 * jnp.sum(G**2)
 
-        assert float(jnp.abs(jax.grad(loss)(g)).max()) < 1e-10
         stacked = jax.tree_util.tree_map(lambda a, b: jnp.stack([a, b]), p, design.sample(jax.random.PRNGKey(1), 40, 4,
                                                                                               jnp.float64))
         both = jax.vmap(pretraining.fit_ridge, in_axes=(0, None, None))(stacked, 0.7, 25)
+        return g, jax.grad(loss)(g), both
+
+    with jax.enable_x64(True):
+        g, grad, both = fits(design)
+    assert float(jnp.abs(grad).max()) < 1e-10
     np.testing.assert_allclose(np.asarray(both[0]), np.asarray(g), rtol=1e-10)
 
 
@@ -132,6 +145,7 @@ def test_finite_d_error_of_a_fit_matches_monte_carlo():
     assert_within_se(pretraining.icl_error(g, n, rho), est.mean / d, est.se / d, "pretraining.icl_error")
 
 
+_fit_ridge = jax.jit(pretraining.fit_ridge)  # one program per prompt shape (eager: one per operation)
 GD_REL = 1e-4  # float32 gradient descent vs the float64 ridge solution, ||Gamma_GD - Gamma*|| / ||Gamma*||
 
 
@@ -145,9 +159,9 @@ def test_gradient_descent_on_the_ridge_objective_reaches_fit_ridge(P):
     d, n, rho, ridge, seed, steps = 3, 4, 0.2, 0.6, 7, 3000
     design = pretraining.lu_design(d, rho)
     with jax.enable_x64(True):
-        stored = jax.tree_util.tree_map(lambda a: a[0].astype(jnp.float64),
+        stored = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a)[0], jnp.float64),
                                         pretraining.stored_prompts(design, [seed], P, n))
-        best = np.asarray(pretraining.fit_ridge(stored, ridge))
+        best = np.asarray(_fit_ridge(stored, ridge))
         H = np.asarray(pretraining.features(stored))
     ev = np.linalg.eigvalsh(H.T @ H / P)
     span = ev[ev > 1e-9 * ev[-1]] + ridge / d
@@ -160,7 +174,7 @@ def test_gradient_descent_on_the_ridge_objective_reaches_fit_ridge(P):
     trained = np.asarray(fit.params["Gamma"][0, 0, 0], np.float64)
     gap = np.linalg.norm(trained - best) / np.linalg.norm(best)
     with jax.enable_x64(True):
-        moved = [np.linalg.norm(np.asarray(pretraining.fit_ridge(stored, r)) - best) / np.linalg.norm(best)
+        moved = [np.linalg.norm(np.asarray(_fit_ridge(stored, r)) - best) / np.linalg.norm(best)
                  for r in (ridge * d, ridge / d)]
     report(f"GD on the ridge objective, P = {P}: ||Gamma_GD - Gamma*|| / ||Gamma*|| = {gap:.2e} "
            f"(penalty x d or / d moves Gamma* by {min(moved):.2e})")
@@ -182,12 +196,18 @@ def test_reduced_attention_predicts_as_its_attention_form():
     rng = np.random.default_rng(0)
     gamma = rng.normal(size=(d, d + 1))
     model = pretraining.ReducedAttention(d, dtype=jnp.float64)
-    with jax.enable_x64(True):
+
+    @jax.jit  # one program (eager, each operation compiles on its own)
+    def predictions(gamma):
         p = TaskPool(d, 3, noise_var=0.5, pool_seed=0).sample(jax.random.PRNGKey(1), 32, n, jnp.float64)
-        mine = np.asarray(model.apply({"Gamma": jnp.asarray(gamma)}, p))
-        attention = np.asarray(models.LinearAttention(d, dtype=jnp.float64).apply(
-            pretraining.attention_params(gamma, jnp.float64), p))
-        assert not np.any(np.asarray(model.init(jax.random.PRNGKey(0))["Gamma"]))
+        attention = models.LinearAttention(d, dtype=jnp.float64).apply(pretraining.attention_params(gamma, jnp.float64),
+                                                                        p)
+        return p, model.apply({"Gamma": gamma}, p), attention, model.init(jax.random.PRNGKey(0))["Gamma"]
+
+    with jax.enable_x64(True):
+        p, mine, attention, start = predictions(jnp.asarray(gamma))
+    mine, attention = np.asarray(mine), np.asarray(attention)
+    assert not np.any(np.asarray(start))
     H = np.einsum("bi,bj->bij", np.asarray(p.x), np.concatenate(
         [np.einsum("bni,bn->bi", np.asarray(p.X), np.asarray(p.y)) / n,
          np.sum(np.asarray(p.y) ** 2, axis=1, keepdims=True) / (n * d)], axis=1)) / np.sqrt(d)

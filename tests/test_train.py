@@ -33,15 +33,34 @@ class CompileCounter:
 
 
 COUNTER = CompileCounter()
+LA, LA_DESIGNS = models.LinearAttention(3), [IID(3, noise_var=v) for v in (0.0, 0.5, 1.0)]
 
 
-def test_sweep_shapes_dtype_and_determinism():
-    model = models.LinearAttention(3)
-    designs = [IID(3, noise_var=v) for v in (0.0, 0.5)]
-    a = train.fit_sweep(model, designs, [2, 5, 8], [0, 1], CFG)
-    assert a.params["Wq"].shape == (2, 3, 2, 4, 4) and a.params["Wq"].dtype == jnp.float32
-    assert a.losses.shape == (2, 3, 2, 150) and a.losses.dtype == np.float32
-    b = train.fit_sweep(model, designs, [2, 5, 8], [0, 1], CFG)
+# Trained sweeps shared by the tests of this file (pytest-xdist's --dist loadfile keeps it in one worker): each
+# training program compiles once instead of once per test.
+@pytest.fixture(scope="module")
+def one_device_sweep():
+    """Linear attention, noise 0 and 0.5, n = 2, 5, 7, seeds 0-3, trained on one device."""
+    return train.fit_sweep(LA, LA_DESIGNS[:2], [2, 5, 7], [0, 1, 2, 3], CFG, devices=jax.devices()[:1])
+
+
+@pytest.fixture(scope="module")
+def la_sweep():
+    """Linear attention, noise 0, 0.5 and 1, n = 2, 7, seeds 0-4, trained on the 4 devices: the networks
+    the evaluation tests score."""
+    return train.fit_sweep(LA, LA_DESIGNS, [2, 7], [0, 1, 2, 3, 4], CFG)
+
+
+def _params(params, designs=slice(None), ns=slice(None), seeds=slice(None)):
+    """A sub-sweep's parameters [designs, ns, seeds, ...], sliced in numpy (eager slices compile one by one)."""
+    return jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a)[designs, ns, seeds]), params)
+
+
+def test_sweep_shapes_dtype_and_determinism(one_device_sweep):
+    a = one_device_sweep
+    assert a.params["Wq"].shape == (2, 3, 4, 4, 4) and a.params["Wq"].dtype == jnp.float32
+    assert a.losses.shape == (2, 3, 4, 150) and a.losses.dtype == np.float32
+    b = train.fit_sweep(LA, LA_DESIGNS[:2], [2, 5, 7], [0, 1, 2, 3], CFG, devices=jax.devices()[:1])
     np.testing.assert_array_equal(a.losses, b.losses)
     assert not np.array_equal(a.losses[:, :, 0], a.losses[:, :, 1])  # seeds differ
 
@@ -85,8 +104,9 @@ def test_training_equals_a_plain_optax_loop():
                        warmup_steps=cfg.warmup_steps)
     keys = jax.random.split(jax.random.PRNGKey(seed), cfg.steps + 1)
     schedule = optax.warmup_cosine_decay_schedule(0.0, 0.02, 10, 40, 0.02 * 1e-3)
-    params, opt = model.init(keys[0]), optax.adam(schedule)
-    state = opt.init(params)
+    opt = optax.adam(schedule)
+    params = jax.jit(model.init)(keys[0])  # init and opt.init compiled (eager: one program per operation)
+    state = jax.jit(opt.init)(params)
     gram = train.uses_gram(model, design, n)
 
     @jax.jit  # one step compiled once (eager, its ops dispatch one by one: 30-60 s of the suite)
@@ -191,62 +211,61 @@ def test_sweep_bad_n():
 
 
 @pytest.mark.parametrize("seeds, shards", [([0], 4), ([0, 1], 2), ([0, 1, 2, 3], 1)])
-def test_sharded_sweep_equals_one_device_sweep(seeds, shards):
+def test_sharded_sweep_equals_one_device_sweep(one_device_sweep, seeds, shards):
     """Over 4 (fake CPU) devices: one seed block has its batch split 4 ways, two blocks 2 ways each,
-    four blocks one per device; all give the one-device numbers."""
+    four blocks one per device; all give the one-device numbers (of the one-device sweep of seeds 0-3: a
+    point trains the same whatever else is in the sweep, test_point_is_trained_the_same_...)."""
     assert len(jax.devices()) == 4, "conftest sets --xla_force_host_platform_device_count=4"
     assert layout.batch_shards(len(seeds), 4, CFG.batch_size) == shards
-    model, designs = models.LinearAttention(3), [IID(3, noise_var=v) for v in (0.0, 0.5)]
-    one = train.fit_sweep(model, designs, [2, 5, 7], seeds, CFG, devices=jax.devices()[:1])
-    four = train.fit_sweep(model, designs, [2, 5, 7], seeds, CFG)
-    assert_close(four.losses, one.losses, rtol=1e-5, atol=1e-6)
+    one = one_device_sweep
+    four = train.fit_sweep(LA, LA_DESIGNS[:2], [2, 5, 7], seeds, CFG)
+    assert_close(four.losses, one.losses[:, :, :len(seeds)], rtol=1e-5, atol=1e-6)
     for name in one.params:
-        assert_close(four.params[name], one.params[name], rtol=1e-4, atol=1e-6, name=name)
+        assert_close(four.params[name], one.params[name][:, :, :len(seeds)], rtol=1e-4, atol=1e-6, name=name)
 
 
-def test_sharded_evaluation_equals_one_device_evaluation():
+def test_sharded_evaluation_equals_one_device_evaluation(la_sweep):
     """Evaluation splits the (design, n) pairs over the 4 fake devices: same risks as on one."""
-    model, designs = models.LinearAttention(3), [IID(3, noise_var=v) for v in (0.0, 0.5, 1.0)]
-    fitted = train.fit_sweep(model, designs, [2, 7], [0, 1], CFG)
+    model, designs, params = LA, LA_DESIGNS, _params(la_sweep.params, seeds=slice(2))
     key = jax.random.PRNGKey(5)
-    one = evaluate_sweep(model, fitted.params, designs, [2, 7], key, 3000, 1000, devices=jax.devices()[:1])
-    four = evaluate_sweep(model, fitted.params, designs, [2, 7], key, 3000, 1000)  # 6 pairs padded to 8
+    one = evaluate_sweep(model, params, designs, [2, 7], key, 3000, 1000, devices=jax.devices()[:1])
+    four = evaluate_sweep(model, params, designs, [2, 7], key, 3000, 1000)  # 6 pairs padded to 8
     assert one[0].shape == four[0].shape == (3, 2, 2)
     assert_close(four[0], one[0], rtol=1e-6)
     assert_close(four[1], one[1], rtol=1e-6)
 
 
-def test_one_evaluation_program_serves_every_prompt_count():
+def test_one_evaluation_program_serves_every_prompt_count(la_sweep):
     """The prompt count is an argument of the evaluation program, not part of it: scoring the same sweep on
     3000 and on 7000 prompts (a validation and a test set) traces and compiles one program, and each count's
     risks equal those of the key's fixed draw blocks (``montecarlo``: block b from fold_in(key, b)) computed
     here one block at a time (to float32 rounding: one network alone against two vmapped). Planted bugs
     caught: the count back in the program's cache key (two programs), block b drawn from key b + 1 (other
     prompts)."""
-    model, design = models.LinearAttention(3), IID(3, noise_var=0.3)
-    fitted = train.fit_sweep(model, design, [4], [0, 1], CFG)
+    model, design = LA, IID(3, noise_var=0.3)
+    params = _params(la_sweep.params, slice(1, 2), slice(1, 2), slice(2))  # two trained networks
     key = jax.random.PRNGKey(8)
     evaluation._compiled_evaluation.cache_clear()
-    scores = {num: evaluate_sweep(model, fitted.params, design, [4], key, num, 1000, devices=jax.devices()[:1])
+    scores = {num: evaluate_sweep(model, params, design, [4], key, num, 1000, devices=jax.devices()[:1])
               for num in (3000, 7000)}
     assert evaluation._compiled_evaluation.cache_info().currsize == 1
     group = 1000 // montecarlo.DRAW_BLOCK  # draw blocks per round at batch_size 1000
     evaluation._compiled_evaluation(model, 4, group, False, tuple(jax.devices()[:1]), *_split_of(design), False)
     assert evaluation._compiled_evaluation.cache_info().currsize == 1  # the program both calls used
+    def block_by_block(net, k, num):
+        def body(carry, b):
+            p = draw(design, jax.random.fold_in(k, b), montecarlo.DRAW_BLOCK, 4, 4, jnp.float32, False)
+            err = ((p.y_query - model.apply(net, p)) ** 2).astype(jnp.float64)
+            return carry + jnp.sum(err), None
+        blocks = jnp.arange(num // montecarlo.DRAW_BLOCK)
+        return jax.lax.scan(body, jnp.zeros((), jnp.float64), blocks)[0]
+
     with jax.enable_x64(True):
+        by_blocks = jax.jit(block_by_block, static_argnums=2)  # one program per count, the network traced
         for num, (risk, _) in scores.items():
             for s in range(2):
-                params = jax.tree_util.tree_map(lambda a: a[0, 0, s], fitted.params)
-
-                def block_by_block(k):
-                    def body(carry, b):
-                        p = draw(design, jax.random.fold_in(k, b), montecarlo.DRAW_BLOCK, 4, 4, jnp.float32, False)
-                        err = ((p.y_query - model.apply(params, p)) ** 2).astype(jnp.float64)
-                        return carry + jnp.sum(err), None
-                    blocks = jnp.arange(num // montecarlo.DRAW_BLOCK)
-                    return jax.lax.scan(body, jnp.zeros((), jnp.float64), blocks)[0]
-
-                assert_close(risk[0, 0, s], float(jax.jit(block_by_block)(key)) / num, rtol=1e-6, name=f"{num} prompts")
+                net = jax.tree_util.tree_map(lambda a: a[0, 0, s], params)
+                assert_close(risk[0, 0, s], float(by_blocks(net, key, num)) / num, rtol=1e-6, name=f"{num} prompts")
 
 
 def _split_of(design):
@@ -255,27 +274,26 @@ def _split_of(design):
     return split.treedef, split.shared
 
 
-def test_evaluation_of_one_pair_splits_its_seeds_over_devices():
+def test_evaluation_of_one_pair_splits_its_seeds_over_devices(la_sweep):
     """One (design, n) pair with 5 seeds (a pruning grid's shape) is split into 4 seed groups on the 4
     fake devices, each drawing the pair's prompts: same risks as on one device, in seed order."""
-    model, design = models.LinearAttention(3), IID(3, noise_var=0.3)
-    fitted = train.fit_sweep(model, design, [4], [0, 1, 2, 3, 4], CFG)
+    model, design, params = LA, IID(3, noise_var=0.3), _params(la_sweep.params, slice(1, 2), slice(1, 2))
     key = jax.random.PRNGKey(6)
-    one = evaluate_sweep(model, fitted.params, design, [4], key, 3000, 1000, devices=jax.devices()[:1])
-    four = evaluate_sweep(model, fitted.params, design, [4], key, 3000, 1000)
+    one = evaluate_sweep(model, params, design, [4], key, 3000, 1000, devices=jax.devices()[:1])
+    four = evaluate_sweep(model, params, design, [4], key, 3000, 1000)
     assert one[0].shape == four[0].shape == (1, 1, 5)
     assert len(set(np.round(one[0].ravel(), 9))) == 5  # distinct models: a misplaced seed would show
     assert_close(four[0], one[0], rtol=1e-6)
     assert_close(four[1], one[1], rtol=1e-6)
 
 
-def test_evaluation_with_a_key_per_seed_scores_each_seed_on_its_own_prompts():
+def test_evaluation_with_a_key_per_seed_scores_each_seed_on_its_own_prompts(la_sweep):
     """A key per seed (``sweeps.stream_keys``): every point of seed s scores as that seed alone with key s,
     on 4 devices and on one (seeds 0 and 2 share a key, so they share one draw); typed keys give the same;
     the seeds' prompts are not the shared key's; a key array of another shape is refused, naming the shapes
     allowed; ``stream_keys`` is fold_in(PRNGKey(seed), stream) for any int64 seed and checks its input."""
-    model, designs = models.LinearAttention(3), [IID(3, noise_var=v) for v in (0.0, 0.5)]
-    fitted = train.fit_sweep(model, designs, [2, 7], [0, 1, 2], CFG)
+    model, designs = LA, LA_DESIGNS[:2]
+    params = _params(la_sweep.params, slice(2), seeds=slice(3))
     keys = sweeps.stream_keys([7, 8, 7], 2**32 - 5)
     for s in (7, 8, -3, 2**40):  # the suite runs with x64 on, so PRNGKey takes any int64 seed as training does
         want = jax.random.fold_in(jax.random.PRNGKey(s), 2**32 - 5)
@@ -285,23 +303,23 @@ def test_evaluation_with_a_key_per_seed_scores_each_seed_on_its_own_prompts():
             sweeps.stream_keys(bad)
     with pytest.raises(ValueError, match=r"stream must be an integer in \[0, 4294967295\]"):
         sweeps.stream_keys([1], 2**32)
-    four = evaluate_sweep(model, fitted.params, designs, [2, 7], keys, 3000, 500)
-    one = evaluate_sweep(model, fitted.params, designs, [2, 7], keys, 3000, 500, devices=jax.devices()[:1])
-    typed = evaluate_sweep(model, fitted.params, designs, [2, 7], jax.random.wrap_key_data(keys), 3000, 500)
+    four = evaluate_sweep(model, params, designs, [2, 7], keys, 3000, 500)
+    one = evaluate_sweep(model, params, designs, [2, 7], keys, 3000, 500, devices=jax.devices()[:1])
+    typed = evaluate_sweep(model, params, designs, [2, 7], jax.random.wrap_key_data(keys), 3000, 500)
     for s in range(3):
-        alone = evaluate_sweep(model, jax.tree_util.tree_map(lambda a: a[:, :, s:s + 1], fitted.params), designs,
+        alone = evaluate_sweep(model, _params(params, seeds=slice(s, s + 1)), designs,
                                [2, 7], keys[s], 3000, 500, devices=jax.devices()[:1])
         for got in (four, one, typed):
             assert_close(got[0][..., s], alone[0][..., 0], rtol=1e-6)
             assert_close(got[1][..., s], alone[1][..., 0], rtol=1e-6)
-    shared = evaluate_sweep(model, fitted.params, designs, [2, 7], keys[0], 3000, 500)
+    shared = evaluate_sweep(model, params, designs, [2, 7], keys[0], 3000, 500)
     assert_close(shared[0][..., [0, 2]], four[0][..., [0, 2]], rtol=1e-6)
     assert np.all(np.abs(shared[0][..., 1] - four[0][..., 1]) > 1e-4)  # seed 1: other prompts
     for bad in (keys[:2], keys[:, :1], keys.astype(np.int32)):
         with pytest.raises(ValueError, match=r"key must .* one per seed: shape \(seeds, 2\) = \(3, 2\)"):
-            evaluate_sweep(model, fitted.params, designs, [2, 7], bad, 3000, 500)
+            evaluate_sweep(model, params, designs, [2, 7], bad, 3000, 500)
     with pytest.raises(ValueError, match=r"typed keys of shape \(3,\); got typed keys of shape \(2,\)"):
-        evaluate_sweep(model, fitted.params, designs, [2, 7], jax.random.wrap_key_data(keys[:2]), 3000, 500)
+        evaluate_sweep(model, params, designs, [2, 7], jax.random.wrap_key_data(keys[:2]), 3000, 500)
 
 
 def test_point_is_trained_the_same_whatever_else_is_in_the_sweep():
@@ -365,8 +383,8 @@ def test_cache_trains_only_missing_points_and_force_retrains(tmp_path):
     assert (forced.hits, forced.trained) == (0, 2)
     # other settings (noise, steps) are other points
     other = cache.SweepCache(tmp_path)
-    train.fit_sweep(model, IID(3, noise_var=0.31), [2], [0], CFG, cache=other)
-    assert (other.hits, other.trained) == (0, 1)
+    train.fit_sweep(model, IID(3, noise_var=0.31), [2, 4], [0], CFG, cache=other)  # forced's shapes: its program
+    assert (other.hits, other.trained) == (0, 2)
     assert not list(tmp_path.rglob("*.tmp*"))
 
 

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: test test-fast test-slow reproduce quick bench docs docs-check clean
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
@@ -49,9 +49,11 @@ bench: $(STAMP)
 # name without a docstring fails; the four tutorials are executed (ICLSIM_DOCS_EXECUTE=0 skips that)
 DOCS_STAMP := $(VENV)/.docs-installed
 
-$(DOCS_STAMP): $(STAMP)
+# one pip run for both extras (a fresh venv: 40 s against 61 s for the test extra, then the docs extra on top)
+$(DOCS_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -e '.[test,docs]'
-	touch $(DOCS_STAMP)
+	touch $(STAMP) $(DOCS_STAMP)
 
 docs: $(DOCS_STAMP)
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict

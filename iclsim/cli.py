@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     for command in (listing, run):  # also after the command: iclsim run all --experiments DIR
         command.add_argument("--experiments", dest="more_experiments", default=[], **experiments)
     run.add_argument("names", nargs="+", help="experiment names, or 'all'")
-    run.add_argument("--quick", action="store_true", help="small settings that run in under a minute")
+    run.add_argument("--quick", action="store_true", help="each experiment's small settings: a smoke run of its whole pipeline (times: docs/performance.md §5)")
     run.add_argument("--out", type=Path, default=None,
                      help="output folder (default: figures, or results/quick with --quick)")
     run.add_argument("--seed", type=int, default=0, help="base seed (default 0)")

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iclsim import IID, theory
+from iclsim import IID, dynamics, theory
 from iclsim import multihead as mh
 from tests.quick import EXPERIMENTS
 
@@ -56,7 +56,7 @@ def test_recorded_w_gives_the_exact_plateau_level():
     params = {"KQ": jnp.zeros((1, d + 1, d + 1)).at[0, :d, :d].set(a / np.sqrt(d) * jnp.eye(d)),
               "v": jnp.zeros((1, d + 1)).at[0, d].set(a)}
     W = study.effective_w(model, n)(params)
-    levels = study.dy.pcr_risks(design, n).risks
+    levels = dynamics.pcr_risks(design, n).risks
     with jax.enable_x64(True):
         assert float(theory.pgd_risk(design, n, W)) == pytest.approx(float(levels[-1]), rel=1e-9)
         zero = jax.tree_util.tree_map(jnp.zeros_like, params)

@@ -52,6 +52,7 @@ steps do not fit this study's budget).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import jax
@@ -201,12 +202,15 @@ def _sub(rows, **match):
     return [r for r in rows if all(r.get(k) == v for k, v in match.items())]
 
 
-def _harm(rows, design, setting, seed, op, layer) -> float:
-    """Mean relative change over the kept ranks 1..d-1 of (op, layer) (delete and scale: their one value)."""
-    vals = [r["relative_change"] for r in _sub(rows, kind="prune", design=design, setting=setting, seed=seed, op=op,
-                                               layer=layer)
-            if op in ("delete", "scale") or 0 < r["rank"] < _dim(rows)]
-    return float(np.mean(vals))
+def _harms(rows, design, setting, op) -> dict:
+    """{(seed, layer): mean relative change over the kept ranks 1..d-1 of (op, layer)} (delete and scale: their
+    one value), every seed and layer of (design, setting) from one pass over the rows."""
+    d, vals = _dim(rows), collections.defaultdict(list)
+    for r in rows:
+        if (r.get("kind") == "prune" and r.get("design") == design and r.get("setting") == setting
+                and r.get("op") == op and (op in ("delete", "scale") or 0 < r["rank"] < d)):
+            vals[r["seed"], r["layer"]].append(r["relative_change"])
+    return {key: float(np.mean(v)) for key, v in vals.items()}
 
 
 def _dim(rows) -> int:
@@ -219,11 +223,11 @@ def _layers(rows) -> int:
 
 def contrasts(rows, design, setting, op="svd") -> dict:
     """Per base: the shallow-minus-deep contrast of ``op`` per passing seed (layer 1 minus layer L)."""
-    L = _layers(rows)
+    L, harm = _layers(rows), _harms(rows, design, setting, op)
     out = {}
     for base in sorted({r["base"] for r in rows}):
         seeds = sorted({r["seed"] for r in _sub(rows, kind="layer", design=design, base=base, passed=True)})
-        out[base] = [_harm(rows, design, setting, sd, op, 1) - _harm(rows, design, setting, sd, op, L) for sd in seeds]
+        out[base] = [harm.get((sd, 1), np.nan) - harm.get((sd, L), np.nan) for sd in seeds]
     return out
 
 

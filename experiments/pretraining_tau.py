@@ -21,11 +21,13 @@ with the loss ``pretraining.ridge_objective``, fit_ridge's objective with its pe
 solution on that set. The objective is a quadratic with Hessian 2A (A = H^T H / P + (ridge/d) I) whose spectrum on
 the span is known exactly (``_span_spectrum``), so Polyak's step and momentum are tuned from it, one pair per
 (kappa, tau) over all its seeds: L = 2 max_seeds lambda_max(A) / ``step_fraction`` (a margin below the largest
-curvature the tuning allows), mu = 2 min_seeds lambda_min(A) on the span (``_heavy_ball``, docs/theory.md §12).
-Each network is paired with ``fit_ridge`` on its own stored set
-(``pretraining.stored_prompts``, the trainer's draw, not the curve's nested draw) and both are scored by the
-exact finite-d formula; the gate passes a network whose Gamma is within ``gate_tolerance`` (relative Frobenius)
-of its ridge solution, failures counted and shown, never averaged in."""
+curvature the tuning allows), mu = 2 min_seeds lambda_min(A) on the span (``_heavy_ball``, docs/theory.md §12);
+a row's ``gd_bound`` is heavy ball's predicted ||Gamma - Gamma*|| / ||Gamma*|| after ``train_steps`` on its seed's
+spectrum (``_heavy_ball_bound``: rate^steps with its polynomial prefactor at the spectrum's edges). Each network
+is paired with ``fit_ridge`` on its own stored set (``pretraining.stored_prompts``, the trainer's draw, not the
+curve's nested draw) and both are scored by the exact finite-d formula; the gate passes a network whose Gamma is
+within ``gate_tolerance`` (relative Frobenius) of its ridge solution, failures counted and shown, never averaged
+in."""
 
 import dataclasses
 import functools
@@ -140,8 +142,8 @@ def _heavy_ball_bound(spectrum, lr, momentum, steps):
     error along h's eigenvector: heavy ball from rest (e_{-1} = e_0, optax's zero velocity) runs e_{t+1} =
     (1 + momentum - lr h) e_t - momentum e_{t-1}. So ||Gamma - Gamma*|| / ||Gamma*|| <= this from Gamma_0 = 0, in
     exact arithmetic; it is rate^steps (rate = sqrt(momentum) where tuned) times a prefactor that grows
-    linearly in steps at the spectrum's edges (1 + (1 - rate) steps at a double root); momentum 0 gives plain
-    GD's max |1 - lr h|^steps."""
+    linearly in steps at the edges of the tuned range, where the roots are double (1 + (1 - rate) steps at mu,
+    1 + (1 + rate) steps at L); momentum 0 gives plain GD's max |1 - lr h|^steps."""
     h = 2 * np.asarray(spectrum, np.float64)
     M = np.zeros((h.size, 2, 2))
     M[:, 0, 0], M[:, 0, 1], M[:, 1, 0] = 1 + momentum - lr * h, -momentum, 1.0

@@ -15,14 +15,19 @@ interval over seeds, per d and extrapolated in 1/d the same way. The closed-form
 
 Trained networks: at d = ``train_dim`` on fresh tasks and on each seed's own pool at every kappa in
 ``train_kappas`` (the pool of that seed's closed-form fits), for each tau in ``train_taus`` (spanning the peak), the
-reduced attention ``pretraining.ReducedAttention`` is trained by full-batch gradient descent on each seed's
-stored set of P prompts (``TrainConfig(pretraining_prompts=P, batch_size=P, optimizer="sgd")``) with the loss
-``pretraining.ridge_objective``, fit_ridge's objective with its penalty, so the optimum is the ridge solution on
-that set. The step is ``step_fraction / max_seeds lambda_max(A)`` (A = H^T H / P + (ridge/d) I: GD is stable for
-step < 1 / lambda_max(A), docs/theory.md §12). Each network is paired with ``fit_ridge`` on its own stored set
-(``pretraining.stored_prompts``, the trainer's draw, not the curve's nested draw) and both are scored by the
-exact finite-d formula; the gate passes a network whose Gamma is within ``gate_tolerance`` (relative Frobenius)
-of its ridge solution, failures counted and shown, never averaged in."""
+reduced attention ``pretraining.ReducedAttention`` is trained by full-batch heavy-ball gradient descent on each
+seed's stored set of P prompts (``TrainConfig(pretraining_prompts=P, batch_size=P, optimizer="sgd", momentum=..)``)
+with the loss ``pretraining.ridge_objective``, fit_ridge's objective with its penalty, so the optimum is the ridge
+solution on that set. The objective is a quadratic with Hessian 2A (A = H^T H / P + (ridge/d) I) whose spectrum on
+the span is known exactly (``_span_spectrum``), so Polyak's step and momentum are tuned from it, one pair per
+(kappa, tau) over all its seeds: L = 2 max_seeds lambda_max(A) / ``step_fraction`` (a margin below the largest
+curvature the tuning allows), mu = 2 min_seeds lambda_min(A) on the span (``_heavy_ball``, docs/theory.md §12);
+a row's ``gd_bound`` is heavy ball's predicted ||Gamma - Gamma*|| / ||Gamma*|| after ``train_steps`` on its seed's
+spectrum (``_heavy_ball_bound``: rate^steps with its polynomial prefactor at the spectrum's edges). Each network
+is paired with ``fit_ridge`` on its own stored set (``pretraining.stored_prompts``, the trainer's draw, not the
+curve's nested draw) and both are scored by the exact finite-d formula; the gate passes a network whose Gamma is
+within ``gate_tolerance`` (relative Frobenius) of its ridge solution, failures counted and shown, never averaged
+in."""
 
 import dataclasses
 import functools
@@ -106,8 +111,8 @@ def _check_training(s):
         raise RunError(f"the networks trained on a pool are compared with the curve at their kappa: every train_kappas "
                        f"must be one of kappas = {s.kappas} (got {missing})")
     if not 0 < s.step_fraction < 1:
-        raise RunError(f"step_fraction must be in (0, 1) (gradient descent is stable for step < 1 / lambda_max), "
-                       f"got {s.step_fraction!r}")
+        raise RunError(f"step_fraction must be in (0, 1) (heavy ball is tuned for curvatures up to L = 2 "
+                       f"lambda_max(A) / step_fraction), got {s.step_fraction!r}")
     if not 0 < s.gate_tolerance < 1:
         raise RunError(f"gate_tolerance must be in (0, 1) (relative distance to the ridge solution), "
                        f"got {s.gate_tolerance!r}")
@@ -120,6 +125,30 @@ def _span_spectrum(H, ridge):
     d = int(round((np.sqrt(1 + 4 * N) - 1) / 2))
     ev = np.linalg.eigvalsh(H.T @ H / P)
     return ev[ev > 1e-9 * ev[-1]] + ridge / d
+
+
+def _heavy_ball(spectra, step_fraction):
+    """Polyak's (learning_rate, momentum) for a quadratic with Hessian eigenvalues in [mu, L] (Hessian 2A, so
+    mu = 2 min lambda_min(A), L = 2 max lambda_max(A) / step_fraction over ``spectra``, one per seed):
+    lr = 4 / (sqrt(L) + sqrt(mu))^2, momentum = ((sqrt(L) - sqrt(mu)) / (sqrt(L) + sqrt(mu)))^2, whose rate on
+    every eigenvalue in [mu, L] is sqrt(momentum) = (sqrt(k) - 1) / (sqrt(k) + 1), k = L / mu (docs/theory.md §12)."""
+    big = np.sqrt(2 * max(sp[-1] for sp in spectra) / step_fraction)
+    small = np.sqrt(2 * min(sp[0] for sp in spectra))
+    return float(4 / (big + small) ** 2), float(((big - small) / (big + small)) ** 2)
+
+
+def _heavy_ball_bound(spectrum, lr, momentum, steps):
+    """max over the Hessian's eigenvalues h = 2 lambda (``spectrum``: A's on the span) of |e_steps / e_0|, e the
+    error along h's eigenvector: heavy ball from rest (e_{-1} = e_0, optax's zero velocity) runs e_{t+1} =
+    (1 + momentum - lr h) e_t - momentum e_{t-1}. So ||Gamma - Gamma*|| / ||Gamma*|| <= this from Gamma_0 = 0, in
+    exact arithmetic; it is rate^steps (rate = sqrt(momentum) where tuned) times a prefactor that grows
+    linearly in steps at the edges of the tuned range, where the roots are double (1 + (1 - rate) steps at mu,
+    1 + (1 + rate) steps at L); momentum 0 gives plain GD's max |1 - lr h|^steps."""
+    h = 2 * np.asarray(spectrum, np.float64)
+    M = np.zeros((h.size, 2, 2))
+    M[:, 0, 0], M[:, 0, 1], M[:, 1, 0] = 1 + momentum - lr * h, -momentum, 1.0
+    Mt = np.linalg.matrix_power(M, steps)
+    return float(np.max(np.abs(Mt[:, 0, 0] + Mt[:, 0, 1])))
 
 
 def _trained(s, seeds, progress, cache):
@@ -142,8 +171,8 @@ def _trained(s, seeds, progress, cache):
 
 
 def _trained_tau(s, model, loss, errors, groups, label, tau, n, progress, cache):
-    """The rows of one (kappa, tau): each group (design, its seeds) trained in one sweep on its stored sets, at
-    one step for every seed (``step_fraction`` of the stablest over all of them)."""
+    """The rows of one (kappa, tau): each group (design, its seeds) trained in one sweep on its stored sets, with
+    one heavy-ball step and momentum for every seed (``_heavy_ball`` over all their spectra)."""
     d, rho, lam = s.train_dim, s.noise_var, s.ridge
     kap = np.inf if label == "inf" else float(label)
     P = max(1, int(round(tau * d * d)))
@@ -155,11 +184,11 @@ def _trained_tau(s, model, loss, errors, groups, label, tau, n, progress, cache)
         ridge = np.asarray(_FIT(stacked, lam, P))
         H = np.asarray(_FEATURES(stacked))
     spectra = [_span_spectrum(h, lam) for h in H]
-    lr = float(s.step_fraction / max(sp[-1] for sp in spectra))
+    lr, beta = _heavy_ball(spectra, s.step_fraction)
     progress(f"  trained: kappa = {label}, d = {d}, tau = {tau:g} (P = {P}): {len(seeds)} seeds x {s.train_steps} "
-             f"GD steps, step {lr:.3g}")
+             f"heavy-ball steps, step {lr:.3g}, momentum {beta:.6f} (rate {np.sqrt(beta):.5f})")
     config = train.TrainConfig(steps=s.train_steps, batch_size=P, learning_rate=lr, optimizer="sgd",
-                               pretraining_prompts=P)
+                               pretraining_prompts=P, momentum=beta)
     fits = [train.fit_sweep(model, g, [n], ss, config, loss_fn=loss, cache=cache) for g, ss in groups]
     gammas = np.concatenate([np.asarray(f.params["Gamma"][0, 0], np.float64) for f in fits])
     final = np.concatenate([np.asarray(f.losses[0, 0, :, -1], np.float64) for f in fits])
@@ -169,11 +198,11 @@ def _trained_tau(s, model, loss, errors, groups, label, tau, n, progress, cache)
     rows = []
     for k, sd in enumerate(seeds):
         gap = float(np.linalg.norm(gammas[k] - ridge[k]) / np.linalg.norm(ridge[k]))
-        rate = float(np.max(np.abs(1 - 2 * lr * spectra[k])))
         rows.append({"grid": "trained", "kappa": label, "d": d, "tau": tau, "P": P, "seed": sd, "n": n,
                      "icl_error": float(e_gd[k]), "ridge_error": float(e_ridge[k]), "param_gap": gap,
-                     "gd_bound": rate ** s.train_steps, "passed": bool(np.isfinite(gap) and gap <= s.gate_tolerance),
-                     "learning_rate": lr, "final_loss": float(final[k]), "asymptotic": asym})
+                     "gd_bound": _heavy_ball_bound(spectra[k], lr, beta, s.train_steps),
+                     "passed": bool(np.isfinite(gap) and gap <= s.gate_tolerance), "learning_rate": lr,
+                     "momentum": beta, "final_loss": float(final[k]), "asymptotic": asym})
     return rows
 
 
@@ -273,7 +302,7 @@ def _trained_summary_of(rows, label):
     passed = [r for r in mine if r["passed"]]
     out = {f"{head}: gate failures (||Gamma - ridge|| / ||ridge|| > tolerance)": f"{len(mine) - len(passed)} of {len(mine)}",
            f"{head}: worst ||Gamma_GD - Gamma_ridge|| / ||Gamma_ridge||": float(f"{max(r['param_gap'] for r in mine):.3g}"),
-           f"{head}: worst predicted (max |1 - 2 step lambda|)^steps": float(f"{max(r['gd_bound'] for r in mine):.3g}")}
+           f"{head}: worst predicted heavy-ball contraction ||e_steps|| / ||e_0||": float(f"{max(r['gd_bound'] for r in mine):.3g}")}
     for tau in sorted({r["tau"] for r in mine}):
         sub = [r for r in passed if r["tau"] == tau]
         if not sub:
@@ -380,9 +409,9 @@ class Settings:
     per prompt); the tau grids (``taus`` for the curve, ``peak_taus`` around the threshold); seeds (each its own
     pool and prompts); the Monte Carlo prompts of the finite-d check. The trained networks: at d = ``train_dim``
     on fresh tasks and on each seed's pool at every kappa in ``train_kappas``, at each tau in ``train_taus`` (empty:
-    none), ``train_steps`` full-batch GD steps of
-    ``step_fraction / max_seeds lambda_max(A)`` each, passed when their Gamma is within ``gate_tolerance``
-    (relative) of the ridge solution on the same prompts (float32 training reaches about 1e-4 at the peak)."""
+    none), ``train_steps`` full-batch heavy-ball steps tuned on [2 min_seeds lambda_min(A), 2 max_seeds
+    lambda_max(A) / ``step_fraction``] (``_heavy_ball``), passed when their Gamma is within ``gate_tolerance``
+    (relative) of the ridge solution on the same prompts (float32 heavy ball reaches about 1e-6)."""
 
     dims: tuple[int, ...] = (8, 12, 16)
     alpha: float = 1.0
@@ -397,14 +426,14 @@ class Settings:
     train_dim: int = 8
     train_taus: tuple[float, ...] = (0.5, 1.0, 1.25, 2.5)
     train_kappas: tuple[float, ...] = (0.5, 2.0)
-    train_steps: int = 50_000
+    train_steps: int = 3000
     step_fraction: float = 0.9
     gate_tolerance: float = 1e-3
 
 
 SETTINGS = Settings()
 QUICK = dataclasses.replace(SETTINGS, dims=(6,), kappas=(), taus=(0.5, 2.0), peak_taus=(1.0, 1.15, 1.3), num_test=1_000,
-                            train_dim=6, train_taus=(0.5, 2.0), train_kappas=(), train_steps=20_000)
+                            train_dim=6, train_taus=(0.5, 2.0), train_kappas=(), train_steps=1000)
 
 EXPERIMENT = Experiment(
     name="pretraining_tau",

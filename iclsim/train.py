@@ -50,9 +50,16 @@ class TrainConfig:
     gradient descent, ``optax.sgd(learning_rate)`` at a constant learning rate (no warmup, no decay): the
     Euler discretisation, step ``learning_rate``, of the gradient flow d theta / dt = -grad L(theta) that
     theories of the training dynamics describe (full-batch when ``batch_size == pretraining_prompts``, else
-    its stochastic version); any ``optax.GradientTransformation`` (used as given; the schedule fields are
-    then unused); or a function schedule -> GradientTransformation (say ``lambda s: optax.chain(
+    its stochastic version; with ``momentum``, heavy ball); any ``optax.GradientTransformation`` (used as
+    given; the schedule fields are then unused); or a function schedule -> GradientTransformation (say ``lambda s: optax.chain(
     optax.clip_by_global_norm(1.0), optax.adamw(s, weight_decay=1e-4))``), given the warmup-cosine schedule.
+    momentum: with optimizer "sgd", Polyak's heavy ball ``optax.sgd(learning_rate, momentum=momentum)``,
+    v <- g + momentum v, theta <- theta - learning_rate v, i.e. theta_{t+1} = theta_t - learning_rate g_t +
+    momentum (theta_t - theta_{t-1}): on a quadratic with Hessian eigenvalues in [mu, L], learning_rate =
+    4 / (sqrt(L) + sqrt(mu))^2 and momentum = ((sqrt(L) - sqrt(mu)) / (sqrt(L) + sqrt(mu)))^2 contract at
+    (sqrt(k) - 1) / (sqrt(k) + 1) per step (k = L / mu) instead of plain GD's (k - 1) / (k + 1), to the same
+    minimiser (docs/theory.md §12). In [0, 1); 0 (the default) is plain gradient descent, the very
+    transformation ``optax.sgd(learning_rate)``; > 0 only with optimizer "sgd".
     divergence_factor: training stops with FloatingPointError when a step's loss exceeds this
     multiple of the point's initial loss (for iclsim's small initialisations, about the risk of the
     zero predictor) or is not finite; None checks only finiteness.
@@ -91,6 +98,7 @@ class TrainConfig:
     record_prompts: int | None = None
     summarize: Callable | None = None
     pretraining_prompts: int | None = None
+    momentum: float = 0.0
 
     def __post_init__(self):
         if self.sampler not in SAMPLERS:
@@ -114,6 +122,10 @@ class TrainConfig:
                   or callable(self.optimizer)):
             raise TypeError(f"optimizer must be None, one of {OPTIMIZERS}, an optax.GradientTransformation or a "
                             f"function schedule -> GradientTransformation, got {type(self.optimizer).__name__}")
+        object.__setattr__(self, "momentum", check.in_range("momentum", self.momentum, 0.0, 1.0, closed_high=False))
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(f"momentum > 0 (heavy ball) needs optimizer='sgd', got momentum = {self.momentum!r} with "
+                             f"optimizer = {self.optimizer!r}")
         self._check_records()
         if self.pretraining_prompts is not None:
             P = check.positive_int("pretraining_prompts", self.pretraining_prompts)
@@ -166,7 +178,7 @@ class TrainConfig:
         if self.optimizer is None:
             return optax.adam(self.schedule())
         if self.optimizer == "sgd":
-            return optax.sgd(self.learning_rate)
+            return optax.sgd(self.learning_rate, momentum=self.momentum or None)  # 0: plain GD, optax.sgd(lr)
         if isinstance(self.optimizer, optax.GradientTransformation):
             return self.optimizer
         made = self.optimizer(self.schedule())

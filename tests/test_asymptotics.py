@@ -182,6 +182,56 @@ def test_gradient_descent_on_the_ridge_objective_reaches_fit_ridge(P):
     assert float(fit.losses[0, 0, 0, -1]) == pytest.approx(float(_ridge_objective(stored, best, ridge)), rel=1e-5)
 
 
+FLOAT64_FLOOR = 1e-11  # float64 rounding floors ||Gamma - Gamma*|| / ||Gamma*|| near eps * cond, ~3e-12 at cond 1e4
+
+
+def test_heavy_ball_on_the_ridge_objective_reaches_fit_ridge_far_sooner_than_gradient_descent():
+    """Heavy ball (``TrainConfig(optimizer="sgd", momentum=...)``) tuned from the span's spectrum as
+    pretraining_tau tunes it (``_heavy_ball``: Hessian 2A in [mu, L / step_fraction]) ends at ``fit_ridge``'s solution
+    on the stored set (same fixed point), float64, within ``_heavy_ball_bound``, which lies between rate^steps and
+    (1 + (1 + rate) steps) rate^steps (rate = sqrt(momentum); docs/theory.md §12); momentum 0 gives plain GD's
+    bound max |1 - lr h|^steps. Near the threshold (P = 11, d(d+1) = 12, condition number 1e4 on the span) plain
+    GD at its best step 2 / (mu + L) for the same [mu, L] is still far off after as many steps, and needs over 40
+    times as many by its rate. Planted bugs caught: momentum ignored by the optimizer (plain GD at heavy ball's
+    step diverges), the step tuned from A's eigenvalues instead of the Hessian's (twice too long), a
+    bound on A's eigenvalues instead of the Hessian's (momentum 0 must give GD's)."""
+    import sys
+
+    from tests.quick import EXPERIMENTS
+    study = sys.modules[EXPERIMENTS["pretraining_tau"].run.__module__]
+    d, n, rho, ridge, seed, P, steps = 3, 4, 0.2, 1e-3, 7, 11, 2000
+    design = pretraining.lu_design(d, rho)
+    with jax.enable_x64(True):
+        stored = jax.tree_util.tree_map(lambda a: jnp.asarray(np.asarray(a)[0], jnp.float64),
+                                        pretraining.stored_prompts(design, [seed], P, n, jnp.float64))
+        best = np.asarray(_fit_ridge(stored, ridge))
+        H = np.asarray(pretraining.features(stored))
+    span = study._span_spectrum(H, ridge)
+    lr, beta = study._heavy_ball([span], 0.9)
+    big, small = 2 * span[-1] / 0.9, 2 * span[0]  # the Hessian's tuned range [mu, L]
+    assert big / small > 1e4
+    rate = np.sqrt(beta)
+    assert rate == pytest.approx((np.sqrt(big / small) - 1) / (np.sqrt(big / small) + 1), rel=1e-12)
+    bound = study._heavy_ball_bound(span, lr, beta, steps)
+    assert rate**steps <= bound <= (1 + (1 + rate) * steps) * rate**steps and bound < 1e-10
+    gd_step = 2 / (small + big)
+    gd_bound = study._heavy_ball_bound(span, gd_step, 0.0, steps)
+    assert gd_bound == pytest.approx(np.max(np.abs(1 - gd_step * 2 * span)) ** steps, rel=1e-9)
+    gaps = {}
+    for name, step, momentum in (("heavy ball", lr, beta), ("GD", gd_step, 0.0)):
+        config = train.TrainConfig(steps=steps, batch_size=P, learning_rate=float(step), optimizer="sgd",
+                                   momentum=momentum, pretraining_prompts=P, dtype=jnp.float64)
+        fit = train.fit_sweep(pretraining.ReducedAttention(d, dtype=jnp.float64), design, [n], [seed], config,
+                              loss_fn=functools.partial(pretraining.ridge_objective, ridge=ridge))
+        gaps[name] = np.linalg.norm(np.asarray(fit.params["Gamma"][0, 0, 0]) - best) / np.linalg.norm(best)
+    gd_needs = np.log(bound) / np.log((big / small - 1) / (big / small + 1))
+    report(f"heavy ball vs GD on the ridge objective (P = {P}, cond {big / small:.2e}), {steps} steps: gap "
+           f"{gaps['heavy ball']:.2e} (bound {bound:.2e}) vs GD {gaps['GD']:.2e} (bound {gd_bound:.2e}); GD needs "
+           f"{gd_needs:.0f} steps for the same bound")
+    assert gaps["heavy ball"] <= bound + FLOAT64_FLOOR and gaps["GD"] <= gd_bound
+    assert gaps["GD"] > 1e-2 and gd_needs > 40 * steps
+
+
 def _ridge_objective(prompts, gamma, ridge):
     """fit_ridge's objective written out: (1/P) sum (y/sqrt(d) - <Gamma, H>)^2 + (ridge/d) ||Gamma||_F^2."""
     d = gamma.shape[0]

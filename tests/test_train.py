@@ -174,6 +174,59 @@ def test_optimizer_field_takes_any_optax_transformation():
         train.TrainConfig(**base, optimizer=lambda s: s).transformation()
 
 
+def test_momentum_is_heavy_ball_and_zero_builds_plain_sgd():
+    """TrainConfig(optimizer="sgd", momentum=b) trains by Polyak's heavy ball, x_{t+1} = x_t - lr g_t + b (x_t -
+    x_{t-1}) from rest (x_{-1} = x_0), checked against that recursion written out on a diagonal quadratic; momentum
+    0 builds exactly optax.sgd(lr) (the same state and the same update program), so every "sgd" run's numbers stay
+    bit for bit. Planted bugs caught: momentum ignored, optax.sgd(lr, momentum=0.0) at momentum 0 (a trace state:
+    another program), Nesterov's variant."""
+    curvature, lr, b = np.array([1.0, 0.3, 0.05]), 0.5, 0.6
+    opt = train.TrainConfig(optimizer="sgd", learning_rate=lr, momentum=b).transformation()
+    params = jnp.asarray([1.0, -2.0, 0.5])
+    state = opt.init(params)
+    prev = cur = np.asarray(params, np.float64)
+    for _ in range(8):
+        updates, state = opt.update(jnp.asarray(curvature) * params, state, params)
+        params = optax.apply_updates(params, updates)
+        prev, cur = cur, cur - lr * curvature * cur + b * (cur - prev)
+        np.testing.assert_allclose(params, cur, rtol=1e-5, atol=1e-6)
+    plain, ref, g = train.TrainConfig(optimizer="sgd", learning_rate=lr).transformation(), optax.sgd(lr), jnp.ones(3)
+    assert jax.tree_util.tree_structure(plain.init(g)) == jax.tree_util.tree_structure(ref.init(g))
+    program = lambda t: str(jax.make_jaxpr(lambda u, p: t.update(u, t.init(p), p))(g, g))  # noqa: E731
+    assert program(plain) == program(ref)
+
+
+@pytest.mark.parametrize("momentum, error", [(-0.1, ValueError), (1.0, ValueError), (float("nan"), ValueError),
+                                             (np.inf, ValueError), (True, TypeError), ("0.5", TypeError)])
+def test_momentum_must_be_in_zero_one(momentum, error):
+    with pytest.raises(error, match=r"momentum must be (a number )?in \[0\.0, 1\.0\)"):
+        train.TrainConfig(optimizer="sgd", momentum=momentum)
+
+
+def test_momentum_only_with_sgd():
+    """Heavy ball is optimizer "sgd" with momentum: any other optimizer with momentum > 0 is refused by name (it
+    would be silently ignored); momentum 0 goes with any."""
+    for optimizer in (None, optax.sgd(0.1), optax.adam):
+        with pytest.raises(ValueError, match=r"momentum > 0 \(heavy ball\) needs optimizer='sgd'"):
+            train.TrainConfig(optimizer=optimizer, momentum=0.5)
+        assert train.TrainConfig(optimizer=optimizer, momentum=0).momentum == 0.0
+
+
+def test_momentum_is_in_the_cache_key(tmp_path):
+    """Configs differing only in momentum are different sweep points: different keys, and one's cached networks
+    are never loaded for another (the same momentum loads). Planted bug caught: momentum left out of the key
+    (heavy ball would load plain GD's networks)."""
+    store = cache.SweepCache(tmp_path)
+    config = lambda m: train.TrainConfig(steps=20, batch_size=16, learning_rate=0.05,  # noqa: E731
+                                         optimizer="sgd", momentum=m)
+    assert len({cache.fingerprint(config(m)) for m in (0.0, 0.5, 0.9)}) == 3
+    fit = lambda m: train.fit_sweep(models.PGD(2), IID(2), [3], [0], config(m), cache=store)  # noqa: E731
+    plain, heavy = fit(0.0), fit(0.5)
+    assert (store.hits, store.trained) == (0, 2) and not np.array_equal(plain.losses, heavy.losses)
+    np.testing.assert_array_equal(fit(0.5).losses, heavy.losses)
+    assert (store.hits, store.trained) == (1, 2)
+
+
 def test_trained_pgd_reaches_theory_and_evaluate_is_unbiased(key):
     d, n = 3, 8
     design = IID(d, noise_var=0.5)

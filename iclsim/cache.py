@@ -195,6 +195,51 @@ class SweepCache:
             raise _Corrupt("non-finite (NaN or inf in its parameters or losses)")
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(template), leaves), arrays["losses"]
 
+    @contextlib.contextmanager
+    def claim(self, keys):
+        """Hold the points of ``keys`` for training: an exclusive ``flock`` on DIRECTORY/ab/KEY.claim for each,
+        taken in sorted order (so two processes claiming overlapping sets cannot deadlock) and released by the
+        kernel if the process dies. A second process that needs the same points (two experiments of one
+        ``iclsim run --jobs`` training the same recipe networks) waits here, then finds them stored
+        (``load_after_claim``) instead of training them again. Files are opened without following links and
+        only as regular files of this user (a planted claim file is refused, never written through)."""
+        import fcntl
+
+        if not self._checked:
+            self.check()
+        held = []
+        try:
+            for key in sorted(set(keys)):
+                path = self.path(key).with_suffix(".claim")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                planted = f"{path} is not a claim file of this user's iclsim cache (a link, or not a regular file of this user): remove it"
+                try:
+                    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0), 0o600)
+                except OSError as err:
+                    if err.errno in (errno.ELOOP, errno.EMLINK, errno.EISDIR, errno.ENXIO):
+                        raise ValueError(planted) from None
+                    raise
+                held.append(fd)
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+                    raise ValueError(planted)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            for fd in held:  # closing releases the lock; the empty files stay (removing them would race)
+                os.close(fd)
+
+    def load_after_claim(self, key: str, template):
+        """``load`` for a point already counted missing, once its claim is held: the entry another process
+        stored while this one waited, counted as loaded (not missing); None (still missing, or ``force``)."""
+        if self.force or not self.path(key).exists():
+            return None
+        self.missing -= 1
+        entry = self.load(key, template)
+        if entry is None:  # corrupt: load counted it missing again and deleted it
+            return None
+        return entry
+
     def save(self, key: str, params, losses) -> None:
         """Store a trained point's (params, losses) under ``key`` atomically, with its HMAC; refuses
         (FloatingPointError) non-finite numbers; counts it in ``trained`` and calls ``progress``."""

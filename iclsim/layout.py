@@ -173,6 +173,18 @@ def load_or_run(cache, run: Callable, points: list, template, settings: Callable
     found = [cache.load(k, template) for k in keys]
     missing = [i for i, f in enumerate(found) if f is None]
     if missing:
+        with cache.claim([keys[i] for i in missing]):  # another process training these: wait, then load them
+            for i in missing:
+                found[i] = cache.load_after_claim(keys[i], template)
+            _train_missing(cache, run, points, keys, found)
+    params = jax.tree_util.tree_map(lambda *a: np.stack(a), *[f[0] for f in found])
+    return params, np.stack([f[1] for f in found])
+
+
+def _train_missing(cache, run, points, keys, found) -> None:
+    """Train the points still missing from ``found`` in balanced chunks of at most ``cache.chunk``, storing each."""
+    missing = [i for i, f in enumerate(found) if f is None]
+    if missing:
         size = -(-len(missing) // -(-len(missing) // cache.chunk))
         for start in range(0, len(missing), size):
             part = missing[start:start + size]
@@ -180,8 +192,6 @@ def load_or_run(cache, run: Callable, points: list, template, settings: Callable
             for row, i in enumerate(part):
                 found[i] = (jax.tree_util.tree_map(lambda a: a[row], params), losses[row])
                 cache.save(keys[i], *found[i])
-    params = jax.tree_util.tree_map(lambda *a: np.stack(a), *[f[0] for f in found])
-    return params, np.stack([f[1] for f in found])
 
 
 def as_list(x) -> list:

@@ -4,6 +4,7 @@ import gc
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -439,6 +440,56 @@ def test_cache_trains_only_missing_points_and_force_retrains(tmp_path):
     train.fit_sweep(model, IID(3, noise_var=0.31), [2, 4], [0], CFG, cache=other)  # forced's shapes: its program
     assert (other.hits, other.trained) == (0, 2)
     assert not list(tmp_path.rglob("*.tmp*"))
+
+
+def test_a_second_process_waits_for_points_being_trained_and_loads_them(tmp_path):
+    """Two experiments of one ``--jobs`` run that need the same networks: the second waits on the first's
+    claim and loads its points instead of training them again (a thread stands in for the process: flock
+    holds per open file, so two threads conflict as two processes do)."""
+    import threading
+
+    points, template = [0, 1, 2], {"w": jax.ShapeDtypeStruct((2,), np.float32)}
+    started, calls = threading.Event(), {"A": 0, "B": 0}
+
+    def runner(name, delay):
+        def run(batch):
+            calls[name] += 1
+            started.set()
+            time.sleep(delay)  # training: the claim is held meanwhile
+            return {"w": np.array([[p, 10.0 * p] for p in batch], np.float32)}, np.ones((len(batch), 4), np.float32)
+        return run
+
+    stores, out = {"A": cache.SweepCache(tmp_path), "B": cache.SweepCache(tmp_path)}, {}
+
+    def sweep(name, delay):
+        out[name] = layout.load_or_run(stores[name], runner(name, delay), points, template, lambda p: ("claim", p))
+
+    first = threading.Thread(target=sweep, args=("A", 1.0))
+    first.start()
+    assert started.wait(30)
+    sweep("B", 0.0)  # arrives while A trains
+    first.join()
+    assert calls == {"A": 1, "B": 0}
+    assert (stores["A"].trained, stores["B"].trained, stores["B"].hits, stores["B"].missing) == (3, 0, 3, 0)
+    np.testing.assert_array_equal(out["B"][0]["w"], out["A"][0]["w"])
+    # force still retrains, even after waiting
+    forced = cache.SweepCache(tmp_path, force=True)
+    layout.load_or_run(forced, runner("B", 0.0), points, template, lambda p: ("claim", p))
+    assert (calls["B"], forced.trained) == (1, 3)
+
+
+def test_a_planted_claim_file_is_refused_not_written_through(tmp_path):
+    store = cache.SweepCache(tmp_path / "c")
+    key = store.key("claim", 0)
+    target = tmp_path / "victim"
+    target.write_text("keep")
+    claim = store.path(key).with_suffix(".claim")
+    claim.parent.mkdir(parents=True)
+    claim.symlink_to(target)
+    with pytest.raises(ValueError, match="not a claim file"):
+        layout.load_or_run(store, lambda b: None, [0], {"w": jax.ShapeDtypeStruct((2,), np.float32)},
+                           lambda p: ("claim", p))
+    assert target.read_text() == "keep"
 
 
 def test_interrupted_sweep_resumes_from_finished_chunks(tmp_path):

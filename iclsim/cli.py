@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
+import math
 import os
 import re
 import sys
@@ -246,6 +248,7 @@ def _run_parallel(experiments, names, args, overrides, jobs, session) -> list:
     import multiprocessing
 
     order = _order(experiments, names)
+    order = _longest_first(order, args.out, args.quick)
     devices = _device_count()
     cache_dir = None if args.no_cache else str(args.cache)
     pool = futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
@@ -273,6 +276,25 @@ def _run_parallel(experiments, names, args, overrides, jobs, session) -> list:
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return results
+
+
+def _longest_first(order: list[str], out, quick: bool) -> list[str]:
+    """The order in which --jobs offers experiments to free workers (each still waits for what it reads):
+    longest first by the wall time of its last set in ``out`` (``_last_wall``; unknown ones first, ties in
+    ``order``), so the longest does not start last and leave one worker running alone at the end."""
+    last = {name: _last_wall(out, name, quick) for name in order}
+    return sorted(order, key=lambda name: -last[name])
+
+
+def _last_wall(out, name: str, quick: bool) -> float:
+    """The wall time recorded in OUT/NAME.json by the last run of the same fidelity (inf where there is none,
+    or it cannot be read): a scheduling hint only, never a number of a result."""
+    try:
+        meta = json.loads((Path(out) / f"{name}.json").read_text())
+        wall = float(meta["wall_time_s"])
+        return wall if bool(meta.get("quick")) == bool(quick) and math.isfinite(wall) and wall >= 0 else math.inf
+    except (OSError, ValueError, KeyError, TypeError):
+        return math.inf
 
 
 def _device_count() -> int:

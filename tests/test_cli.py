@@ -315,3 +315,17 @@ def test_headline_line_names_nested_tables_instead_of_printing_them():
     assert line == ("networks_passed = 12, verdict = supported, gap (95%) = [-0.3575, 0.11], "
                     "(in the JSON's summary: networks, per_seed, pairs)")
     assert results.format_summary({"risk": 0.123456}) == "risk = 0.1235"
+
+
+def test_jobs_offer_the_longest_experiments_first(tmp_path):
+    """--jobs schedules by the wall times of the folder's last sets of the same fidelity: longest first,
+    unknown (no set, another fidelity, an unreadable JSON) before them, ties in the given order."""
+    from iclsim.cli import _longest_first
+
+    for name, wall, quick in (("short", 5, False), ("long", 500, False), ("mid", 50, False), ("other_fidelity", 1, True),
+                              ("tie", 50, False)):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"wall_time_s": wall, "quick": quick}))
+    (tmp_path / "garbled.json").write_text("{not json")
+    order = ["short", "mid", "fresh", "long", "other_fidelity", "tie", "garbled"]
+    assert _longest_first(order, tmp_path, False) == ["fresh", "other_fidelity", "garbled", "long", "mid", "tie", "short"]
+    assert _longest_first(order, tmp_path, True)[-1] == "other_fidelity"

@@ -33,10 +33,10 @@ test-fast: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow -n 2 --dist loadfile
 
-# three experiments at once (on 2 cores: a third fills the cores while the others compile or write), each in a worker with every CPU device (the numbers are those of a sequential run:
+# two experiments at once, longest first, each in a worker with every CPU device (the numbers are those of a sequential run:
 # tests/test_trust_round2.py; the measured times: docs/performance.md §5)
 reproduce: $(STAMP)
-	$(VENV)/bin/iclsim run all --jobs 3
+	$(VENV)/bin/iclsim run all --jobs 2
 
 quick: $(STAMP)
 	$(VENV)/bin/iclsim run all --quick --out results/quick

@@ -268,12 +268,14 @@ def test_reduced_attention_predicts_as_its_attention_form():
 
 
 def test_pretraining_tau_refuses_trained_settings_it_cannot_compare_and_reads_axes_from_the_fits():
-    """The experiment's trained networks are compared with the fresh-task curve at d = train_dim: a train_dim not
-    among dims, fresh_tasks off, or a step fraction / gate tolerance outside (0, 1) is a RunError naming the
-    setting, raised before any fit; its summary and plot take kappa and d from the closed-form rows only.
-    Planted bug caught: the trained rows' d = train_dim read as a curve's d (summary and plot crashed on an
-    empty curve)."""
+    """The experiment's trained networks are compared with the fresh-task curve at each of their d: train_dims
+    empty, repeated or with a d not among dims, fresh_tasks off, or a step fraction / gate tolerance outside (0, 1)
+    is a RunError naming the setting (and for train_dims the allowed dims), raised before any fit; train_dims at
+    every d of dims or a subset is accepted; its summary and plot take kappa and d from the closed-form rows only.
+    Planted bugs caught: the trained rows' d read as a curve's d (summary and plot crashed on an empty curve); only
+    train_dims[0] checked against dims."""
     import dataclasses
+    import re
     import sys
 
     from iclsim.registry import RunContext
@@ -283,10 +285,17 @@ def test_pretraining_tau_refuses_trained_settings_it_cannot_compare_and_reads_ax
     study = sys.modules[EXPERIMENTS["pretraining_tau"].run.__module__]
     quick = EXPERIMENTS["pretraining_tau"].quick
     context = RunContext(progress=lambda line: None)
-    for change, name in (({"train_dim": quick.dims[0] + 1}, "train_dim"), ({"fresh_tasks": False}, "fresh_tasks"),
+    d = quick.dims[0]
+    allowed = "train_dims.*dims = " + re.escape(str(quick.dims))
+    for change, name in (({"train_dims": (d + 1,)}, allowed), ({"train_dims": (d, d + 1)}, allowed),
+                         ({"train_dims": ()}, allowed), ({"train_dims": (d, d)}, allowed),
+                         ({"fresh_tasks": False}, "fresh_tasks"),
                          ({"step_fraction": 1.0}, "step_fraction"), ({"gate_tolerance": 0.0}, "gate_tolerance")):
         with pytest.raises(RunError, match=name):
             study.run(dataclasses.replace(quick, **change), 0, context)
+    for train_dims in ((8, 12, 16), (16, 8), (12,)):
+        study._check_training(dataclasses.replace(study.SETTINGS, train_dims=train_dims))
+    study._check_training(dataclasses.replace(quick, train_dims=(d + 1,), train_taus=()))  # no networks, no check
     rows = [{"grid": "curve", "kappa": "0.5", "d": 6}, {"grid": "peak", "kappa": "inf", "d": 12},
             {"grid": "trained", "kappa": "inf", "d": 8}]
     assert study._axes(rows) == (["0.5", "inf"], [6, 12])

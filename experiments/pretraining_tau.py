@@ -18,12 +18,12 @@ at every kappa in ``train_kappas`` (the pool of that seed's closed-form fits at 
 ``train_taus`` (spanning the peak), the reduced attention ``pretraining.ReducedAttention`` is trained by full-batch
 heavy-ball gradient descent on each seed's stored set of P prompts (``TrainConfig(pretraining_prompts=P,
 batch_size=P, optimizer="sgd", momentum=..)``) with the loss ``pretraining.ridge_objective``, fit_ridge's objective
-with its penalty, so the optimum is the ridge solution on that set. The objective is a quadratic with Hessian 2A (A = H^T H / P + (ridge/d) I) whose spectrum on
-the span is known exactly (``_span_spectrum``), so Polyak's step and momentum are tuned from it, one pair per
-(kappa, d, tau) over all its seeds: L = 2 max_seeds lambda_max(A) / ``step_fraction`` (a margin below the largest
-curvature the tuning allows), mu = 2 min_seeds lambda_min(A) on the span (``_heavy_ball``, docs/theory.md §12);
-a row's ``gd_bound`` is heavy ball's predicted ||Gamma - Gamma*|| / ||Gamma*|| after ``train_steps`` on its seed's
-spectrum (``_heavy_ball_bound``: rate^steps with its polynomial prefactor at the spectrum's edges). Each network
+with its penalty, so the optimum is the ridge solution on that set. The objective is a quadratic with Hessian 2A
+(A = H^T H / P + (ridge/d) I) whose spectrum on the span is known exactly (``pretraining.span_spectrum``), so
+Polyak's step and momentum are tuned from it (``pretraining.heavy_ball``), one pair per (kappa, d, tau) over all its
+seeds: L = 2 max_seeds lambda_max(A) / ``step_fraction``, mu = 2 min_seeds lambda_min(A) on the span; a row's
+``gd_bound`` is heavy ball's predicted ||Gamma - Gamma*|| / ||Gamma*|| after ``train_steps`` on its seed's spectrum
+(``pretraining.heavy_ball_bound``, docs/theory.md §12). Each network
 is paired with ``fit_ridge`` on its own stored set (``pretraining.stored_prompts``, the trainer's draw, not the
 curve's nested draw) and both are scored by the exact finite-d formula; the gate passes a network whose Gamma is
 within ``gate_tolerance`` (relative Frobenius) of its ridge solution, failures counted and shown, never averaged
@@ -124,39 +124,6 @@ def _check_training(s):
                        f"got {s.gate_tolerance!r}")
 
 
-def _span_spectrum(H, ridge):
-    """The eigenvalues of A = H^T H / P + (ridge / d) I on the span of the features (the subspace gradient
-    descent from Gamma = 0 moves in): the nonzero eigenvalues of H^T H / P, plus ridge / d."""
-    P, N = H.shape
-    d = int(round((np.sqrt(1 + 4 * N) - 1) / 2))
-    ev = np.linalg.eigvalsh(H.T @ H / P)
-    return ev[ev > 1e-9 * ev[-1]] + ridge / d
-
-
-def _heavy_ball(spectra, step_fraction):
-    """Polyak's (learning_rate, momentum) for a quadratic with Hessian eigenvalues in [mu, L] (Hessian 2A, so
-    mu = 2 min lambda_min(A), L = 2 max lambda_max(A) / step_fraction over ``spectra``, one per seed):
-    lr = 4 / (sqrt(L) + sqrt(mu))^2, momentum = ((sqrt(L) - sqrt(mu)) / (sqrt(L) + sqrt(mu)))^2, whose rate on
-    every eigenvalue in [mu, L] is sqrt(momentum) = (sqrt(k) - 1) / (sqrt(k) + 1), k = L / mu (docs/theory.md §12)."""
-    big = np.sqrt(2 * max(sp[-1] for sp in spectra) / step_fraction)
-    small = np.sqrt(2 * min(sp[0] for sp in spectra))
-    return float(4 / (big + small) ** 2), float(((big - small) / (big + small)) ** 2)
-
-
-def _heavy_ball_bound(spectrum, lr, momentum, steps):
-    """max over the Hessian's eigenvalues h = 2 lambda (``spectrum``: A's on the span) of |e_steps / e_0|, e the
-    error along h's eigenvector: heavy ball from rest (e_{-1} = e_0, optax's zero velocity) runs e_{t+1} =
-    (1 + momentum - lr h) e_t - momentum e_{t-1}. So ||Gamma - Gamma*|| / ||Gamma*|| <= this from Gamma_0 = 0, in
-    exact arithmetic; it is rate^steps (rate = sqrt(momentum) where tuned) times a prefactor that grows
-    linearly in steps at the edges of the tuned range, where the roots are double (1 + (1 - rate) steps at mu,
-    1 + (1 + rate) steps at L); momentum 0 gives plain GD's max |1 - lr h|^steps."""
-    h = 2 * np.asarray(spectrum, np.float64)
-    M = np.zeros((h.size, 2, 2))
-    M[:, 0, 0], M[:, 0, 1], M[:, 1, 0] = 1 + momentum - lr * h, -momentum, 1.0
-    Mt = np.linalg.matrix_power(M, steps)
-    return float(np.max(np.abs(Mt[:, 0, 0] + Mt[:, 0, 1])))
-
-
 def _trained(s, seeds, progress, cache):
     """Rows of the gradient-trained networks (module docstring): per kappa (fresh tasks, then ``train_kappas``), d in
     ``train_dims`` and tau in ``train_taus``, one sweep over the seeds on fresh tasks; on a finite pool one fit per
@@ -178,7 +145,7 @@ def _trained(s, seeds, progress, cache):
 
 def _trained_tau(s, d, model, loss, errors, groups, label, tau, n, progress, cache):
     """The rows of one (kappa, d, tau): each group (design, its seeds) trained in one sweep on its stored sets, with
-    one heavy-ball step and momentum for every seed (``_heavy_ball`` over all their spectra)."""
+    one heavy-ball step and momentum for every seed (``pretraining.heavy_ball`` over all their spectra)."""
     rho, lam = s.noise_var, s.ridge
     kap = np.inf if label == "inf" else float(label)
     P = max(1, int(round(tau * d * d)))
@@ -189,8 +156,8 @@ def _trained_tau(s, d, model, loss, errors, groups, label, tau, n, progress, cac
         stacked = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *stacked)
         ridge = np.asarray(_FIT(stacked, lam, P))
         H = np.asarray(_FEATURES(stacked))
-    spectra = [_span_spectrum(h, lam) for h in H]
-    lr, beta = _heavy_ball(spectra, s.step_fraction)
+    spectra = [pretraining.span_spectrum(h, lam) for h in H]
+    lr, beta = pretraining.heavy_ball(spectra, s.step_fraction)
     progress(f"  trained: kappa = {label}, d = {d}, tau = {tau:g} (P = {P}): {len(seeds)} seeds x {s.train_steps} "
              f"heavy-ball steps, step {lr:.3g}, momentum {beta:.6f} (rate {np.sqrt(beta):.5f})")
     config = train.TrainConfig(steps=s.train_steps, batch_size=P, learning_rate=lr, optimizer="sgd",
@@ -206,7 +173,7 @@ def _trained_tau(s, d, model, loss, errors, groups, label, tau, n, progress, cac
         gap = float(np.linalg.norm(gammas[k] - ridge[k]) / np.linalg.norm(ridge[k]))
         rows.append({"grid": "trained", "kappa": label, "d": d, "tau": tau, "P": P, "seed": sd, "n": n,
                      "icl_error": float(e_gd[k]), "ridge_error": float(e_ridge[k]), "param_gap": gap,
-                     "gd_bound": _heavy_ball_bound(spectra[k], lr, beta, s.train_steps),
+                     "gd_bound": pretraining.heavy_ball_bound(spectra[k], lr, beta, s.train_steps),
                      "passed": bool(np.isfinite(gap) and gap <= s.gate_tolerance), "learning_rate": lr,
                      "momentum": beta, "final_loss": float(final[k]), "asymptotic": asym})
     return rows
@@ -331,39 +298,34 @@ def _trained_summary_of(rows, label, d):
     return out
 
 
-def _trained_means(rows, label, dims, tau):
-    """Per d in ``dims``: the passers' mean ICL error at (kappa, d, tau) and its standard error over seeds; None
-    where fewer than two passed at some d (no interval to weight by)."""
-    stats = []
-    for d in dims:
-        vals = [r["icl_error"] for r in rows
-                if r["grid"] == "trained" and r["kappa"] == label and r["d"] == d and r["tau"] == tau and r["passed"]]
-        if len(vals) < 2:
-            return None
-        stats.append((np.mean(vals), np.std(vals, ddof=1) / np.sqrt(len(vals))))
-    return stats
+def _trained_intercept(rows, label, dims, tau):
+    """The passers' seed means at (kappa, tau) over ``dims`` fitted by a + b/d (``_extrapolate``, weighted by their
+    standard errors over seeds): (a, SE of a, the asymptote); None where fewer than two passed at some d."""
+    mine = [r for r in rows if r["grid"] == "trained" and r["kappa"] == label and r["tau"] == tau and r["passed"]]
+    vals = [[r["icl_error"] for r in mine if r["d"] == d] for d in dims]
+    if min(len(v) for v in vals) < 2:
+        return None
+    a, a_se = _extrapolate(dims, [np.mean(v) for v in vals], [np.std(v, ddof=1) / np.sqrt(len(v)) for v in vals])
+    return a, a_se, mine[0]["asymptotic"]
 
 
 def _trained_extrapolation(rows, label, dims):
     """The trained networks on Lu et al.'s asymptotic curve with its finite-d correction accounted for: at each tau
     with |tau - 1| >= 0.5 (as for the closed-form fits: near the peak the finite-d shift of the pole dominates) the
-    passers' seed means over ``dims`` fitted by a + b/d (``_extrapolate``, weighted by their standard errors), the
-    intercept's 95% interval relative to the asymptote, and the worst |a - asymptotic| / SE."""
+    a + b/d intercept of the passers' seed means over ``dims`` (``_trained_intercept``), its 95% interval relative
+    to the asymptote, and the worst |a - asymptotic| / SE."""
     if len(dims) < 2:
         return {}
     head = "GD" if label == "inf" else f"GD kappa={label}"
-    over = ", ".join(str(d) for d in dims)
     out, worst = {}, 0.0
     for tau in sorted({r["tau"] for r in rows if r["grid"] == "trained" and r["kappa"] == label}):
         if abs(tau - 1) < 0.5:
             continue
-        key = f"{head} tau={tau:g}: extrapolated gap over d = {over} (95%)"
-        stats = _trained_means(rows, label, dims, tau)
-        if stats is None:
+        key = f"{head} tau={tau:g}: extrapolated gap over d = {', '.join(map(str, dims))} (95%)"
+        if (fit := _trained_intercept(rows, label, dims, tau)) is None:
             out[key] = "not fitted: fewer than 2 passers at some d"
             continue
-        asym = next(r["asymptotic"] for r in rows if r["grid"] == "trained" and r["kappa"] == label and r["tau"] == tau)
-        a, a_se = _extrapolate(dims, [m for m, _ in stats], [e for _, e in stats])
+        a, a_se, asym = fit
         worst = max(worst, abs(a - asym) / a_se)
         out[key] = [round((a - 1.96 * a_se - asym) / asym, 4), round((a + 1.96 * a_se - asym) / asym, 4)]
     out[f"{head}: worst |extrapolated - asymptotic| / SE (|tau-1| >= 0.5)"] = round(worst, 2)
@@ -464,10 +426,8 @@ def _plot_trained(ax, gax, rows, colours):
                                  [(iv.high - iv.mean) / asym]], fmt="D", mfc="none", ms=4, mew=1, color=c, capsize=2)
     for label in labels if len(dims) > 1 else ():
         for tau in sorted({r["tau"] for r in trained if r["kappa"] == label and abs(r["tau"] - 1) >= 0.5}):
-            stats = _trained_means(rows, label, dims, tau)
-            if stats is not None:
-                asym = next(r["asymptotic"] for r in trained if r["kappa"] == label and r["tau"] == tau)
-                a, a_se = _extrapolate(dims, [m for m, _ in stats], [e for _, e in stats])
+            if fit := _trained_intercept(rows, label, dims, tau):
+                a, a_se, asym = fit
                 gax.errorbar([0.002], [(a - asym) / asym], yerr=[[1.96 * a_se / asym]], fmt="D", mfc="none", ms=4,
                              mew=1, color=colours.get(label, "k"), capsize=2)
 
@@ -478,9 +438,9 @@ class Settings:
     per prompt); the tau grids (``taus`` for the curve, ``peak_taus`` around the threshold); seeds (each its own
     pool and prompts); the Monte Carlo prompts of the finite-d check. The trained networks: at each d in
     ``train_dims`` (each one of ``dims``) on fresh tasks and on each seed's pool at every kappa in ``train_kappas``,
-    at each tau in ``train_taus`` (empty: none), ``train_steps`` full-batch heavy-ball steps tuned on [2 min_seeds lambda_min(A), 2 max_seeds
-    lambda_max(A) / ``step_fraction``] (``_heavy_ball``), passed when their Gamma is within ``gate_tolerance``
-    (relative) of the ridge solution on the same prompts (float32 heavy ball reaches about 1e-6)."""
+    at each tau in ``train_taus`` (empty: none), ``train_steps`` full-batch heavy-ball steps tuned on [2 min_seeds
+    lambda_min(A), 2 max_seeds lambda_max(A) / ``step_fraction``] (``pretraining.heavy_ball``), passed when their
+    Gamma is within ``gate_tolerance`` (relative) of the ridge solution on the same prompts (float32 heavy ball reaches about 1e-6)."""
 
     dims: tuple[int, ...] = (8, 12, 16)
     alpha: float = 1.0
@@ -502,8 +462,8 @@ class Settings:
 
 SETTINGS = Settings()
 # quick: one d (a second, d = 4, costs 8 more CPU-s, 60% more; tests/test_pretraining_dims.py trains two small d)
-QUICK = dataclasses.replace(SETTINGS, dims=(6,), kappas=(), taus=(0.5, 2.0), peak_taus=(1.0, 1.15, 1.3), num_test=1_000,
-                            train_dims=(6,), train_taus=(0.5, 2.0), train_kappas=(), train_steps=1000)
+QUICK = dataclasses.replace(SETTINGS, dims=(6,), kappas=(), taus=(0.5, 2.0), peak_taus=(1.0, 1.15, 1.3),
+                            num_test=1_000, train_dims=(6,), train_taus=(0.5, 2.0), train_kappas=(), train_steps=1000)
 
 EXPERIMENT = Experiment(
     name="pretraining_tau",

@@ -187,18 +187,15 @@ FLOAT64_FLOOR = 1e-11  # float64 rounding floors ||Gamma - Gamma*|| / ||Gamma*||
 
 def test_heavy_ball_on_the_ridge_objective_reaches_fit_ridge_far_sooner_than_gradient_descent():
     """Heavy ball (``TrainConfig(optimizer="sgd", momentum=...)``) tuned from the span's spectrum as
-    pretraining_tau tunes it (``_heavy_ball``: Hessian 2A in [mu, L / step_fraction]) ends at ``fit_ridge``'s solution
-    on the stored set (same fixed point), float64, within ``_heavy_ball_bound``, which lies between rate^steps and
+    pretraining_tau tunes it (``pretraining.heavy_ball``: Hessian 2A in [mu, L / step_fraction]) ends at
+    ``fit_ridge``'s solution on the stored set (same fixed point), float64, within ``pretraining.heavy_ball_bound``,
+    which lies between rate^steps and
     (1 + (1 + rate) steps) rate^steps (rate = sqrt(momentum); docs/theory.md §12); momentum 0 gives plain GD's
     bound max |1 - lr h|^steps. Near the threshold (P = 11, d(d+1) = 12, condition number 1e4 on the span) plain
     GD at its best step 2 / (mu + L) for the same [mu, L] is still far off after as many steps, and needs over 40
     times as many by its rate. Planted bugs caught: momentum ignored by the optimizer (plain GD at heavy ball's
     step diverges), the step tuned from A's eigenvalues instead of the Hessian's (twice too long), a
     bound on A's eigenvalues instead of the Hessian's (momentum 0 must give GD's)."""
-    import sys
-
-    from tests.quick import EXPERIMENTS
-    study = sys.modules[EXPERIMENTS["pretraining_tau"].run.__module__]
     d, n, rho, ridge, seed, P, steps = 3, 4, 0.2, 1e-3, 7, 11, 2000
     design = pretraining.lu_design(d, rho)
     with jax.enable_x64(True):
@@ -206,16 +203,16 @@ def test_heavy_ball_on_the_ridge_objective_reaches_fit_ridge_far_sooner_than_gra
                                         pretraining.stored_prompts(design, [seed], P, n, jnp.float64))
         best = np.asarray(_fit_ridge(stored, ridge))
         H = np.asarray(pretraining.features(stored))
-    span = study._span_spectrum(H, ridge)
-    lr, beta = study._heavy_ball([span], 0.9)
+    span = pretraining.span_spectrum(H, ridge)
+    lr, beta = pretraining.heavy_ball([span], 0.9)
     big, small = 2 * span[-1] / 0.9, 2 * span[0]  # the Hessian's tuned range [mu, L]
     assert big / small > 1e4
     rate = np.sqrt(beta)
     assert rate == pytest.approx((np.sqrt(big / small) - 1) / (np.sqrt(big / small) + 1), rel=1e-12)
-    bound = study._heavy_ball_bound(span, lr, beta, steps)
+    bound = pretraining.heavy_ball_bound(span, lr, beta, steps)
     assert rate**steps <= bound <= (1 + (1 + rate) * steps) * rate**steps and bound < 1e-10
     gd_step = 2 / (small + big)
-    gd_bound = study._heavy_ball_bound(span, gd_step, 0.0, steps)
+    gd_bound = pretraining.heavy_ball_bound(span, gd_step, 0.0, steps)
     assert gd_bound == pytest.approx(np.max(np.abs(1 - gd_step * 2 * span)) ** steps, rel=1e-9)
     gaps = {}
     for name, step, momentum in (("heavy ball", lr, beta), ("GD", gd_step, 0.0)):
@@ -230,6 +227,28 @@ def test_heavy_ball_on_the_ridge_objective_reaches_fit_ridge_far_sooner_than_gra
            f"{gd_needs:.0f} steps for the same bound")
     assert gaps["heavy ball"] <= bound + FLOAT64_FLOOR and gaps["GD"] <= gd_bound
     assert gaps["GD"] > 1e-2 and gd_needs > 40 * steps
+
+
+def test_heavy_ball_tuning_refuses_bad_arguments_by_name():
+    """span_spectrum, heavy_ball and heavy_ball_bound name the argument and its allowed range: features without
+    d(d+1) columns, a negative ridge, no spectrum or a nonpositive eigenvalue, a step fraction outside (0, 1), a
+    nonpositive learning rate, momentum outside [0, 1), a fractional or negative step count. The spectrum of
+    features of rank r has r eigenvalues, each shifted by ridge / d."""
+    H = np.random.default_rng(0).normal(size=(5, 12))  # d = 3, rank 5 < 12
+    span = pretraining.span_spectrum(H, 0.3)
+    np.testing.assert_allclose(span, np.linalg.eigvalsh(H @ H.T / 5) + 0.1, rtol=1e-10)
+    for call, name in ((lambda: pretraining.span_spectrum(H[:, :11], 0.3), "d\\(d\\+1\\) columns"),
+                       (lambda: pretraining.span_spectrum(H, -1.0), "ridge"),
+                       (lambda: pretraining.heavy_ball([], 0.9), "spectra"),
+                       (lambda: pretraining.heavy_ball([span, -span], 0.9), "spectra"),
+                       (lambda: pretraining.heavy_ball([span], 1.0), "step_fraction"),
+                       (lambda: pretraining.heavy_ball_bound(span, 0.0, 0.5, 10), "learning_rate"),
+                       (lambda: pretraining.heavy_ball_bound(span, 0.1, 1.0, 10), "momentum"),
+                       (lambda: pretraining.heavy_ball_bound(span, 0.1, 0.5, -1), "steps")):
+        with pytest.raises(ValueError, match=name):
+            call()
+    with pytest.raises(TypeError, match="steps"):
+        pretraining.heavy_ball_bound(span, 0.1, 0.5, 10.5)
 
 
 def _ridge_objective(prompts, gamma, ridge):

@@ -374,7 +374,7 @@ def plot(rows, s):
                  fontsize=9)
     ax.legend(fontsize=6)
     gax.axhline(0, color="k", ls=":", lw=1)
-    gax.set_xlim(left=-0.005)
+    gax.set_xlim(-0.005, 1 / min(dims) + 0.008)  # room for the diamonds just right of 1/d
     gax.set_xlabel("1 / d")
     gax.set_ylabel("(finite-d mean - asymptotic) / asymptotic")
     gax.set_title("finite-d gap per tau (|tau - 1| >= 0.5), dots: fits,\ndiamonds: GD-trained; at 1/d = 0: a + b/d "

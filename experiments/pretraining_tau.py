@@ -13,21 +13,23 @@ The double-descent peak: per seed, the tau of the largest error on a fine grid a
 interval over seeds, per d and extrapolated in 1/d the same way. The closed-form fits need no quality gate
 (none can fail to converge).
 
-Trained networks: at d = ``train_dim`` on fresh tasks and on each seed's own pool at every kappa in
-``train_kappas`` (the pool of that seed's closed-form fits), for each tau in ``train_taus`` (spanning the peak), the
-reduced attention ``pretraining.ReducedAttention`` is trained by full-batch heavy-ball gradient descent on each
-seed's stored set of P prompts (``TrainConfig(pretraining_prompts=P, batch_size=P, optimizer="sgd", momentum=..)``)
-with the loss ``pretraining.ridge_objective``, fit_ridge's objective with its penalty, so the optimum is the ridge
-solution on that set. The objective is a quadratic with Hessian 2A (A = H^T H / P + (ridge/d) I) whose spectrum on
-the span is known exactly (``_span_spectrum``), so Polyak's step and momentum are tuned from it, one pair per
-(kappa, tau) over all its seeds: L = 2 max_seeds lambda_max(A) / ``step_fraction`` (a margin below the largest
-curvature the tuning allows), mu = 2 min_seeds lambda_min(A) on the span (``_heavy_ball``, docs/theory.md §12);
-a row's ``gd_bound`` is heavy ball's predicted ||Gamma - Gamma*|| / ||Gamma*|| after ``train_steps`` on its seed's
-spectrum (``_heavy_ball_bound``: rate^steps with its polynomial prefactor at the spectrum's edges). Each network
+Trained networks: at every d in ``train_dims`` (by default all of dims) on fresh tasks and on each seed's own pool
+at every kappa in ``train_kappas`` (the pool of that seed's closed-form fits at that d), for each tau in
+``train_taus`` (spanning the peak), the reduced attention ``pretraining.ReducedAttention`` is trained by full-batch
+heavy-ball gradient descent on each seed's stored set of P prompts (``TrainConfig(pretraining_prompts=P,
+batch_size=P, optimizer="sgd", momentum=..)``) with the loss ``pretraining.ridge_objective``, fit_ridge's objective
+with its penalty, so the optimum is the ridge solution on that set. The objective is a quadratic with Hessian 2A
+(A = H^T H / P + (ridge/d) I) whose spectrum on the span is known exactly (``pretraining.span_spectrum``), so
+Polyak's step and momentum are tuned from it (``pretraining.heavy_ball``), one pair per (kappa, d, tau) over all its
+seeds: L = 2 max_seeds lambda_max(A) / ``step_fraction``, mu = 2 min_seeds lambda_min(A) on the span; a row's
+``gd_bound`` is heavy ball's predicted ||Gamma - Gamma*|| / ||Gamma*|| after ``train_steps`` on its seed's spectrum
+(``pretraining.heavy_ball_bound``, docs/theory.md §12). Each network
 is paired with ``fit_ridge`` on its own stored set (``pretraining.stored_prompts``, the trainer's draw, not the
 curve's nested draw) and both are scored by the exact finite-d formula; the gate passes a network whose Gamma is
 within ``gate_tolerance`` (relative Frobenius) of its ridge solution, failures counted and shown, never averaged
-in."""
+in. The passers' seed means are set against the closed-form curve at their d and, at |tau - 1| >= 0.5, fitted over
+train_dims by a + b/d as the closed-form means are: the intercept's interval against the asymptote puts the trained
+networks on Lu et al.'s curve with its finite-d correction measured."""
 
 import dataclasses
 import functools
@@ -102,10 +104,14 @@ def run(s, seed, context):
 
 def _check_training(s):
     """The trained networks' settings, checked before any fit (a wrong one would fail after the closed forms)."""
-    if s.train_taus and (not s.fresh_tasks or s.train_dim not in s.dims):
-        raise RunError(f"the trained networks are compared with the fresh-task curve at d = train_dim: train_dim must "
-                       f"be one of dims = {s.dims} and fresh_tasks true (got train_dim = {s.train_dim}, fresh_tasks = "
-                       f"{s.fresh_tasks}); or set train_taus to ()")
+    if s.train_taus and not s.fresh_tasks:
+        raise RunError(f"the trained networks are compared with the fresh-task curve at each of train_dims: "
+                       f"fresh_tasks must be true (got fresh_tasks = {s.fresh_tasks}); or set train_taus to ()")
+    off = [d for d in s.train_dims if d not in s.dims]
+    if s.train_taus and (not s.train_dims or off or len(set(s.train_dims)) < len(s.train_dims)):
+        raise RunError(f"the trained networks are compared with the closed-form curve at their d: train_dims must be "
+                       f"distinct values of dims = {s.dims}, at least one (got train_dims = {s.train_dims}); "
+                       f"or set train_taus to ()")
     missing = [k for k in s.train_kappas if k not in s.kappas]
     if s.train_taus and missing:
         raise RunError(f"the networks trained on a pool are compared with the curve at their kappa: every train_kappas "
@@ -118,62 +124,29 @@ def _check_training(s):
                        f"got {s.gate_tolerance!r}")
 
 
-def _span_spectrum(H, ridge):
-    """The eigenvalues of A = H^T H / P + (ridge / d) I on the span of the features (the subspace gradient
-    descent from Gamma = 0 moves in): the nonzero eigenvalues of H^T H / P, plus ridge / d."""
-    P, N = H.shape
-    d = int(round((np.sqrt(1 + 4 * N) - 1) / 2))
-    ev = np.linalg.eigvalsh(H.T @ H / P)
-    return ev[ev > 1e-9 * ev[-1]] + ridge / d
-
-
-def _heavy_ball(spectra, step_fraction):
-    """Polyak's (learning_rate, momentum) for a quadratic with Hessian eigenvalues in [mu, L] (Hessian 2A, so
-    mu = 2 min lambda_min(A), L = 2 max lambda_max(A) / step_fraction over ``spectra``, one per seed):
-    lr = 4 / (sqrt(L) + sqrt(mu))^2, momentum = ((sqrt(L) - sqrt(mu)) / (sqrt(L) + sqrt(mu)))^2, whose rate on
-    every eigenvalue in [mu, L] is sqrt(momentum) = (sqrt(k) - 1) / (sqrt(k) + 1), k = L / mu (docs/theory.md §12)."""
-    big = np.sqrt(2 * max(sp[-1] for sp in spectra) / step_fraction)
-    small = np.sqrt(2 * min(sp[0] for sp in spectra))
-    return float(4 / (big + small) ** 2), float(((big - small) / (big + small)) ** 2)
-
-
-def _heavy_ball_bound(spectrum, lr, momentum, steps):
-    """max over the Hessian's eigenvalues h = 2 lambda (``spectrum``: A's on the span) of |e_steps / e_0|, e the
-    error along h's eigenvector: heavy ball from rest (e_{-1} = e_0, optax's zero velocity) runs e_{t+1} =
-    (1 + momentum - lr h) e_t - momentum e_{t-1}. So ||Gamma - Gamma*|| / ||Gamma*|| <= this from Gamma_0 = 0, in
-    exact arithmetic; it is rate^steps (rate = sqrt(momentum) where tuned) times a prefactor that grows
-    linearly in steps at the edges of the tuned range, where the roots are double (1 + (1 - rate) steps at mu,
-    1 + (1 + rate) steps at L); momentum 0 gives plain GD's max |1 - lr h|^steps."""
-    h = 2 * np.asarray(spectrum, np.float64)
-    M = np.zeros((h.size, 2, 2))
-    M[:, 0, 0], M[:, 0, 1], M[:, 1, 0] = 1 + momentum - lr * h, -momentum, 1.0
-    Mt = np.linalg.matrix_power(M, steps)
-    return float(np.max(np.abs(Mt[:, 0, 0] + Mt[:, 0, 1])))
-
-
 def _trained(s, seeds, progress, cache):
-    """Rows of the gradient-trained networks (module docstring): per kappa (fresh tasks, then ``train_kappas``)
-    and tau in ``train_taus``, one sweep over the seeds on fresh tasks; on a finite pool one fit per seed, each
-    on its own pool (the pool of that seed's closed-form fits, ``_design``)."""
-    d, rho, lam = s.train_dim, s.noise_var, s.ridge
-    n = int(round(s.alpha * d))
-    model = pretraining.ReducedAttention(d)
+    """Rows of the gradient-trained networks (module docstring): per kappa (fresh tasks, then ``train_kappas``), d in
+    ``train_dims`` and tau in ``train_taus``, one sweep over the seeds on fresh tasks; on a finite pool one fit per
+    seed, each on its own pool at that d (the pool of that seed's closed-form fits, ``_design``)."""
+    rho, lam = s.noise_var, s.ridge
     loss = functools.partial(pretraining.ridge_objective, ridge=lam)
-    errors = _errors_program(d, n, rho)
     rows = []
     for kappa in (None, *s.train_kappas):
         label = "inf" if kappa is None else f"{kappa:g}"
-        groups = [(pretraining.lu_design(d, rho), seeds)] if kappa is None else \
-            [(_design(d, kappa, rho, sd), [sd]) for sd in seeds]
-        for tau in s.train_taus:
-            rows += _trained_tau(s, model, loss, errors, groups, label, tau, n, progress, cache)
+        for d in s.train_dims:
+            n = int(round(s.alpha * d))
+            model, errors = pretraining.ReducedAttention(d), _errors_program(d, n, rho)
+            groups = [(pretraining.lu_design(d, rho), seeds)] if kappa is None else \
+                [(_design(d, kappa, rho, sd), [sd]) for sd in seeds]
+            for tau in s.train_taus:
+                rows += _trained_tau(s, d, model, loss, errors, groups, label, tau, n, progress, cache)
     return rows
 
 
-def _trained_tau(s, model, loss, errors, groups, label, tau, n, progress, cache):
-    """The rows of one (kappa, tau): each group (design, its seeds) trained in one sweep on its stored sets, with
-    one heavy-ball step and momentum for every seed (``_heavy_ball`` over all their spectra)."""
-    d, rho, lam = s.train_dim, s.noise_var, s.ridge
+def _trained_tau(s, d, model, loss, errors, groups, label, tau, n, progress, cache):
+    """The rows of one (kappa, d, tau): each group (design, its seeds) trained in one sweep on its stored sets, with
+    one heavy-ball step and momentum for every seed (``pretraining.heavy_ball`` over all their spectra)."""
+    rho, lam = s.noise_var, s.ridge
     kap = np.inf if label == "inf" else float(label)
     P = max(1, int(round(tau * d * d)))
     seeds = [sd for _, ss in groups for sd in ss]
@@ -183,8 +156,8 @@ def _trained_tau(s, model, loss, errors, groups, label, tau, n, progress, cache)
         stacked = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *stacked)
         ridge = np.asarray(_FIT(stacked, lam, P))
         H = np.asarray(_FEATURES(stacked))
-    spectra = [_span_spectrum(h, lam) for h in H]
-    lr, beta = _heavy_ball(spectra, s.step_fraction)
+    spectra = [pretraining.span_spectrum(h, lam) for h in H]
+    lr, beta = pretraining.heavy_ball(spectra, s.step_fraction)
     progress(f"  trained: kappa = {label}, d = {d}, tau = {tau:g} (P = {P}): {len(seeds)} seeds x {s.train_steps} "
              f"heavy-ball steps, step {lr:.3g}, momentum {beta:.6f} (rate {np.sqrt(beta):.5f})")
     config = train.TrainConfig(steps=s.train_steps, batch_size=P, learning_rate=lr, optimizer="sgd",
@@ -200,7 +173,7 @@ def _trained_tau(s, model, loss, errors, groups, label, tau, n, progress, cache)
         gap = float(np.linalg.norm(gammas[k] - ridge[k]) / np.linalg.norm(ridge[k]))
         rows.append({"grid": "trained", "kappa": label, "d": d, "tau": tau, "P": P, "seed": sd, "n": n,
                      "icl_error": float(e_gd[k]), "ridge_error": float(e_ridge[k]), "param_gap": gap,
-                     "gd_bound": _heavy_ball_bound(spectra[k], lr, beta, s.train_steps),
+                     "gd_bound": pretraining.heavy_ball_bound(spectra[k], lr, beta, s.train_steps),
                      "passed": bool(np.isfinite(gap) and gap <= s.gate_tolerance), "learning_rate": lr,
                      "momentum": beta, "final_loss": float(final[k]), "asymptotic": asym})
     return rows
@@ -286,18 +259,20 @@ def summary(rows):
 
 
 def _trained_summary(rows):
-    """The gradient-trained networks, per kappa (fresh tasks keyed "GD d=..", a pool "GD kappa=K d=.."): gate
+    """The gradient-trained networks, per kappa (fresh tasks keyed "GD d=..", a pool "GD kappa=K d=..") and d: gate
     counts, paired gaps to their ridge fits, seed means (passers only) against the closed-form curve at the same
-    kappa, d and tau and against the asymptote."""
+    kappa, d and tau and against the asymptote; then per kappa over its d (``_trained_extrapolation``)."""
     out = {}
     for label in dict.fromkeys(r["kappa"] for r in rows if r["grid"] == "trained"):
-        out.update(_trained_summary_of(rows, label))
+        dims = sorted({r["d"] for r in rows if r["grid"] == "trained" and r["kappa"] == label})
+        for d in dims:
+            out.update(_trained_summary_of(rows, label, d))
+        out.update(_trained_extrapolation(rows, label, dims))
     return out
 
 
-def _trained_summary_of(rows, label):
-    mine = [r for r in rows if r["grid"] == "trained" and r["kappa"] == label]
-    d = mine[0]["d"]
+def _trained_summary_of(rows, label, d):
+    mine = [r for r in rows if r["grid"] == "trained" and r["kappa"] == label and r["d"] == d]
     head = f"GD d={d}" if label == "inf" else f"GD kappa={label} d={d}"
     passed = [r for r in mine if r["passed"]]
     out = {f"{head}: gate failures (||Gamma - ridge|| / ||ridge|| > tolerance)": f"{len(mine) - len(passed)} of {len(mine)}",
@@ -305,6 +280,7 @@ def _trained_summary_of(rows, label):
            f"{head}: worst predicted heavy-ball contraction ||e_steps|| / ||e_0||": float(f"{max(r['gd_bound'] for r in mine):.3g}")}
     for tau in sorted({r["tau"] for r in mine}):
         sub = [r for r in passed if r["tau"] == tau]
+        out[f"{head} tau={tau:g}: passed"] = f"{len(sub)} of {sum(r['tau'] == tau for r in mine)}"
         if not sub:
             continue
         paired = [(r["icl_error"] - r["ridge_error"]) / r["ridge_error"] for r in sub]
@@ -319,6 +295,40 @@ def _trained_summary_of(rows, label):
                                                                                    round(cf.high, 4)]
         out[f"{head} tau={tau:g}: (GD mean - asymptotic) / asymptotic (95%)"] = [round((iv.low - asym) / asym, 4),
                                                                                  round((iv.high - asym) / asym, 4)]
+    return out
+
+
+def _trained_intercept(rows, label, dims, tau):
+    """The passers' seed means at (kappa, tau) over ``dims`` fitted by a + b/d (``_extrapolate``, weighted by their
+    standard errors over seeds): (a, SE of a, the asymptote); None where fewer than two passed at some d."""
+    mine = [r for r in rows if r["grid"] == "trained" and r["kappa"] == label and r["tau"] == tau and r["passed"]]
+    vals = [[r["icl_error"] for r in mine if r["d"] == d] for d in dims]
+    if min(len(v) for v in vals) < 2:
+        return None
+    a, a_se = _extrapolate(dims, [np.mean(v) for v in vals], [np.std(v, ddof=1) / np.sqrt(len(v)) for v in vals])
+    return a, a_se, mine[0]["asymptotic"]
+
+
+def _trained_extrapolation(rows, label, dims):
+    """The trained networks on Lu et al.'s asymptotic curve with its finite-d correction accounted for: at each tau
+    with |tau - 1| >= 0.5 (as for the closed-form fits: near the peak the finite-d shift of the pole dominates) the
+    a + b/d intercept of the passers' seed means over ``dims`` (``_trained_intercept``), its 95% interval relative
+    to the asymptote, and the worst |a - asymptotic| / SE."""
+    if len(dims) < 2:
+        return {}
+    head = "GD" if label == "inf" else f"GD kappa={label}"
+    out, worst = {}, 0.0
+    for tau in sorted({r["tau"] for r in rows if r["grid"] == "trained" and r["kappa"] == label}):
+        if abs(tau - 1) < 0.5:
+            continue
+        key = f"{head} tau={tau:g}: extrapolated gap over d = {', '.join(map(str, dims))} (95%)"
+        if (fit := _trained_intercept(rows, label, dims, tau)) is None:
+            out[key] = "not fitted: fewer than 2 passers at some d"
+            continue
+        a, a_se, asym = fit
+        worst = max(worst, abs(a - asym) / a_se)
+        out[key] = [round((a - 1.96 * a_se - asym) / asym, 4), round((a + 1.96 * a_se - asym) / asym, 4)]
+    out[f"{head}: worst |extrapolated - asymptotic| / SE (|tau-1| >= 0.5)"] = round(worst, 2)
     return out
 
 
@@ -353,7 +363,7 @@ def plot(rows, s):
         pax.errorbar([1 / d for d in dims], m, yerr=[m - [iv.low for iv in ivs], [iv.high for iv in ivs] - m],
                      fmt="o", color=c, capsize=3, label=f"kappa = {kappa}")
         pax.plot([0], [asymptotics.interpolation_peak(alpha, kap, rho, lam)], "*", ms=10, color=c)
-    _plot_trained(ax, rows, colours)
+    _plot_trained(ax, gax, rows, colours)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xticks([0.25, 0.5, 1, 2, 4], ["0.25", "0.5", "1", "2", "4"])
@@ -364,10 +374,11 @@ def plot(rows, s):
                  fontsize=9)
     ax.legend(fontsize=6)
     gax.axhline(0, color="k", ls=":", lw=1)
-    gax.set_xlim(left=-0.005)
+    gax.set_xlim(-0.005, 1 / min(dims) + 0.008)  # room for the diamonds just right of 1/d
     gax.set_xlabel("1 / d")
     gax.set_ylabel("(finite-d mean - asymptotic) / asymptotic")
-    gax.set_title("finite-d gap per tau (|tau - 1| >= 0.5);\nat 1/d = 0: a + b/d fit, 95%", fontsize=9)
+    gax.set_title("finite-d gap per tau (|tau - 1| >= 0.5), dots: fits,\ndiamonds: GD-trained; at 1/d = 0: a + b/d "
+                  "fit, 95%", fontsize=9)
     x = np.linspace(0, 1 / min(dims), 20)
     pax.plot(x, 1 + x, "k:", lw=1, label="P = d(d+1) (parameters)")
     pax.set_xlim(left=-0.005)
@@ -378,40 +389,58 @@ def plot(rows, s):
     return fig
 
 
-def _plot_trained(ax, rows, colours):
-    """The GD-trained networks' seed means (gate passers, 95% over seeds) on the tau panel, one colour per kappa as
-    its curve, set a little to the right of their tau so they do not hide the closed-form fits at the same d; a
-    tau where fewer than half the seeds pass is left out (its count is in the legend, its interval in the
-    summary)."""
-    labels = list(dict.fromkeys(r["kappa"] for r in rows if r["grid"] == "trained"))
-    for label in labels:
-        mine = [r for r in rows if r["grid"] == "trained" and r["kappa"] == label]
-        taus, ivs = [], []
-        for tau in sorted({r["tau"] for r in mine}):
-            vals = [r["icl_error"] for r in mine if r["tau"] == tau and r["passed"]]
-            if len(vals) >= max(2, sum(r["tau"] == tau for r in mine) / 2):
-                taus.append(tau)
-                ivs.append(quality.seed_interval(vals))
-        fails = sum(not r["passed"] for r in mine)
-        gaps = [abs(r["icl_error"] - r["ridge_error"]) / r["ridge_error"] for r in mine if r["passed"]]
-        paired = max(gaps) if gaps else float("nan")
-        if ivs:
-            m = np.array([iv.mean for iv in ivs])
-            ax.errorbar(np.array(taus) * 1.06, m, yerr=[m - [iv.low for iv in ivs], [iv.high for iv in ivs] - m],
-                        fmt="D", mfc="none", ms=6, mew=1.3, color=colours.get(label, "k"), capsize=3,
-                        label=f"GD-trained, kappa = {label}, d = {mine[0]['d']} ({len(mine) - fails}/{len(mine)} "
-                              f"passed;\n  = ridge on its own prompts within {paired:.0e})")
+def _plot_trained(ax, gax, rows, colours):
+    """The GD-trained networks' seed means (gate passers, 95% over seeds), hollow diamonds in their kappa's colour,
+    larger at larger d as the closed-form fits' dots are. On the tau panel each d's diamonds sit a little to the
+    right of their tau (further for a larger d) so they do not hide the closed-form fits at the same d; on the
+    1/d panel, at |tau - 1| >= 0.5, each d's relative gap to the asymptote just right of 1/d, and at 1/d = 0 the
+    a + b/d intercept over the trained d with its 95% interval. A tau where fewer than half the seeds pass is left
+    out (its count is in the legend, its interval in the summary)."""
+    trained = [r for r in rows if r["grid"] == "trained"]
+    dims = sorted({r["d"] for r in trained})
+    labels = list(dict.fromkeys(r["kappa"] for r in trained))
+    for j, d in enumerate(dims):
+        at_d = [r for r in trained if r["d"] == d]
+        gaps = [abs(r["icl_error"] - r["ridge_error"]) / r["ridge_error"] for r in at_d if r["passed"]]
+        legend = (f"GD-trained, d = {d} ({len(gaps)}/{len(at_d)} passed;\n  = ridge on its own prompts within "
+                  f"{max(gaps) if gaps else float('nan'):.0e})")
+        for label in labels:
+            mine = [r for r in at_d if r["kappa"] == label]
+            taus, ivs = [], []
+            for tau in sorted({r["tau"] for r in mine}):
+                vals = [r["icl_error"] for r in mine if r["tau"] == tau and r["passed"]]
+                if len(vals) >= max(2, sum(r["tau"] == tau for r in mine) / 2):
+                    taus.append(tau)
+                    ivs.append(quality.seed_interval(vals))
+            if not ivs:
+                continue
+            c, m = colours.get(label, "k"), np.array([iv.mean for iv in ivs])
+            ax.errorbar(np.array(taus) * 1.05 ** (j + 1), m, fmt="D",
+                        yerr=[m - [iv.low for iv in ivs], [iv.high for iv in ivs] - m], mfc="none", ms=4 + 1.5 * j,
+                        mew=1.2, color=c, capsize=2, label=legend)
+            legend = None
+            for tau, iv in zip(taus, ivs):
+                if abs(tau - 1) >= 0.5:
+                    asym = next(r["asymptotic"] for r in mine if r["tau"] == tau)
+                    gax.errorbar([1 / d + 0.002], [(iv.mean - asym) / asym], yerr=[[(iv.mean - iv.low) / asym],
+                                 [(iv.high - iv.mean) / asym]], fmt="D", mfc="none", ms=4, mew=1, color=c, capsize=2)
+    for label in labels if len(dims) > 1 else ():
+        for tau in sorted({r["tau"] for r in trained if r["kappa"] == label and abs(r["tau"] - 1) >= 0.5}):
+            if fit := _trained_intercept(rows, label, dims, tau):
+                a, a_se, asym = fit
+                gax.errorbar([0.002], [(a - asym) / asym], yerr=[[1.96 * a_se / asym]], fmt="D", mfc="none", ms=4,
+                             mew=1, color=colours.get(label, "k"), capsize=2)
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """Lu et al.'s (alpha, rho, lambda); the pools (kappa = k/d, and with ``fresh_tasks`` kappa = inf, a fresh task
     per prompt); the tau grids (``taus`` for the curve, ``peak_taus`` around the threshold); seeds (each its own
-    pool and prompts); the Monte Carlo prompts of the finite-d check. The trained networks: at d = ``train_dim``
-    on fresh tasks and on each seed's pool at every kappa in ``train_kappas``, at each tau in ``train_taus`` (empty:
-    none), ``train_steps`` full-batch heavy-ball steps tuned on [2 min_seeds lambda_min(A), 2 max_seeds
-    lambda_max(A) / ``step_fraction``] (``_heavy_ball``), passed when their Gamma is within ``gate_tolerance``
-    (relative) of the ridge solution on the same prompts (float32 heavy ball reaches about 1e-6)."""
+    pool and prompts); the Monte Carlo prompts of the finite-d check. The trained networks: at each d in
+    ``train_dims`` (each one of ``dims``) on fresh tasks and on each seed's pool at every kappa in ``train_kappas``,
+    at each tau in ``train_taus`` (empty: none), ``train_steps`` full-batch heavy-ball steps tuned on [2 min_seeds
+    lambda_min(A), 2 max_seeds lambda_max(A) / ``step_fraction``] (``pretraining.heavy_ball``), passed when their
+    Gamma is within ``gate_tolerance`` (relative) of the ridge solution on the same prompts (float32 heavy ball reaches about 1e-6)."""
 
     dims: tuple[int, ...] = (8, 12, 16)
     alpha: float = 1.0
@@ -423,7 +452,7 @@ class Settings:
     peak_taus: tuple[float, ...] = tuple(round(0.95 + 0.025 * i, 3) for i in range(13))
     seeds: int = 8
     num_test: int = 10_000
-    train_dim: int = 8
+    train_dims: tuple[int, ...] = (8, 12, 16)
     train_taus: tuple[float, ...] = (0.5, 1.0, 1.25, 2.5)
     train_kappas: tuple[float, ...] = (0.5, 2.0)
     train_steps: int = 3000
@@ -432,8 +461,9 @@ class Settings:
 
 
 SETTINGS = Settings()
-QUICK = dataclasses.replace(SETTINGS, dims=(6,), kappas=(), taus=(0.5, 2.0), peak_taus=(1.0, 1.15, 1.3), num_test=1_000,
-                            train_dim=6, train_taus=(0.5, 2.0), train_kappas=(), train_steps=1000)
+# quick: one d (a second, d = 4, costs 8 more CPU-s, 60% more; tests/test_pretraining_dims.py trains two small d)
+QUICK = dataclasses.replace(SETTINGS, dims=(6,), kappas=(), taus=(0.5, 2.0), peak_taus=(1.0, 1.15, 1.3),
+                            num_test=1_000, train_dims=(6,), train_taus=(0.5, 2.0), train_kappas=(), train_steps=1000)
 
 EXPERIMENT = Experiment(
     name="pretraining_tau",

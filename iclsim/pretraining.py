@@ -13,7 +13,8 @@ its exact ICL error is ``theory.attention_risk`` on fresh tasks divided by d (th
 The same objective can be minimised by gradient descent: ``ReducedAttention`` is the predictor as a trainable
 model and ``ridge_objective`` its training loss, so ``train.fit_sweep`` with a stored set of P prompts
 (``TrainConfig(pretraining_prompts=P, batch_size=P, optimizer="sgd")``) descends to ``fit_ridge``'s solution on
-that set (docs/theory.md §12, "Gradient descent").
+that set (docs/theory.md §12, "Gradient descent"); ``span_spectrum``, ``heavy_ball`` and ``heavy_ball_bound`` tune
+heavy ball on it from the exact spectrum and predict its distance after a number of steps (§12, "Heavy ball").
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from iclsim.gram import draw
 from iclsim.rng import Stream, stream_keys
 
 __all__ = ["features", "fit_ridge", "attention_form", "attention_params", "icl_error", "lu_design", "ReducedAttention",
-           "ridge_objective", "stored_prompts"]
+           "ridge_objective", "stored_prompts", "span_spectrum", "heavy_ball", "heavy_ball_bound"]
 
 F64 = jnp.float64
 
@@ -117,6 +118,54 @@ def stored_prompts(design, seeds, count: int, n: int, dtype=jnp.float32) -> Prom
     keys = stream_keys(seeds, Stream.PRETRAINING)  # validates the seeds
     with jax.enable_x64(True):  # as fit_sweep draws it
         return _draw(design, jnp.asarray(keys), count, n, jnp.dtype(dtype))
+
+
+def span_spectrum(H, ridge: float) -> np.ndarray:
+    """The eigenvalues, ascending, of A = H^T H / P + (ridge / d) I (half the Hessian of ``ridge_objective`` on
+    the set whose P x d(d+1) features are H, ``features``) on the span of H's rows, the subspace gradient descent
+    from Gamma = 0 moves in: the nonzero eigenvalues of H^T H / P (above 1e-9 times the largest), plus ridge / d
+    (docs/theory.md §12)."""
+    H = check.real_array("H", H, ndim=2)
+    P, N = H.shape
+    d = int(round((np.sqrt(1 + 4 * N) - 1) / 2))
+    if d < 1 or d * (d + 1) != N:
+        raise ValueError(f"H must have d(d+1) columns (the features of ``features``), got shape {H.shape}")
+    ridge = check.real("ridge", ridge, 0.0)
+    ev = np.linalg.eigvalsh(H.T @ H / P)
+    return ev[ev > 1e-9 * ev[-1]] + ridge / d
+
+
+def heavy_ball(spectra, step_fraction: float) -> tuple[float, float]:
+    """Polyak's (learning_rate, momentum) for a quadratic with Hessian eigenvalues in [mu, L], the Hessian 2A of
+    ``ridge_objective`` over every spectrum of A in ``spectra`` (``span_spectrum``, e.g. one per seed):
+    mu = 2 min lambda_min(A), L = 2 max lambda_max(A) / step_fraction (a margin, step_fraction in (0, 1)),
+    learning_rate = 4 / (sqrt(L) + sqrt(mu))^2, momentum = ((sqrt(L) - sqrt(mu)) / (sqrt(L) + sqrt(mu)))^2, whose
+    rate on every eigenvalue in [mu, L] is sqrt(momentum) = (sqrt(k) - 1) / (sqrt(k) + 1), k = L / mu
+    (docs/theory.md §12)."""
+    spectra = [check.real_array("spectra", sp, ndim=1) for sp in spectra]
+    if not spectra or any(sp.size == 0 or np.any(sp <= 0) for sp in spectra):
+        raise ValueError("spectra must be one or more nonempty arrays of positive eigenvalues (span_spectrum's)")
+    step_fraction = check.real("step_fraction", step_fraction, 0.0, 1.0, low_open=True, high_open=True)
+    big = np.sqrt(2 * max(sp.max() for sp in spectra) / step_fraction)
+    small = np.sqrt(2 * min(sp.min() for sp in spectra))
+    return float(4 / (big + small) ** 2), float(((big - small) / (big + small)) ** 2)
+
+
+def heavy_ball_bound(spectrum, learning_rate: float, momentum: float, steps: int) -> float:
+    """max over the Hessian's eigenvalues h = 2 lambda (``spectrum``: A's on the span) of |e_steps / e_0|, e the
+    error along h's eigenvector: heavy ball from rest (e_{-1} = e_0, optax's zero velocity) runs e_{t+1} =
+    (1 + momentum - learning_rate h) e_t - momentum e_{t-1}. So ||Gamma - Gamma*|| / ||Gamma*|| <= this from
+    Gamma_0 = 0, in exact arithmetic; it is rate^steps (rate = sqrt(momentum) where tuned by ``heavy_ball``)
+    times a prefactor that grows linearly in steps at the edges of the tuned range, where the roots are double
+    (1 + (1 - rate) steps at mu, 1 + (1 + rate) steps at L); momentum 0 gives plain GD's
+    max |1 - learning_rate h|^steps (docs/theory.md §12)."""
+    h = 2 * check.real_array("spectrum", spectrum, ndim=1)
+    learning_rate = check.real("learning_rate", learning_rate, 0.0, low_open=True)
+    momentum = check.real("momentum", momentum, 0.0, 1.0, high_open=True)
+    M = np.zeros((h.size, 2, 2))
+    M[:, 0, 0], M[:, 0, 1], M[:, 1, 0] = 1 + momentum - learning_rate * h, -momentum, 1.0
+    Mt = np.linalg.matrix_power(M, check.integer("steps", steps, 0))
+    return float(np.max(np.abs(Mt[:, 0, 0] + Mt[:, 0, 1])))
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))

@@ -187,18 +187,15 @@ FLOAT64_FLOOR = 1e-11  # float64 rounding floors ||Gamma - Gamma*|| / ||Gamma*||
 
 def test_heavy_ball_on_the_ridge_objective_reaches_fit_ridge_far_sooner_than_gradient_descent():
     """Heavy ball (``TrainConfig(optimizer="sgd", momentum=...)``) tuned from the span's spectrum as
-    pretraining_tau tunes it (``_heavy_ball``: Hessian 2A in [mu, L / step_fraction]) ends at ``fit_ridge``'s solution
-    on the stored set (same fixed point), float64, within ``_heavy_ball_bound``, which lies between rate^steps and
+    pretraining_tau tunes it (``pretraining.heavy_ball``: Hessian 2A in [mu, L / step_fraction]) ends at
+    ``fit_ridge``'s solution on the stored set (same fixed point), float64, within ``pretraining.heavy_ball_bound``,
+    which lies between rate^steps and
     (1 + (1 + rate) steps) rate^steps (rate = sqrt(momentum); docs/theory.md §12); momentum 0 gives plain GD's
     bound max |1 - lr h|^steps. Near the threshold (P = 11, d(d+1) = 12, condition number 1e4 on the span) plain
     GD at its best step 2 / (mu + L) for the same [mu, L] is still far off after as many steps, and needs over 40
     times as many by its rate. Planted bugs caught: momentum ignored by the optimizer (plain GD at heavy ball's
     step diverges), the step tuned from A's eigenvalues instead of the Hessian's (twice too long), a
     bound on A's eigenvalues instead of the Hessian's (momentum 0 must give GD's)."""
-    import sys
-
-    from tests.quick import EXPERIMENTS
-    study = sys.modules[EXPERIMENTS["pretraining_tau"].run.__module__]
     d, n, rho, ridge, seed, P, steps = 3, 4, 0.2, 1e-3, 7, 11, 2000
     design = pretraining.lu_design(d, rho)
     with jax.enable_x64(True):
@@ -206,16 +203,16 @@ def test_heavy_ball_on_the_ridge_objective_reaches_fit_ridge_far_sooner_than_gra
                                         pretraining.stored_prompts(design, [seed], P, n, jnp.float64))
         best = np.asarray(_fit_ridge(stored, ridge))
         H = np.asarray(pretraining.features(stored))
-    span = study._span_spectrum(H, ridge)
-    lr, beta = study._heavy_ball([span], 0.9)
+    span = pretraining.span_spectrum(H, ridge)
+    lr, beta = pretraining.heavy_ball([span], 0.9)
     big, small = 2 * span[-1] / 0.9, 2 * span[0]  # the Hessian's tuned range [mu, L]
     assert big / small > 1e4
     rate = np.sqrt(beta)
     assert rate == pytest.approx((np.sqrt(big / small) - 1) / (np.sqrt(big / small) + 1), rel=1e-12)
-    bound = study._heavy_ball_bound(span, lr, beta, steps)
+    bound = pretraining.heavy_ball_bound(span, lr, beta, steps)
     assert rate**steps <= bound <= (1 + (1 + rate) * steps) * rate**steps and bound < 1e-10
     gd_step = 2 / (small + big)
-    gd_bound = study._heavy_ball_bound(span, gd_step, 0.0, steps)
+    gd_bound = pretraining.heavy_ball_bound(span, gd_step, 0.0, steps)
     assert gd_bound == pytest.approx(np.max(np.abs(1 - gd_step * 2 * span)) ** steps, rel=1e-9)
     gaps = {}
     for name, step, momentum in (("heavy ball", lr, beta), ("GD", gd_step, 0.0)):
@@ -230,6 +227,28 @@ def test_heavy_ball_on_the_ridge_objective_reaches_fit_ridge_far_sooner_than_gra
            f"{gd_needs:.0f} steps for the same bound")
     assert gaps["heavy ball"] <= bound + FLOAT64_FLOOR and gaps["GD"] <= gd_bound
     assert gaps["GD"] > 1e-2 and gd_needs > 40 * steps
+
+
+def test_heavy_ball_tuning_refuses_bad_arguments_by_name():
+    """span_spectrum, heavy_ball and heavy_ball_bound name the argument and its allowed range: features without
+    d(d+1) columns, a negative ridge, no spectrum or a nonpositive eigenvalue, a step fraction outside (0, 1), a
+    nonpositive learning rate, momentum outside [0, 1), a fractional or negative step count. The spectrum of
+    features of rank r has r eigenvalues, each shifted by ridge / d."""
+    H = np.random.default_rng(0).normal(size=(5, 12))  # d = 3, rank 5 < 12
+    span = pretraining.span_spectrum(H, 0.3)
+    np.testing.assert_allclose(span, np.linalg.eigvalsh(H @ H.T / 5) + 0.1, rtol=1e-10)
+    for call, name in ((lambda: pretraining.span_spectrum(H[:, :11], 0.3), "d\\(d\\+1\\) columns"),
+                       (lambda: pretraining.span_spectrum(H, -1.0), "ridge"),
+                       (lambda: pretraining.heavy_ball([], 0.9), "spectra"),
+                       (lambda: pretraining.heavy_ball([span, -span], 0.9), "spectra"),
+                       (lambda: pretraining.heavy_ball([span], 1.0), "step_fraction"),
+                       (lambda: pretraining.heavy_ball_bound(span, 0.0, 0.5, 10), "learning_rate"),
+                       (lambda: pretraining.heavy_ball_bound(span, 0.1, 1.0, 10), "momentum"),
+                       (lambda: pretraining.heavy_ball_bound(span, 0.1, 0.5, -1), "steps")):
+        with pytest.raises(ValueError, match=name):
+            call()
+    with pytest.raises(TypeError, match="steps"):
+        pretraining.heavy_ball_bound(span, 0.1, 0.5, 10.5)
 
 
 def _ridge_objective(prompts, gamma, ridge):
@@ -268,12 +287,14 @@ def test_reduced_attention_predicts_as_its_attention_form():
 
 
 def test_pretraining_tau_refuses_trained_settings_it_cannot_compare_and_reads_axes_from_the_fits():
-    """The experiment's trained networks are compared with the fresh-task curve at d = train_dim: a train_dim not
-    among dims, fresh_tasks off, or a step fraction / gate tolerance outside (0, 1) is a RunError naming the
-    setting, raised before any fit; its summary and plot take kappa and d from the closed-form rows only.
-    Planted bug caught: the trained rows' d = train_dim read as a curve's d (summary and plot crashed on an
-    empty curve)."""
+    """The experiment's trained networks are compared with the fresh-task curve at each of their d: train_dims
+    empty, repeated or with a d not among dims, fresh_tasks off, or a step fraction / gate tolerance outside (0, 1)
+    is a RunError naming the setting (and for train_dims the allowed dims), raised before any fit; train_dims at
+    every d of dims or a subset is accepted; its summary and plot take kappa and d from the closed-form rows only.
+    Planted bugs caught: the trained rows' d read as a curve's d (summary and plot crashed on an empty curve); only
+    train_dims[0] checked against dims."""
     import dataclasses
+    import re
     import sys
 
     from iclsim.registry import RunContext
@@ -283,10 +304,17 @@ def test_pretraining_tau_refuses_trained_settings_it_cannot_compare_and_reads_ax
     study = sys.modules[EXPERIMENTS["pretraining_tau"].run.__module__]
     quick = EXPERIMENTS["pretraining_tau"].quick
     context = RunContext(progress=lambda line: None)
-    for change, name in (({"train_dim": quick.dims[0] + 1}, "train_dim"), ({"fresh_tasks": False}, "fresh_tasks"),
+    d = quick.dims[0]
+    allowed = "train_dims.*dims = " + re.escape(str(quick.dims))
+    for change, name in (({"train_dims": (d + 1,)}, allowed), ({"train_dims": (d, d + 1)}, allowed),
+                         ({"train_dims": ()}, allowed), ({"train_dims": (d, d)}, allowed),
+                         ({"fresh_tasks": False}, "fresh_tasks"),
                          ({"step_fraction": 1.0}, "step_fraction"), ({"gate_tolerance": 0.0}, "gate_tolerance")):
         with pytest.raises(RunError, match=name):
             study.run(dataclasses.replace(quick, **change), 0, context)
+    for train_dims in ((8, 12, 16), (16, 8), (12,)):
+        study._check_training(dataclasses.replace(study.SETTINGS, train_dims=train_dims))
+    study._check_training(dataclasses.replace(quick, train_dims=(d + 1,), train_taus=()))  # no networks, no check
     rows = [{"grid": "curve", "kappa": "0.5", "d": 6}, {"grid": "peak", "kappa": "inf", "d": 12},
             {"grid": "trained", "kappa": "inf", "d": 8}]
     assert study._axes(rows) == (["0.5", "inf"], [6, 12])

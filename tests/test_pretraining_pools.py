@@ -26,7 +26,7 @@ def test_each_seed_trains_on_its_own_pool_and_pairs_with_its_ridge_fit():
     seed's. Planted bugs caught: every seed trained on one pool (seed 0's), a network paired with another
     seed's ridge fit, the pool's rows labelled with the fresh-task kappa."""
     kappa = 1 / 3
-    s = dataclasses.replace(study.SETTINGS, dims=(3,), train_dim=3, alpha=4.0, noise_var=0.0, kappas=(kappa,),
+    s = dataclasses.replace(study.SETTINGS, dims=(3,), train_dims=(3,), alpha=4.0, noise_var=0.0, kappas=(kappa,),
                             train_kappas=(kappa,), train_taus=(6.0,), seeds=2, train_steps=1500)
     seeds = [5, 9]
     rows = study._trained(s, seeds, lambda m: None, None)

@@ -41,6 +41,8 @@ import numpy as np
 from iclsim import TaskPool, asymptotics, models, montecarlo, plotting, pretraining, quality, theory, train
 from iclsim.runner import Experiment, RunError
 
+from ._tau_rows import by, extrapolate, seed_stats, trained_intercept, trained_summary
+
 
 def _design(d, kappa, rho, pool_seed):
     if kappa is None:
@@ -189,27 +191,9 @@ def _monte_carlo(gamma, d, n, rho, num, sd):
     return {"mc_error": est.mean / d, "mc_se": est.se / d, "mc_z": (est.mean / d - exact) / (est.se / d)}
 
 
-def _by(rows, grid, **keys):
-    return [r for r in rows if r["grid"] == grid and all(r[k] == v for k, v in keys.items())]
-
-
-def _extrapolate(ds, means, ses):
-    """Weighted least squares of means = a + b/d: (a, SE of a)."""
-    A = np.stack([np.ones(len(ds)), 1.0 / np.asarray(ds, float)], axis=1)
-    w = 1.0 / np.asarray(ses) ** 2
-    cov = np.linalg.inv(A.T @ (A * w[:, None]))
-    coef = cov @ A.T @ (w * np.asarray(means))
-    return float(coef[0]), float(np.sqrt(cov[0, 0]))
-
-
-def _stats(rows, grid, kappa, d, tau):
-    vals = [r["icl_error"] for r in _by(rows, grid, kappa=kappa, d=d, tau=tau)]
-    return np.mean(vals), np.std(vals, ddof=1) / np.sqrt(len(vals)), quality.seed_interval(vals)
-
-
 def _peaks(rows, kappa, d):
     """Per seed: the tau of the largest exact error on the peak grid."""
-    sub = _by(rows, "peak", kappa=kappa, d=d)
+    sub = by(rows, "peak", kappa=kappa, d=d)
     out = []
     for sd in sorted({r["seed"] for r in sub}):
         mine = [r for r in sub if r["seed"] == sd]
@@ -227,17 +211,17 @@ def summary(rows):
     kappas, dims = _axes(rows)
     out = {}
     for kappa in kappas:
-        base = _by(rows, "curve", kappa=kappa, d=dims[-1])
+        base = by(rows, "curve", kappa=kappa, d=dims[-1])
         taus = sorted({r["tau"] for r in base})
         worst_rel, worst_z = 0.0, 0.0
         for tau in taus:
-            asym = _by(rows, "curve", kappa=kappa, d=dims[-1], tau=tau)[0]["asymptotic"]
-            mean, se, iv = _stats(rows, "curve", kappa, dims[-1], tau)
+            asym = by(rows, "curve", kappa=kappa, d=dims[-1], tau=tau)[0]["asymptotic"]
+            mean, se, iv = seed_stats(rows, "curve", kappa, dims[-1], tau)
             if abs(tau - 1) >= 0.5:  # away from the peak, where the finite-d shift of the pole dominates
                 worst_rel = max(worst_rel, abs(mean - asym) / asym)
                 if len(dims) > 1:
-                    stats = [_stats(rows, "curve", kappa, d, tau) for d in dims]
-                    a, a_se = _extrapolate(dims, [m for m, _, _ in stats], [e for _, e, _ in stats])
+                    stats = [seed_stats(rows, "curve", kappa, d, tau) for d in dims]
+                    a, a_se = extrapolate(dims, [m for m, _, _ in stats], [e for _, e, _ in stats])
                     worst_z = max(worst_z, abs(a - asym) / a_se)
                     out[f"kappa={kappa} tau={tau:g}: extrapolated gap (95%)"] = (
                         [round((a - 1.96 * a_se - asym) / asym, 4), round((a + 1.96 * a_se - asym) / asym, 4)])
@@ -248,87 +232,13 @@ def summary(rows):
         for d, iv in peaks.items():
             out[f"kappa={kappa} d={d}: peak tau (95%)"] = [round(iv.low, 4), round(iv.mean, 4), round(iv.high, 4)]
         if len(dims) > 1:
-            a, a_se = _extrapolate(dims, [iv.mean for iv in peaks.values()],
+            a, a_se = extrapolate(dims, [iv.mean for iv in peaks.values()],
                                    [max((iv.high - iv.low) / 3.92, 1e-3) for iv in peaks.values()])
             out[f"kappa={kappa}: peak tau extrapolated to d=inf (95%)"] = [round(a - 1.96 * a_se, 4),
                                                                            round(a + 1.96 * a_se, 4)]
     mc = [r["mc_z"] for r in rows if r["grid"] == "curve" and "mc_z" in r and np.isfinite(r["mc_z"])]
     out["finite-d formula vs Monte Carlo: worst |z|"] = round(float(np.max(np.abs(mc))), 2) if mc else None
-    out.update(_trained_summary(rows))
-    return out
-
-
-def _trained_summary(rows):
-    """The gradient-trained networks, per kappa (fresh tasks keyed "GD d=..", a pool "GD kappa=K d=..") and d: gate
-    counts, paired gaps to their ridge fits, seed means (passers only) against the closed-form curve at the same
-    kappa, d and tau and against the asymptote; then per kappa over its d (``_trained_extrapolation``)."""
-    out = {}
-    for label in dict.fromkeys(r["kappa"] for r in rows if r["grid"] == "trained"):
-        dims = sorted({r["d"] for r in rows if r["grid"] == "trained" and r["kappa"] == label})
-        for d in dims:
-            out.update(_trained_summary_of(rows, label, d))
-        out.update(_trained_extrapolation(rows, label, dims))
-    return out
-
-
-def _trained_summary_of(rows, label, d):
-    mine = [r for r in rows if r["grid"] == "trained" and r["kappa"] == label and r["d"] == d]
-    head = f"GD d={d}" if label == "inf" else f"GD kappa={label} d={d}"
-    passed = [r for r in mine if r["passed"]]
-    out = {f"{head}: gate failures (||Gamma - ridge|| / ||ridge|| > tolerance)": f"{len(mine) - len(passed)} of {len(mine)}",
-           f"{head}: worst ||Gamma_GD - Gamma_ridge|| / ||Gamma_ridge||": float(f"{max(r['param_gap'] for r in mine):.3g}"),
-           f"{head}: worst predicted heavy-ball contraction ||e_steps|| / ||e_0||": float(f"{max(r['gd_bound'] for r in mine):.3g}")}
-    for tau in sorted({r["tau"] for r in mine}):
-        sub = [r for r in passed if r["tau"] == tau]
-        out[f"{head} tau={tau:g}: passed"] = f"{len(sub)} of {sum(r['tau'] == tau for r in mine)}"
-        if not sub:
-            continue
-        paired = [(r["icl_error"] - r["ridge_error"]) / r["ridge_error"] for r in sub]
-        out[f"{head} tau={tau:g}: paired (GD - ridge) / ridge error, worst |.|"] = float(f"{max(np.abs(paired)):.3g}")
-        if len(sub) < 2:
-            continue
-        iv, asym = quality.seed_interval([r["icl_error"] for r in sub]), sub[0]["asymptotic"]
-        out[f"{head} tau={tau:g}: GD error mean (95%)"] = [round(iv.low, 4), round(iv.mean, 4), round(iv.high, 4)]
-        if _by(rows, "curve", kappa=label, d=d, tau=tau):
-            cf = _stats(rows, "curve", label, d, tau)[2]
-            out[f"{head} tau={tau:g}: closed-form curve mean (95%, own draws)"] = [round(cf.low, 4), round(cf.mean, 4),
-                                                                                   round(cf.high, 4)]
-        out[f"{head} tau={tau:g}: (GD mean - asymptotic) / asymptotic (95%)"] = [round((iv.low - asym) / asym, 4),
-                                                                                 round((iv.high - asym) / asym, 4)]
-    return out
-
-
-def _trained_intercept(rows, label, dims, tau):
-    """The passers' seed means at (kappa, tau) over ``dims`` fitted by a + b/d (``_extrapolate``, weighted by their
-    standard errors over seeds): (a, SE of a, the asymptote); None where fewer than two passed at some d."""
-    mine = [r for r in rows if r["grid"] == "trained" and r["kappa"] == label and r["tau"] == tau and r["passed"]]
-    vals = [[r["icl_error"] for r in mine if r["d"] == d] for d in dims]
-    if min(len(v) for v in vals) < 2:
-        return None
-    a, a_se = _extrapolate(dims, [np.mean(v) for v in vals], [np.std(v, ddof=1) / np.sqrt(len(v)) for v in vals])
-    return a, a_se, mine[0]["asymptotic"]
-
-
-def _trained_extrapolation(rows, label, dims):
-    """The trained networks on Lu et al.'s asymptotic curve with its finite-d correction accounted for: at each tau
-    with |tau - 1| >= 0.5 (as for the closed-form fits: near the peak the finite-d shift of the pole dominates) the
-    a + b/d intercept of the passers' seed means over ``dims`` (``_trained_intercept``), its 95% interval relative
-    to the asymptote, and the worst |a - asymptotic| / SE."""
-    if len(dims) < 2:
-        return {}
-    head = "GD" if label == "inf" else f"GD kappa={label}"
-    out, worst = {}, 0.0
-    for tau in sorted({r["tau"] for r in rows if r["grid"] == "trained" and r["kappa"] == label}):
-        if abs(tau - 1) < 0.5:
-            continue
-        key = f"{head} tau={tau:g}: extrapolated gap over d = {', '.join(map(str, dims))} (95%)"
-        if (fit := _trained_intercept(rows, label, dims, tau)) is None:
-            out[key] = "not fitted: fewer than 2 passers at some d"
-            continue
-        a, a_se, asym = fit
-        worst = max(worst, abs(a - asym) / a_se)
-        out[key] = [round((a - 1.96 * a_se - asym) / asym, 4), round((a + 1.96 * a_se - asym) / asym, 4)]
-    out[f"{head}: worst |extrapolated - asymptotic| / SE (|tau-1| >= 0.5)"] = round(worst, 2)
+    out.update(trained_summary(rows))
     return out
 
 
@@ -344,18 +254,18 @@ def plot(rows, s):
         ax.plot(dense, [asymptotics.ridge_icl_error(alpha, kap, t, rho, lam) for t in dense], "-", color=c, lw=1.5,
                 label=f"kappa = {kappa}: asymptotic")
         for j, d in enumerate(dims):
-            taus = sorted({r["tau"] for r in _by(rows, "curve", kappa=kappa, d=d)})
-            ivs = [_stats(rows, "curve", kappa, d, t)[2] for t in taus]
+            taus = sorted({r["tau"] for r in by(rows, "curve", kappa=kappa, d=d)})
+            ivs = [seed_stats(rows, "curve", kappa, d, t)[2] for t in taus]
             m = np.array([iv.mean for iv in ivs])
             ax.errorbar(taus, m, yerr=[m - [iv.low for iv in ivs], [iv.high for iv in ivs] - m], fmt="o",
                         ms=2 + 1.5 * j, color=c, alpha=0.4 + 0.6 * (j + 1) / len(dims), capsize=2,
                         label=f"  fits, d = {d}" if kappa == kappas[0] else None)
         for tau in (t for t in s.taus if abs(t - 1) >= 0.5):
             asym = asymptotics.ridge_icl_error(alpha, kap, tau, rho, lam)
-            stats = [_stats(rows, "curve", kappa, d, tau) for d in dims]
+            stats = [seed_stats(rows, "curve", kappa, d, tau) for d in dims]
             gax.plot([1 / d for d in dims], [(m - asym) / asym for m, _, _ in stats], "-o", ms=3, color=c, alpha=0.7)
             if len(dims) > 1:  # the a + b/d intercept with its 95% interval, at 1/d = 0
-                a, a_se = _extrapolate(dims, [m for m, _, _ in stats], [e for _, e, _ in stats])
+                a, a_se = extrapolate(dims, [m for m, _, _ in stats], [e for _, e, _ in stats])
                 gax.errorbar([0.0], [(a - asym) / asym], yerr=[[1.96 * a_se / asym]], fmt="_", color=c, alpha=0.7,
                              capsize=2)
         ivs = [quality.seed_interval(_peaks(rows, kappa, d)) for d in dims]
@@ -426,7 +336,7 @@ def _plot_trained(ax, gax, rows, colours):
                                  [(iv.high - iv.mean) / asym]], fmt="D", mfc="none", ms=4, mew=1, color=c, capsize=2)
     for label in labels if len(dims) > 1 else ():
         for tau in sorted({r["tau"] for r in trained if r["kappa"] == label and abs(r["tau"] - 1) >= 0.5}):
-            if fit := _trained_intercept(rows, label, dims, tau):
+            if fit := trained_intercept(rows, label, dims, tau):
                 a, a_se, asym = fit
                 gax.errorbar([0.002], [(a - asym) / asym], yerr=[[1.96 * a_se / asym]], fmt="D", mfc="none", ms=4,
                              mew=1, color=colours.get(label, "k"), capsize=2)

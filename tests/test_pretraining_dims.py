@@ -70,7 +70,7 @@ def test_trained_summary_fits_the_passers_means_over_train_dims_by_a_plus_b_over
     means' common standard error). Planted bugs caught: the failed network averaged in, every d's mean taken at
     train_dims[0], the intercept's interval from the slope's variance."""
     s = dataclasses.replace(study.SETTINGS, taus=TAUS, peak_taus=(1.0, 1.05, 1.1), kappas=(), train_taus=TAUS)
-    out = study._trained_summary(_rows(s))
+    out = study.trained_summary(_rows(s))
     se = np.std(DEV, ddof=1) / np.sqrt(len(DEV))
     x = 1 / np.array(DIMS)
     half = 1.96 * se * np.sqrt(1 / len(x) + x.mean() ** 2 / np.sum((x - x.mean()) ** 2))

@@ -288,10 +288,14 @@ def _longest_first(order: list[str], out, quick: bool) -> list[str]:
 
 def _last_wall(out, name: str, quick: bool) -> float:
     """The wall time recorded in OUT/NAME.json by the last run of the same fidelity (inf where there is none,
-    or it cannot be read): a scheduling hint only, never a number of a result."""
+    it cannot be read, or that run loaded every trained point from the cache and so says little of a run that
+    trains them): a scheduling hint only, never a number of a result."""
     try:
         meta = json.loads((Path(out) / f"{name}.json").read_text())
         wall = float(meta["wall_time_s"])
+        cached = meta.get("cache") or {}
+        if cached.get("points_loaded", 0) > 0 and cached.get("points_trained", 0) == 0:
+            return math.inf
         return wall if bool(meta.get("quick")) == bool(quick) and math.isfinite(wall) and wall >= 0 else math.inf
     except (OSError, ValueError, KeyError, TypeError):
         return math.inf

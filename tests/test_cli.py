@@ -326,6 +326,12 @@ def test_jobs_offer_the_longest_experiments_first(tmp_path):
                               ("tie", 50, False)):
         (tmp_path / f"{name}.json").write_text(json.dumps({"wall_time_s": wall, "quick": quick}))
     (tmp_path / "garbled.json").write_text("{not json")
-    order = ["short", "mid", "fresh", "long", "other_fidelity", "tie", "garbled"]
-    assert _longest_first(order, tmp_path, False) == ["fresh", "other_fidelity", "garbled", "long", "mid", "tie", "short"]
+    # a set whose networks all came from the cache: its wall time says little of a run that trains them
+    (tmp_path / "loaded.json").write_text(json.dumps({"wall_time_s": 3, "quick": False,
+                                                      "cache": {"points_loaded": 96, "points_trained": 0}}))
+    (tmp_path / "partly.json").write_text(json.dumps({"wall_time_s": 20, "quick": False,
+                                                      "cache": {"points_loaded": 32, "points_trained": 32}}))
+    order = ["short", "mid", "fresh", "long", "other_fidelity", "tie", "garbled", "loaded", "partly"]
+    assert _longest_first(order, tmp_path, False) == ["fresh", "other_fidelity", "garbled", "loaded", "long", "mid", "tie",
+                                                      "partly", "short"]
     assert _longest_first(order, tmp_path, True)[-1] == "other_fidelity"

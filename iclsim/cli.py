@@ -79,8 +79,10 @@ def _parser() -> argparse.ArgumentParser:
                           "(default: .iclsim-cache)")
     run.add_argument("--no-cache", action="store_true", help="neither read nor write the cache (trained points or programs)")
     run.add_argument("--jobs", type=int, default=None, metavar="N",
-                     help="experiments run at once, each in a worker process with its share of the CPU devices "
-                          "(default: one per core with --quick, else 1)")
+                     help="experiments run at once, each in a worker process with every CPU device (the numbers "
+                          "are a sequential run's), the longest first by the output folder's last wall times; a "
+                          "point two workers need is trained once, the other waits for it (default: one per core "
+                          "with --quick, else 1)")
     run.add_argument("--force", action="store_true",
                      help="retrain every point and overwrite the cache (compiled programs are still reused); "
                           "let a quick run write into a folder of full-fidelity results")

@@ -289,18 +289,30 @@ def _longest_first(order: list[str], out, quick: bool) -> list[str]:
 
 
 def _last_wall(out, name: str, quick: bool) -> float:
-    """The wall time recorded in OUT/NAME.json by the last run of the same fidelity (inf where there is none,
-    it cannot be read, or that run loaded every trained point from the cache and so says little of a run that
-    trains them): a scheduling hint only, never a number of a result."""
+    """The wall time recorded in OUT/NAME.json by the last run of the same fidelity, or inf (first) where there
+    is none or it cannot be read as one: a scheduling hint only, never a number of a result. In a --jobs run a
+    set whose points another worker trained records its wait too, so its time is its time in such a run. The
+    file is read only if it is a regular file (not through a link, a FIFO or a device) of at most 1 MB."""
+    import stat as stat_
+
     try:
-        meta = json.loads((Path(out) / f"{name}.json").read_text())
-        wall = float(meta["wall_time_s"])
-        cached = meta.get("cache") or {}
-        if cached.get("points_loaded", 0) > 0 and cached.get("points_trained", 0) == 0:
-            return math.inf
-        return wall if bool(meta.get("quick")) == bool(quick) and math.isfinite(wall) and wall >= 0 else math.inf
-    except (OSError, ValueError, KeyError, TypeError):
+        fd = os.open(Path(out) / f"{name}.json", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
         return math.inf
+    try:
+        info = os.fstat(fd)
+        if not stat_.S_ISREG(info.st_mode) or info.st_size > 1 << 20:
+            return math.inf
+        meta = json.loads(os.read(fd, info.st_size + 1))
+        wall = meta["wall_time_s"]
+        if (isinstance(wall, bool) or not isinstance(wall, (int, float)) or not math.isfinite(wall) or wall < 0
+                or meta.get("quick") is not bool(quick)):
+            return math.inf
+        return float(wall)
+    except Exception:  # any content: a hint that cannot be read is no hint
+        return math.inf
+    finally:
+        os.close(fd)
 
 
 def _device_count() -> int:

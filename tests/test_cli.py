@@ -319,19 +319,21 @@ def test_headline_line_names_nested_tables_instead_of_printing_them():
 
 def test_jobs_offer_the_longest_experiments_first(tmp_path):
     """--jobs schedules by the wall times of the folder's last sets of the same fidelity: longest first,
-    unknown (no set, another fidelity, an unreadable JSON) before them, ties in the given order."""
+    unknown (no set, another fidelity, content that is not a wall time, a link, a FIFO) before them, ties in the
+    given order; no content can crash or block the schedule."""
     from iclsim.cli import _longest_first
 
     for name, wall, quick in (("short", 5, False), ("long", 500, False), ("mid", 50, False), ("other_fidelity", 1, True),
-                              ("tie", 50, False)):
+                              ("tie", 50, False), ("loaded", 3, False)):
         (tmp_path / f"{name}.json").write_text(json.dumps({"wall_time_s": wall, "quick": quick}))
     (tmp_path / "garbled.json").write_text("{not json")
-    # a set whose networks all came from the cache: its wall time says little of a run that trains them
-    (tmp_path / "loaded.json").write_text(json.dumps({"wall_time_s": 3, "quick": False,
-                                                      "cache": {"points_loaded": 96, "points_trained": 0}}))
-    (tmp_path / "partly.json").write_text(json.dumps({"wall_time_s": 20, "quick": False,
-                                                      "cache": {"points_loaded": 32, "points_trained": 32}}))
-    order = ["short", "mid", "fresh", "long", "other_fidelity", "tie", "garbled", "loaded", "partly"]
-    assert _longest_first(order, tmp_path, False) == ["fresh", "other_fidelity", "garbled", "loaded", "long", "mid", "tie",
-                                                      "partly", "short"]
+    (tmp_path / "nested.json").write_text("[" * 100_000)
+    (tmp_path / "huge.json").write_text('{"wall_time_s": 1' + "0" * 400 + ', "quick": false}')
+    (tmp_path / "text.json").write_text('{"wall_time_s": "500", "quick": false}')
+    (tmp_path / "linked.json").symlink_to(tmp_path / "long.json")
+    os.mkfifo(tmp_path / "fifo.json")
+    odd = ["garbled", "nested", "huge", "text", "linked", "fifo"]
+    order = ["short", "mid", "fresh", "long", "other_fidelity", "tie", "loaded", *odd]
+    assert _longest_first(order, tmp_path, False) == ["fresh", "other_fidelity", *odd, "long", "mid", "tie", "short",
+                                                      "loaded"]
     assert _longest_first(order, tmp_path, True)[-1] == "other_fidelity"

@@ -202,14 +202,17 @@ class SweepCache:
         kernel if the process dies. A second process that needs the same points (two experiments of one
         ``iclsim run --jobs`` training the same recipe networks) waits here, then finds them stored
         (``load_after_claim``) instead of training them again. Files are opened without following links and
-        only as regular files of this user (a planted claim file is refused, never written through)."""
+        only as regular files of this user (a planted claim file is refused, never written through). With
+        ``force`` nothing is claimed (every process retrains anyway); where the file system has no ``flock``
+        (ENOSYS, EOPNOTSUPP, ENOLCK) a ``CacheWarning`` says so and the points are trained unclaimed. Not
+        re-entrant: a process must not claim a key it holds."""
         import fcntl
 
         if not self._checked:
             self.check()
         held = []
         try:
-            for key in sorted(set(keys)):
+            for key in [] if self.force else sorted(set(keys)):
                 path = self.path(key).with_suffix(".claim")
                 path.parent.mkdir(parents=True, exist_ok=True)
                 planted = f"{path} is not a claim file of this user's iclsim cache (a link, or not a regular file of this user): remove it"
@@ -223,7 +226,15 @@ class SweepCache:
                 info = os.fstat(fd)
                 if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
                     raise ValueError(planted)
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                except OSError as err:
+                    if err.errno not in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK):
+                        raise
+                    warnings.warn(f"the cache folder {self.directory} does not support flock ({err.strerror}): its "
+                                  "points are trained without a claim, so two processes may train the same ones",
+                                  CacheWarning, stacklevel=3)
+                    break
             yield
         finally:
             for fd in held:  # closing releases the lock; the empty files stay (removing them would race)

@@ -168,30 +168,28 @@ def load_or_run(cache, run: Callable, points: list, template, settings: Callable
     """Load the stored points of a sweep cache (a ``cache.SweepCache``, passed explicitly by the caller),
     run the missing ones in balanced chunks of at most ``cache.chunk`` points, store them.
     ``run(points) -> (params, losses)``; ``settings(point)`` is what keys a point (``cache.key``).
-    The engine never imports the cache: it only calls the object it is handed."""
+    Each chunk is trained under the cache's claim on its points (``SweepCache.claim``), so a process that
+    needs points another is training waits for them and loads them; one chunk's claims at a time, taken in
+    sorted order, so two processes cannot deadlock. ``run`` must not call back into a sweep of the same cache
+    (a claim is not re-entrant). The engine never imports the cache: it only calls the object it is handed."""
     keys = [cache.key(*settings(p)) for p in points]
     found = [cache.load(k, template) for k in keys]
-    missing = [i for i, f in enumerate(found) if f is None]
-    if missing:
-        with cache.claim([keys[i] for i in missing]):  # another process training these: wait, then load them
-            for i in missing:
-                found[i] = cache.load_after_claim(keys[i], template)
-            _train_missing(cache, run, points, keys, found)
-    params = jax.tree_util.tree_map(lambda *a: np.stack(a), *[f[0] for f in found])
-    return params, np.stack([f[1] for f in found])
-
-
-def _train_missing(cache, run, points, keys, found) -> None:
-    """Train the points still missing from ``found`` in balanced chunks of at most ``cache.chunk``, storing each."""
     missing = [i for i, f in enumerate(found) if f is None]
     if missing:
         size = -(-len(missing) // -(-len(missing) // cache.chunk))
         for start in range(0, len(missing), size):
             part = missing[start:start + size]
-            params, losses = run([points[i] for i in part])
-            for row, i in enumerate(part):
-                found[i] = (jax.tree_util.tree_map(lambda a: a[row], params), losses[row])
-                cache.save(keys[i], *found[i])
+            with cache.claim([keys[i] for i in part]):  # another process training these: wait, then load them
+                for i in part:
+                    found[i] = cache.load_after_claim(keys[i], template)
+                part = [i for i in part if found[i] is None]
+                if part:
+                    params, losses = run([points[i] for i in part])
+                    for row, i in enumerate(part):
+                        found[i] = (jax.tree_util.tree_map(lambda a: a[row], params), losses[row])
+                        cache.save(keys[i], *found[i])
+    params = jax.tree_util.tree_map(lambda *a: np.stack(a), *[f[0] for f in found])
+    return params, np.stack([f[1] for f in found])
 
 
 def as_list(x) -> list:

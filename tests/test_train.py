@@ -478,6 +478,38 @@ def test_a_second_process_waits_for_points_being_trained_and_loads_them(tmp_path
     assert (calls["B"], forced.trained) == (1, 3)
 
 
+def test_claims_are_taken_chunk_by_chunk_and_fall_back_where_flock_is_missing(tmp_path, monkeypatch):
+    """A sweep claims one chunk's points at a time (a large sweep never holds more than ``chunk`` open claim
+    files); on a file system without flock the points are trained unclaimed, with a CacheWarning."""
+    import errno
+    import fcntl
+
+    template = {"w": jax.ShapeDtypeStruct((2,), np.float32)}
+
+    def run(batch):
+        return {"w": np.array([[p, 1.0] for p in batch], np.float32)}, np.ones((len(batch), 2), np.float32)
+
+    store, sizes = cache.SweepCache(tmp_path / "a", chunk=2), []
+    claim = store.claim
+
+    def recording(keys):
+        sizes.append(len(keys))
+        return claim(keys)
+
+    store.claim = recording
+    layout.load_or_run(store, run, list(range(5)), template, lambda p: ("chunks", p))
+    assert sizes == [2, 2, 1] and store.trained == 5
+
+    def no_flock(fd, op):
+        raise OSError(errno.ENOSYS, "Function not implemented")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    bare = cache.SweepCache(tmp_path / "b")
+    with pytest.warns(cache.CacheWarning, match="does not support flock"):
+        out = layout.load_or_run(bare, run, [0, 1], template, lambda p: ("chunks", p))
+    assert bare.trained == 2 and out[0]["w"][1, 0] == 1.0
+
+
 def test_a_planted_claim_file_is_refused_not_written_through(tmp_path):
     store = cache.SweepCache(tmp_path / "c")
     key = store.key("claim", 0)

@@ -80,11 +80,12 @@ def trained_extrapolation(rows, label, dims):
     """The trained networks on Lu et al.'s asymptotic curve with its finite-d correction accounted for: at each tau
     with |tau - 1| >= 0.5 (as for the closed-form fits: near the peak the finite-d shift of the pole dominates) the
     a + b/d intercept of the passers' seed means over ``dims`` (``trained_intercept``), its 95% interval relative
-    to the asymptote, and the worst |a - asymptotic| / SE."""
+    to the asymptote (1.96 SE: the means' standard errors over 8 seeds taken as known), and the worst
+    |a - asymptotic| / SE (None where no tau was fitted, not 0)."""
     if len(dims) < 2:
         return {}
     head = "GD" if label == "inf" else f"GD kappa={label}"
-    out, worst = {}, 0.0
+    out, worst = {}, None
     for tau in sorted({r["tau"] for r in rows if r["grid"] == "trained" and r["kappa"] == label}):
         if abs(tau - 1) < 0.5:
             continue
@@ -93,7 +94,7 @@ def trained_extrapolation(rows, label, dims):
             out[key] = "not fitted: fewer than 2 passers at some d"
             continue
         a, a_se, asym = fit
-        worst = max(worst, abs(a - asym) / a_se)
+        worst = max(worst or 0.0, abs(a - asym) / a_se)
         out[key] = [round((a - 1.96 * a_se - asym) / asym, 4), round((a + 1.96 * a_se - asym) / asym, 4)]
-    out[f"{head}: worst |extrapolated - asymptotic| / SE (|tau-1| >= 0.5)"] = round(worst, 2)
+    out[f"{head}: worst |extrapolated - asymptotic| / SE (|tau-1| >= 0.5)"] = None if worst is None else round(worst, 2)
     return out

@@ -7,6 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from iclsim import TaskPool, asymptotics, models, montecarlo, pretraining, theory, train
@@ -183,6 +184,28 @@ def test_gradient_descent_on_the_ridge_objective_reaches_fit_ridge(P):
 
 
 FLOAT64_FLOOR = 1e-11  # float64 rounding floors ||Gamma - Gamma*|| / ||Gamma*|| near eps * cond, ~3e-12 at cond 1e4
+
+
+def test_heavy_ball_bound_is_optax_heavy_ball_on_each_eigendirection():
+    """heavy_ball_bound(spectrum, lr, momentum, T) is, for each eigenvalue alone, |x_T / x_0| of optax's sgd with
+    momentum from rest on 0.5 h x^2 (h = 2 lambda: the Hessian of the ridge objective is 2A), float64, 40 steps:
+    inside, at and beyond the tuned range's edges, plain GD at momentum 0. Planted bugs caught: starting with a
+    zero previous error instead of from rest, the bare rate^T, the other row of the recursion's matrix."""
+    spectrum = np.array([0.01, 0.05, 0.3, 1.0, 1.6])
+    lr, beta = pretraining.heavy_ball([spectrum[[0, 3]]], 0.9)  # tuned on [0.01, 1 / 0.9]: 0.3 inside, 1.6 beyond L
+    with jax.enable_x64(True):
+        for lam in spectrum:
+            for step, mom in ((lr, beta), (0.4, 0.0)):
+                opt = optax.sgd(step, momentum=mom or None)
+                x = jnp.array(1.0, jnp.float64)
+                state = opt.init(x)
+                for _ in range(40):
+                    updates, state = opt.update(2 * lam * x, state, x)
+                    x = x + updates
+                bound = pretraining.heavy_ball_bound([lam], step, mom, 40)
+                assert bound == pytest.approx(abs(float(x)), rel=1e-10, abs=1e-300), (lam, mom)
+    assert pretraining.heavy_ball_bound(spectrum, lr, beta, 40) == max(
+        pretraining.heavy_ball_bound([lam], lr, beta, 40) for lam in spectrum)
 
 
 def test_heavy_ball_on_the_ridge_objective_reaches_fit_ridge_far_sooner_than_gradient_descent():

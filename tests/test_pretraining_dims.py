@@ -89,6 +89,9 @@ def test_trained_summary_fits_the_passers_means_over_train_dims_by_a_plus_b_over
         assert (high - low) / 2 == pytest.approx(half / asym, abs=1e-4)
         worst = max(worst, abs(A * tau - asym) / (half / 1.96))
     assert out["GD: worst |extrapolated - asymptotic| / SE (|tau-1| >= 0.5)"] == pytest.approx(worst, abs=0.01)
+    # no tau fitted (only near the peak): no worst z, not a perfect 0
+    near = study.trained_summary([r for r in _rows(s) if r["grid"] != "trained" or abs(r["tau"] - 1) < 0.5])
+    assert near["GD: worst |extrapolated - asymptotic| / SE (|tau-1| >= 0.5)"] is None
 
 
 def test_plot_draws_each_train_dims_points_where_that_d_is_drawn():

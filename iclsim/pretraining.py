@@ -132,6 +132,8 @@ def span_spectrum(H, ridge: float) -> np.ndarray:
         raise ValueError(f"H must have d(d+1) columns (the features of ``features``), got shape {H.shape}")
     ridge = check.real("ridge", ridge, 0.0)
     ev = np.linalg.eigvalsh(H.T @ H / P)
+    if not ev[-1] > 0:
+        raise ValueError("H has no nonzero feature (every row is zero): the span gradient descent moves in is empty")
     return ev[ev > 1e-9 * ev[-1]] + ridge / d
 
 
@@ -142,6 +144,9 @@ def heavy_ball(spectra, step_fraction: float) -> tuple[float, float]:
     learning_rate = 4 / (sqrt(L) + sqrt(mu))^2, momentum = ((sqrt(L) - sqrt(mu)) / (sqrt(L) + sqrt(mu)))^2, whose
     rate on every eigenvalue in [mu, L] is sqrt(momentum) = (sqrt(k) - 1) / (sqrt(k) + 1), k = L / mu
     (docs/theory.md §12)."""
+    if isinstance(spectra, np.ndarray) and spectra.ndim == 1:
+        raise TypeError("spectra must be a list of spectra, one array per seed (span_spectrum's), got one 1-d array: "
+                        "wrap it in a list")
     spectra = [check.real_array("spectra", sp, ndim=1) for sp in spectra]
     if not spectra or any(sp.size == 0 or np.any(sp <= 0) for sp in spectra):
         raise ValueError("spectra must be one or more nonempty arrays of positive eigenvalues (span_spectrum's)")
@@ -160,6 +165,8 @@ def heavy_ball_bound(spectrum, learning_rate: float, momentum: float, steps: int
     (1 + (1 - rate) steps at mu, 1 + (1 + rate) steps at L); momentum 0 gives plain GD's
     max |1 - learning_rate h|^steps (docs/theory.md §12)."""
     h = 2 * check.real_array("spectrum", spectrum, ndim=1)
+    if h.size == 0:
+        raise ValueError("spectrum must hold at least one eigenvalue (span_spectrum's), got an empty array")
     learning_rate = check.real("learning_rate", learning_rate, 0.0, low_open=True)
     momentum = check.real("momentum", momentum, 0.0, 1.0, high_open=True)
     M = np.zeros((h.size, 2, 2))

@@ -267,11 +267,15 @@ def test_heavy_ball_tuning_refuses_bad_arguments_by_name():
                        (lambda: pretraining.heavy_ball([span], 1.0), "step_fraction"),
                        (lambda: pretraining.heavy_ball_bound(span, 0.0, 0.5, 10), "learning_rate"),
                        (lambda: pretraining.heavy_ball_bound(span, 0.1, 1.0, 10), "momentum"),
-                       (lambda: pretraining.heavy_ball_bound(span, 0.1, 0.5, -1), "steps")):
+                       (lambda: pretraining.heavy_ball_bound(span, 0.1, 0.5, -1), "steps"),
+                       (lambda: pretraining.heavy_ball_bound([], 0.1, 0.5, 10), "spectrum must hold"),
+                       (lambda: pretraining.span_spectrum(np.zeros((5, 12)), 0.0), "no nonzero feature")):
         with pytest.raises(ValueError, match=name):
             call()
     with pytest.raises(TypeError, match="steps"):
         pretraining.heavy_ball_bound(span, 0.1, 0.5, 10.5)
+    with pytest.raises(TypeError, match="a list of spectra"):
+        pretraining.heavy_ball(span, 0.9)
 
 
 def _ridge_objective(prompts, gamma, ridge):

@@ -224,10 +224,16 @@ def test_jobs_run_experiments_in_workers_after_what_they_read(exps, tmp_path, ca
     (exps / "reader.py").write_text(READER)
     (exps / "other.py").write_text(FAKE.replace('name="fake"', 'name="other"'))
     parallel, sequential = tmp_path / "parallel", tmp_path / "sequential"
+    parallel.mkdir()  # the reader's last set says it is the longest: offered first, it must still wait for fake
+    (parallel / "reader.json").write_text(json.dumps({"wall_time_s": 1e6, "quick": True}))
+    plain = (exps / "fake.py").read_text()
+    (exps / "fake.py").write_text(plain.replace("def run(s, seed, context):\n",  # a reader started early finds nothing
+                                                "def run(s, seed, context):\n    __import__('time').sleep(1)\n", 1))
     for out, jobs in ((parallel, "3"), (sequential, "1")):  # 3: the reader would start at once if it could
         code, _, err = call(capsys, "--experiments", str(exps), "run", "fake", "other", "reader", "--quick",
                             "--no-cache", "--jobs", jobs, "--out", str(out))
         assert code == 0, err
+        (exps / "fake.py").write_text(plain)
     for name in ("fake", "other"):
         assert (parallel / f"{name}.csv").read_bytes() == (sequential / f"{name}.csv").read_bytes()
     rows = runner.read_rows(parallel / "reader.csv")

@@ -464,7 +464,7 @@ def test_a_second_process_waits_for_points_being_trained_and_loads_them(tmp_path
     def sweep(name, delay):
         out[name] = layout.load_or_run(stores[name], runner(name, delay), points, template, lambda p: ("claim", p))
 
-    first = threading.Thread(target=sweep, args=("A", 1.0))
+    first = threading.Thread(target=sweep, args=("A", 0.3))
     first.start()
     assert started.wait(30)
     sweep("B", 0.0)  # arrives while A trains

@@ -45,6 +45,7 @@ def trained_summary_of(rows, label, d):
     out = {f"{head}: gate failures (||Gamma - ridge|| / ||ridge|| > tolerance)": f"{len(mine) - len(passed)} of {len(mine)}",
            f"{head}: worst ||Gamma_GD - Gamma_ridge|| / ||Gamma_ridge||": float(f"{max(r['param_gap'] for r in mine):.3g}"),
            f"{head}: worst predicted heavy-ball contraction ||e_steps|| / ||e_0||": float(f"{max(r['gd_bound'] for r in mine):.3g}")}
+    beyond = []
     for tau in sorted({r["tau"] for r in mine}):
         sub = [r for r in passed if r["tau"] == tau]
         out[f"{head} tau={tau:g}: passed"] = f"{len(sub)} of {sum(r['tau'] == tau for r in mine)}"
@@ -60,8 +61,17 @@ def trained_summary_of(rows, label, d):
             cf = seed_stats(rows, "curve", label, d, tau)[2]
             out[f"{head} tau={tau:g}: closed-form curve mean (95%, own draws)"] = [round(cf.low, 4), round(cf.mean, 4),
                                                                                    round(cf.high, 4)]
+            curve = {r["seed"]: r["icl_error"] for r in by(rows, "curve", kappa=label, d=d, tau=tau)}
+            diffs = [r["icl_error"] - curve[r["seed"]] for r in sub if r["seed"] in curve]
+            if len(diffs) >= 2:  # the same seed's pool, other prompt draws: the seed-to-seed spread cancels
+                dv = quality.seed_interval(diffs)
+                out[f"{head} tau={tau:g}: GD - curve, paired by seed (95%)"] = [round(dv.low, 4), round(dv.mean, 4),
+                                                                                round(dv.high, 4)]
+                beyond.append(not dv.low <= 0 <= dv.high)
         out[f"{head} tau={tau:g}: (GD mean - asymptotic) / asymptotic (95%)"] = [round((iv.low - asym) / asym, 4),
                                                                                  round((iv.high - asym) / asym, 4)]
+    if beyond:
+        out[f"{head}: taus whose seed-paired difference from the curve excludes 0 (95%)"] = f"{sum(beyond)} of {len(beyond)}"
     return out
 
 

@@ -80,6 +80,9 @@ def test_trained_summary_fits_the_passers_means_over_train_dims_by_a_plus_b_over
         for d in DIMS:
             assert out[f"GD d={d} tau={tau:g}: passed"] == "8 of 9"
             assert out[f"GD d={d} tau={tau:g}: GD error mean (95%)"][1] == pytest.approx(A * tau + B / d, abs=1e-4)
+            # paired by seed the per-seed deviations cancel: a zero-width interval at the difference of the means
+            low, mid, high = out[f"GD d={d} tau={tau:g}: GD - curve, paired by seed (95%)"]
+            assert low == mid == high == pytest.approx(A * tau + B / d - asym * (1 + 1 / d), abs=1e-4)
         key = f"GD tau={tau:g}: extrapolated gap over d = 8, 12, 16 (95%)"
         if abs(tau - 1) < 0.5:
             assert key not in out
@@ -89,6 +92,7 @@ def test_trained_summary_fits_the_passers_means_over_train_dims_by_a_plus_b_over
         assert (high - low) / 2 == pytest.approx(half / asym, abs=1e-4)
         worst = max(worst, abs(A * tau - asym) / (half / 1.96))
     assert out["GD: worst |extrapolated - asymptotic| / SE (|tau-1| >= 0.5)"] == pytest.approx(worst, abs=0.01)
+    assert all(out[f"GD d={d}: taus whose seed-paired difference from the curve excludes 0 (95%)"] == "3 of 3" for d in DIMS)
     # no tau fitted (only near the peak): no worst z, not a perfect 0
     near = study.trained_summary([r for r in _rows(s) if r["grid"] != "trained" or abs(r["tau"] - 1) < 0.5])
     assert near["GD: worst |extrapolated - asymptotic| / SE (|tau-1| >= 0.5)"] is None

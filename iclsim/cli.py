@@ -242,8 +242,8 @@ def _all_failed(results) -> int:
 
 def _run_parallel(experiments, names, args, overrides, jobs, session) -> list:
     """``jobs`` experiments at once, each computed in a spawned worker process (``runner.compute``) with
-    as many CPU devices as this process has (the device count sets how networks share a device and so the
-    evaluation's batches: sharing the devices out made rag's numbers depend on --jobs); this process writes
+    as many CPU devices as this process has (so each worker compiles the programs a sequential run would; the
+    numbers do not depend on the layout either way: tests/test_trust_round2.py); this process writes
     each result set as it arrives (``runner.commit``, under the folder's lock), and starts an experiment
     once those it reads are written. A worker exits when this process dies (even by kill -9)."""
     import concurrent.futures as futures

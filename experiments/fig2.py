@@ -29,22 +29,23 @@ def panels_of(s):
 
 
 def run(s, seed, context):
-    """Every panel's designs in one sweep per model, so each step's prompts are drawn once for all of them.
-    Sweeps by context length: n <= small_n with batch_small_n prompts per step and steps_small_n steps (at
-    small n the risk is flat in W, so pinning W* within 5% takes about 6x the samples; these prompts are
-    short and cheap), then n <= mid_n and the rest, so that H3, whose cost grows with the largest n of its
-    sweep, does not pad n = 10 to n = 40."""
+    """Every panel's designs in one sweep per model and context length, so that each step's prompts are drawn
+    once for all of them and no prompt is padded (H3's cost, and linear attention's on token draws, grow with
+    the sweep's largest n). n <= small_n trains with batch_small_n prompts per step and steps_small_n steps
+    (at small n the risk is flat in W, so pinning W* within 5% takes about 6x the samples; these prompts are
+    short and cheap), longer contexts with batch and steps. sweep_per_n False: one sweep per recipe (fewer
+    programs to compile, for short runs)."""
     test_key = jax.random.fold_in(jax.random.PRNGKey(seed), TEST_STREAM)  # apart from training's keys
     d, seeds = s.dim, [seed + k for k in range(s.seeds)]
     panels = panels_of(s)
     designs = {label: design for group in panels.values() for label, design in group.items()}
     panel_of = {label: panel for panel, group in panels.items() for label in group}
-    rest = [n for n in s.ns if n > s.small_n]
-    groups = [([n for n in s.ns if n <= s.small_n], s.batch_small_n, s.steps_small_n),
-              ([n for n in rest if n <= s.mid_n], s.batch, s.steps),
-              ([n for n in rest if n > s.mid_n], s.batch, s.steps)]
+    recipes = [([n for n in s.ns if n <= s.small_n], s.batch_small_n, s.steps_small_n),
+               ([n for n in s.ns if n > s.small_n], s.batch, s.steps)]
+    groups = [([n], batch, steps) for ns, batch, steps in recipes for n in ns] if s.sweep_per_n else \
+        [g for g in recipes if g[0]]
     rows = []
-    for ns, batch, steps in (g for g in groups if g[0]):
+    for ns, batch, steps in groups:
         zoo = {"linear attention": (models.LinearAttention(d), TrainConfig(steps, batch, s.lr_attention)),
                "H3": (models.H3(d, max(ns)), TrainConfig(steps, batch, s.lr_h3))}
         for r in sweeps.risk_curves(zoo, designs, ns, seeds, lambda des, n, m: theory.optimal_pgd(des, n).risk,
@@ -78,7 +79,7 @@ def summary(rows):
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Figure 2's sweep: context lengths ``ns``, the noise levels of panel (b), training by n group
+    """Figure 2's sweep: context lengths ``ns``, the noise levels of panel (b), training by context length
     (see ``run``) and the test prompts per point."""
 
     dim: int = 10
@@ -88,16 +89,16 @@ class Settings:
     steps: int = 2000
     batch: int = 512
     small_n: int = 5
-    mid_n: int = 20
     batch_small_n: int = 2048
     steps_small_n: int = 3000
+    sweep_per_n: bool = True
     lr_attention: float = 0.01
     lr_h3: float = 0.03
     num_test: int = 100_000
 
 
 SETTINGS = Settings()
-QUICK = dataclasses.replace(SETTINGS, dim=4, ns=(2, 4, 8), noise_levels=(1.0,), seeds=1, steps=600, small_n=0, mid_n=0,
+QUICK = dataclasses.replace(SETTINGS, dim=4, ns=(2, 4, 8), noise_levels=(1.0,), seeds=1, steps=600, small_n=0, sweep_per_n=False,
                             lr_attention=0.03, num_test=20_000)
 
 EXPERIMENT = Experiment(

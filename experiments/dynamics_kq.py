@@ -65,6 +65,27 @@ def effective_w(model, n):
     return lambda params: model.effective_pgd(params, n)[0]
 
 
+def record_summary(model, n):
+    """The ``TrainConfig.summarize`` of every run: the PGD matrix W (``effective_w``) and the parameters
+    themselves, whose average over the last plateau is ``tail_average``'s network."""
+    w = effective_w(model, n)
+    return lambda params: {"W": w(params), "params": params}
+
+
+def tail_average(records, mask):
+    """Each seed's parameters averaged over its records where ``mask`` [seeds, R] is True (Polyak-Ruppert
+    averaging of the SGD iterates on the last plateau): ``records`` has leaves [seeds, R, ...]; a seed with
+    no record in its window gets its last record (the caller counts it apart). At a fixed point of gradient flow, SGD at a constant step size
+    fluctuates around the minimiser with an excess loss of order the learning rate; the average over a window
+    much longer than the fluctuations' correlation time sits at the minimiser, so its risk reads the level
+    gradient flow reaches."""
+    m = np.asarray(mask, np.float64)
+    m[m.sum(axis=1) == 0, -1] = 1.0
+    weights = m / m.sum(axis=1, keepdims=True)
+    return jax.tree_util.tree_map(
+        lambda a: np.einsum("sr,sr...->s...", weights, np.asarray(a, np.float64)).astype(np.asarray(a).dtype), records)
+
+
 def pgd_part(model, params, n):
     """The PGD predictor each network implements, as ``models.PGD`` parameters (its W is n times theory's):
     the network minus its terms outside the PGD form (x^T KQ[:d, :d] X^T X v[:d] / n and
@@ -105,9 +126,9 @@ def run(s, seed, context):
         progress(f"  {name}: {len(seeds)} seeds x {steps} SGD steps")
         fit = train.fit_sweep(model, design, [n], seeds, train.TrainConfig(
             steps=steps, batch_size=s.batch, learning_rate=lr, optimizer="sgd", record_every=s.record_every,
-            record_prompts=s.record_prompts, summarize=effective_w(model, n)), cache=context.cache)
+            record_prompts=s.record_prompts, summarize=record_summary(model, n)), cache=context.cache)
         # the PGD part's exact risk at every record (float64 closed form: no Monte Carlo error)
-        rec_w = np.asarray(fit.record.summaries[0, 0], np.float64)  # [seeds, records, d, d]
+        rec_w = np.asarray(fit.record.summaries["W"][0, 0], np.float64)  # [seeds, records, d, d]
         with jax.enable_x64(True):
             exact = np.asarray(jax.vmap(jax.vmap(lambda W: theory.pgd_risk(design, n, W)))(rec_w), np.float64)
         # at the end, paired on each seed's own fresh prompts: the network against the PGD predictor it implements
@@ -124,6 +145,15 @@ def run(s, seed, context):
         times, th = theory_curve(model, kind, start, design, n, initial_params(model, seeds, steps), lr * steps, s)
         levels = dy.pcr_risks(design, n).risks
         ladder = levels[[0, -1]] if kind == "merged" else levels[: min(heads, design.dim) + 1]
+        # the last plateau's level from the iterates' average over the last tail_fraction of the run, each seed's
+        # window cut to the records where its theory curve is on that plateau (within 1% of the ladder's span),
+        # scored on the same fresh prompts as the final network (paired)
+        th_rec = np.stack([np.interp(rec_t, times, th[min(k, len(th) - 1)]) for k in range(len(seeds))])
+        window = (np.asarray(fit.record.steps)[None] >= steps * (1 - s.tail_fraction)) \
+            & (np.abs(th_rec - ladder[-1]) <= 0.01 * float(ladder[0] - ladder[-1]))
+        tail = tail_average(jax.tree_util.tree_map(lambda a: a[0, 0], fit.record.summaries["params"]), window)
+        tail_risk, tail_se = evaluate.evaluate_sweep(model, jax.tree_util.tree_map(lambda a: a[None, None], tail),
+                                                     design, [n], keys, s.num_final)
         comps = [0, design.dim] if kind == "merged" else list(range(len(ladder)))
         sp = dy.spectrum(design, n)  # separate KQ, aligned: drop j near 1 / (2 lam_j c_j u0) for small u0
         small_init = 1 / (2 * sp.lam * sp.c * scale) if (kind, start) == ("separate", "aligned") else None
@@ -137,7 +167,10 @@ def run(s, seed, context):
             rows.append({"kind": "final", "run": name, "seed": sd, "pcr_risk": float(ladder[-1]),
                          "risk": float(full[0, 0, k]), "se": float(full_se[0, 0, k]), "pgd_part": float(part[0, 0, k]),
                          "exact_pgd": float(exact[k, -1]),
-                         "non_pgd_cost": float((full[0, 0, k] - part[0, 0, k]) / ladder[-1])})
+                         "non_pgd_cost": float((full[0, 0, k] - part[0, 0, k]) / ladder[-1]),
+                         "tail_records": int(window[k].sum()), "tail_risk": float(tail_risk[0, 0, k]),
+                         "tail_se": float(tail_se[0, 0, k]),
+                         "tail_z": float((tail_risk[0, 0, k] - ladder[-1]) / tail_se[0, 0, k])})
             drops_theory = dy.drop_times(times, th_k, ladder)
             drops = dy.drop_times(rec_t, rec[k], ladder)
             for j, (dt_, dth) in enumerate(zip(drops, drops_theory)):
@@ -186,6 +219,11 @@ def plot(rows, s):
             ts = sorted(by_t)
             ax.plot(ts, [np.mean(by_t[x]) for x in ts], color="C2", lw=1.0,
                     label="the networks' PGD parts, exact risk (mean over seeds)")
+        finals = [r for r in rows if r["kind"] == "final" and r["run"] == name and r.get("tail_records", 0) > 0]
+        if finals and curves:  # the last plateau from the iterates' tail average, one marker per seed at the end
+            ax.errorbar([curves[-1]["t"]] * len(finals), [r["tail_risk"] for r in finals],
+                        yerr=[2 * r["tail_se"] for r in finals], fmt="x", color="C1", ms=4, lw=0.8,
+                        label="last plateau: iterates averaged over its window (fresh prompts, 2 SE)")
         plateaus = [r for r in rows if r["kind"] == "plateau" and r["run"] == name]
         for level in sorted({r["pcr_risk"] for r in plateaus}):
             ax.axhline(level, color="C3", lw=0.6, ls=":")
@@ -252,6 +290,14 @@ def summary(rows):
         if finals:
             entry["final_non_pgd_cost_mean_range"] = _mean_range([r["non_pgd_cost"] for r in finals])
             entry["final_risk_gap_mean_range"] = _mean_range([r["risk"] / r["pcr_risk"] - 1 for r in finals])
+            tails = [r for r in finals if r["tail_records"] > 0]
+            entry["last_plateau_tail_average"] = {
+                "gap_mean_range": _mean_range([r["tail_risk"] / r["pcr_risk"] - 1 for r in tails]),
+                "max_abs_z": round(max(abs(r["tail_z"]) for r in tails), 2) if tails else None,
+                "pooled_z": round(float(sum(r["tail_risk"] - r["pcr_risk"] for r in tails)
+                                        / np.sqrt(sum(r["tail_se"] ** 2 for r in tails))), 2) if tails else None,
+                "records_min": min(r["tail_records"] for r in tails) if tails else None,
+                "seeds_without_window": len(finals) - len(tails)}
         out[name] = entry
     # the drops' dependence on the covariance's eigenvalues: per spectrum (Sx's diagonal), each run's mean
     # drop time trained / theory, drop by drop (missed drops left out and counted above)
@@ -286,6 +332,7 @@ class Settings:
     record_every: int = 4
     record_prompts: int = 2048
     num_final: int = 400_000  # fresh prompts per seed for the final paired comparison
+    tail_fraction: float = 0.25  # the last plateau's averaging window: at most this share of the run
     runs: tuple[str, ...] = tuple(RUNS)
 
 EXPERIMENT = Experiment(

@@ -62,3 +62,31 @@ def test_recorded_w_gives_the_exact_plateau_level():
         zero = jax.tree_util.tree_map(jnp.zeros_like, params)
         assert float(theory.pgd_risk(design, n, study.effective_w(model, n)(zero))) == pytest.approx(float(levels[0]),
                                                                                                        rel=1e-12)
+
+
+def test_tail_average_is_each_seeds_mean_over_its_window():
+    """``tail_average``: per seed, the plain mean of the records its mask selects (any leaf shape, the leaf's
+    dtype kept); a seed whose window is empty gets its last record. Planted bugs caught: the mean over every
+    record, the mean taken across seeds, weights not normalised, the empty window giving NaN or the first record."""
+    rng = np.random.default_rng(0)
+    records = {"KQ": rng.normal(size=(3, 6, 2, 2)).astype(np.float32), "v": rng.normal(size=(3, 6, 2))}
+    mask = np.array([[0, 0, 1, 1, 1, 0], [1, 0, 0, 0, 0, 1], [0, 0, 0, 0, 0, 0]], bool)
+    got = study.tail_average(records, mask)
+    for name, a in records.items():
+        want = np.stack([a[0, 2:5].mean(axis=0), a[1, [0, 5]].mean(axis=0), a[2, -1]])
+        np.testing.assert_allclose(got[name], want, rtol=1e-6)
+        assert got[name].dtype == a.dtype and got[name].shape == a.shape[:1] + a.shape[2:]
+
+
+def test_tail_average_removes_the_sgd_excess_of_a_noisy_minimiser():
+    """Iterates scattered around a minimiser (a quadratic's, as SGD at a constant step leaves them): the
+    average over the window sits at the minimiser, so its loss has no excess, while the last iterate's excess
+    is the scatter's variance. Planted bug caught: averaging over the window's complement (the early records)."""
+    rng = np.random.default_rng(1)
+    target = np.array([1.0, -2.0])
+    path = np.concatenate([np.linspace(0, 1, 50)[:, None] * target, target + 0.1 * rng.normal(size=(400, 2))])
+    mask = np.arange(450)[None] >= 200
+    avg = study.tail_average({"w": path[None]}, mask)["w"][0]
+    excess_avg, excess_last = np.sum((avg - target) ** 2), np.sum((path[-1] - target) ** 2)
+    # the last iterate's excess has mean 2 x 0.1^2 = 0.02; the average over 250 records 0.02 / 250 = 8e-5
+    assert excess_avg < 3e-4 and excess_avg < 0.1 * excess_last, (excess_avg, excess_last)

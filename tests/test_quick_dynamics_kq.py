@@ -26,6 +26,9 @@ def test_dynamics_kq_quick(tmp_path):
     assert all(0.8 < r["ratio"] < 1.25 for r in drops)
     assert sorted({r["components"] for r in plateaus}) == [0, 1, 2, 3]
     assert all(r["on_plateau"] and abs(r["z"]) < 4 for r in plateaus)
+    # the last plateau read from the iterates' tail average: every seed has a window on it, within 4 SE
+    finals = [r for r in rows if r["kind"] == "final"]
+    assert len(finals) == 2 and all(r["tail_records"] >= 10 and abs(r["tail_z"]) < 4 for r in finals)
     # the plateaus descend: more components, lower risk
     levels = {r["components"]: r["pcr_risk"] for r in plateaus}
     assert all(levels[k] > levels[k + 1] for k in range(3))

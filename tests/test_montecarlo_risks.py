@@ -1,7 +1,6 @@
 """``montecarlo.risks`` scores several predictors on one draw of prompts: each estimate is exactly the one
 ``montecarlo.risk`` gives for that predictor alone (the same prompts, the same block sums in the same order)."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -22,11 +21,14 @@ def _predictors():
 @pytest.mark.parametrize("design", [IID(3, noise_var=0.1), TaskPool(3, 5, noise_var=0.1, pool_seed=2)],
                          ids=["iid", "pool"])
 def test_risks_equal_each_predictors_risk_alone(key, design):
-    """Bit for bit, with a count ending inside a draw block and two blocks per round. Planted bugs caught:
+    """Bit for bit (the program of several predictors is compiled with other XLA options than ``risk``'s),
+    with a count ending inside a draw block and two blocks per round. Planted bugs caught:
     the mask not broadcast over the predictors (the tail counted), the predictors' rows mixed up, other
     prompts drawn (another n or key), the group changing the sums."""
     count, batch = 3 * montecarlo.DRAW_BLOCK + 17, 2 * montecarlo.DRAW_BLOCK
     predicts = _predictors() + [dmmse.ridge_predict(design)]
+    if isinstance(design, TaskPool):
+        predicts.append(dmmse.dmmse_predict(design))
     together = montecarlo.risks(predicts, design, 4, key, count, batch)
     alone = [montecarlo.risk(f, design, 4, key, count, batch) for f in predicts]
     assert [tuple(e) for e in together] == [tuple(e) for e in alone]

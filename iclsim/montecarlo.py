@@ -220,8 +220,10 @@ def risk(predict: Callable, design, n: int, key, num_prompts: int = 100_000, bat
 def risks(predicts, design, n: int, key, num_prompts: int = 100_000, batch_size: int = 10_000,
           dtype=F64) -> list[Estimate]:
     """``risk`` of each predictor of the sequence ``predicts`` on the same fresh prompts, in one program: each
-    draw block is drawn once and scored by every predictor. Every estimate is the one ``risk`` gives for that
-    predictor alone with the same arguments (the same per-block pairwise sums, added in block order)."""
+    draw block is drawn once and scored by every predictor. Each estimate is ``risk``'s for that predictor alone
+    with the same arguments: the same prompts and the same per-block pairwise sums added in block order. The
+    predictors being compiled together (work they share, such as X^T X, computed once), a per-prompt value can
+    differ from its own program's at round-off (one ulp of a mean, seen with XLA CPU's fusion emitters off)."""
     predicts = list(predicts)
     if not predicts or not all(callable(f) for f in predicts):
         raise TypeError("predicts must be a non-empty sequence of functions of a Prompts batch")

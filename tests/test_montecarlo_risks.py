@@ -1,5 +1,5 @@
-"""``montecarlo.risks`` scores several predictors on one draw of prompts: each estimate is exactly the one
-``montecarlo.risk`` gives for that predictor alone (the same prompts, the same block sums in the same order)."""
+"""``montecarlo.risks`` scores several predictors on one draw of prompts: each estimate is the one
+``montecarlo.risk`` gives for that predictor alone (the same prompts, the same block sums in the same order), up to round-off."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -21,7 +21,7 @@ def _predictors():
 @pytest.mark.parametrize("design", [IID(3, noise_var=0.1), TaskPool(3, 5, noise_var=0.1, pool_seed=2)],
                          ids=["iid", "pool"])
 def test_risks_equal_each_predictors_risk_alone(key, design):
-    """Bit for bit (the program of several predictors is compiled with other XLA options than ``risk``'s),
+    """To round-off (the predictors share one program, compiled with other XLA options than ``risk``'s),
     with a count ending inside a draw block and two blocks per round. Planted bugs caught:
     the mask not broadcast over the predictors (the tail counted), the predictors' rows mixed up, other
     prompts drawn (another n or key), the group changing the sums."""
@@ -31,7 +31,8 @@ def test_risks_equal_each_predictors_risk_alone(key, design):
         predicts.append(dmmse.dmmse_predict(design))
     together = montecarlo.risks(predicts, design, 4, key, count, batch)
     alone = [montecarlo.risk(f, design, 4, key, count, batch) for f in predicts]
-    assert [tuple(e) for e in together] == [tuple(e) for e in alone]
+    # equal up to round-off (the predictors share one program); a masking or pairing bug moves them by > 1e-3
+    np.testing.assert_allclose(np.array(together), np.array(alone), rtol=1e-13, atol=0)
     assert len({e.mean for e in together}) == len(predicts)  # distinct predictors, distinct risks
 
 

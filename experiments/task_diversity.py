@@ -30,24 +30,31 @@ def run(s, seed, context):
     model = models.LinearAttention(d)
     config = train.TrainConfig(steps=s.steps, batch_size=s.batch, learning_rate=s.lr)
     pgd = float(theory.optimal_pgd(dmmse.gaussian_design(TaskPool(d, 1, noise_var=s2)), n).risk)
+    pools = {M: TaskPool(d, M, noise_var=s2, pool_seed=seed) for M in s.pool_sizes}
+    fresh = dmmse.gaussian_design(pools[s.pool_sizes[0]])  # the same N(0, I) tasks for every pool
+    # the references on fresh tasks, one set of prompts for all: ridge (the same for every pool) and each dMMSE
+    on_fresh = montecarlo.risks([dmmse.ridge_predict(fresh)] + [dmmse.dmmse_predict(pools[M]) for M in s.pool_sizes],
+                                fresh, n, key, s.num_ref)
     rows = []
-    for M in s.pool_sizes:
-        pool = TaskPool(d, M, noise_var=s2, pool_seed=seed)
-        fresh = dmmse.gaussian_design(pool)
+    for i, M in enumerate(s.pool_sizes):
+        pool = pools[M]
         progress(f"  M = {M}: training {len(seeds)} networks, {s.steps} steps")
         fitted = train.fit_sweep(model, pool, [n], seeds, config, cache=context.cache)
         risk_pool, se_pool = evaluate.evaluate_sweep(model, fitted.params, pool, [n], key, s.num_test)
         risk_fresh, se_fresh = evaluate.evaluate_sweep(model, fitted.params, fresh, [n], key, s.num_test)
-        refs = {}
-        for name, design in (("pool", pool), ("fresh", fresh)):
-            refs[f"dmmse_{name}"], refs[f"dmmse_{name}_se"] = dmmse.dmmse_risk(pool, n, key, design, s.num_ref)
-            refs[f"ridge_{name}"], refs[f"ridge_{name}_se"] = dmmse.ridge_risk(pool, n, key, design, s.num_ref)
         with jax.enable_x64(True):
             gamma = pretraining.fit_ridge(pool.sample(jax.random.fold_in(key, M), s.fit_prompts, n, jnp.float64),
                                           s.fit_ridge)
             la = models.LinearAttention(d, dtype=jnp.float64)
             params = pretraining.attention_params(gamma, jnp.float64)
-        best_pool = montecarlo.risk(lambda p: la.apply(params, p), pool, n, key, s.num_ref)
+        # the pool references and the class optimum on one set of pool prompts
+        dm_pool, ridge_pool, best_pool = montecarlo.risks(
+            [dmmse.dmmse_predict(pool), dmmse.ridge_predict(pool), lambda p: la.apply(params, p)], pool, n, key,
+            s.num_ref)
+        refs = {}
+        for name, dm, ridge in (("pool", dm_pool, ridge_pool), ("fresh", on_fresh[i + 1], on_fresh[0])):
+            refs[f"dmmse_{name}"], refs[f"dmmse_{name}_se"] = dm
+            refs[f"ridge_{name}"], refs[f"ridge_{name}_se"] = ridge
         best_fresh = float(pretraining.icl_error(gamma, n, s2 / d)) * d
         passed = quality.gate(risk_pool[0, 0], best_pool.mean, se=se_pool[0, 0])
         for k, sd in enumerate(seeds):

@@ -18,12 +18,13 @@ import jax
 import jax.numpy as jnp
 
 from iclsim import _validate as check
+from iclsim import compiler
 from iclsim._precision import float64
 from iclsim.gram import draw
 from iclsim.protocols import Estimate
 
 __all__ = ["DRAW_BLOCK", "MAX_BLOCKS", "Estimate", "check_count", "blocks", "group_size", "block_sums", "block_totals",
-           "block_values", "prompt_totals", "prompt_values", "risk_sums", "estimate", "mean", "risk"]
+           "block_values", "prompt_totals", "prompt_values", "risk_sums", "estimate", "mean", "risk", "risks"]
 
 F64 = jnp.float64
 
@@ -213,3 +214,49 @@ def risk(predict: Callable, design, n: int, key, num_prompts: int = 100_000, bat
     return mean(lambda p: (p.y_query - check.predictions(predict(p), p.y_query, "risk")) ** 2, design, n, key,
                 num_prompts, batch_size, dtype)
 
+
+
+@float64
+def risks(predicts, design, n: int, key, num_prompts: int = 100_000, batch_size: int = 10_000,
+          dtype=F64) -> list[Estimate]:
+    """``risk`` of each predictor of the sequence ``predicts`` on the same fresh prompts, in one program: each
+    draw block is drawn once and scored by every predictor. Each estimate is ``risk``'s for that predictor alone
+    with the same arguments: the same prompts and the same per-block pairwise sums added in block order. The
+    predictors being compiled together (work they share, such as X^T X, computed once), a per-prompt value can
+    differ from its own program's at round-off (one ulp of a mean, seen with XLA CPU's fusion emitters off)."""
+    predicts = list(predicts)
+    if not predicts or not all(callable(f) for f in predicts):
+        raise TypeError("predicts must be a non-empty sequence of functions of a Prompts batch")
+    num_prompts = check_count("num_prompts", num_prompts)
+    check.positive_int("batch_size", batch_size)
+    group = group_size(num_prompts, batch_size)
+
+    def values(k):  # [len(predicts), DRAW_BLOCK]
+        p = draw(design, k, DRAW_BLOCK, n, n, dtype)
+        return jnp.stack([(p.y_query - check.predictions(f(p), p.y_query, "risk")) ** 2 for f in predicts])
+
+    def sums(k):
+        count = jnp.asarray(num_prompts)
+        rounds = (blocks(count) + group - 1) // group
+        offsets = jnp.arange(DRAW_BLOCK, dtype=count.dtype)
+
+        def round_(r, carry):  # block_sums' round with a leading predictor axis on every block's values
+            ids = r * group + jnp.arange(group, dtype=count.dtype)
+            vals = jax.vmap(lambda b: values(jax.random.fold_in(k, b)))(ids).astype(F64)  # [group, S, DRAW_BLOCK]
+            vals = jnp.where((ids[:, None] * DRAW_BLOCK + offsets[None, :] < count)[:, None],
+                             vals, 0.0)
+            s, sq = _pairwise_sum(vals), _pairwise_sum(jax.lax.optimization_barrier(vals**2))
+            return jax.lax.fori_loop(0, group, lambda j, c: (c[0] + s[j], c[1] + sq[j]), carry)
+
+        zero = jnp.zeros((len(predicts),), F64)
+        total, total_sq = jax.lax.fori_loop(0, rounds, round_, (zero, zero))
+        return [(total[i], total_sq[i]) for i in range(len(predicts))]
+
+    # XLA CPU's fusion emitters off (``compiler.SMALL_PROGRAM_OPTIONS``): the program compiles in about half the
+    # time, with the same sums (tests/test_montecarlo_risks.py checks them against ``risk``, bit for bit)
+    options = compiler.SMALL_PROGRAM_OPTIONS if jax.default_backend() == "cpu" else None
+    out = []
+    for total, total_sq in jax.jit(sums, compiler_options=options)(key):
+        m, se = estimate(total, total_sq, num_prompts)
+        out.append(Estimate(float(m), float(se)))
+    return out

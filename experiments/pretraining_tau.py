@@ -38,7 +38,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from iclsim import TaskPool, asymptotics, models, montecarlo, plotting, pretraining, quality, theory, train
+from iclsim import TaskPool, asymptotics, designs, models, montecarlo, plotting, pretraining, quality, theory, train
+from iclsim import _validate as check
+from iclsim.gram import draw
+from iclsim.rng import draw_many, normals
 from iclsim.runner import Experiment, RunError
 
 from ._tau_rows import by, extrapolate, seed_stats, trained_intercept, trained_summary
@@ -67,14 +70,35 @@ def _errors_program(d, n, rho):
     return jax.jit(jax.vmap(one))
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _draws(design, key, count, n):
+    """The draws of ``design.sample(key, count, n, float64)`` (``IID`` or ``TaskPool``) before its labels, as one
+    compiled program per design kind and shape: (X, x, beta, label noise, query noise)."""
+    d, f64 = design.dim, jnp.float64
+    if isinstance(design, TaskPool):
+        (gX, x, gn, gq), (u,), _ = draw_many(key, f64, [(count, n, d), (count, d), (count, n), (count, 1)], [(count,)])
+        return gX, x, design._task(u, f64), gn, gq
+    gb, gX, gx, gn, gq = normals(key, f64, (count, d), (count, n, d), (count, d), (count, n), (count, 1))
+    lx = jnp.linalg.cholesky(jnp.asarray(design.cov_x, f64))
+    return gX @ lx.T, gx @ lx.T, gb @ jnp.linalg.cholesky(jnp.asarray(design.cov_beta, f64)).T, gn, gq
+
+
+def _sample(design, key, count, n):
+    """``design.sample(key, count, n, float64)`` bit for bit: the draws compiled once (``_draws``), the labels by
+    ``designs``' own arithmetic op by op, as ``sample`` runs outside jit (compiled with the draws, the labels'
+    multiply-add would be fused and round differently)."""
+    X, x, beta, gn, gq = _draws(design, key, count, n)
+    query_noise_var = design.noise_var if isinstance(design, TaskPool) else design.query_noise_var
+    return designs._prompts(X, x, beta, beta, gn, gq, design.noise_var, query_noise_var)
+
+
 def _sweep(d, kappa, s, seeds, taus):
     """[len(taus), len(seeds)] exact ICL errors of the fits on P = round(tau d^2) prompts, and the Gammas."""
     n, rho = int(round(s.alpha * d)), s.noise_var
     counts = [max(1, int(round(t * d * d))) for t in taus]
     with jax.enable_x64(True):
-        prompts = [_design(d, kappa, rho, sd).sample(jax.random.PRNGKey(sd), max(counts), n, jnp.float64)
-                   for sd in seeds]
-        stacked = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *prompts)
+        prompts = [_sample(_design(d, kappa, rho, sd), jax.random.PRNGKey(sd), max(counts), n) for sd in seeds]
+        stacked = jax.tree_util.tree_map(lambda *a: np.stack([np.asarray(x) for x in a]), *prompts)
         errors = _errors_program(d, n, rho)
         gammas = [_FIT(stacked, s.ridge, c) for c in counts]
         return np.array([np.asarray(errors(g)) for g in gammas]), gammas, counts
@@ -152,10 +176,10 @@ def _trained_tau(s, d, model, loss, errors, groups, label, tau, n, progress, cac
     kap = np.inf if label == "inf" else float(label)
     P = max(1, int(round(tau * d * d)))
     seeds = [sd for _, ss in groups for sd in ss]
-    with jax.enable_x64(True):
-        stacked = [jax.tree_util.tree_map(lambda a: a.astype(jnp.float64), pretraining.stored_prompts(g, ss, P, n))
-                   for g, ss in groups]
-        stacked = jax.tree_util.tree_map(lambda *a: jnp.concatenate(a), *stacked)
+    with jax.enable_x64(True):  # float32 to float64 and the concatenation on the host: exact, no eager programs
+        stacked = [jax.tree_util.tree_map(lambda a: np.asarray(a).astype(np.float64),
+                                          pretraining.stored_prompts(g, ss, P, n)) for g, ss in groups]
+        stacked = jax.tree_util.tree_map(lambda *a: np.concatenate(a), *stacked)
         ridge = np.asarray(_FIT(stacked, lam, P))
         H = np.asarray(_FEATURES(stacked))
     spectra = [pretraining.span_spectrum(h, lam) for h in H]
@@ -165,8 +189,8 @@ def _trained_tau(s, d, model, loss, errors, groups, label, tau, n, progress, cac
     config = train.TrainConfig(steps=s.train_steps, batch_size=P, learning_rate=lr, optimizer="sgd",
                                pretraining_prompts=P, momentum=beta)
     fits = [train.fit_sweep(model, g, [n], ss, config, loss_fn=loss, cache=cache) for g, ss in groups]
-    gammas = np.concatenate([np.asarray(f.params["Gamma"][0, 0], np.float64) for f in fits])
-    final = np.concatenate([np.asarray(f.losses[0, 0, :, -1], np.float64) for f in fits])
+    gammas = np.concatenate([np.asarray(f.params["Gamma"])[0, 0].astype(np.float64) for f in fits])
+    final = np.concatenate([np.asarray(f.losses)[0, 0, :, -1].astype(np.float64) for f in fits])
     with jax.enable_x64(True):
         e_gd, e_ridge = np.asarray(errors(jnp.asarray(gammas))), np.asarray(errors(jnp.asarray(ridge)))
     asym = asymptotics.ridge_icl_error(s.alpha, kap, tau, rho, lam)
@@ -181,12 +205,27 @@ def _trained_tau(s, d, model, loss, errors, groups, label, tau, n, progress, cac
     return rows
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3, 4))
+def _mc_sums(gamma, key, n, rho, num):
+    """``montecarlo.risk``'s sums for Gamma's attention form on ``num`` fresh prompts (its blocks, groups and order),
+    one compiled program for every Gamma of a shape (``risk`` compiles its predictor, Gamma included, per call)."""
+    d = gamma.shape[0]
+    model, params = models.LinearAttention(d, dtype=jnp.float64), pretraining.attention_params(gamma, jnp.float64)
+    design = pretraining.lu_design(d, rho)
+
+    def values(k):
+        p = draw(design, k, montecarlo.DRAW_BLOCK, n, n, jnp.float64)
+        return (p.y_query - check.predictions(model.apply(params, p), p.y_query, "risk")) ** 2
+
+    return montecarlo.block_sums(values, key, num, montecarlo.group_size(num, 10_000))
+
+
 def _monte_carlo(gamma, d, n, rho, num, sd):
-    model = models.LinearAttention(d, dtype=jnp.float64)
     with jax.enable_x64(True):
-        params = pretraining.attention_params(gamma, jnp.float64)
-    est = montecarlo.risk(lambda p: model.apply(params, p), pretraining.lu_design(d, rho), n,
-                          jax.random.fold_in(jax.random.PRNGKey(sd), 77), num)
+        total, total_sq = _mc_sums(jnp.asarray(gamma, jnp.float64), jax.random.fold_in(jax.random.PRNGKey(sd), 77), n,
+                                   rho, num)
+    est = montecarlo.estimate(total, total_sq, num)
+    est = montecarlo.Estimate(float(est.mean), float(est.se))
     exact = float(pretraining.icl_error(gamma, n, rho))
     return {"mc_error": est.mean / d, "mc_se": est.se / d, "mc_z": (est.mean / d - exact) / (est.se / d)}
 

@@ -101,7 +101,8 @@ def initial_params(model, seeds, steps):
 
 
 def theory_curve(model, kind, start, design, n, params0, t_end, s):
-    """[seeds or 1, T] theory loss on a grid of ``s.records`` + 1 times in [0, t_end]."""
+    """[seeds or 1, T] theory loss on a grid of ``s.records`` + 1 times in [0, t_end] (``params0``: each seed's
+    initial parameters, read from a random start only)."""
     if start == "aligned" and kind == "merged":
         times = np.linspace(0.0, t_end, s.records + 1)
         return times, dy.merged_time_course(design, n, times, model.heads, model.init_scale).loss[None]
@@ -134,7 +135,10 @@ def run(s, seed, context):
         # at the end, paired on each seed's own fresh prompts: the network against the PGD predictor it implements
         final = jax.tree_util.tree_map(lambda a: a[0, 0], fit.params)
         keys = stream_keys(seeds, Stream.FINAL)
-        full, full_se = evaluate.evaluate_sweep(model, fit.params, design, [n], keys, s.num_final)
+        # scored as build(kind, heads) with the default start: the prediction reads neither the start nor its scale,
+        # so the runs of one kind and head count share one compiled evaluation program
+        full, full_se = evaluate.evaluate_sweep(build(kind, heads, "random", 1.0, design.dim), fit.params, design, [n],
+                                                keys, s.num_final)
         pgd, pgd_params = pgd_part(model, final, n)
         part, _ = evaluate.evaluate_sweep(pgd, jax.tree_util.tree_map(lambda a: a[None, None], pgd_params), design,
                                           [n], keys, s.num_final)
@@ -142,7 +146,8 @@ def run(s, seed, context):
         rec_t, rec = lr * np.asarray(fit.record.steps, np.float64), np.asarray(fit.record.loss[0, 0], np.float64)
         blocks = losses[:, : steps // w * w].reshape(len(seeds), steps // w, w)
         t = lr * (np.arange(steps // w) * w + (w - 1) / 2)
-        times, th = theory_curve(model, kind, start, design, n, initial_params(model, seeds, steps), lr * steps, s)
+        params0 = initial_params(model, seeds, steps) if start == "random" else None  # the aligned theory needs none
+        times, th = theory_curve(model, kind, start, design, n, params0, lr * steps, s)
         levels = dy.pcr_risks(design, n).risks
         ladder = levels[[0, -1]] if kind == "merged" else levels[: min(heads, design.dim) + 1]
         # the last plateau's level from the iterates' average over the last tail_fraction of the run, each seed's

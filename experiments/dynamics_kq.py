@@ -96,8 +96,9 @@ def pgd_part(model, params, n):
 
 
 def initial_params(model, seeds, steps):
-    """Each seed's initial parameters as ``train.fit_sweep`` draws them (its first key of steps + 1)."""
-    return jax.vmap(lambda k: model.init(jax.random.split(k, steps + 1)[0]))(seed_keys(seeds))
+    """Each seed's initial parameters as ``train.fit_sweep`` draws them (its first key of steps + 1), one compiled
+    program."""
+    return jax.jit(jax.vmap(lambda k: model.init(jax.random.split(k, steps + 1)[0])))(seed_keys(seeds))
 
 
 def theory_curve(model, kind, start, design, n, params0, t_end, s):
@@ -128,17 +129,17 @@ def run(s, seed, context):
         fit = train.fit_sweep(model, design, [n], seeds, train.TrainConfig(
             steps=steps, batch_size=s.batch, learning_rate=lr, optimizer="sgd", record_every=s.record_every,
             record_prompts=s.record_prompts, summarize=record_summary(model, n)), cache=context.cache)
-        # the PGD part's exact risk at every record (float64 closed form: no Monte Carlo error)
+        # the PGD part's exact risk at every record (float64 closed form: no Monte Carlo error), one compiled program
         rec_w = np.asarray(fit.record.summaries["W"][0, 0], np.float64)  # [seeds, records, d, d]
         with jax.enable_x64(True):
-            exact = np.asarray(jax.vmap(jax.vmap(lambda W: theory.pgd_risk(design, n, W)))(rec_w), np.float64)
+            exact = np.asarray(jax.jit(jax.vmap(jax.vmap(lambda W: theory.pgd_risk(design, n, W))))(rec_w), np.float64)
         # at the end, paired on each seed's own fresh prompts: the network against the PGD predictor it implements
         final = jax.tree_util.tree_map(lambda a: a[0, 0], fit.params)
         keys = stream_keys(seeds, Stream.FINAL)
         # scored as build(kind, heads) with the default start: the prediction reads neither the start nor its scale,
-        # so the runs of one kind and head count share one compiled evaluation program
-        full, full_se = evaluate.evaluate_sweep(build(kind, heads, "random", 1.0, design.dim), fit.params, design, [n],
-                                                keys, s.num_final)
+        # so the runs of one kind and head count (and the tail average below) share one compiled evaluation program
+        scorer = build(kind, heads, "random", 1.0, design.dim)
+        full, full_se = evaluate.evaluate_sweep(scorer, fit.params, design, [n], keys, s.num_final)
         pgd, pgd_params = pgd_part(model, final, n)
         part, _ = evaluate.evaluate_sweep(pgd, jax.tree_util.tree_map(lambda a: a[None, None], pgd_params), design,
                                           [n], keys, s.num_final)
@@ -157,7 +158,7 @@ def run(s, seed, context):
         window = (np.asarray(fit.record.steps)[None] >= steps * (1 - s.tail_fraction)) \
             & (np.abs(th_rec - ladder[-1]) <= 0.01 * float(ladder[0] - ladder[-1]))
         tail = tail_average(jax.tree_util.tree_map(lambda a: a[0, 0], fit.record.summaries["params"]), window)
-        tail_risk, tail_se = evaluate.evaluate_sweep(model, jax.tree_util.tree_map(lambda a: a[None, None], tail),
+        tail_risk, tail_se = evaluate.evaluate_sweep(scorer, jax.tree_util.tree_map(lambda a: a[None, None], tail),
                                                      design, [n], keys, s.num_final)
         comps = [0, design.dim] if kind == "merged" else list(range(len(ladder)))
         sp = dy.spectrum(design, n)  # separate KQ, aligned: drop j near 1 / (2 lam_j c_j u0) for small u0

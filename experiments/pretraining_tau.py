@@ -98,7 +98,7 @@ def _sweep(d, kappa, s, seeds, taus):
     counts = [max(1, int(round(t * d * d))) for t in taus]
     with jax.enable_x64(True):
         prompts = [_sample(_design(d, kappa, rho, sd), jax.random.PRNGKey(sd), max(counts), n) for sd in seeds]
-        stacked = jax.tree_util.tree_map(lambda *a: np.stack([np.asarray(x) for x in a]), *prompts)
+        stacked = jax.tree_util.tree_map(lambda *a: jnp.asarray(np.stack([np.asarray(x) for x in a])), *prompts)
         errors = _errors_program(d, n, rho)
         gammas = [_FIT(stacked, s.ridge, c) for c in counts]
         return np.array([np.asarray(errors(g)) for g in gammas]), gammas, counts

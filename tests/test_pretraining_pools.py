@@ -57,3 +57,41 @@ def test_trained_kappas_must_be_on_the_curve():
     s = dataclasses.replace(study.SETTINGS, kappas=(0.5,), train_kappas=(2.0,))
     with pytest.raises(RunError, match="train_kappas"):
         study._check_training(s)
+
+
+@pytest.mark.parametrize("kappa", [None, 0.5])
+def test_curve_prompts_are_design_sample_bit_for_bit(kappa):
+    """The closed-form curve's prompts come from ``_sample`` (the draws compiled once per shape, the labels op by op):
+    they must be ``design.sample(key, count, n, float64)``'s to the last bit, fresh tasks and a pool alike (the
+    committed figures were made from design.sample). Planted bugs caught: labels computed inside the compiled draw
+    (the multiply-add fused: last-bit differences), a pool's query noise taken as 0, the task draw of another
+    design kind."""
+    d, n, count, rho = 4, 5, 37, 0.3
+    with jax.enable_x64(True):
+        for seed in (0, 7):
+            design = study._design(d, kappa, rho, seed)
+            want = design.sample(jax.random.PRNGKey(seed), count, n, jnp.float64)
+            got = study._sample(design, jax.random.PRNGKey(seed), count, n)
+            for name, a, b in zip(want._fields, want, got):
+                assert (a is None) == (b is None), name
+                if a is not None:
+                    np.testing.assert_array_equal(np.asarray(b), np.asarray(a), err_msg=name)
+
+
+def test_monte_carlo_referee_is_montecarlo_risk_of_the_attention_form():
+    """``_monte_carlo`` scores Gamma's attention form with one compiled program for every Gamma: its estimate must be
+    ``montecarlo.risk``'s on the same prompts (same key, count and blocks), to the last bit, divided by d, and its z
+    the gap to the exact finite-d error in its standard errors. Planted bugs caught: another key or prompt count,
+    the prediction without Gamma's last column, a z against the wrong exact error."""
+    d, n, rho, num, seed = 4, 6, 0.2, 700, 3
+    with jax.enable_x64(True):
+        prompts = study._sample(pretraining.lu_design(d, rho), jax.random.PRNGKey(1), 60, n)
+        gamma = pretraining.fit_ridge(prompts, 1e-3)
+        model = models.LinearAttention(d, dtype=jnp.float64)
+        params = pretraining.attention_params(gamma, jnp.float64)
+    est = montecarlo.risk(lambda p: model.apply(params, p), pretraining.lu_design(d, rho), n,
+                          jax.random.fold_in(jax.random.PRNGKey(seed), 77), num)
+    got = study._monte_carlo(gamma, d, n, rho, num, seed)
+    assert got["mc_error"] == est.mean / d and got["mc_se"] == est.se / d
+    exact = float(pretraining.icl_error(gamma, n, rho))
+    assert got["mc_z"] == (est.mean / d - exact) / (est.se / d)

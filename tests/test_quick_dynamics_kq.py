@@ -8,7 +8,7 @@ import sys
 import jax
 import numpy as np
 
-from iclsim import train
+from iclsim import evaluate, train
 from tests.quick import EXPERIMENTS, run_quick
 from tests.tolerance import report
 
@@ -51,3 +51,21 @@ def test_initial_params_are_the_trained_start():
     start = mod.initial_params(model, [4, 9], 3)
     for got, want in zip(jax.tree_util.tree_leaves(fit.params), jax.tree_util.tree_leaves(start)):
         np.testing.assert_allclose(np.asarray(got)[0, 0], np.asarray(want), rtol=1e-6, atol=1e-25)
+
+
+@pytest.mark.parametrize("kind,heads", [("merged", 4), ("separate", 3)])
+def test_scoring_model_reads_neither_start_nor_scale(kind, heads):
+    """run scores every network as ``build(kind, heads, "random", 1.0)`` (one evaluation program per kind and head
+    count): the risk of an aligned network at its own scale must be the same numbers, to the last bit, as with
+    that scoring model. Planted bug caught: a prediction that read the start or the init scale."""
+    module = EXPERIMENTS["dynamics_kq"]
+    mod = sys.modules[module.run.__module__]
+    design = mod.designs(module.settings)["aniso"]
+    model = mod.build(kind, heads, "aligned", 0.3, design.dim)
+    params = jax.vmap(model.init)(jax.random.split(jax.random.PRNGKey(0), 2))
+    params = jax.tree_util.tree_map(lambda a: a[None, None] * 1.7, params)  # off the start: every entry matters
+    keys = jax.random.split(jax.random.PRNGKey(1), 2)
+    own = evaluate.evaluate_sweep(model, params, design, [8], keys, 2000)
+    scored = evaluate.evaluate_sweep(mod.build(kind, heads, "random", 1.0, design.dim), params, design, [8], keys, 2000)
+    np.testing.assert_array_equal(np.asarray(scored[0]), np.asarray(own[0]))
+    np.testing.assert_array_equal(np.asarray(scored[1]), np.asarray(own[1]))

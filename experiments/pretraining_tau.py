@@ -39,8 +39,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from iclsim import TaskPool, asymptotics, designs, models, montecarlo, plotting, pretraining, quality, theory, train
-from iclsim import _validate as check
-from iclsim.gram import draw
 from iclsim.rng import draw_many, normals
 from iclsim.runner import Experiment, RunError
 
@@ -207,17 +205,12 @@ def _trained_tau(s, d, model, loss, errors, groups, label, tau, n, progress, cac
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4))
 def _mc_sums(gamma, key, n, rho, num):
-    """``montecarlo.risk``'s sums for Gamma's attention form on ``num`` fresh prompts (its blocks, groups and order),
+    """``montecarlo.risk``'s sums (``montecarlo.risk_sums``) for Gamma's attention form on ``num`` fresh prompts,
     one compiled program for every Gamma of a shape (``risk`` compiles its predictor, Gamma included, per call)."""
     d = gamma.shape[0]
     model, params = models.LinearAttention(d, dtype=jnp.float64), pretraining.attention_params(gamma, jnp.float64)
-    design = pretraining.lu_design(d, rho)
-
-    def values(k):
-        p = draw(design, k, montecarlo.DRAW_BLOCK, n, n, jnp.float64)
-        return (p.y_query - check.predictions(model.apply(params, p), p.y_query, "risk")) ** 2
-
-    return montecarlo.block_sums(values, key, num, montecarlo.group_size(num, 10_000))
+    return montecarlo.risk_sums(lambda p: model.apply(params, p), pretraining.lu_design(d, rho), n, n, key, num,
+                                montecarlo.group_size(num, 10_000), jnp.float64)
 
 
 def _monte_carlo(gamma, d, n, rho, num, sd):

@@ -60,7 +60,8 @@ def group_size(count: int, batch_size: int) -> int:
 
 def block_sums(values: Callable, key, count, group: int = 1):
     """(sum, sum of squares) in float64 of the first ``count`` draws of the block stream of ``key``:
-    ``values(key_b) -> [DRAW_BLOCK]`` is the statistic of block b's draws, key_b = fold_in(key, b).
+    ``values(key_b) -> [..., DRAW_BLOCK]`` is the statistic of block b's draws, key_b = fold_in(key, b) (leading
+    axes, several statistics of the same draws, give sums of that shape, each as it would be alone).
 
     ``group`` blocks are drawn per loop round (vmapped over their keys); each block is summed on its own
     and the block sums are added in block order, so the result is the same for every ``group``. Pure,
@@ -73,15 +74,16 @@ def block_sums(values: Callable, key, count, group: int = 1):
 
     def round_(r, carry):
         ids = r * group + jnp.arange(group, dtype=index)
-        vals = jax.vmap(lambda b: values(jax.random.fold_in(key, b)))(ids).astype(F64)  # [group, DRAW_BLOCK]
-        vals = jnp.where(ids[:, None] * DRAW_BLOCK + offsets[None, :] < count, vals, 0.0)
+        vals = jax.vmap(lambda b: values(jax.random.fold_in(key, b)))(ids).astype(F64)  # [group, ..., DRAW_BLOCK]
+        valid = ids[:, None] * DRAW_BLOCK + offsets[None, :] < count
+        vals = jnp.where(valid.reshape((group,) + (1,) * (vals.ndim - 2) + (DRAW_BLOCK,)), vals, 0.0)
         # the squares materialised before they are added: fused, a square and an add may become one
         # fused multiply-add in some groupings and not others (measured: sums of squares one ulp apart)
         sums, squares = _pairwise_sum(vals), _pairwise_sum(jax.lax.optimization_barrier(vals**2))
         # block by block, in order: the same additions whatever the grouping
         return jax.lax.fori_loop(0, group, lambda j, c: (c[0] + sums[j], c[1] + squares[j]), carry)
 
-    zero = jnp.zeros((), F64)
+    zero = jnp.zeros(jax.eval_shape(values, jax.random.fold_in(key, 0)).shape[:-1], F64)
     return jax.lax.fori_loop(0, rounds, round_, (zero, zero))
 
 
@@ -235,28 +237,15 @@ def risks(predicts, design, n: int, key, num_prompts: int = 100_000, batch_size:
         p = draw(design, k, DRAW_BLOCK, n, n, dtype)
         return jnp.stack([(p.y_query - check.predictions(f(p), p.y_query, "risk")) ** 2 for f in predicts])
 
-    def sums(k):
-        count = jnp.asarray(num_prompts)
-        rounds = (blocks(count) + group - 1) // group
-        offsets = jnp.arange(DRAW_BLOCK, dtype=count.dtype)
+    def sums(k):  # [len(predicts)] each: block_sums with the predictors as a leading axis
+        return block_sums(values, k, num_prompts, group)
 
-        def round_(r, carry):  # block_sums' round with a leading predictor axis on every block's values
-            ids = r * group + jnp.arange(group, dtype=count.dtype)
-            vals = jax.vmap(lambda b: values(jax.random.fold_in(k, b)))(ids).astype(F64)  # [group, S, DRAW_BLOCK]
-            vals = jnp.where((ids[:, None] * DRAW_BLOCK + offsets[None, :] < count)[:, None],
-                             vals, 0.0)
-            s, sq = _pairwise_sum(vals), _pairwise_sum(jax.lax.optimization_barrier(vals**2))
-            return jax.lax.fori_loop(0, group, lambda j, c: (c[0] + s[j], c[1] + sq[j]), carry)
-
-        zero = jnp.zeros((len(predicts),), F64)
-        total, total_sq = jax.lax.fori_loop(0, rounds, round_, (zero, zero))
-        return [(total[i], total_sq[i]) for i in range(len(predicts))]
-
-    # XLA CPU's fusion emitters off (``compiler.SMALL_PROGRAM_OPTIONS``): the program compiles in about half the
-    # time, with the same sums (tests/test_montecarlo_risks.py checks them against ``risk``, bit for bit)
+    # XLA CPU's fusion emitters off (``compiler.SMALL_PROGRAM_OPTIONS``): a smaller program to compile
+    # (docs/performance.md §2.15), the sums ``risk``'s up to round-off (tests/test_montecarlo_risks.py)
     options = compiler.SMALL_PROGRAM_OPTIONS if jax.default_backend() == "cpu" else None
     out = []
-    for total, total_sq in jax.jit(sums, compiler_options=options)(key):
+    totals, squares = jax.jit(sums, compiler_options=options)(key)
+    for total, total_sq in zip(totals, squares):
         m, se = estimate(total, total_sq, num_prompts)
         out.append(Estimate(float(m), float(se)))
     return out

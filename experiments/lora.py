@@ -37,32 +37,21 @@ def run(s, seed, context):
             zoo[f"{name} LoRA r={r}"] = (model, TrainConfig(s.steps, s.batch, s.lr_lora))
             W0[model] = (np.asarray(base.effective_pgd(params, n).W, np.float64), min(mult * r, d), name, r)
 
-    closed = {}  # each closed form once per (form, design, n, model): the sweep's rows and seeds repeat them
-
-    def once(form, des, n, m, *args):
-        key = (form.__name__, id(des), n, m)
-        if key not in closed:
-            closed[key] = form(des, n, *args)
-        return closed[key]
-
     def theory_risk(des, n, m):
         w0, rank, _, _ = W0[m]
-        return once(theory.lora_optimal_risk, des, n, m, w0, rank)
+        return theory.lora_optimal_risk(des, n, w0, rank)
 
     rows = sweeps.risk_curves(zoo, {"new": new}, [n], seeds, theory_risk, test_key,
                                s.num_test, progress,
-                               optimum=lambda des, n, m: theory.Optimum(
-                                   once(theory.lora_optimal_pgd, des, n, m, *W0[m][:2]), theory_risk(des, n, m)),
+                               optimum=lambda des, n, m: theory.Optimum(theory.lora_optimal_pgd(des, n, *W0[m][:2]),
+                                                                       theory_risk(des, n, m)),
                                extra=lambda m, W, o, des, n: {"family": W0[m][2], "rank": W0[m][3],
                                                               "W_rank": W0[m][1]},
                                cache=context.cache)
     L_new = float(theory.optimal_pgd(new, n).risk)
-    before = {}  # the pretrained W0's risk on the new design, once per family
     for r in rows:
-        if r["family"] not in before:
-            model = next(m for m in W0 if W0[m][2] == r["family"])
-            before[r["family"]] = float(theory.pgd_risk(new, n, W0[model][0]))
-        r["no_adaptation"] = before[r["family"]]
+        model = next(m for m in W0 if W0[m][2] == r["family"])
+        r["no_adaptation"] = float(theory.pgd_risk(new, n, W0[model][0]))
         r["retrained"] = L_new
     return rows
 

@@ -39,28 +39,19 @@ def run(s, seed, context):
     def rank_of(m):
         return min(m.rank, d)
 
-    closed = {}  # each closed form once per (design, n, rank): the sweep's rows and seeds repeat them
-
-    def once(form, des, n, r):
-        key = (form.__name__, id(des), n, r)
-        if key not in closed:
-            closed[key] = form(des, n, r)
-        return closed[key]
-
     def extra(model, W, omega, design, n):
         r = rank_of(model)
         row = {"rank": r}
         if design is designs["spiked"] and r <= s.spikes:  # beyond the spikes the subspace is degenerate
-            row["overlap"] = subspace_overlap(W, once(theory.lowrank_optimal_pgd, design, n, r), r)
+            row["overlap"] = subspace_overlap(W, theory.lowrank_optimal_pgd(design, n, r), r)
         return row
 
-    return sweeps.risk_curves(zoo, designs, [n], seeds,
-                              lambda des, n, m: once(theory.lowrank_optimal_risk, des, n, rank_of(m)),
-                              test_key, s.num_test, progress,
-                              optimum=lambda des, n, m: theory.Optimum(
-                                  once(theory.lowrank_optimal_pgd, des, n, rank_of(m)),
-                                  once(theory.lowrank_optimal_risk, des, n, rank_of(m))),
-                              extra=extra, cache=context.cache)
+    return sweeps.risk_curves(zoo, designs, [n], seeds, lambda des, n, m: theory.lowrank_optimal_risk(des, n, rank_of(m)),
+                               test_key, s.num_test, progress,
+                               optimum=lambda des, n, m: theory.Optimum(theory.lowrank_optimal_pgd(des, n, rank_of(m)),
+                                                                       theory.lowrank_optimal_risk(des, n, rank_of(m))),
+                               extra=extra, cache=context.cache)
+
 
 def plot(rows, s):
     fig, (ax1, ax2), (g1, g2) = plotting.panels(2, gap=True)

@@ -55,7 +55,8 @@ def risk_curves(models: Mapping[str, tuple], designs: Mapping[str, object], ns: 
         risk, se = evaluate.evaluate_sweep(model, fitted.params, design_list, ns, key, num_test)
         for i, (label, design) in enumerate(zip(labels, design_list)):
             for j, n in enumerate(ns):
-                L = float(theory_risk(design, n, model))
+                L = float(theory_risk(design, n, model))  # the closed forms once per (design, n), not per seed
+                W_star = optimum(design, n, model).W if optimum is not None and protocols.implements_pgd(model) else None
                 for k, seed in enumerate(seeds):
                     row = {"design": label, "model": name, "n": n, "seed": seed, "risk": float(risk[i, j, k]),
                            "se": float(se[i, j, k]), "theory": L, "gap": (float(risk[i, j, k]) - L) / L,
@@ -65,8 +66,7 @@ def risk_curves(models: Mapping[str, tuple], designs: Mapping[str, object], ns: 
                     if protocols.implements_pgd(model):
                         p = jax.tree_util.tree_map(lambda a: a[i, j, k], fitted.params)
                         W, omega = effective(model, p, n, n_slots)
-                        if optimum is not None:
-                            W_star = optimum(design, n, model).W
+                        if W_star is not None:
                             row["w_rel"] = float(jnp.linalg.norm(W - W_star) / jnp.linalg.norm(W_star))
                         exact = exact_risk(model, p, design, n, n_slots, W, omega)
                         if exact is not None:

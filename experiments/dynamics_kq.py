@@ -115,6 +115,9 @@ def theory_curve(model, kind, start, design, n, params0, t_end, s):
 
 
 def run(s, seed, context):
+    if isinstance(s.tail_fraction, bool) or not 0 < s.tail_fraction <= 1:
+        raise ValueError(f"tail_fraction must be a number in (0, 1] (the share of the run the last plateau's "
+                         f"average may use), got {s.tail_fraction!r}")
     progress = context.progress
     n, lr, w = s.n, s.learning_rate, s.window
     seeds = [seed + k for k in range(s.seeds)]

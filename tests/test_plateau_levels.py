@@ -90,3 +90,14 @@ def test_tail_average_removes_the_sgd_excess_of_a_noisy_minimiser():
     excess_avg, excess_last = np.sum((avg - target) ** 2), np.sum((path[-1] - target) ** 2)
     # the last iterate's excess has mean 2 x 0.1^2 = 0.02; the average over 250 records 0.02 / 250 = 8e-5
     assert excess_avg < 3e-4 and excess_avg < 0.1 * excess_last, (excess_avg, excess_last)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.25, 1.5, True])
+def test_tail_fraction_out_of_range_is_a_named_error(bad):
+    """A tail_fraction outside (0, 1] names the setting and its range before anything is trained (0 would leave
+    every seed without a window; above 1 the window is not a tail)."""
+    import dataclasses
+
+    settings = dataclasses.replace(EXPERIMENTS["dynamics_kq"].settings, tail_fraction=bad)
+    with pytest.raises(ValueError, match=r"tail_fraction must be a number in \(0, 1\]"):
+        study.run(settings, 0, None)

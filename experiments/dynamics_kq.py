@@ -75,10 +75,10 @@ def record_summary(model, n):
 def tail_average(records, mask):
     """Each seed's parameters averaged over its records where ``mask`` [seeds, R] is True (Polyak-Ruppert
     averaging of the SGD iterates on the last plateau): ``records`` has leaves [seeds, R, ...]; a seed with
-    no record in its window gets its last record (the caller counts it apart). At a fixed point of gradient flow, SGD at a constant step size
-    fluctuates around the minimiser with an excess loss of order the learning rate; the average over a window
-    much longer than the fluctuations' correlation time sits at the minimiser, so its risk reads the level
-    gradient flow reaches."""
+    no record in its window gets its last record (the caller counts it apart). At a fixed point of gradient
+    flow, SGD at a constant step size fluctuates around the minimiser with an excess loss of order the learning
+    rate; the average over a window much longer than the fluctuations' correlation time sits at the minimiser,
+    so its risk reads the level gradient flow reaches (docs/theory.md §13.3)."""
     m = np.asarray(mask, np.float64)
     m[m.sum(axis=1) == 0, -1] = 1.0
     weights = m / m.sum(axis=1, keepdims=True)

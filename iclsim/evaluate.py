@@ -127,13 +127,17 @@ def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: 
         networks = plan.blocks.size // len(plan.devices)  # networks vmapped together on one device
         group = montecarlo.group_size(num_prompts, min(batch_size, MAX_BATCH // networks))  # memory only
         split = layout.split_design(jax.tree_util.tree_map(lambda a: np.asarray(a)[di[points]], stacked))
+        # one context length for every point: n is passed once, unbatched, so that a block's members (one key,
+        # one design) share its draw instead of drawing it per member (vmap batches whatever depends on a
+        # batched n)
+        one_n = len(ns) == 1
         program = _compiled_evaluation(model, n_slots, group, gram, plan.devices, split.treedef, split.shared,
-                                       rows is not None)
+                                       rows is not None, one_n)
         b = plan.blocks
         keys = key if rows is None else jnp.asarray(rows[sk[points][b[:, 0]]])
+        n_arg = jnp.asarray(np.asarray(ns)[0]) if one_n else jnp.asarray(np.asarray(ns)[nj[points]][b])
         sums = program(jax.tree_util.tree_map(lambda a: a[points][b], flat), [a[b] for a in split.varying],
-                       split.common, jnp.asarray(np.asarray(ns)[nj[points]][b]), keys,
-                       jnp.asarray(num_prompts, jnp.int32))
+                       split.common, n_arg, keys, jnp.asarray(num_prompts, jnp.int32))
         return layout.gather(sums, plan, len(points))
 
     if progress is None:
@@ -249,11 +253,12 @@ def _key_rows(key, num_seeds: int, name: str = "key"):
 
 @functools.lru_cache(maxsize=64)
 def _compiled_evaluation(model, n_slots: int, group: int, gram: bool, devices: tuple, treedef, shared: tuple,
-                         block_keys: bool = False):
+                         block_keys: bool = False, one_n: bool = False):
     """One jitted program per (model, n_slots, draw blocks per round, sampler, devices, shared design leaves,
     one key or a key per block): params, designs, ns, keys and the prompt count are arguments, so other
     sweeps of the same shape never recompile, whatever their prompt count (a validation set and a test set
-    share the program where they group alike)."""
+    share the program where they group alike). ``one_n``: every point has the same context length, passed
+    once (a block's members then share one draw)."""
 
     sums = _risk_sums(model, n_slots, group, gram)
 
@@ -261,5 +266,5 @@ def _compiled_evaluation(model, n_slots: int, group: int, gram: bool, devices: t
         return sums(params, layout.merge_design(treedef, shared, varying, common), n, key, count)
 
     options = compiler.evaluation_options(devices)
-    return layout.blocked(point, (MEMBER, MEMBER, None, MEMBER, BLOCK if block_keys else None, None), devices,
-                          compiler_options=options)
+    kinds = (MEMBER, MEMBER, None, None if one_n else MEMBER, BLOCK if block_keys else None, None)
+    return layout.blocked(point, kinds, devices, compiler_options=options)

@@ -142,17 +142,18 @@ def run(s, seed, context):
         ref, ref_se, one_step = _reference(s, name, design, V, jax.random.PRNGKey(seed), progress)
         steps = layer_steps(model, params)
         order = step_order(steps)
+        networks = pruning.candidate_networks(params, cands)  # [seeds, candidates]: built once, scored per setting
         passed = None
         for setting in s.settings:
             test_design, test_n = tests[setting]
             progress(f"  {name}: {len(cands)} candidates x {len(seeds)} seeds on {setting}")
-            test, test_se = pruning.evaluate_candidates(model, params, test_design, test_n, cands, keys["test"],
-                                                        s.num_test)
-            val, _ = pruning.evaluate_candidates(model, params, test_design, test_n, [cands[j] for j in trivial],
-                                                 keys["val"], s.num_val)
+            test, test_se = pruning.evaluate_networks(model, networks, test_design, test_n, keys["test"], s.num_test)
+            val, _ = pruning.evaluate_networks(model, pruning.select_networks(networks, trivial), test_design, test_n,
+                                               keys["val"], s.num_val)
             val_of = {j: val[:, i] for i, j in enumerate(trivial)}
             found = pruning.search(model, params, test_design, test_n, [cands[j] for j in svd], keys["val"],
-                                   keys["test"], s.num_val, s.num_test, null_key=keys["null"])
+                                   keys["test"], s.num_val, s.num_test, null_key=keys["null"],
+                                   networks=pruning.select_networks(networks, svd))
             if passed is None:  # the gate, on the matched setting (listed first)
                 passed = quality.gate(test[:, 0], ref, se=np.hypot(test_se[:, 0], ref_se))
             for i, sd in enumerate(seeds):

@@ -56,9 +56,8 @@ def run(s, seed, context):
     ref = theory.optimal_multistep_gd(design, n, L, jax.random.PRNGKey(seed), s.num_reference)
     order = step_order(layer_steps(model, params))
     cands = candidates(L, ranks)
-    per_seed = [jax.tree_util.tree_map(lambda a: a[i], params) for i in range(len(seeds))]
-    networks = [pruning.apply_candidate(p, c) for p in per_seed for c in cands]
-    stacked = jax.tree_util.tree_map(lambda *a: np.stack([np.asarray(x) for x in a]), *networks)
+    networks = pruning.candidate_networks(params, cands)  # [seeds, cands]: built once, scored per setting
+    stacked = jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:]), networks)
     gammas = np.asarray(jax.vmap(model.preconditioners)(stacked), np.float64)  # [seeds * cands, L, d, d]
     stand_in = np.linalg.norm(gammas, ord=2, axis=(2, 3)).sum(axis=1).reshape(len(seeds), len(cands))
     test_keys = sweeps.stream_keys(seeds, TEST_STREAM)
@@ -66,7 +65,7 @@ def run(s, seed, context):
     rows, passed = [], None
     for setting, (test_design, test_n) in test_settings(s).items():
         progress(f"  {setting}: {len(cands)} networks x {len(seeds)} seeds on {s.num_test} test prompts each")
-        risk, se = pruning.evaluate_candidates(model, params, test_design, test_n, cands, test_keys, s.num_test)
+        risk, se = pruning.evaluate_networks(model, networks, test_design, test_n, test_keys, s.num_test)
         if passed is None:  # the gate: matched test risk of the unpruned network against the best L-step GD
             passed = quality.gate(risk[:, 0], ref.risk, se=np.hypot(se[:, 0], ref.se))
         progress(f"  {setting}: paper B's bound of every network over {s.num_contexts} contexts per seed")

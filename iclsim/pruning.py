@@ -15,7 +15,8 @@ from iclsim import _validate as _check
 from iclsim import evaluate, montecarlo
 
 __all__ = ["DEFAULT_RATES", "MODULES", "OPERATIONS", "Candidate", "SearchResult", "apply_candidate", "kept_singular_values", "ranks_for_rates",
-           "svd_truncate", "prune", "module_shape", "evaluate_candidates", "search", "rate_options",
+           "svd_truncate", "prune", "module_shape", "evaluate_candidates", "candidate_networks", "select_networks",
+           "search", "rate_options",
            "select_on_validation", "multistep_gd_params", "evaluate_networks", "prompt_errors", "RobustChange",
            "robust_change", "paired_prompt_change"]
 
@@ -190,17 +191,29 @@ def evaluate_candidates(model, params, design, n: int, candidates: Sequence[Cand
     axis), all stacked along one vmapped axis: one compiled evaluation. ``key``: one key, every network on
     the same fresh prompts; or one per seed ([seeds, 2]), each seed's networks on its own prompts. Either
     way the candidates of a seed share their prompts (common random numbers: their differences are paired).
-    Scored by ``evaluate_networks``, the one scorer of network lists."""
+    Scored by ``evaluate_networks``, the one scorer of network lists; ``candidate_networks`` builds the
+    networks, for a caller that scores the same candidates on several test settings."""
+    seeds = jax.tree_util.tree_leaves(params)[0].shape[0]
+    evaluate._key_rows(key, seeds)  # checked before the SVDs
+    return evaluate_networks(model, candidate_networks(params, candidates), design, n, key, num_prompts)
+
+
+def candidate_networks(params, candidates: Sequence[Candidate]):
+    """The parameters of every candidate of every seed (``apply_candidate``; ``params`` with a leading seed
+    axis), as host arrays with leading axes [seeds, candidates]: what ``evaluate_networks`` scores."""
     seeds = jax.tree_util.tree_leaves(params)[0].shape[0]
     if not candidates:
         raise ValueError("candidates must not be empty")
-    evaluate._key_rows(key, seeds)  # checked before the SVDs
     per_seed = [jax.tree_util.tree_map(lambda a: a[s], params) for s in range(seeds)]
     # stacked on the host: jnp.stack of thousands of operands compiles one concatenation per count
-    networks = jax.tree_util.tree_map(
+    return jax.tree_util.tree_map(
         lambda *a: np.stack([np.asarray(x) for x in a]).reshape((seeds, len(candidates)) + np.shape(a[0])),
         *[_apply(p, c) for p in per_seed for c in candidates])
-    return evaluate_networks(model, networks, design, n, key, num_prompts)
+
+
+def select_networks(networks, indices: Sequence[int]):
+    """The candidates ``indices`` (positions along axis 1) of ``candidate_networks``' output."""
+    return jax.tree_util.tree_map(lambda a: a[:, list(indices)], networks)
 
 
 class SearchResult(NamedTuple):
@@ -219,7 +232,7 @@ class SearchResult(NamedTuple):
 
 
 def search(model, params, design, n: int, candidates: Sequence[Candidate], val_key, test_key, num_val: int = 20_000,
-           num_test: int = 100_000, null_key=None) -> SearchResult:
+           num_test: int = 100_000, null_key=None, networks=None) -> SearchResult:
     """Paper B's derivative-free algorithm as a protocol, for every seed at once (``params`` with a leading
     seed axis): evaluate every candidate on validation prompts, keep the best (ties to the earlier
     candidate: list the unpruned one first), and score the choice on separate test prompts, paired
@@ -229,7 +242,8 @@ def search(model, params, design, n: int, candidates: Sequence[Candidate], val_k
     key (every seed on the same prompts) or one per seed ([seeds, 2]: each seed its own validation, test
     and null sets, so that an interval over seeds contains the variation of the sets). Each set is
     exactly num_val (num_test) prompts of the referee's fixed draw blocks (``montecarlo``): the same prompts
-    whatever the batch size or the number of networks per device."""
+    whatever the batch size or the number of networks per device. ``networks``: the candidates' parameters
+    when the caller has built them already (``candidate_networks(params, candidates)``; the same numbers)."""
     candidates = [Candidate(*c) for c in candidates]
     if not candidates or not candidates[0].unpruned:
         raise ValueError("candidates[0] must be the unpruned network (op 'svd', rank None), the reference of the "
@@ -238,8 +252,13 @@ def search(model, params, design, n: int, candidates: Sequence[Candidate], val_k
     for name, key in (("val_key", val_key), ("test_key", test_key), ("null_key", null_key)):
         if name != "null_key" or key is not None:  # checked before any evaluation; no null_key: no null control
             evaluate._key_data(key, seeds, name)
-    val, _ = evaluate_candidates(model, params, design, n, candidates, val_key, num_val)
-    test, test_se = evaluate_candidates(model, params, design, n, candidates, test_key, num_test)
+    if networks is None:
+        networks = candidate_networks(params, candidates)
+    elif np.shape(jax.tree_util.tree_leaves(networks)[0])[:2] != (seeds, len(candidates)):
+        raise ValueError(f"networks must have leading axes [seeds, candidates] = [{seeds}, {len(candidates)}] "
+                         f"(candidate_networks(params, candidates)), got {np.shape(jax.tree_util.tree_leaves(networks)[0])[:2]}")
+    val, _ = evaluate_networks(model, networks, design, n, val_key, num_val)
+    test, test_se = evaluate_networks(model, networks, design, n, test_key, num_test)
     chosen = np.argmin(val, axis=1)  # first minimum: ties go to the earlier candidate
     rows = np.arange(val.shape[0])
     null = np.full(val.shape[0], np.nan)

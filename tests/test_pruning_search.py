@@ -105,6 +105,38 @@ def test_evaluate_networks_pairs_within_a_seed_and_matches_evaluate_candidates(k
     assert np.all(se > 0) and risk[0, 0] != risk[1, 0]
 
 
+def test_candidate_networks_built_once_give_the_search_and_scores_of_the_candidates(key):
+    """``candidate_networks`` is what ``evaluate_candidates`` scores ([seeds, candidates], seed-major);
+    ``select_networks`` picks candidates by position; ``search`` on networks built beforehand gives the same
+    result as building them itself, and networks of another shape are refused. Planted bugs caught: the
+    axes in candidate-major order, a selection along the seed axis, ``networks`` ignored for another list."""
+    d, L = 3, 2
+    model = models.LinearTransformer(d, L)
+    params = jax.jit(jax.vmap(model.init))(jnp.stack([jax.random.PRNGKey(s) for s in (3, 4)]))
+    cands = [pruning.Candidate(0, "attn", None), pruning.Candidate(1, "attn", 1), pruning.Candidate(0, "attn", 2),
+             pruning.Candidate(1, "attn", None, "delete")]
+    nets = pruning.candidate_networks(params, cands)
+    one = pruning.apply_candidate(jax.tree_util.tree_map(lambda a: a[1], params), cands[2])
+    for a, b in zip(jax.tree_util.tree_leaves(jax.tree_util.tree_map(lambda a: a[1, 2], nets)),
+                    jax.tree_util.tree_leaves(one)):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    keys, val_keys = sweeps.stream_keys([3, 4], 5), sweeps.stream_keys([3, 4], 6)
+    expected, _ = pruning.evaluate_candidates(model, params, IID(d), 6, cands, keys, 2_000)
+    risk, _ = pruning.evaluate_networks(model, nets, IID(d), 6, keys, 2_000)
+    np.testing.assert_array_equal(risk, expected)
+    sub = [0, 2]
+    picked, _ = pruning.evaluate_networks(model, pruning.select_networks(nets, sub), IID(d), 6, keys, 2_000)
+    alone, _ = pruning.evaluate_candidates(model, params, IID(d), 6, [cands[j] for j in sub], keys, 2_000)
+    np.testing.assert_array_equal(picked, alone)
+    built = pruning.search(model, params, IID(d), 6, cands[:3], val_keys, keys, 1_000, 2_000)
+    given = pruning.search(model, params, IID(d), 6, cands[:3], val_keys, keys, 1_000, 2_000,
+                           networks=pruning.select_networks(nets, [0, 1, 2]))
+    for a, b in zip(built[1:], given[1:]):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(ValueError, match="networks must have leading axes"):
+        pruning.search(model, params, IID(d), 6, cands[:3], val_keys, keys, 1_000, 2_000, networks=nets)
+
+
 def test_prompt_errors_are_paired_and_unbiased(key):
     """Per-prompt errors of [network, same network, other network] on one key: the copies agree prompt by
     prompt, their mean is the oracle's closed-form risk (4 SE), and the paired change of a network to itself

@@ -112,7 +112,7 @@ class Settings:
     decay: float = 0.8
     ramp: float = 3.0
     seeds: int = 3
-    steps: int = 3000
+    steps: int = 2000
     batch: int = 512
     lr_h3: float = 0.03
     lr_attention: float = 0.01

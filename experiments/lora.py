@@ -91,8 +91,8 @@ class Settings:
     shift: float = 0.8
     noise_var: float = 0.1
     seeds: int = 2
-    pretrain_steps: int = 3000
-    steps: int = 2000
+    pretrain_steps: int = 2000
+    steps: int = 1500
     batch: int = 512
     lr: float = 0.01
     lr_lora: float = 0.01

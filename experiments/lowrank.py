@@ -93,7 +93,7 @@ class Settings:
     spikes: int = 2
     spike_ratio: float = 10.0
     seeds: int = 2
-    steps: int = 3000
+    steps: int = 2000
     batch: int = 512
     lr: float = 0.01
     num_test: int = 100_000

@@ -142,6 +142,7 @@ def run(s, seed, context):
         # scored as build(kind, heads) with the default start: the prediction reads neither the start nor its scale,
         # so the runs of one kind and head count (and the tail average below) share one compiled evaluation program
         scorer = build(kind, heads, "random", 1.0, design.dim)
+        full, full_se = evaluate.evaluate_sweep(scorer, fit.params, design, [n], keys, s.num_final)
         pgd, pgd_params = pgd_part(model, final, n)
         part, _ = evaluate.evaluate_sweep(pgd, jax.tree_util.tree_map(lambda a: a[None, None], pgd_params), design,
                                           [n], keys, s.num_final)
@@ -160,13 +161,10 @@ def run(s, seed, context):
         window = (np.asarray(fit.record.steps)[None] >= steps * (1 - s.tail_fraction)) \
             & (np.abs(th_rec - ladder[-1]) <= 0.01 * float(ladder[0] - ladder[-1]))
         tail = tail_average(jax.tree_util.tree_map(lambda a: a[0, 0], fit.record.summaries["params"]), window)
-        # the final network and the tail average of each seed in one evaluation: a seed's two networks share its
-        # draw (one key, one n)
-        both = jax.tree_util.tree_map(lambda f, a: np.concatenate([np.asarray(f)[0, 0], np.asarray(a)])[None, None],
-                                      fit.params, tail)
-        risk2, se2 = evaluate.evaluate_sweep(scorer, both, design, [n], np.concatenate([keys, keys]), s.num_final)
-        k_ = len(seeds)
-        full, full_se, tail_risk, tail_se = risk2[..., :k_], se2[..., :k_], risk2[..., k_:], se2[..., k_:]
+        # scored apart from the final network: a seed's two networks in one block (sharing its draw) cost about 7x
+        # more per network, these multi-head models' Gram predictions under vmap (docs/performance.md §2.16)
+        tail_risk, tail_se = evaluate.evaluate_sweep(scorer, jax.tree_util.tree_map(lambda a: a[None, None], tail),
+                                                     design, [n], keys, s.num_final)
         comps = [0, design.dim] if kind == "merged" else list(range(len(ladder)))
         sp = dy.spectrum(design, n)  # separate KQ, aligned: drop j near 1 / (2 lam_j c_j u0) for small u0
         small_init = 1 / (2 * sp.lam * sp.c * scale) if (kind, start) == ("separate", "aligned") else None

@@ -397,7 +397,7 @@ class Settings:
     train_dims: tuple[int, ...] = (8, 12, 16)
     train_taus: tuple[float, ...] = (0.5, 1.0, 1.25, 2.5)
     train_kappas: tuple[float, ...] = (0.5, 2.0)
-    train_steps: int = 3000
+    train_steps: int = 1000
     step_fraction: float = 0.9
     gate_tolerance: float = 1e-3
 

@@ -304,7 +304,7 @@ def test_one_evaluation_program_serves_every_prompt_count(la_sweep):
               for num in (3000, 7000)}
     assert evaluation._compiled_evaluation.cache_info().currsize == 1
     group = 1000 // montecarlo.DRAW_BLOCK  # draw blocks per round at batch_size 1000
-    evaluation._compiled_evaluation(model, 4, group, False, tuple(jax.devices()[:1]), *_split_of(design), False)
+    evaluation._compiled_evaluation(model, 4, group, False, tuple(jax.devices()[:1]), *_split_of(design), False, True)
     assert evaluation._compiled_evaluation.cache_info().currsize == 1  # the program both calls used
     def block_by_block(net, k, num):
         def body(carry, b):

@@ -86,7 +86,8 @@ def evaluate_sweep(model, params, designs, ns: Sequence[int], key, num_prompts: 
     numbers); or one key per seed, [seeds, 2] uint32 (or typed keys [seeds]), and the points of seed s, all
     designs and ns, see key s's prompts: each seed its own test set, so that an interval over seeds contains
     the variation of the test set, while comparisons within a seed stay paired. Points whose keys are equal
-    form one random stream (a block of them shares each draw). ``ns``: strictly increasing, the list the sweep
+    form one random stream (with one context length a block of them computes each draw once; with several, what
+    of a draw depends on n is computed per point). ``ns``: strictly increasing, the list the sweep
     was fitted with (its n axis is matched by position). Prompts have n active pairs padded with zero pairs
     to ``n_slots`` context slots (default max(ns), as ``fit_sweep`` trains); Gram draws where
     ``gram.uses_gram``. The points are laid out in blocks over ``devices`` (default

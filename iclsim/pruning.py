@@ -213,7 +213,10 @@ def candidate_networks(params, candidates: Sequence[Candidate]):
 
 def select_networks(networks, indices: Sequence[int]):
     """The candidates ``indices`` (positions along axis 1) of ``candidate_networks``' output."""
-    return jax.tree_util.tree_map(lambda a: a[:, list(indices)], networks)
+    index = np.asarray(indices)
+    if index.ndim != 1 or index.size == 0 or not np.issubdtype(index.dtype, np.integer):
+        raise ValueError(f"indices must be a non-empty list of integer positions, got {indices!r}")
+    return jax.tree_util.tree_map(lambda a: a[:, index], networks)
 
 
 class SearchResult(NamedTuple):
@@ -257,6 +260,10 @@ def search(model, params, design, n: int, candidates: Sequence[Candidate], val_k
     elif np.shape(jax.tree_util.tree_leaves(networks)[0])[:2] != (seeds, len(candidates)):
         raise ValueError(f"networks must have leading axes [seeds, candidates] = [{seeds}, {len(candidates)}] "
                          f"(candidate_networks(params, candidates)), got {np.shape(jax.tree_util.tree_leaves(networks)[0])[:2]}")
+    elif not all(np.array_equal(np.asarray(a)[:, 0], np.asarray(b)) for a, b in
+                 zip(jax.tree_util.tree_leaves(networks), jax.tree_util.tree_leaves(params))):
+        raise ValueError("networks[:, 0] must be the unpruned networks (params), the search's reference: build them "
+                         "with candidate_networks(params, candidates)")
     val, _ = evaluate_networks(model, networks, design, n, val_key, num_val)
     test, test_se = evaluate_networks(model, networks, design, n, test_key, num_test)
     chosen = np.argmin(val, axis=1)  # first minimum: ties go to the earlier candidate

@@ -108,8 +108,10 @@ def test_evaluate_networks_pairs_within_a_seed_and_matches_evaluate_candidates(k
 def test_candidate_networks_built_once_give_the_search_and_scores_of_the_candidates(key):
     """``candidate_networks`` is what ``evaluate_candidates`` scores ([seeds, candidates], seed-major);
     ``select_networks`` picks candidates by position; ``search`` on networks built beforehand gives the same
-    result as building them itself, and networks of another shape are refused. Planted bugs caught: the
-    axes in candidate-major order, a selection along the seed axis, ``networks`` ignored for another list."""
+    result as building them itself and scores the networks it is given (two swapped candidates swap its
+    columns); networks of another shape, without the unpruned networks first, or selected by an empty, float or
+    boolean index are refused. Planted bugs caught: the axes in candidate-major order, a selection along the
+    seed axis, ``networks`` ignored (rebuilt from ``candidates``)."""
     d, L = 3, 2
     model = models.LinearTransformer(d, L)
     params = jax.jit(jax.vmap(model.init))(jnp.stack([jax.random.PRNGKey(s) for s in (3, 4)]))
@@ -133,8 +135,19 @@ def test_candidate_networks_built_once_give_the_search_and_scores_of_the_candida
                            networks=pruning.select_networks(nets, [0, 1, 2]))
     for a, b in zip(built[1:], given[1:]):
         np.testing.assert_array_equal(a, b)
+    # the networks given are the ones scored: candidates 2 and 1 swapped swap the search's columns
+    swapped = pruning.search(model, params, IID(d), 6, cands[:3], val_keys, keys, 1_000, 2_000,
+                             networks=pruning.select_networks(nets, np.array([0, 2, 1])))
+    np.testing.assert_allclose(swapped.val_risk, built.val_risk[:, [0, 2, 1]], rtol=1e-6)  # position: round-off
+    assert not np.allclose(swapped.val_risk, built.val_risk, rtol=1e-3)
     with pytest.raises(ValueError, match="networks must have leading axes"):
         pruning.search(model, params, IID(d), 6, cands[:3], val_keys, keys, 1_000, 2_000, networks=nets)
+    with pytest.raises(ValueError, match="must be the unpruned networks"):
+        pruning.search(model, params, IID(d), 6, cands[:3], val_keys, keys, 1_000, 2_000,
+                       networks=pruning.select_networks(nets, [1, 0, 2]))
+    for bad in ([], [0.5, 1.0], np.array([True, False, True, False])):
+        with pytest.raises(ValueError, match="indices must be a non-empty list of integer positions"):
+            pruning.select_networks(nets, bad)
 
 
 def test_prompt_errors_are_paired_and_unbiased(key):

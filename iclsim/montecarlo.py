@@ -78,7 +78,7 @@ def block_sums(values: Callable, key, count, group: int = 1):
         valid = ids[:, None] * DRAW_BLOCK + offsets[None, :] < count
         vals = jnp.where(valid.reshape((group,) + (1,) * (vals.ndim - 2) + (DRAW_BLOCK,)), vals, 0.0)
         # the squares materialised before they are added: fused, a square and an add may become one
-        # fused multiply-add in some groupings and not others (measured: sums of squares one ulp apart)
+        # fused multiply-add in some groupings and not others (sums of squares an ulp apart: docs/performance.md §7)
         sums, squares = _pairwise_sum(vals), _pairwise_sum(jax.lax.optimization_barrier(vals**2))
         # block by block, in order: the same additions whatever the grouping
         return jax.lax.fori_loop(0, group, lambda j, c: (c[0] + sums[j], c[1] + squares[j]), carry)
@@ -90,8 +90,8 @@ def block_sums(values: Callable, key, count, group: int = 1):
 def _pairwise_sum(vals):
     """Sums over the last axis as a fixed tree of elementwise additions (zero-padded to a power of two,
     halved until one column is left): the same additions whatever the leading shape, where XLA's
-    reductions may vectorise a [group, DRAW_BLOCK] sum differently for different groups (measured: one
-    ulp apart)."""
+    reductions may vectorise a [group, DRAW_BLOCK] sum differently for different groups (an ulp apart:
+    docs/performance.md §7)."""
     width = 1 << (vals.shape[-1] - 1).bit_length()
     vals = jnp.pad(vals, [(0, 0)] * (vals.ndim - 1) + [(0, width - vals.shape[-1])])
     while width > 1:

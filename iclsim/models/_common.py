@@ -37,8 +37,7 @@ def _pgd_subspace_init(params: Params, d: int, output_column: bool) -> Params:
     """Start in the subspace of paper A's Theorem 1 optimum: no label in the keys (Wk[d] = 0) and no
     features in the value that reaches the output (Wv[:d, d] = 0 for attention, Wv[:d] = 0 for H3).
     From a fully random start, low-rank models got stuck in a worse stationary point that routes a
-    rank through the label path (measured: 4 of 18 runs at d = 4, n = 8, 15-37% above the optimum;
-    0 of 18 with this start)."""
+    rank through the label path, and from this start none did (the runs: docs/performance.md §7)."""
     Wv = params["Wv"]
     Wv = Wv.at[:d, d].set(0.0) if output_column else Wv.at[:d].set(0.0)
     return {**params, "Wk": params["Wk"].at[d].set(0.0), "Wv": Wv}

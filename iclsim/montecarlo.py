@@ -217,7 +217,6 @@ def risk(predict: Callable, design, n: int, key, num_prompts: int = 100_000, bat
                 num_prompts, batch_size, dtype)
 
 
-
 @float64
 def risks(predicts, design, n: int, key, num_prompts: int = 100_000, batch_size: int = 10_000,
           dtype=F64) -> list[Estimate]:

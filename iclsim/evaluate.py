@@ -16,6 +16,7 @@ from iclsim import _validate as check
 from iclsim import compiler, layout, montecarlo, protocols
 from iclsim import progress as _progress
 from iclsim._precision import float64
+from iclsim.prompts import GramPrompts, SharedGramPrompts
 from iclsim.designs import _check_n, stack
 from iclsim.gram import SAMPLERS, draw, uses_gram
 from iclsim.layout import BLOCK, MEMBER
@@ -67,9 +68,12 @@ def _risk_sums(model, n_slots: int, group: int, gram: bool):
     on the first ``count`` prompts of ``key`` (``montecarlo.risk_sums``): the core of ``make_score`` and of
     the evaluation program."""
 
+    def predict(params, p):  # a Gram draw is read by every network of a block: SharedGramPrompts' products
+        return protocols.predict(model, params, SharedGramPrompts(*p) if isinstance(p, GramPrompts) else p)
+
     def sums(params, design, n, key, count):
-        return montecarlo.risk_sums(lambda p: protocols.predict(model, params, p), design, n_slots, n, key, count,
-                                    group, model.dtype, gram)
+        return montecarlo.risk_sums(lambda p: predict(params, p), design, n_slots, n, key, count, group,
+                                    model.dtype, gram)
 
     return sums
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 
 from iclsim import _validate as check
 
-__all__ = ["Prompts", "GramPrompts", "ContextLaw", "tokens", "truncate_context"]
+__all__ = ["Prompts", "GramPrompts", "SharedGramPrompts", "ContextLaw", "tokens", "truncate_context"]
 
 
 class Prompts(NamedTuple):
@@ -68,6 +68,32 @@ class GramPrompts(NamedTuple):
         """The Gram matrix itself [B, d+1, d+1] (O(d^3) per prompt; for checks and plots)."""
         F = self.factor @ self.inner
         return F @ jnp.swapaxes(F, 1, 2) + self.weight[:, None, None] * jnp.einsum("bi,bj->bij", self.mean, self.mean)
+
+
+class SharedGramPrompts(GramPrompts):
+    """The same batch as ``GramPrompts``, for a batch that many networks read under ``vmap`` (the evaluation
+    program, where a block's networks share one draw): its products S v and a^T S v are elementwise products
+    and sums instead of dot products. A dot product with one operand shared by the vmapped networks is
+    compiled by XLA CPU as a batch of small matrix products, one per prompt; as elementwise products it
+    fuses (docs/performance.md §2.17 has the measurements). The values equal ``GramPrompts``' to float
+    rounding (the order of a few-term sum). Under autodiff, where every network draws its own prompts
+    (training), ``GramPrompts``' dot products are the faster form."""
+
+    __slots__ = ()
+
+    def _inner_coords(self, v) -> jax.Array:
+        w = jnp.sum(self.factor * jnp.broadcast_to(v, self.mean.shape)[:, :, None], axis=1)
+        return jnp.sum(self.inner * w[:, :, None], axis=1)
+
+    def times(self, v) -> jax.Array:
+        v = jnp.broadcast_to(v, self.mean.shape)
+        u = jnp.sum(self.inner * self._inner_coords(v)[:, None, :], axis=2)
+        return jnp.sum(self.factor * u[:, None, :], axis=2) + (self.weight * jnp.sum(self.mean * v, axis=1))[:, None] * self.mean
+
+    def quadratic(self, a, v) -> jax.Array:
+        a, v = jnp.broadcast_to(a, self.mean.shape), jnp.broadcast_to(v, self.mean.shape)
+        inner = jnp.sum(self._inner_coords(a) * self._inner_coords(v), axis=1)
+        return inner + self.weight * jnp.sum(self.mean * a, axis=1) * jnp.sum(self.mean * v, axis=1)
 
 
 class ContextLaw(NamedTuple):

@@ -151,3 +151,7 @@ def test_paper_b_studies_share_one_recipe():
         assert all(isinstance(s, paper_b.Study) for s in shifted)
         assert len({(s.test_noise_var, s.test_n, s.seeds) for s in shifted}) == 1
     assert EXPERIMENTS["pruning_depth"].quick.layers == 2 and EXPERIMENTS["pruning_depth"].settings.steps == 4000
+    # trajectory trains its shallower networks L x steps_per_layer steps, its deepest ones with the recipe's
+    trajectory = sys.modules["iclsim_experiments.trajectory"]
+    s = EXPERIMENTS["trajectory"].settings
+    assert [trajectory.depth_steps(s, L) for L in range(1, 5)] == [1000, 2000, 3000, 4000]

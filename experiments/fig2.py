@@ -85,7 +85,7 @@ class Settings:
     (see ``run``) and the test prompts per point."""
 
     dim: int = 10
-    ns: tuple[int, ...] = (1, 2, 5, 10, 15, 20, 30, 40)
+    ns: tuple[int, ...] = (1, 2, 5, 10, 20, 40)
     noise_levels: tuple[float, ...] = (0.25, 1.0, 4.0)
     seeds: int = 2
     steps: int = 1000

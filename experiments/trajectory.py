@@ -163,7 +163,7 @@ class Settings(_paper_b.Recipe):
     seeds: int = 8
     seed_bases: tuple[int, ...] = (0, 1000)
     steps_per_layer: int = 1000
-    num_test: int = 100_000
+    num_test: int = 50_000
 
 
 SETTINGS = Settings()

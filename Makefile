@@ -11,11 +11,13 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP) $(RUN_STAMP)
 
-# reproduce and quick need the package alone (the test extra on top cost about 4 s of a fresh install)
+# reproduce and quick need the package alone, and not the bytecode of every installed module (pip compiles all
+# of jax, jaxlib, numpy and matplotlib, used or not: 17 of a fresh install's 26 s; imports then compile what they
+# use, about 1.5 s more per process where PYTHONDONTWRITEBYTECODE is set; docs/performance.md §5)
 RUN_STAMP := $(VENV)/.installed-run
 $(RUN_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q -e .
+	$(PY) -m pip install -q --no-compile -e .
 	touch $(RUN_STAMP)
 
 # two pytest-xdist workers (one per core of the CI machine), each taking whole test files, so that a

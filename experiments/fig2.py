@@ -86,7 +86,7 @@ class Settings:
 
     dim: int = 10
     ns: tuple[int, ...] = (1, 2, 5, 10, 20, 40)
-    noise_levels: tuple[float, ...] = (0.25, 1.0, 4.0)
+    noise_levels: tuple[float, ...] = (1.0, 4.0)
     seeds: int = 2
     steps: int = 1000
     batch: int = 512

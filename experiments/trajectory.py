@@ -13,7 +13,7 @@ reference (``quality.gate``: risk <= 1.1 reference + 4 SE of its own risk), each
 at its own level, and failures are counted and shown.
 
 The per-prompt squared errors are heavy-tailed (with the overshooting steps of L = 4 one prompt in 3e6
-had an error 18,000 times the mean): a set of 1e5 prompts is more often below the mean than above, so the
+had an error 18,000 times the mean): a set of 5e4 (or 1e5) prompts is more often below the mean than above, so the
 reference's Monte Carlo risk on a seed's prompts sits below the exact one more often than not (z summarised
 per depth) while pooled sets agree with it."""
 

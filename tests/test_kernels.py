@@ -54,18 +54,21 @@ def test_make_train_refuses_a_dtype_other_than_the_models():
 
 def test_make_score_is_evaluate_sweeps_referee():
     """Each network scored by make_score (compiled as evaluate_sweep compiles its program) gets evaluate_sweep's
-    (risk, se) under the same key, to the last bits of the float64 division. Planted bugs caught: other
-    prompts (another key derivation, a draw keyed by batch), sums in float32."""
+    (risk, se) under the same key, to the last bits of the float64 division, on token draws and on Gram draws
+    (where a block of networks shares one draw). Planted bugs caught: other prompts (another key derivation, a
+    draw keyed by batch), sums in float32."""
     design = IID(3, noise_var=0.3)
     params = jax.jit(jax.vmap(MODEL.init))(jax.random.split(jax.random.PRNGKey(3), 3))
     swept = jax.tree_util.tree_map(lambda a: a[None, None], params)  # [1 design, 1 n, 3 seeds]
     key = jax.random.PRNGKey(9)
-    risk, se = evaluate.evaluate_sweep(MODEL, swept, design, [6], key, 3000, 1000)
-    score = jax.jit(evaluate.make_score(MODEL, 6, 3000, 1000), compiler_options=compiler.evaluation_options(jax.devices()))
-    for k in range(3):
-        got = score(jax.tree_util.tree_map(lambda a: a[k], params), design, 6, key)
-        assert_close(got.mean, risk[0, 0, k], rtol=1e-14)
-        assert_close(got.se, se[0, 0, k], rtol=1e-12)
+    for sampler in ("tokens", "gram"):
+        risk, se = evaluate.evaluate_sweep(MODEL, swept, design, [6], key, 3000, 1000, sampler=sampler)
+        score = jax.jit(evaluate.make_score(MODEL, 6, 3000, 1000, sampler=sampler),
+                        compiler_options=compiler.evaluation_options(jax.devices()))
+        for k in range(3):
+            got = score(jax.tree_util.tree_map(lambda a: a[k], params), design, 6, key)
+            assert_close(got.mean, risk[0, 0, k], rtol=1e-14, name=sampler)
+            assert_close(got.se, se[0, 0, k], rtol=1e-12, name=sampler)
     with pytest.raises(ValueError, match="num_prompts"):
         evaluate.make_score(MODEL, 6, 0)
     with jax.enable_x64(False), pytest.raises(RuntimeError, match=r"summed in float64: .*jax.enable_x64\(True\)"):

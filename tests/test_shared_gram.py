@@ -1,13 +1,14 @@
 """SharedGramPrompts, the evaluation program's Gram batch (one draw read by every network of a block): its
-products S v and a^T S v are elementwise products and sums; the same values as GramPrompts' dot products, as
-the Gram matrix formed, and as every Gram model's prediction from GramPrompts."""
+products S v and a^T S v are elementwise products and sums; the same values as GramPrompts' dot products and
+as the Gram matrix formed, the same predictions from linear attention and the GD-form transformer, and the
+class the evaluation hands its Gram draws to."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from iclsim import IID, RAG, models
+from iclsim import IID, RAG, evaluate, models, protocols
 from iclsim.gram import sample_gram
 from iclsim.prompts import GramPrompts, SharedGramPrompts
 from tests.tolerance import assert_close
@@ -62,3 +63,25 @@ def test_networks_sharing_a_draw_predict_as_from_gram_prompts(make):
     a, b = predict(params, p), predict(params, SharedGramPrompts(*p))
     assert a.shape == (8, 250)
     assert_close(b, a, rtol=2e-5, atol=2e-5 * float(jnp.abs(a).max()))
+
+
+def test_the_evaluation_reads_its_gram_draws_through_shared_gram_prompts(monkeypatch):
+    """make_score (the evaluation program's kernel) hands the model its Gram draw as SharedGramPrompts and its
+    token draws as they are. Planted bug caught: the wrap removed from ``evaluate._risk_sums``."""
+    seen = []
+    original = protocols.predict
+
+    def spy(model, params, prompts):
+        seen.append(type(prompts).__name__)
+        return original(model, params, prompts)
+
+    monkeypatch.setattr(protocols, "predict", spy)
+    model = models.LinearAttention(3)
+    params = model.init(jax.random.PRNGKey(0))
+    classes = {}
+    with jax.enable_x64(True):
+        for sampler in ("gram", "tokens"):
+            seen.clear()
+            jax.jit(evaluate.make_score(model, 6, 500, sampler=sampler))(params, IID(3), 6, jax.random.PRNGKey(1))
+            classes[sampler] = set(seen)  # the loop body may be traced more than once
+    assert classes == {"gram": {"SharedGramPrompts"}, "tokens": {"Prompts"}}

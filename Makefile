@@ -8,12 +8,14 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	test ! -f $(RUN_STAMP) || $(PY) -m compileall -q -j 0 "$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" > /dev/null
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP) $(RUN_STAMP)
 
 # reproduce and quick need the package alone, and not the bytecode of every installed module (pip compiles all
 # of jax, jaxlib, numpy and matplotlib, used or not: 17 of a fresh install's 26 s; imports then compile what they
-# use, about 1.5 s more per process where PYTHONDONTWRITEBYTECODE is set; docs/performance.md §5)
+# use, about 1.5 s more per process where PYTHONDONTWRITEBYTECODE is set). The suite starts many processes, so
+# the test stamp compiles the bytecode after such an install (docs/performance.md §5, §6)
 RUN_STAMP := $(VENV)/.installed-run
 $(RUN_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -161,8 +161,8 @@ def run(s, seed, context):
         window = (np.asarray(fit.record.steps)[None] >= steps * (1 - s.tail_fraction)) \
             & (np.abs(th_rec - ladder[-1]) <= 0.01 * float(ladder[0] - ladder[-1]))
         tail = tail_average(jax.tree_util.tree_map(lambda a: a[0, 0], fit.record.summaries["params"]), window)
-        # scored apart from the final network: a seed's two multi-head networks in one block (sharing its draw)
-        # cost more per network than two evaluations (docs/performance.md §2.16)
+        # scored apart from the final network (two draws of the same prompts; since SharedGramPrompts one
+        # evaluation of both would cost about the same per network: docs/performance.md §2.16)
         tail_risk, tail_se = evaluate.evaluate_sweep(scorer, jax.tree_util.tree_map(lambda a: a[None, None], tail),
                                                      design, [n], keys, s.num_final)
         comps = [0, design.dim] if kind == "merged" else list(range(len(ladder)))

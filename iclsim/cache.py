@@ -290,8 +290,7 @@ def persist_compilations(directory: str | Path, min_compile_secs: float = 0.1):
     cache), so a later process that builds the same program loads it instead of compiling it. JAX keys an entry
     on the program's HLO, devices, backend and flags, so a stale entry is never used; programs that
     compile in under ``min_compile_secs`` are not stored (JAX's own default threshold would skip a single fit's
-    training program, whose load is far cheaper than its compile: the measurements are in docs/performance.md
-    §2.6). The previous settings are restored after."""
+    training program, whose load docs/performance.md §2.6 compares with its compile). The previous settings are restored after."""
     from jax.experimental.compilation_cache import compilation_cache
 
     if not (np.isfinite(min_compile_secs) and min_compile_secs >= 0):

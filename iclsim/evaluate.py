@@ -42,7 +42,7 @@ def make_score(model, n_slots: int, num_prompts: int = 100_000, batch_size: int 
     the kernel ``evaluate_sweep`` maps over a sweep, for users to jit or vmap themselves (design, n and key
     may be traced). ``batch_size`` only groups draw blocks (memory); Gram draws where
     ``gram.uses_gram(model, design, n_slots, sampler)``, handed to the model as ``SharedGramPrompts`` (the form
-    for networks vmapped over one draw; under autodiff ``GramPrompts``' dot products are faster). Float64 must be on where it is traced (``with
+    for networks vmapped over one draw; training keeps ``GramPrompts``, docs/performance.md §2.17). Float64 must be on where it is traced (``with
     jax.enable_x64(True):``; RuntimeError otherwise). On CPU compile it with
     ``compiler_options=compiler.evaluation_options(jax.devices())`` (as ``evaluate_sweep`` does: XLA CPU's YNNPACK fusion rounds float32
     differently, and at large vmapped batches summed wrongly, see ``MAX_BATCH``); so compiled, one network's

@@ -30,8 +30,8 @@ def uses_gram(model, designs, n_slots: int, sampler: str = "auto") -> bool:
     only through S and every design has a context law (tokens i.i.d. given the latent); "auto"
     then takes the draw with fewer random numbers: tokens cost n_slots (d + 1) per prompt, the Gram
     matrix about d (d + 1) / 2 + (1 + 2 PROPOSALS)(d + 1) (the Bartlett normals, the mean, and a normal
-    and a uniform per gamma proposal), so Gram from n_slots > d / 2 + 1 + 2 PROPOSALS (d / 2 + 9; a
-    single fit's measured crossover, docs/performance.md §2.9). "tokens" forces tokens;
+    and a uniform per gamma proposal), so Gram from n_slots > d / 2 + 1 + 2 PROPOSALS (d / 2 + 9; the
+    crossover docs/performance.md §2.9 finds for a single fit). "tokens" forces tokens;
     "gram" forces Gram draws and raises where they would not be exact."""
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")

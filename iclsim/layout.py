@@ -134,7 +134,7 @@ def _gc_paused(program: Callable) -> Callable:
     """``program`` called with Python's cyclic garbage collector paused, and resumed after (left alone if
     the caller had it off). Tracing and lowering a program allocate many short-lived objects, and the
     collections they trigger walk every object of the process (hundreds of thousands once JAX is
-    imported): a measured part of a cold fit (docs/performance.md §2.11). Nothing is lost: cyclic garbage
+    imported): part of a cold fit's time (docs/performance.md §2.11). Nothing is lost: cyclic garbage
     made meanwhile is collected by the next collection after the call. The setting is process-wide, so
     threads calling programs at once may see the collector paused for each other's calls. The jitted
     function (its ``lower``, ``trace``) is ``__wrapped__``."""

@@ -75,9 +75,9 @@ class SharedGramPrompts(GramPrompts):
     program, where a block's networks share one draw): its products S v and a^T S v are elementwise products
     and sums instead of dot products. A dot product with one operand shared by the vmapped networks is
     compiled by XLA CPU as a batch of small matrix products, one per prompt; as elementwise products it
-    fuses (docs/performance.md §2.17 has the measurements). The values equal ``GramPrompts``' to float
-    rounding (the order of a few-term sum). Under autodiff, where every network draws its own prompts
-    (training), ``GramPrompts``' dot products are the faster form."""
+    fuses. The values equal ``GramPrompts``' to float rounding (the order of a few-term sum). Under autodiff,
+    where every network draws its own prompts (training), ``GramPrompts`` stays the form (docs/performance.md
+    §2.17 has the measurements behind both choices)."""
 
     __slots__ = ()
 
